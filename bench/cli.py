@@ -1,0 +1,180 @@
+"""``bench``: run, eval, train, ls, leaderboard, check, perf, prefetch.
+
+Arguments are ``key=value`` overrides (``suite=micro method=sft train.steps=50``).
+Every user-facing failure prints one line ``bench: error: ...`` and exits
+non-zero; tracebacks are kept for genuine bugs (or set BENCH_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+from bench.errors import BenchError, UsageError
+
+USAGE = """usage: bench COMMAND [key=value ...]
+
+commands:
+  run          train a method (or reuse its checkpoint), generate, score, compare with the base model
+  eval         evaluate a model without training
+  train        train a method only and print the checkpoint folder
+  ls           list registered methods | suites | models | metrics
+  leaderboard  one table over every run under out= (markdown + CSV)
+  check        compare run=DIR with baseline=FILE; non-zero exit outside tolerance
+  perf         measure harness overhead, cached re-run time and batched generation speed
+  prefetch     download a model's weights ahead of an offline run
+
+examples:
+  bench run suite=micro method=sft
+  bench eval suite=micro model=tiny gen.batch_size=1
+  bench ls methods
+"""
+
+
+def _kv(args: list[str], allowed: set[str], command: str) -> dict[str, str]:
+    from bench.config import parse_overrides
+
+    out = dict(parse_overrides(args))
+    unknown = set(out) - allowed
+    if unknown:
+        raise UsageError(f"`bench {command}` takes {', '.join(sorted(allowed))}; got {', '.join(sorted(unknown))}")
+    return out
+
+
+def cmd_run(args):
+    from bench.config import compose
+    from bench.runner import run
+
+    base, tuned = run(compose(args, require=("method",)))
+    print(tuned.table)
+    print(f"\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
+
+
+def cmd_eval(args):
+    from bench.config import compose
+    from bench.runner import evaluate
+
+    result = evaluate(compose(args))
+    print(result.table)
+    print(f"\nrun folder: {result.run_dir}")
+
+
+def cmd_train(args):
+    from bench.config import compose
+    from bench.runner import Session
+
+    checkpoint = Session(compose(args, require=("method",))).train()
+    print(f"checkpoint: {checkpoint.path}")
+
+
+def cmd_ls(args):
+    from bench.registry import REGISTRIES
+
+    kinds = args or list(REGISTRIES)
+    for kind in kinds:
+        if kind not in REGISTRIES:
+            raise UsageError(f"unknown listing '{kind}': use one of {', '.join(REGISTRIES)}")
+        rows = REGISTRIES[kind].describe()
+        print(f"{kind}:")
+        width = max((len(n) for n, _ in rows), default=0)
+        for name, description in rows:
+            print(f"  {name:<{width}}  {description}")
+
+
+def cmd_leaderboard(args):
+    from bench import report
+
+    kv = _kv(args, {"out", "dest"}, "leaderboard")
+    md_path, csv_path, text = report.leaderboard(kv.get("out", "runs"), kv.get("dest"))
+    print(text)
+    print(f"\nwritten: {md_path}  {csv_path}")
+
+
+def cmd_check(args):
+    import json
+
+    from bench import report
+    from bench.errors import DataError
+
+    kv = _kv(args, {"run", "baseline"}, "check")
+    if "run" not in kv or "baseline" not in kv:
+        raise UsageError("usage: bench check run=RUN_DIR baseline=FILE")
+    summary_path = Path(kv["run"]) / "summary.json"
+    if not summary_path.is_file():
+        raise DataError(f"no summary.json in {kv['run']}: point run= at a finished run folder")
+    rows = report.check(json.loads(summary_path.read_text()), report.load_baseline(kv["baseline"]))
+    print(report.format_check(rows))
+    failed = [r for r in rows if not r["ok"]]
+    if failed:
+        raise BenchError(f"{len(failed)} of {len(rows)} checks outside tolerance: {', '.join(r['key'] for r in failed)}")
+    print(f"\nall {len(rows)} checks within tolerance")
+
+
+def cmd_perf(args):
+    from bench.perf import main as perf_main
+
+    perf_main(args)
+
+
+def cmd_prefetch(args):
+    from bench.config import compose
+    from bench.models import pipeline_location
+
+    cfg = compose(args)
+    model = cfg.model
+    if model.source == "tiny":
+        from bench.runner import cache_root
+
+        location, _, _ = pipeline_location(model, cache_root(cfg))
+        print(f"model {model.name}: built offline at {location}")
+        return
+    from huggingface_hub import snapshot_download
+
+    path = snapshot_download(model.source, revision=model.revision)
+    print(f"model {model.name}: {path}")
+
+
+COMMANDS = {
+    "run": cmd_run,
+    "eval": cmd_eval,
+    "train": cmd_train,
+    "ls": cmd_ls,
+    "leaderboard": cmd_leaderboard,
+    "check": cmd_check,
+    "perf": cmd_perf,
+    "prefetch": cmd_prefetch,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers", "accelerate"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, args = argv[0], argv[1:]
+    if command not in COMMANDS:
+        import difflib
+
+        close = difflib.get_close_matches(command, COMMANDS, n=1)
+        print(f"bench: error: unknown command '{command}'" + (f"; did you mean {close[0]}?" if close else "") + " (bench --help)", file=sys.stderr)
+        return 2
+    try:
+        COMMANDS[command](args)
+    except BenchError as err:
+        if os.environ.get("BENCH_DEBUG"):
+            raise
+        print(f"bench: error: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("bench: interrupted; finished work is kept and a re-run resumes it", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

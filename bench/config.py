@@ -1,0 +1,149 @@
+"""Configuration: defaults + the selected model, method and suite YAMLs + ``key=value`` overrides.
+
+Composition order, later wins: ``DEFAULTS`` < suite's ``gen`` < method's ``train``/``gen`` <
+command-line overrides. The tree is in OmegaConf struct mode, so a mistyped key
+is an error that names the closest existing key, not a silently ignored value.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from bench.errors import UsageError
+
+DEFAULTS = """
+seed: 0                 # base seed: every image's seed is a pure function of (suite, prompt, image, seed)
+out: runs               # where run folders go
+cache_dir: null         # models, images, checkpoints; default $BENCH_HOME or ~/.cache/bench
+device: auto            # auto: cuda if available, else cpu
+model: tiny
+method: null
+suite: micro
+gen:
+  batch_size: 8         # does not change any image
+  steps: null           # null: the model's sampler default
+  guidance: null
+  dtype: auto           # auto: float64 on CPU (exactly batch-size invariant), float16 on CUDA
+train:
+  steps: 200
+  lr: 1.0e-4
+  batch_size: 8
+  grad_accum: 1
+  lora_rank: 4          # 0 or null with full_finetune: true trains every UNet weight
+  lora_alpha: 4
+  full_finetune: false
+  weight_decay: 0.01
+  max_grad_norm: 1.0
+  mixed_precision: auto # auto: bf16 on CUDA when supported, else no
+  ema_decay: null       # e.g. 0.999 keeps an EMA of the trained weights, used for evaluation
+  save_every: 50
+  seed: 0
+score:
+  batch_size: 32
+stats:
+  n_boot: 1000
+  level: 0.95
+  seed: 0
+"""
+
+GROUPS = ("model", "method", "suite")
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*=.*$", re.S)
+
+
+def stable_hash(obj) -> str:
+    """sha256 of the canonical JSON of ``obj``: equal configs hash equally on every machine."""
+    if isinstance(obj, DictConfig):
+        obj = OmegaConf.to_container(obj, resolve=True)
+    blob = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def load_entry_config(registry, name: str, _seen=()) -> DictConfig:
+    """A registry entry as a config; ``extends: other`` inherits from another entry of the same kind."""
+    if name in _seen:
+        raise UsageError(f"{registry.kind} '{name}' extends itself through {' -> '.join(_seen)}")
+    target = registry.get(name)
+    if isinstance(target, (str, Path)):
+        cfg = OmegaConf.load(target)
+        cfg["_dir"] = str(Path(target).parent)
+    elif isinstance(target, dict):
+        cfg = OmegaConf.create(target)
+    elif hasattr(target, "default_config"):
+        cfg = OmegaConf.create(target.default_config())
+    else:
+        raise UsageError(f"{registry.kind} '{name}' is registered as {target!r}, which is no config")
+    base = cfg.pop("extends", None)
+    if base:
+        cfg = OmegaConf.merge(load_entry_config(registry, base, (*_seen, name)), cfg)
+    cfg["name"] = name
+    return cfg
+
+
+def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
+    pairs = []
+    for arg in args:
+        if not _OVERRIDE.match(arg):
+            raise UsageError(f"malformed override '{arg}': expected key=value, e.g. train.steps=50 or suite=micro")
+        key, _, value = arg.partition("=")
+        pairs.append((key, value))
+    return pairs
+
+
+def compose(args: list[str], require: tuple[str, ...] = ()) -> DictConfig:
+    """Build the resolved config for a command from its ``key=value`` arguments."""
+    from bench.registry import METHODS, MODELS, SUITES
+
+    pairs = parse_overrides(args)
+    cfg = OmegaConf.create(DEFAULTS)
+    choices = {k: v for k, v in pairs if k in GROUPS}
+    for group in GROUPS:
+        if group in choices:
+            cfg[group] = choices[group] or None
+    for group in require:
+        if cfg[group] is None:
+            raise UsageError(f"`{group}=NAME` is required here (`bench ls {group}s` lists them)")
+    registries = {"model": MODELS, "method": METHODS, "suite": SUITES}
+    for group in GROUPS:
+        if cfg[group] is not None:
+            cfg[group] = load_entry_config(registries[group], str(cfg[group]))
+    # Suite protocol, then method settings, over the defaults.
+    if cfg.suite is not None and "gen" in cfg.suite:
+        cfg.gen = OmegaConf.merge(cfg.gen, cfg.suite.gen)
+    if cfg.method is not None:
+        for section in ("train", "gen"):
+            if section in cfg.method:
+                cfg[section] = OmegaConf.merge(cfg[section], cfg.method[section])
+    OmegaConf.set_struct(cfg, True)
+    for key, value in pairs:
+        if key in GROUPS:
+            continue
+        try:
+            cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
+        except OmegaConfBaseException:
+            raise UsageError(f"unknown config key '{key}'{_close_keys(cfg, key)}") from None
+    return cfg
+
+
+def _close_keys(cfg: DictConfig, key: str) -> str:
+    keys = list(_flat_keys(OmegaConf.to_container(cfg)))
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    return f"; did you mean {', '.join(close)}?" if close else " (see `bench ls` and the YAML configs)"
+
+
+def _flat_keys(tree, prefix=""):
+    for k, v in tree.items():
+        path = f"{prefix}{k}"
+        yield path
+        if isinstance(v, dict):
+            yield from _flat_keys(v, path + ".")
+
+
+def to_dict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -1,0 +1,81 @@
+"""The method (training recipe) contract.
+
+A method declares the data it needs and builds its loss; the shared trainer
+owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
+
+* ``data_spec()``: what determines the prepared data; the trainer caches the
+  tensors ``prepare()`` returns under the hash of this spec.
+* ``prepare(ctx)``: make the training data once (sample from the base model,
+  label with a reward, read pairs from disk ...), as a dict of tensors.
+* ``loss(ctx, data, generator)``: one micro-batch loss; all randomness comes
+  from ``generator``, which the trainer seeds from (seed, step, micro-batch),
+  so a resumed run repeats exactly what an uninterrupted run would do.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.io import progress
+from bench.metrics import Metric
+from bench.models.diffusion import DiffusionModel, from_uint8, to_uint8
+
+
+@dataclass
+class TrainContext:
+    model: DiffusionModel
+    prompts: list[str]
+    reward: Metric | None
+    seed: int
+    device: torch.device
+    batch_size: int
+    progress: bool = True
+    frozen_unet: torch.nn.Module | None = None  # full fine-tuning keeps a frozen copy as reference
+    logs: dict = field(default_factory=dict)
+
+    @contextmanager
+    def reference(self):
+        """Predictions of the frozen base model: LoRA adapters off, or the frozen copy."""
+        unet = self.model.unet
+        if self.frozen_unet is not None:
+            self.model.unet = self.frozen_unet
+            try:
+                yield
+            finally:
+                self.model.unet = unet
+        else:
+            unet.disable_adapters()
+            try:
+                yield
+            finally:
+                unet.enable_adapters()
+
+    def bar(self, iterable, desc: str):
+        return progress(iterable, self.progress, desc=desc)
+
+    @torch.no_grad()
+    def rewards(self, latents: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        """The reward of decoded latents, on the same uint8 pixels evaluation scores."""
+        if self.reward is None:
+            raise ValueError("this method needs a reward: set method.reward=NAME")
+        images = from_uint8(to_uint8(self.model.decode(latents))).to(self.device)
+        return self.reward.score(images, prompts).double().cpu()
+
+
+class Method:
+    """Base class for training recipes; ``cfg`` is the method's config section."""
+
+    def __init__(self, cfg: dict):
+        self.cfg = cfg
+
+    def data_spec(self) -> dict:
+        return {}
+
+    def prepare(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        return {}
+
+    def loss(self, ctx: TrainContext, data: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError

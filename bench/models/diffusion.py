@@ -1,0 +1,222 @@
+"""A text-to-image latent diffusion model whose sampler is an explicit Markov decision process.
+
+Every sampler here is "predict x0, then move to the next timestep":
+
+* ``ddim``: the DDIM posterior q(x_prev | x_t, x0_hat) with stochasticity eta
+  (eta = 1 is DDPM-like and is the MDP DDPO and D3PO train through);
+* ``renoise``: few-step distilled models (DMD2, LCM) forward-noise the x0
+  estimate to the next timestep, x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) z.
+
+Each transition is a Gaussian with an explicit mean and standard deviation, so
+methods (PSO, DDPO, LaSRO) read log-probabilities off the same code that
+samples. The last step returns x0_hat deterministically. Which sampler a model
+uses is data in its config, never a branch in a method.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Sampler:
+    kind: str  # "ddim" or "renoise"
+    steps: int
+    guidance: float
+    eta: float = 0.0
+    timesteps: tuple[int, ...] | None = None
+
+    def schedule(self, num_train_timesteps: int) -> list[int]:
+        """Timesteps visited, from noisiest to cleanest."""
+        if self.timesteps:
+            full = list(self.timesteps)
+            if self.steps == len(full):
+                return full
+            if self.steps > len(full):
+                raise ValueError(f"sampler has {len(full)} timesteps, cannot take {self.steps} steps")
+            # Fewer steps than listed: keep the first and spread the rest evenly, as DMD2/LCM do.
+            idx = [round(i * len(full) / self.steps) for i in range(self.steps)]
+            return [full[i] for i in idx]
+        stride = num_train_timesteps // self.steps
+        return [i * stride for i in reversed(range(self.steps))]  # "leading" spacing, as DDIM
+
+
+@dataclass
+class Transition:
+    """One stochastic step x_t -> x_prev: Gaussian mean and std (std 0 on the last step)."""
+
+    mean: torch.Tensor
+    std: torch.Tensor  # shape broadcastable to mean; a scalar tensor per step
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Log-density of x under N(mean, std^2 I), summed over all but the batch dimension."""
+    var = std**2
+    lp = -((x - mean) ** 2) / (2 * var) - torch.log(std) - 0.5 * math.log(2 * math.pi)
+    return lp.flatten(1).sum(1)
+
+
+class DiffusionModel:
+    """Pipeline components plus the sampler seen as an MDP.
+
+    ``unet`` may carry LoRA adapters; ``reference()`` gives the frozen base
+    model's predictions by disabling them, so no second copy sits in memory.
+    """
+
+    def __init__(self, name, unet, vae, text_encoder, tokenizer, scheduler_config, sampler: Sampler, resolution, identity):
+        self.name = name
+        self.unet = unet
+        self.vae = vae
+        self.text_encoder = text_encoder
+        self.tokenizer = tokenizer
+        self.sampler = sampler
+        self.resolution = int(resolution)
+        self.identity = identity  # what determines the weights: hub id + revision, or the build-spec hash
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(scheduler_config)
+        self.num_train_timesteps = sched.config.num_train_timesteps
+        self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
+        self.latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.scaling_factor = vae.config.scaling_factor
+        self.latent_channels = unet.config.in_channels
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.requires_grad_(False).eval()
+
+    # ---- placement -------------------------------------------------------------------------
+    def to(self, device=None, dtype=None) -> "DiffusionModel":
+        self.device = torch.device(device) if device is not None else self.device
+        self.dtype = dtype or self.dtype
+        for module in (self.unet, self.vae, self.text_encoder):
+            module.to(device=self.device, dtype=self.dtype)
+        return self
+
+    # ---- conditioning ----------------------------------------------------------------------
+    def latent_shape(self) -> tuple[int, int, int]:
+        side = self.resolution // self.latent_scale
+        return (self.latent_channels, side, side)
+
+    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
+        ids = self.tokenizer(
+            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        return self.text_encoder(ids)[0].to(self.dtype)
+
+    # ---- the MDP ---------------------------------------------------------------------------
+    def timesteps(self, sampler: Sampler | None = None) -> list[int]:
+        return (sampler or self.sampler).schedule(self.num_train_timesteps)
+
+    def alpha(self, t: int) -> float:
+        return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
+
+    def predict_eps(self, x_t, t: int, cond, uncond=None, guidance: float = 1.0, unet=None) -> torch.Tensor:
+        unet = unet or self.unet
+        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
+        if uncond is None or guidance <= 1.0:
+            return unet(x_t, tt, encoder_hidden_states=cond).sample
+        both = unet(torch.cat([x_t, x_t]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, cond])).sample
+        eps_u, eps_c = both.chunk(2)
+        return eps_u + guidance * (eps_c - eps_u)
+
+    def x0_from_eps(self, x_t, eps, t: int) -> torch.Tensor:
+        a = self.alpha(t)
+        return (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
+
+    def add_noise(self, x0, noise, t: torch.Tensor | int) -> torch.Tensor:
+        """Forward process q(x_t | x0) at per-sample timesteps t."""
+        a = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device)].to(x0.dtype)
+        a = a.reshape(-1, *([1] * (x0.dim() - 1))) if a.dim() else a
+        return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def transition(self, x_t, x0_hat, eps_hat, t: int, t_prev: int, sampler: Sampler | None = None) -> Transition:
+        """Gaussian p(x_prev | x_t) of the configured sampler; t_prev < 0 means the final step."""
+        sampler = sampler or self.sampler
+        zero = torch.zeros((), device=x_t.device, dtype=x_t.dtype)
+        if t_prev < 0:
+            return Transition(x0_hat, zero)
+        a_prev = self.alpha(t_prev)
+        if sampler.kind == "renoise":
+            return Transition(math.sqrt(a_prev) * x0_hat, zero + math.sqrt(1 - a_prev))
+        if sampler.kind == "ddim":
+            a_t = self.alpha(t)
+            var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+            std = sampler.eta * math.sqrt(var)
+            mean = math.sqrt(a_prev) * x0_hat + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps_hat
+            return Transition(mean, zero + std)
+        raise ValueError(f"unknown sampler kind '{sampler.kind}' (expected ddim or renoise)")
+
+    def sample(
+        self,
+        prompts: Sequence[str],
+        generators: Sequence[torch.Generator],
+        sampler: Sampler | None = None,
+        trajectory: bool = False,
+        unet=None,
+    ):
+        """Run the sampler; every image draws all its noise from its own generator.
+
+        Noise is drawn per image in a fixed order (initial latent, then one draw
+        per stochastic step), so an image does not depend on its batch mates.
+        Returns the final latents, and with ``trajectory=True`` also the list
+        of states [x_T, ..., x_0] and the Transition of each step.
+        """
+        sampler = sampler or self.sampler
+        shape = self.latent_shape()
+        draw = lambda: torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in generators]).to(
+            self.device, self.dtype
+        )
+        cond = self.encode_prompts(prompts)
+        uncond = self.encode_prompts([""] * len(prompts)) if sampler.guidance > 1.0 else None
+        x = draw()
+        steps = self.timesteps(sampler)
+        states, transitions = [x], []
+        for i, t in enumerate(steps):
+            t_prev = steps[i + 1] if i + 1 < len(steps) else -1
+            eps = self.predict_eps(x, t, cond, uncond, sampler.guidance, unet=unet)
+            x0 = self.x0_from_eps(x, eps, t)
+            step = self.transition(x, x0, eps, t, t_prev, sampler)
+            x = step.mean + step.std * draw() if t_prev >= 0 and float(step.std) > 0 else step.mean
+            states.append(x)
+            transitions.append(step)
+        return (x, states, transitions) if trajectory else x
+
+    # ---- pixels ----------------------------------------------------------------------------
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> float images (N, 3, H, W) in [0, 1]; differentiable."""
+        images = self.vae.decode(latents.to(self.vae.dtype) / self.scaling_factor).sample
+        return (images / 2 + 0.5).clamp(0, 1)
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [0, 1] -> latents (the posterior mean, scaled as the UNet expects)."""
+        dist = self.vae.encode((images * 2 - 1).to(self.vae.dtype)).latent_dist
+        return dist.mean * self.scaling_factor
+
+    def diffusion_loss(self, x0, cond, generator: torch.Generator, unet=None, timesteps: Sequence[int] | None = None) -> torch.Tensor:
+        """The plain epsilon-prediction loss per sample, at a timestep drawn uniformly from
+        [0, T) or, where given, from ``timesteps`` (e.g. the few-step sampler's own)."""
+        n = x0.shape[0]
+        if timesteps:
+            t = torch.tensor(list(timesteps))[torch.randint(0, len(timesteps), (n,), generator=generator)]
+        else:
+            t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device, x0.dtype)
+        x_t = self.add_noise(x0, noise, t.to(x0.device))
+        pred = (unet or self.unet)(x_t, t.to(x0.device), encoder_hidden_states=cond).sample
+        return F.mse_loss(pred.float(), noise.float(), reduction="none").flatten(1).mean(1)
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1] (N, 3, H, W) -> uint8 (N, H, W, 3), rounding to nearest."""
+    return (images.detach().double().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+
+
+def from_uint8(images: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W) in [0, 1], exactly k / 255."""
+    return images.permute(0, 3, 1, 2).to(torch.float32) / 255.0

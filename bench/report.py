@@ -1,0 +1,299 @@
+"""Summaries, tables, leaderboards and the CI regression gate for run folders.
+
+A run folder holds ``manifest.json`` and ``scores.parquet``; this module turns
+the scores into ``summary.json`` / ``table.md``, gathers many runs into a
+leaderboard, and checks a summary against pinned expectations.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from bench.errors import DataError
+from bench.io import write_json, write_text
+from bench.stats import bootstrap_mean_ci, paired_winrate
+
+RUN_COLUMNS = ["run_id", "suite", "model", "method"]
+
+
+# --------------------------------------------------------------------------- summary
+
+
+def summarize(
+    scores: pd.DataFrame,
+    metrics: dict[str, dict],
+    baseline: pd.DataFrame | None,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    baseline_id: str | None = None,
+) -> dict:
+    """Per-metric mean with bootstrap CI, plus per-prompt win rate vs a baseline.
+
+    The mean CI resamples images; the win rate compares per-prompt means, since
+    prompts (not images) are the paired unit shared by run and baseline.
+    """
+    _require_columns(scores, metrics, "scores")
+    if baseline is not None:
+        _require_columns(baseline, metrics, "baseline scores")
+    if scores.empty:
+        raise DataError("scores are empty; the run produced no images, re-run `bench run ...`")
+
+    out: dict = {
+        "n_images": int(len(scores)),
+        "n_prompts": int(scores["prompt_index"].nunique()),
+        "level": float(level),
+        "metrics": {},
+        "winrate": {},
+    }
+    for name, spec in metrics.items():
+        try:
+            mean, (lo, hi) = bootstrap_mean_ci(scores[name].to_numpy(), n_boot, level, seed)
+        except ValueError as err:
+            raise DataError(f"metric {name!r}: {err}") from err
+        out["metrics"][name] = {
+            "mean": mean,
+            "ci": [lo, hi],
+            "higher_is_better": bool(spec["higher_is_better"]),
+            "version": str(spec["version"]),
+            "scale": str(spec["scale"]),
+        }
+        if baseline is None:
+            continue
+        run_pp = scores.groupby("prompt_index")[name].mean()
+        base_pp = baseline.groupby("prompt_index")[name].mean()
+        try:
+            value, (wlo, whi), n = paired_winrate(
+                run_pp, base_pp, bool(spec["higher_is_better"]), n_boot, level, seed
+            )
+        except ValueError as err:
+            raise DataError(
+                f"win rate for {name!r}: {err}; evaluate the baseline on the same suite"
+            ) from err
+        out["winrate"][name] = {"value": value, "ci": [wlo, whi], "n_prompts": n, "baseline": baseline_id}
+    return out
+
+
+def _require_columns(df: pd.DataFrame, metrics: dict, what: str) -> None:
+    missing = [c for c in ["prompt_index", *metrics] if c not in df.columns]
+    if missing:
+        raise DataError(f"{what} lack column(s) {missing}; re-score the run with those metrics")
+
+
+def _fmt(x) -> str:
+    """4 significant digits; '-' for a missing value."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return f"{x:.4g}"
+
+
+def render_table(summary: dict, title: str) -> str:
+    """Markdown table, one row per metric, under a ``# title`` heading."""
+    pct = f"{summary.get('level', 0.95) * 100:g}% CI"
+    rows = []
+    for name, m in summary["metrics"].items():
+        w = summary.get("winrate", {}).get(name)
+        win = f"{_fmt(w['value'])} [{_fmt(w['ci'][0])}, {_fmt(w['ci'][1])}]" if w else "-"
+        rows.append(
+            {
+                "metric": name,
+                "mean": _fmt(m["mean"]),
+                pct: f"[{_fmt(m['ci'][0])}, {_fmt(m['ci'][1])}]",
+                "direction": "↑" if m["higher_is_better"] else "↓",
+                "win rate vs base": win,
+            }
+        )
+    df = pd.DataFrame(rows, columns=["metric", "mean", pct, "direction", "win rate vs base"])
+    return f"# {title}\n\n{_markdown(df)}\n"
+
+
+def _markdown(df: pd.DataFrame) -> str:
+    # Cells are preformatted strings; stop tabulate from re-parsing them as numbers.
+    return df.to_markdown(index=False, disable_numparse=True)
+
+
+# --------------------------------------------------------------------------- leaderboard
+
+
+def _read_json(path: Path, what: str) -> dict:
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read {what} {path}: {err}; re-run `bench run ...` for that run or remove it")
+    if not isinstance(obj, dict):
+        raise DataError(f"{what} {path} is not a JSON object; re-run `bench run ...` for that run or remove it")
+    return obj
+
+
+def collect_runs(root) -> pd.DataFrame:
+    """One row per run folder (manifest.json + summary.json) under ``root``, recursively."""
+    root = Path(root)
+    records, names = [], set()
+    for manifest_path in sorted(root.rglob("manifest.json")):
+        summary_path = manifest_path.with_name("summary.json")
+        if not summary_path.exists():
+            continue  # not yet evaluated: not a finished run
+        manifest = _read_json(manifest_path, "manifest")
+        summary = _read_json(summary_path, "summary")
+        missing = [k for k in RUN_COLUMNS if k not in manifest]
+        if missing:
+            raise DataError(f"manifest {manifest_path} lacks {missing}; re-run `bench run ...` for that run")
+        if not isinstance(summary.get("metrics"), dict):
+            raise DataError(f"summary {summary_path} has no 'metrics'; re-run `bench run ...` for that run")
+        rec = {k: manifest[k] for k in RUN_COLUMNS}
+        try:
+            for name, m in summary["metrics"].items():
+                rec[name] = float(m["mean"])
+                names.add(name)
+            for name, w in (summary.get("winrate") or {}).items():
+                rec[f"{name} win"] = float(w["value"])
+                names.add(name)
+        except (TypeError, KeyError, ValueError) as err:
+            raise DataError(f"summary {summary_path} is malformed ({err!r}); re-run `bench run ...` for that run")
+        records.append(rec)
+    metric_cols = [c for name in sorted(names) for c in (name, f"{name} win")]
+    df = pd.DataFrame(records, columns=RUN_COLUMNS + metric_cols)
+    return df.sort_values(["suite", "model", "method", "run_id"], ignore_index=True)
+
+
+def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
+    """Write leaderboard.md and leaderboard.csv for every run under ``root``."""
+    root = Path(root)
+    df = collect_runs(root)
+    if df.empty:
+        raise DataError(f"no runs with summary.json under {root}; run `bench run ...` first")
+    out = Path(out_dir) if out_dir is not None else root
+    shown = df.copy()
+    for col in shown.columns[len(RUN_COLUMNS):]:
+        shown[col] = [_fmt(v) for v in shown[col]]
+    shown = shown.astype(str)
+    md = f"# Leaderboard\n\n{_markdown(shown)}\n"
+    md_path = write_text(out / "leaderboard.md", md)
+    csv_path = write_text(out / "leaderboard.csv", df.to_csv(index=False, lineterminator="\n"))
+    return md_path, csv_path, md
+
+
+# --------------------------------------------------------------------------- regression gate
+
+_SPEC_KEYS = {"value", "abs_tol", "min", "max"}
+
+
+def _spec_problem(spec) -> str | None:
+    """Why a tolerance spec is unusable, or None if it is fine."""
+    if not isinstance(spec, dict):
+        return f"expected a mapping like {{value, abs_tol}} or {{min, max}}, got {spec!r}"
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        return f"unknown field(s) {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}"
+    if ("value" in spec) != ("abs_tol" in spec):
+        return "'value' and 'abs_tol' must be given together"
+    if not {"value", "min", "max"} & set(spec):
+        return "give 'value' with 'abs_tol', or 'min' and/or 'max'"
+    for k, v in spec.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or math.isnan(v):
+            return f"{k!r} must be a number, got {v!r}"
+    if spec.get("abs_tol", 0) < 0:
+        return "'abs_tol' must be >= 0"
+    return None
+
+
+def load_baseline(path) -> dict:
+    """Read a gate file (JSON, or YAML for .yaml/.yml) mapping dotted keys to specs."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"baseline file {path} not found; pass the path of a JSON/YAML gate file")
+    try:
+        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".yaml", ".yml"):
+            import yaml
+
+            obj = yaml.safe_load(text)
+        else:
+            obj = json.loads(text)
+    except Exception as err:  # any parse failure is the same user problem: a broken file
+        raise DataError(f"cannot parse baseline file {path}: {err}".splitlines()[0]) from err
+    if not isinstance(obj, dict) or not obj:
+        raise DataError(f"baseline file {path} must be a non-empty mapping of summary keys to tolerances")
+    for key, spec in obj.items():
+        problem = _spec_problem(spec)
+        if problem:
+            raise DataError(f"baseline file {path}, key {key!r}: {problem}")
+    return obj
+
+
+def _lookup(d, key: str):
+    """Resolve a dotted key, allowing dots inside names (e.g. metric 'clip.b32')."""
+    if not isinstance(d, dict):
+        raise KeyError(key)
+    if key in d:
+        return d[key]
+    for i, ch in enumerate(key):
+        if ch == "." and key[:i] in d:
+            try:
+                return _lookup(d[key[:i]], key[i + 1:])
+            except KeyError:
+                pass
+    raise KeyError(key)
+
+
+def _expected(spec: dict) -> str:
+    parts = []
+    if "value" in spec:
+        parts.append(f"{spec['value']:g} ± {spec['abs_tol']:g}")
+    if "min" in spec:
+        parts.append(f">= {spec['min']:g}")
+    if "max" in spec:
+        parts.append(f"<= {spec['max']:g}")
+    return " and ".join(parts)
+
+
+def check(summary: dict, baseline: dict) -> list[dict]:
+    """One row per gated key: does the summary stay within its tolerance?"""
+    rows = []
+    for key, spec in baseline.items():
+        problem = _spec_problem(spec)
+        if problem:
+            raise DataError(f"baseline key {key!r}: {problem}")
+        try:
+            got = _lookup(summary, key)
+        except KeyError:
+            got = None
+        ok = isinstance(got, (int, float)) and not isinstance(got, bool) and not math.isnan(got)
+        if ok and "value" in spec:
+            # Tiny slack so a value exactly on the tolerance edge is not lost to float rounding.
+            ok = abs(got - spec["value"]) <= spec["abs_tol"] + 1e-12 * max(1.0, abs(spec["value"]))
+        if ok and "min" in spec:
+            ok = got >= spec["min"]
+        if ok and "max" in spec:
+            ok = got <= spec["max"]
+        rows.append({"key": key, "expected": _expected(spec), "got": got, "ok": bool(ok)})
+    return rows
+
+
+def _fmt_got(got) -> str:
+    if got is None:
+        return "missing"
+    if isinstance(got, (int, float)) and not isinstance(got, bool):
+        return f"{got:.6g}"
+    return repr(got)
+
+
+def format_check(rows: list[dict]) -> str:
+    """Markdown table of check() rows, failures marked FAIL."""
+    df = pd.DataFrame(
+        [
+            {
+                "key": r["key"],
+                "expected": r["expected"],
+                "got": _fmt_got(r["got"]),
+                "ok": "ok" if r["ok"] else "FAIL",
+            }
+            for r in rows
+        ],
+        columns=["key", "expected", "got", "ok"],
+    )
+    return _markdown(df) + "\n"

@@ -1,0 +1,217 @@
+"""The data flow: config -> train (cached) -> generate (content-addressed) -> score -> compare.
+
+Every stage writes atomically and is keyed by what determines it, so a killed
+command restarts where it stopped and ends with the same bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import subprocess
+import time
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from bench import report
+from bench.config import stable_hash, to_dict
+from bench.errors import UsageError
+from bench.generate import ImageStore, generate, plan_images
+from bench.io import write_json, write_text
+from bench.models import DiffusionModel, load_model, make_sampler
+from bench.registry import METHODS, METRICS
+from bench.scoring import load_metrics, score_images, write_scores
+from bench.suite import Suite, load_suite
+from bench.trainer import Checkpoint, Trainer, apply_checkpoint
+
+log = logging.getLogger(__name__)
+PACKAGES = ["diffusion-bench", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pandas", "pyarrow", "pillow", "safetensors"]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device={name} but no CUDA device is visible; use device=cpu")
+    return torch.device(name)
+
+
+def generation_dtype(name: str, device: torch.device) -> torch.dtype:
+    """float64 on CPU makes images exactly independent of batch size (float32 kernels are not)."""
+    if name == "auto":
+        return torch.float64 if device.type == "cpu" else torch.float16
+    try:
+        return {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+    except KeyError:
+        raise UsageError(f"unknown gen.dtype '{name}': use auto, float64, float32, float16 or bfloat16") from None
+
+
+def cache_root(cfg: dict) -> Path:
+    return Path(cfg.get("cache_dir") or os.environ.get("BENCH_HOME") or Path.home() / ".cache" / "bench")
+
+
+def package_versions() -> dict[str, str | None]:
+    out = {}
+    for name in PACKAGES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision() -> str | None:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, timeout=5, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    table: str
+    timings: dict
+
+
+class Session:
+    """What every command shares: the resolved config, device, cache and suite."""
+
+    def __init__(self, cfg, progress: bool = True):
+        self.cfg = to_dict(cfg)
+        self.progress = progress
+        self.device = resolve_device(self.cfg["device"])
+        self.dtype = generation_dtype(self.cfg["gen"]["dtype"], self.device)
+        self.cache = cache_root(self.cfg)
+        self.suite: Suite = load_suite(self.cfg["suite"])
+        self.metric_names = list(self.suite.metrics)
+        for name in self.metric_names:
+            METRICS.entry(name)  # fail on an unknown metric before any work
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = False
+            torch.backends.cudnn.deterministic = True
+        self.sampler = make_sampler(self.cfg["model"]["sampler"], self.cfg["gen"]["steps"], self.cfg["gen"]["guidance"])
+
+    def model(self, checkpoint: Checkpoint | None = None) -> DiffusionModel:
+        model = load_model(self.cfg["model"], self.cache, self.sampler)
+        if checkpoint is not None:
+            apply_checkpoint(model, checkpoint)
+        return model
+
+    # ---- evaluation --------------------------------------------------------------------------
+    def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None) -> RunResult:
+        t_start = time.perf_counter()
+        model = self.model(checkpoint).to(self.device, self.dtype)
+        dtype_name = str(self.dtype).replace("torch.", "")
+        ckpt_id = checkpoint.train_id if checkpoint else None
+        jobs = plan_images(self.suite.name, self.suite.prompts, self.suite.images_per_prompt, int(self.cfg["seed"]), model, self.sampler, ckpt_id, dtype_name)
+        identity = {
+            "model": model.identity,
+            "sampler": asdict(self.sampler),
+            "checkpoint": ckpt_id,
+            "suite": self.suite.name,
+            "prompts_sha256": self.suite.sha256,
+            "images_per_prompt": self.suite.images_per_prompt,
+            "metrics": self.metric_names,
+            "seed": int(self.cfg["seed"]),
+            "dtype": dtype_name,
+            "stats": self.cfg["stats"],
+            "baseline": baseline.run_dir.name if baseline else None,
+        }
+        config_hash = stable_hash(identity)
+        run_id = f"{self.suite.name}-{self.cfg['model']['name']}-{label}-{config_hash[:8]}"
+        run_dir = Path(self.cfg["out"]) / run_id
+        store = ImageStore(self.cache / "images")
+
+        gen_stats = generate(model, jobs, store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
+        t_gen = time.perf_counter()
+        metrics = load_metrics(self.metric_names, self.device)
+        scores = score_images(jobs, store, metrics, model.resolution, int(self.cfg["score"]["batch_size"]), self.device, self.progress)
+        write_scores(scores, run_dir / "scores.parquet")
+        t_score = time.perf_counter()
+
+        infos = {n: {"higher_is_better": m.info.higher_is_better, "version": m.info.version, "scale": m.info.scale} for n, m in metrics.items()}
+        base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
+        st = self.cfg["stats"]
+        summary = report.summarize(scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None)
+        title = f"{self.suite.name} / {self.cfg['model']['name']} / {label}" + (f" vs {baseline.run_dir.name}" if baseline else "")
+        table = report.render_table(summary, title)
+        write_json(run_dir / "summary.json", summary)
+        write_text(run_dir / "table.md", table + "\n")
+        timings = {
+            "total_s": time.perf_counter() - t_start,
+            "generate_s": t_gen - t_start,
+            "model_forward_s": gen_stats.model_seconds,
+            "score_s": t_score - t_gen,
+            "generated": gen_stats.generated,
+            "cached": gen_stats.cached,
+        }
+        manifest = {
+            "run_id": run_id,
+            "suite": self.suite.name,
+            "model": self.cfg["model"]["name"],
+            "method": label,
+            "config": self.cfg,
+            "config_hash": config_hash,
+            "identity": identity,
+            "prompts_sha256": self.suite.sha256,
+            "prompt_source": self.suite.source,
+            "n_prompts": len(self.suite.prompts),
+            "n_empty_prompts": sum(1 for p in self.suite.prompts if not p.strip()),
+            "seeds": {"base_seed": int(self.cfg["seed"]), "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
+            "metrics": {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better} for n, m in metrics.items()},
+            "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path)} if checkpoint else None,
+            "baseline": baseline.run_dir.name if baseline else None,
+            "device": str(self.device),
+            "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
+            "dtype": dtype_name,
+            "versions": package_versions(),
+            "python": platform.python_version(),
+            "git_revision": git_revision(),
+            "timings": timings,
+        }
+        write_json(run_dir / "manifest.json", manifest)
+        return RunResult(run_dir, summary, table, timings)
+
+    # ---- training ----------------------------------------------------------------------------
+    def train(self) -> Checkpoint:
+        method_cfg = self.cfg["method"]
+        if method_cfg.get("reward") is None and "reward" in method_cfg:
+            method_cfg["reward"] = self.suite.reward
+        recipe = METHODS.entry(method_cfg["name"])  # validates the name
+        cls = _import_recipe(method_cfg.get("recipe"), recipe.name)
+        reward = METRICS.get(method_cfg["reward"])() if method_cfg.get("reward") else None
+        if not self.suite.train_prompts:
+            raise UsageError(f"suite '{self.suite.name}' has no train_prompts for method '{recipe.name}'")
+        model = self.model().to(self.device, torch.float32)
+        trainer = Trainer(self.cfg, model, cls(method_cfg), self.suite.train_prompts, reward, self.device, self.cache, self.progress)
+        return trainer.run()
+
+
+def _import_recipe(target: str | None, name: str):
+    from bench.registry import Entry
+
+    if not target:
+        raise UsageError(f"method '{name}' names no recipe (`recipe: module:Class` in its YAML)")
+    return Entry(name, target).load()
+
+
+def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:
+    """Evaluate the base model, train the method (or reuse its checkpoint), evaluate, compare."""
+    session = Session(cfg, progress)
+    base = session.evaluate(None, "base")
+    checkpoint = session.train()
+    tuned = session.evaluate(checkpoint, session.cfg["method"]["name"], baseline=base)
+    return base, tuned
+
+
+def evaluate(cfg, progress: bool = True) -> RunResult:
+    return Session(cfg, progress).evaluate(None, "base")

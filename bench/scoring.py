@@ -1,0 +1,53 @@
+"""Score every stored image with every metric of a suite in one pass over decoded batches."""
+
+from __future__ import annotations
+
+import io
+
+import pandas as pd
+import torch
+
+from bench.generate import ImageJob, ImageStore, load_images
+from bench.io import progress as progress_bar
+from bench.io import write_bytes
+from bench.metrics import Metric
+from bench.models.diffusion import from_uint8
+from bench.registry import METRICS
+
+ID_COLUMNS = ["prompt_index", "image_index", "prompt", "seed", "image_key"]
+
+
+def load_metrics(names: list[str], device: torch.device | str = "cpu") -> dict[str, Metric]:
+    """Instantiate metrics once; unknown names fail before any work is done."""
+    classes = {name: METRICS.get(name) for name in names}
+    return {name: cls().to(device) for name, cls in classes.items()}
+
+
+@torch.no_grad()
+def score_images(jobs: list[ImageJob], store: ImageStore, metrics: dict[str, Metric], size: int, batch_size: int, device="cpu", progress=True) -> pd.DataFrame:
+    """Per-image scores: the id columns, then one float64 column per metric."""
+    columns: dict[str, list] = {name: [] for name in metrics}
+    for start in progress_bar(range(0, len(jobs), batch_size), progress, desc="score", unit="batch"):
+        batch = jobs[start : start + batch_size]
+        images = from_uint8(load_images(store, batch, size)).to(device)
+        prompts = [j.prompt for j in batch]
+        for name, metric in metrics.items():
+            columns[name].extend(metric.score(images, prompts).double().cpu().tolist())
+    frame = pd.DataFrame(
+        {
+            "prompt_index": pd.array([j.prompt_index for j in jobs], dtype="int64"),
+            "image_index": pd.array([j.image_index for j in jobs], dtype="int64"),
+            "prompt": [j.prompt for j in jobs],
+            "seed": pd.array([j.seed for j in jobs], dtype="int64"),
+            "image_key": [j.key for j in jobs],
+        }
+    )
+    for name, values in columns.items():
+        frame[name] = pd.array(values, dtype="float64")
+    return frame
+
+
+def write_scores(frame: pd.DataFrame, path) -> None:
+    buf = io.BytesIO()
+    frame.to_parquet(buf, index=False)
+    write_bytes(path, buf.getvalue())

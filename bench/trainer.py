@@ -1,0 +1,268 @@
+"""One training loop for every method.
+
+LoRA (peft) on the UNet or full fine-tuning, AdamW, gradient accumulation,
+mixed precision through accelerate where the device supports it, optional EMA,
+safetensors checkpoints with resume after a kill, and a progress bar. The
+finished checkpoint is cached under the hash of everything that determines it,
+so running the same recipe twice trains once.
+
+Determinism: the micro-batch generator is seeded from (seed, step, micro-batch)
+rather than drawn from one running stream, and the checkpoint holds the weights,
+the optimizer state and the EMA exactly, so resuming at step k continues the
+very computation an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.config import stable_hash
+from bench.errors import TrainingError
+from bench.io import progress, write_json
+from bench.method import Method, TrainContext
+from bench.models.diffusion import DiffusionModel
+
+log = logging.getLogger(__name__)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Checkpoint:
+    """A finished training run: where its weights are and what identifies them."""
+
+    path: Path
+    train_id: str
+
+
+def micro_seed(seed: int, step: int, micro: int) -> int:
+    return int.from_bytes(hashlib.sha256(f"train/{seed}/{step}/{micro}".encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> None:
+    from peft import LoraConfig
+
+    torch.manual_seed(seed)  # the A matrices are random; B starts at zero, so the model starts unchanged
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+
+
+def trainable_state(unet: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    params = dict(unet.named_parameters())
+    return {n: params[n].detach().clone().contiguous() for n in names}
+
+
+def apply_checkpoint(model: DiffusionModel, ckpt: Checkpoint) -> None:
+    """Load a finished checkpoint into the model (adds the LoRA adapter first where there is one)."""
+    meta = json.loads((ckpt.path / "train.json").read_text())
+    if meta["lora_rank"]:
+        add_lora(model.unet, meta["lora_rank"], meta["lora_alpha"], 0)
+    weights = load_file(ckpt.path / "weights.safetensors")
+    missing = set(weights) - {n for n, _ in model.unet.named_parameters()}
+    if missing:
+        raise TrainingError(f"checkpoint {ckpt.path} does not fit model '{model.name}' ({len(missing)} unknown tensors); delete it and retrain")
+    params = dict(model.unet.named_parameters())
+    with torch.no_grad():
+        for name, tensor in weights.items():
+            params[name].copy_(tensor)
+    model.unet.requires_grad_(False)
+
+
+# ---- optimizer state <-> safetensors -----------------------------------------------------------
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    state = opt.state_dict()
+    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
+    return tensors, state["param_groups"]
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        idx, _, name = key.partition(".")
+        state.setdefault(int(idx), {})[name] = value
+    opt.load_state_dict({"state": state, "param_groups": groups})
+
+
+class Trainer:
+    def __init__(self, cfg: dict, model: DiffusionModel, method: Method, prompts: list[str], reward, device, cache_dir: Path, progress=True):
+        self.cfg, self.train_cfg = cfg, cfg["train"]
+        self.model, self.method, self.prompts, self.reward = model, method, prompts, reward
+        self.device, self.cache_dir, self.progress = device, Path(cache_dir), progress
+        self.train_id = stable_hash(
+            {
+                "model": model.identity,
+                "sampler": str(model.sampler),
+                "method": {k: v for k, v in cfg["method"].items() if not k.startswith("_") and k not in ("description", "train", "gen")},
+                "train": {k: v for k, v in self.train_cfg.items() if k != "save_every"},
+                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+                "reward": reward.info.name if reward is not None else None,
+            }
+        )[:16]
+        self.root = self.cache_dir / "checkpoints" / f"{cfg['method']['name']}-{self.train_id}"
+
+    # ---- public ------------------------------------------------------------------------------
+    def run(self) -> Checkpoint:
+        final = self.root / "final"
+        if (final / "weights.safetensors").exists():
+            log.info("reusing trained checkpoint %s", final)
+            return Checkpoint(final, self.train_id)
+        tc = self.train_cfg
+        lora = bool(tc["lora_rank"]) and not tc["full_finetune"]
+        unet = self.model.unet
+        frozen = None
+        if lora:
+            add_lora(unet, int(tc["lora_rank"]), float(tc["lora_alpha"]), int(tc["seed"]))
+        else:
+            frozen = copy.deepcopy(unet).requires_grad_(False)
+            unet.requires_grad_(True)
+        unet.train()
+        self.trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+        params = [p for p in unet.parameters() if p.requires_grad]
+        ctx = TrainContext(self.model, self.prompts, self.reward, int(tc["seed"]), self.device, int(tc["batch_size"]), self.progress, frozen)
+        data = self._data(ctx)
+        opt = torch.optim.AdamW(params, lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
+        ema = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad} if tc["ema_decay"] else None
+        start, history = self._resume(unet, opt, ema)
+
+        from accelerate import Accelerator
+
+        accel = Accelerator(mixed_precision=self._precision(), cpu=self.device.type == "cpu")
+        steps, accum = int(tc["steps"]), int(tc["grad_accum"])
+        bar = progress(range(start, steps), self.progress, initial=start, total=steps, desc=f"train {self.cfg['method']['name']}")
+        for step in bar:
+            total = 0.0
+            for micro in range(accum):
+                gen = torch.Generator().manual_seed(micro_seed(int(tc["seed"]), step, micro))
+                with accel.autocast():
+                    loss, logs = self.method.loss(ctx, data, gen)
+                if not torch.isfinite(loss):
+                    self._save(unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
+                    raise TrainingError(
+                        f"loss became {loss.item()} at step {step} of method '{self.cfg['method']['name']}' "
+                        f"(train.lr={tc['lr']}); progress up to the last checkpoint is kept in {self.root}: "
+                        "lower train.lr or check the method's inputs"
+                    )
+                accel.backward(loss / accum)
+                total += loss.item() / accum
+            if tc["max_grad_norm"]:
+                torch.nn.utils.clip_grad_norm_(params, float(tc["max_grad_norm"]))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if ema is not None:
+                d = float(tc["ema_decay"])
+                with torch.no_grad():
+                    for n, p in unet.named_parameters():
+                        if n in ema:
+                            ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
+            history.append(total)
+            bar.set_postfix(loss=f"{total:.4f}")
+            if (step + 1) % int(tc["save_every"]) == 0 and step + 1 < steps:
+                self._save(unet, opt, ema, step + 1, history)
+        bar.close()
+        unet.eval().requires_grad_(False)
+        return self._finish(unet, ema, history, lora)
+
+    # ---- pieces ------------------------------------------------------------------------------
+    def _precision(self) -> str:
+        mp = self.train_cfg["mixed_precision"]
+        if mp != "auto":
+            return mp
+        if self.device.type == "cuda":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "no"
+
+    def _data(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+        spec = self.method.data_spec()
+        if not spec:
+            return self.method.prepare(ctx)
+        key = stable_hash({"model": self.model.identity, "sampler": str(self.model.sampler), "prompts": self.prompts, "spec": spec})[:16]
+        path = self.cache_dir / "data" / f"{self.cfg['method']['name']}-{key}.safetensors"
+        if path.exists():
+            return load_file(path)
+        data = {k: v.contiguous() for k, v in self.method.prepare(ctx).items()}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(data, tmp)
+        tmp.replace(path)
+        return data
+
+    def _step_dirs(self) -> list[Path]:
+        return sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+
+    def _save(self, unet, opt, ema, step: int, history: list[float], keep_previous=False, only_if_new=False) -> None:
+        target = self.root / f"step-{step:07d}"
+        if only_if_new and (target.exists() or step == 0):
+            return
+        tmp = self.root / f".tmp-step-{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(trainable_state(unet, self.trainable), tmp / "weights.safetensors")
+        tensors, groups = _optimizer_tensors(opt)
+        save_file(tensors, tmp / "optimizer.safetensors")
+        if ema is not None:
+            save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+        write_json(tmp / "state.json", {"step": step, "history": history, "param_groups": groups})
+        shutil.rmtree(target, ignore_errors=True)
+        tmp.rename(target)
+        if not keep_previous:
+            for old in self._step_dirs():
+                if old != target:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    def _resume(self, unet, opt, ema) -> tuple[int, list[float]]:
+        dirs = [d for d in self._step_dirs() if (d / "state.json").exists()]
+        if not dirs:
+            return 0, []
+        last = dirs[-1]
+        state = json.loads((last / "state.json").read_text())
+        weights = load_file(last / "weights.safetensors")
+        params = dict(unet.named_parameters())
+        with torch.no_grad():
+            for name, tensor in weights.items():
+                params[name].copy_(tensor)
+        _load_optimizer(opt, load_file(last / "optimizer.safetensors"), state["param_groups"])
+        if ema is not None and (last / "ema.safetensors").exists():
+            ema.update(load_file(last / "ema.safetensors"))
+        log.info("resuming training from %s (step %d)", last, state["step"])
+        return int(state["step"]), list(state["history"])
+
+    def _finish(self, unet, ema, history, lora: bool) -> Checkpoint:
+        tc = self.train_cfg
+        weights = {k: v.contiguous() for k, v in ema.items()} if ema is not None else trainable_state(unet, self.trainable)
+        if ema is not None:
+            params = dict(unet.named_parameters())
+            with torch.no_grad():
+                for name, tensor in ema.items():
+                    params[name].copy_(tensor)
+        tmp = self.root / ".tmp-final"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_file(weights, tmp / "weights.safetensors")
+        first, last = (history[0], history[-1]) if history else (None, None)
+        write_json(
+            tmp / "train.json",
+            {
+                "train_id": self.train_id,
+                "method": self.cfg["method"]["name"],
+                "lora_rank": int(tc["lora_rank"]) if lora else 0,
+                "lora_alpha": float(tc["lora_alpha"]) if lora else 0.0,
+                "lora_targets": LORA_TARGETS if lora else None,
+                "steps": int(tc["steps"]),
+                "loss_first": first,
+                "loss_last": last,
+                "history": history,
+            },
+        )
+        final = self.root / "final"
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+        for old in self._step_dirs():
+            shutil.rmtree(old, ignore_errors=True)
+        return Checkpoint(final, self.train_id)

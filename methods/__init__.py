@@ -1,0 +1,1 @@
+"""Training recipes: one module (and YAML presets) per method."""

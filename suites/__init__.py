@@ -1,0 +1,1 @@
+"""Suites: one YAML per suite."""

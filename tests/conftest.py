@@ -1,0 +1,39 @@
+"""Test setup: never touch the network, and share one cache of built tiny models per session."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """One cache per test session: the tiny models are built (and pre-trained) once."""
+    return tmp_path_factory.mktemp("bench-cache")
+
+
+@pytest.fixture
+def cli(cache_dir, tmp_path, capsys):
+    """Run ``bench`` in-process: returns (exit code, stdout, stderr); out= defaults to tmp_path/runs."""
+    from bench.cli import main
+
+    def run(*args: str, cache: Path | None = None):
+        argv = list(args)
+        if argv and argv[0] in ("run", "eval", "train", "prefetch", "perf"):
+            keys = {a.split("=", 1)[0] for a in argv[1:]}
+            if "cache_dir" not in keys:
+                argv.append(f"cache_dir={cache or cache_dir}")
+            if "out" not in keys and argv[0] in ("run", "eval"):
+                argv.append(f"out={tmp_path / 'runs'}")
+        code = main(argv)
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return run

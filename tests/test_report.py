@@ -1,0 +1,180 @@
+import json
+
+import pandas as pd
+import pytest
+
+from bench.errors import DataError
+from bench.report import (
+    check,
+    collect_runs,
+    format_check,
+    leaderboard,
+    load_baseline,
+    render_table,
+    summarize,
+    write_json,
+)
+
+METRICS = {
+    "brightness": {"higher_is_better": True, "version": "1", "scale": "[0,1]"},
+    "dist": {"higher_is_better": False, "version": "2", "scale": ">=0"},
+}
+
+
+def _scores(per_image: dict[str, list[float]]) -> pd.DataFrame:
+    """3 prompts x 2 images, metric values listed prompt-major."""
+    n = len(next(iter(per_image.values())))
+    df = pd.DataFrame(
+        {
+            "prompt_index": [i // 2 for i in range(n)],
+            "image_index": [i % 2 for i in range(n)],
+            "prompt": [f"p{i // 2}" for i in range(n)],
+            "seed": list(range(n)),
+            "image_key": [f"{i // 2}_{i % 2}" for i in range(n)],
+        }
+    )
+    for name, vals in per_image.items():
+        df[name] = vals
+    return df
+
+
+RUN = _scores({"brightness": [0.4, 0.6, 0.8, 0.6, 0.2, 0.2], "dist": [0.1, 0.1, 0.2, 0.2, 0.3, 0.3]})
+# Per-prompt run means: brightness 0.5, 0.7, 0.2; dist 0.1, 0.2, 0.3.
+BASE = _scores({"brightness": [0.3, 0.3, 0.7, 0.7, 0.5, 0.5], "dist": [0.2, 0.2, 0.3, 0.3, 0.4, 0.4]})
+
+
+def test_summarize_means_and_winrates():
+    s = summarize(RUN, METRICS, BASE, n_boot=200, baseline_id="base-run")
+    assert s["n_images"] == 6 and s["n_prompts"] == 3
+    b = s["metrics"]["brightness"]
+    assert b["mean"] == pytest.approx(2.8 / 6)
+    assert b["ci"][0] <= b["mean"] <= b["ci"][1]
+    assert (b["higher_is_better"], b["version"], b["scale"]) == (True, "1", "[0,1]")
+    assert s["metrics"]["dist"]["mean"] == pytest.approx(0.2)
+    # brightness: win (0.5>0.3), tie (0.7=0.7), loss (0.2<0.5) -> 0.5
+    assert s["winrate"]["brightness"]["value"] == pytest.approx(0.5)
+    assert s["winrate"]["brightness"]["n_prompts"] == 3
+    assert s["winrate"]["brightness"]["baseline"] == "base-run"
+    # dist is lower-is-better and the run is lower on every prompt -> 1.0
+    assert s["winrate"]["dist"]["value"] == 1.0
+    assert s["winrate"]["dist"]["ci"] == [1.0, 1.0]
+    json.dumps(s, allow_nan=False)  # plain Python types only
+
+
+def test_summarize_without_baseline_and_bad_input():
+    s = summarize(RUN, METRICS, None, n_boot=50)
+    assert s["winrate"] == {}
+    with pytest.raises(DataError, match="dist"):
+        summarize(RUN.drop(columns="dist"), METRICS, None)
+    with pytest.raises(DataError, match="same prompts"):
+        summarize(RUN, METRICS, BASE[BASE.prompt_index < 2])
+
+
+def test_render_table():
+    text = render_table(summarize(RUN, METRICS, BASE, n_boot=200), "micro / sd / lora")
+    lines = text.splitlines()
+    assert lines[0] == "# micro / sd / lora"
+    assert "95% CI" in lines[2] and "win rate vs base" in lines[2]
+    row = next(line for line in lines if line.startswith("| brightness"))
+    assert "0.4667" in row and "↑" in row and "| 0.5 [" in row
+    assert "↓" in next(line for line in lines if line.startswith("| dist"))
+    no_base = render_table(summarize(RUN, METRICS, None, n_boot=50), "t")
+    assert next(line for line in no_base.splitlines() if "brightness" in line).rstrip(" |").endswith("-")
+
+
+def test_write_json_is_byte_identical(tmp_path):
+    s1 = summarize(RUN, METRICS, BASE, n_boot=200)
+    s2 = summarize(RUN, METRICS, BASE, n_boot=200)
+    write_json(tmp_path / "a.json", s1)
+    write_json(tmp_path / "b.json", s2)
+    a, b = (tmp_path / "a.json").read_bytes(), (tmp_path / "b.json").read_bytes()
+    assert a == b and a.endswith(b"}\n")
+    assert json.loads(a) == s1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.json"]  # no temp files left
+
+
+def _make_run(folder, run_id, suite, model, method, summary):
+    folder.mkdir(parents=True)
+    manifest = {"run_id": run_id, "suite": suite, "model": model, "method": method, "config_hash": "abc"}
+    write_json(folder / "manifest.json", manifest)
+    if summary is not None:
+        write_json(folder / "summary.json", summary)
+
+
+def test_leaderboard_one_row_per_run(tmp_path):
+    with_base = summarize(RUN, METRICS, BASE, n_boot=50, baseline_id="b")
+    no_base = summarize(BASE, METRICS, None, n_boot=50)
+    _make_run(tmp_path / "micro" / "r2", "r2", "micro", "sd", "lora", with_base)
+    _make_run(tmp_path / "micro" / "r1", "r1", "micro", "sd", "base", no_base)
+    _make_run(tmp_path / "micro" / "r3", "r3", "micro", "sd", "dpo", None)  # not evaluated yet
+
+    df = collect_runs(tmp_path)
+    assert list(df.columns) == ["run_id", "suite", "model", "method", "brightness", "brightness win", "dist", "dist win"]
+    assert list(df.run_id) == ["r1", "r2"]  # sorted by method: base < lora
+    assert df.loc[1, "brightness win"] == pytest.approx(0.5)
+    assert pd.isna(df.loc[0, "brightness win"])
+
+    out = tmp_path / "out"
+    md_path, csv_path, md = leaderboard(tmp_path, out)
+    assert md_path == out / "leaderboard.md" and csv_path == out / "leaderboard.csv"
+    assert md_path.read_text(encoding="utf-8") == md
+    assert len(pd.read_csv(csv_path)) == 2
+    assert sum(line.startswith(("| r1 ", "| r2 ")) for line in md.splitlines()) == 2
+
+
+def test_leaderboard_errors(tmp_path):
+    with pytest.raises(DataError, match="no runs with summary.json"):
+        leaderboard(tmp_path)
+    _make_run(tmp_path / "r1", "r1", "micro", "sd", "base", None)
+    (tmp_path / "r1" / "summary.json").write_text("{not json")
+    with pytest.raises(DataError, match="summary.json"):
+        collect_runs(tmp_path)
+
+
+def test_check_gate():
+    s = summarize(RUN, METRICS, BASE, n_boot=50)
+    rows = check(
+        s,
+        {
+            "metrics.brightness.mean": {"value": 0.47, "abs_tol": 0.01},  # 0.4667: inside
+            "metrics.dist.mean": {"value": 0.25, "abs_tol": 0.01},  # 0.2: outside
+            "winrate.brightness.value": {"min": 0.6},  # 0.5: too low
+            "winrate.dist.value": {"min": 0.9, "max": 1.0},  # 1.0: inside
+            "metrics.clip.mean": {"max": 1.0},  # missing
+        },
+    )
+    by_key = {r["key"]: r for r in rows}
+    assert [r["ok"] for r in rows] == [True, False, False, True, False]
+    assert by_key["metrics.clip.mean"]["got"] is None
+    assert by_key["metrics.dist.mean"]["got"] == pytest.approx(0.2)
+    assert by_key["winrate.dist.value"]["expected"] == ">= 0.9 and <= 1"
+    table = format_check(rows)
+    assert table.count("FAIL") == 3 and "missing" in table
+
+
+def test_check_edge_of_tolerance_passes():
+    rows = check({"a": {"b": 0.53}}, {"a.b": {"value": 0.51, "abs_tol": 0.02}})
+    assert rows[0]["ok"]
+
+
+def test_load_baseline(tmp_path):
+    good = tmp_path / "gate.yaml"
+    good.write_text("metrics.brightness.mean: {value: 0.5, abs_tol: 0.02}\nwinrate.brightness.value: {min: 0.6}\n")
+    assert load_baseline(good)["winrate.brightness.value"] == {"min": 0.6}
+    js = tmp_path / "gate.json"
+    js.write_text(json.dumps({"n_images": {"min": 6}}))
+    assert load_baseline(js) == {"n_images": {"min": 6}}
+
+    for name, text in [
+        ("broken.json", "{oops"),
+        ("list.json", "[1, 2]"),
+        ("typo.json", json.dumps({"k": {"value": 1, "abs_tolerance": 0.1}})),
+        ("notol.json", json.dumps({"k": {"value": 1}})),
+        ("text.yaml", "k: {min: high}\n"),
+    ]:
+        path = tmp_path / name
+        path.write_text(text)
+        with pytest.raises(DataError, match=name):
+            load_baseline(path)
+    with pytest.raises(DataError, match="not found"):
+        load_baseline(tmp_path / "nope.json")
