@@ -119,21 +119,21 @@ def cmd_perf(args):
 
 
 def cmd_prefetch(args):
-    from bench.config import compose
+    from bench.config import compose, to_dict
     from bench.models import pipeline_location
 
-    cfg = compose(args)
-    model = cfg.model
-    if model.source == "tiny":
+    cfg = to_dict(compose(args))  # plain containers: the tiny build spec is written out as JSON configs
+    model = cfg["model"]
+    if model["source"] == "tiny":
         from bench.runner import cache_root
 
         location, _, _ = pipeline_location(model, cache_root(cfg))
-        print(f"model {model.name}: built offline at {location}")
+        print(f"model {model['name']}: built offline at {location}")
         return
     from huggingface_hub import snapshot_download
 
-    path = snapshot_download(model.source, revision=model.revision)
-    print(f"model {model.name}: {path}")
+    path = snapshot_download(model["source"], revision=model.get("revision"))
+    print(f"model {model['name']}: {path}")
 
 
 COMMANDS = {

@@ -226,7 +226,10 @@ def load_baseline(path) -> dict:
 
 
 def _lookup(d, key: str):
-    """Resolve a dotted key, allowing dots inside names (e.g. metric 'clip.b32')."""
+    """Resolve a dotted key, allowing dots inside names (e.g. metric 'clip.b32') and list
+    indices (``winrate.brightness.ci.0`` is the interval's lower bound)."""
+    if isinstance(d, list) and key.isdigit() and int(key) < len(d):
+        return d[int(key)]
     if not isinstance(d, dict):
         raise KeyError(key)
     if key in d:

@@ -91,6 +91,7 @@ class Session:
         self.device = resolve_device(self.cfg["device"])
         self.dtype = generation_dtype(self.cfg["gen"]["dtype"], self.device)
         self.cache = cache_root(self.cfg)
+        self.store = ImageStore(self.cache / "images")
         self.suite: Suite = load_suite(self.cfg["suite"])
         self.metric_names = list(self.suite.metrics)
         for name in self.metric_names:
@@ -129,12 +130,10 @@ class Session:
         config_hash = stable_hash(identity)
         run_id = f"{self.suite.name}-{self.cfg['model']['name']}-{label}-{config_hash[:8]}"
         run_dir = Path(self.cfg["out"]) / run_id
-        store = ImageStore(self.cache / "images")
-
-        gen_stats = generate(model, jobs, store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
+        gen_stats = generate(model, jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
         t_gen = time.perf_counter()
         metrics = load_metrics(self.metric_names, self.device)
-        scores = score_images(jobs, store, metrics, model.resolution, int(self.cfg["score"]["batch_size"]), self.device, self.progress)
+        scores = score_images(jobs, self.store, metrics, model.resolution, int(self.cfg["score"]["batch_size"]), self.device, self.progress)
         write_scores(scores, run_dir / "scores.parquet")
         t_score = time.perf_counter()
 

@@ -143,7 +143,8 @@ class Trainer:
                 with accel.autocast():
                     loss, logs = self.method.loss(ctx, data, gen)
                 if not torch.isfinite(loss):
-                    self._save(unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
+                    if all(torch.isfinite(p).all() for p in params):  # keep the progress, never diverged weights
+                        self._save(unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
                     raise TrainingError(
                         f"loss became {loss.item()} at step {step} of method '{self.cfg['method']['name']}' "
                         f"(train.lr={tc['lr']}); progress up to the last checkpoint is kept in {self.root}: "

@@ -21,7 +21,8 @@ def clip_tokenizer_files(directory: Path) -> None:
     """Write the real CLIP BPE vocabulary (shipped by open_clip) as vocab.json + merges.txt.
 
     ``CLIPTokenizer.from_pretrained(directory)`` then produces the same ids as
-    ``open_clip.tokenize``: 256 byte symbols, their end-of-word forms, 48,894
+    ``open_clip.tokenize`` (except that open_clip also unescapes HTML entities such
+    as ``&amp;``): 256 byte symbols, their end-of-word forms, 48,894
     merges and the two special tokens, 49,408 in all.
     """
     import open_clip.tokenizer as oct
@@ -67,6 +68,7 @@ def synthetic_latents(n: int, shape: tuple[int, int, int], generator: torch.Gene
     return offset + 0.4 * smooth + 0.1 * torch.randn(n, c, h, w, generator=generator)
 
 
+@torch.enable_grad()
 def pretrain_on_synthetic_latents(unet, text_encoder, tokenizer, scheduler, cfg: dict, seed: int) -> None:
     """A short, seeded denoising pre-training of the UNet on ``synthetic_latents``.
 
