@@ -47,16 +47,25 @@ def cmd_run(args):
     from bench.config import compose
     from bench.runner import run
 
-    base, tuned = run(compose(args, require=("method",)))
+    cfg = compose(args, require=("method",))
+    if cfg.gen.shard:
+        raise UsageError("gen.shard applies to `bench eval` (base-model generation by parallel workers), not `bench run`")
+    base, tuned = run(cfg)
     print(tuned.table)
     print(f"\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
 
 
 def cmd_eval(args):
     from bench.config import compose
-    from bench.runner import evaluate
+    from bench.runner import evaluate, generate_shard
 
-    result = evaluate(compose(args))
+    cfg = compose(args)
+    if cfg.gen.shard:
+        generated, cached, total = generate_shard(cfg)
+        print(f"shard {cfg.gen.shard}: generated {generated}, already stored {cached}, of {total} images in the suite; "
+              "run `bench eval` without gen.shard (same cache_dir) to score")
+        return
+    result = evaluate(cfg)
     print(result.table)
     print(f"\nrun folder: {result.run_dir}")
 

@@ -28,6 +28,7 @@ method: null
 suite: micro
 gen:
   batch_size: 8         # does not change any image
+  shard: null           # "i/N": generate only every N-th image from the i-th (parallel workers sharing cache_dir)
   steps: null           # null: the model's sampler default
   guidance: null
   dtype: auto           # auto: float64 on CPU (exactly batch-size invariant), float16 on CUDA

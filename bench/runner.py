@@ -90,6 +90,7 @@ class Session:
         self.progress = progress
         self.device = resolve_device(self.cfg["device"])
         self.dtype = generation_dtype(self.cfg["gen"]["dtype"], self.device)
+        self.dtype_name = str(self.dtype).replace("torch.", "")
         self.cache = cache_root(self.cfg)
         self.store = ImageStore(self.cache / "images")
         self.suite: Suite = load_suite(self.cfg["suite"])
@@ -111,7 +112,7 @@ class Session:
     def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None) -> RunResult:
         t_start = time.perf_counter()
         model = self.model(checkpoint).to(self.device, self.dtype)
-        dtype_name = str(self.dtype).replace("torch.", "")
+        dtype_name = self.dtype_name
         ckpt_id = checkpoint.train_id if checkpoint else None
         jobs = plan_images(self.suite.name, self.suite.prompts, self.suite.images_per_prompt, int(self.cfg["seed"]), model, self.sampler, ckpt_id, dtype_name)
         identity = {
@@ -210,6 +211,31 @@ def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:
     checkpoint = session.train()
     tuned = session.evaluate(checkpoint, session.cfg["method"]["name"], baseline=base)
     return base, tuned
+
+
+def parse_shard(spec) -> tuple[int, int] | None:
+    if spec in (None, ""):
+        return None
+    index, _, count = str(spec).partition("/")
+    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
+        raise UsageError(f"gen.shard={spec} is malformed: expected i/N with 0 <= i < N, e.g. gen.shard=0/4")
+    return int(index), int(count)
+
+
+def generate_shard(cfg, progress: bool = True) -> tuple[int, int, int]:
+    """Generate one worker's share of a suite's images into the shared store (no scoring).
+
+    Because an image depends only on its own seed, N workers with ``gen.shard=i/N``
+    fill the store with exactly the images one process would make; a final
+    ``bench eval`` without ``gen.shard`` then generates nothing and scores.
+    """
+    session = Session(cfg, progress)
+    index, count = parse_shard(session.cfg["gen"]["shard"])
+    model = session.model().to(session.device, session.dtype)
+    jobs = plan_images(session.suite.name, session.suite.prompts, session.suite.images_per_prompt, int(session.cfg["seed"]), model, session.sampler, None, session.dtype_name)
+    mine = jobs[index::count]
+    stats = generate(model, mine, session.store, int(session.cfg["gen"]["batch_size"]), session.sampler, progress)
+    return stats.generated, stats.cached, len(jobs)
 
 
 def evaluate(cfg, progress: bool = True) -> RunResult:

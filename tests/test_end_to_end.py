@@ -174,6 +174,25 @@ def test_batch_size_does_not_change_any_image(cli, built, tmp_path):
     assert scores_bytes(tmp_path / "bs1") == scores_bytes(tmp_path / "bs8")
 
 
+# ---- 2b. process-count invariance ------------------------------------------------------------------
+def test_two_worker_processes_fill_the_store_with_the_same_images(cli, built, tmp_path):
+    """Two concurrent `bench eval gen.shard=i/2` workers make exactly the images one process makes."""
+    cache = fresh_cache(tmp_path / "cache", built)
+    workers = [spawn(["eval", *SMALL, f"gen.shard={i}/2", f"cache_dir={cache}"], tmp_path / f"w{i}.log") for i in range(2)]
+    for i, proc in enumerate(workers):
+        assert proc.wait(240) == 0, (tmp_path / f"w{i}.log").read_text()[-3000:]
+        assert "generated 4, already stored 0, of 8 images" in (tmp_path / f"w{i}.log").read_text()
+    code, _, _ = cli("eval", *SMALL, f"out={tmp_path / 'sharded'}", cache=cache)
+    assert code == 0
+    assert manifest(tmp_path / "sharded")["timings"]["generated"] == 0
+    single = fresh_cache(tmp_path / "single", built)
+    assert cli("eval", *SMALL, f"out={tmp_path / 'one'}", cache=single)[0] == 0
+    assert pngs(cache) == pngs(single) and len(pngs(cache)) == 8
+    assert scores_bytes(tmp_path / "sharded") == scores_bytes(tmp_path / "one")
+    code, _, err = cli("eval", *SMALL, "gen.shard=2/2")
+    assert code == 2 and "gen.shard=2/2 is malformed" in err
+
+
 # ---- 3. bench run end to end, then a cached re-run ------------------------------------------------
 def test_run_sft_end_to_end_and_cached_rerun(cli, built, sft_run, caplog):
     base_dir, tuned_dir = run_dir(sft_run, "base"), run_dir(sft_run, "sft")
