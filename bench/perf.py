@@ -17,7 +17,7 @@ import pandas as pd
 import torch
 
 from bench.config import compose
-from bench.generate import ImageStore, generate, plan_images
+from bench.generate import ImageStore, generate
 from bench.runner import Session
 
 
@@ -33,7 +33,7 @@ def measure(args: list[str]) -> pd.DataFrame:
         again = session.evaluate(None, "base")
 
         model = session.model().to(session.device, session.dtype)
-        jobs = plan_images("perf", session.suite.prompts, session.suite.images_per_prompt, 0, model, session.sampler, None, "perf")
+        jobs = session.plan(model)
         batch = int(session.cfg["gen"]["batch_size"])
         rates = {}
         for size in (batch, 1):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pandas as pd
 
 from bench.errors import DataError
-from bench.io import write_json, write_text
+from bench.io import write_text
 from bench.stats import bootstrap_mean_ci, paired_winrate
 
 RUN_COLUMNS = ["run_id", "suite", "model", "method"]

@@ -21,7 +21,7 @@ import torch
 from bench import report
 from bench.config import stable_hash, to_dict
 from bench.errors import UsageError
-from bench.generate import ImageStore, generate, plan_images
+from bench.generate import ImageJob, ImageStore, generate, plan_images
 from bench.io import write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
 from bench.registry import METHODS, METRICS
@@ -108,13 +108,18 @@ class Session:
             apply_checkpoint(model, checkpoint)
         return model
 
+    def plan(self, model: DiffusionModel, checkpoint: Checkpoint | None = None) -> list[ImageJob]:
+        """Every image of the suite for this model: prompt, seed and store key."""
+        ckpt_id = checkpoint.train_id if checkpoint else None
+        return plan_images(self.suite.name, self.suite.prompts, self.suite.images_per_prompt, int(self.cfg["seed"]), model, self.sampler, ckpt_id, self.dtype_name)
+
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None) -> RunResult:
         t_start = time.perf_counter()
         model = self.model(checkpoint).to(self.device, self.dtype)
         dtype_name = self.dtype_name
         ckpt_id = checkpoint.train_id if checkpoint else None
-        jobs = plan_images(self.suite.name, self.suite.prompts, self.suite.images_per_prompt, int(self.cfg["seed"]), model, self.sampler, ckpt_id, dtype_name)
+        jobs = self.plan(model, checkpoint)
         identity = {
             "model": model.identity,
             "sampler": asdict(self.sampler),
@@ -232,7 +237,7 @@ def generate_shard(cfg, progress: bool = True) -> tuple[int, int, int]:
     session = Session(cfg, progress)
     index, count = parse_shard(session.cfg["gen"]["shard"])
     model = session.model().to(session.device, session.dtype)
-    jobs = plan_images(session.suite.name, session.suite.prompts, session.suite.images_per_prompt, int(session.cfg["seed"]), model, session.sampler, None, session.dtype_name)
+    jobs = session.plan(model)
     mine = jobs[index::count]
     stats = generate(model, mine, session.store, int(session.cfg["gen"]["batch_size"]), session.sampler, progress)
     return stats.generated, stats.cached, len(jobs)

@@ -37,3 +37,26 @@ def cli(cache_dir, tmp_path, capsys):
         return code, captured.out, captured.err
 
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg() -> dict:
+    from bench.config import compose, to_dict
+
+    return to_dict(compose(["model=tiny"]))["model"]
+
+
+@pytest.fixture(scope="session")
+def loaded(tiny_cfg, cache_dir):
+    """The tiny model, built once into the session cache and loaded through ``load_model``."""
+    from bench.models import load_model
+
+    return load_model(tiny_cfg, cache_dir)
+
+
+@pytest.fixture
+def model(loaded):
+    """The tiny model in float32 (float32 -> float64 -> float32 round-trips the weights exactly)."""
+    import torch
+
+    return loaded.to(dtype=torch.float32)

@@ -17,21 +17,7 @@ from bench.models.diffusion import Sampler, Transition, gaussian_log_prob, to_ui
 PROMPTS = ["a red cat on a chair", "a dark mountain", "an old boat on the river"]
 
 
-# ---- fixtures --------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def tiny_cfg() -> dict:
-    return to_dict(compose(["model=tiny"]))["model"]
 
-
-@pytest.fixture(scope="module")
-def loaded(tiny_cfg, cache_dir):
-    return load_model(tiny_cfg, cache_dir)
-
-
-@pytest.fixture
-def model(loaded):
-    """The tiny model in float32 (float32 -> float64 -> float32 round-trips the weights exactly)."""
-    return loaded.to(dtype=torch.float32)
 
 
 def hand_alphas_cumprod(n=1000, beta_start=0.00085, beta_end=0.012) -> torch.Tensor:

@@ -12,8 +12,8 @@ from bench.report import (
     load_baseline,
     render_table,
     summarize,
-    write_json,
 )
+from bench.io import write_json
 
 METRICS = {
     "brightness": {"higher_is_better": True, "version": "1", "scale": "[0,1]"},

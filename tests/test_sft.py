@@ -12,31 +12,17 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bench.config import compose, to_dict
+from bench.config import compose
 from bench.generate import image_seed
 from bench.method import TrainContext
 from bench.metrics.weightfree import Brightness
-from bench.models import load_model, pipeline_location
+from bench.models import pipeline_location
 from bench.models.diffusion import to_uint8
 from bench.methods.sft import SFT
 
 TRAIN_PROMPTS = ["a red apple on a table", "a dark forest at night", "a white boat on a bright sea", "a small yellow bird"]
 
 
-@pytest.fixture(scope="module")
-def tiny_cfg() -> dict:
-    return to_dict(compose(["model=tiny"]))["model"]
-
-
-@pytest.fixture(scope="module")
-def loaded(tiny_cfg, cache_dir):
-    return load_model(tiny_cfg, cache_dir)
-
-
-@pytest.fixture
-def model(loaded):
-    """The tiny model in float32 (float32 -> float64 -> float32 round-trips the weights exactly)."""
-    return loaded.to(dtype=torch.float32)
 
 
 def luma_by_hand(latents, model) -> list[float]:
