@@ -187,18 +187,24 @@ class Session:
         return RunResult(run_dir, summary, table, timings)
 
     # ---- training ----------------------------------------------------------------------------
-    def train(self) -> Checkpoint:
+    def resolve_method(self):
+        """The recipe class and reward, checked before any work so a typo costs no compute."""
         method_cfg = self.cfg["method"]
-        if method_cfg.get("reward") is None and "reward" in method_cfg:
-            method_cfg["reward"] = self.suite.reward
         recipe = METHODS.entry(method_cfg["name"])  # validates the name
+        if "reward" in method_cfg and method_cfg["reward"] is None:
+            method_cfg["reward"] = self.suite.reward
+            if method_cfg["reward"] is None:
+                raise UsageError(f"method '{recipe.name}' needs a reward and suite '{self.suite.name}' names none: set method.reward=NAME (`bench ls metrics`)")
         cls = _import_recipe(method_cfg.get("recipe"), recipe.name)
         reward = METRICS.get(method_cfg["reward"])() if method_cfg.get("reward") else None
         if not self.suite.train_prompts:
             raise UsageError(f"suite '{self.suite.name}' has no train_prompts for method '{recipe.name}'")
+        return cls(method_cfg), reward
+
+    def train(self) -> Checkpoint:
+        method, reward = self.resolve_method()
         model = self.model().to(self.device, torch.float32)
-        trainer = Trainer(self.cfg, model, cls(method_cfg), self.suite.train_prompts, reward, self.device, self.cache, self.progress)
-        return trainer.run()
+        return Trainer(self.cfg, model, method, self.suite.train_prompts, reward, self.device, self.cache, self.progress).run()
 
 
 def _import_recipe(target: str | None, name: str):
@@ -212,6 +218,7 @@ def _import_recipe(target: str | None, name: str):
 def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:
     """Evaluate the base model, train the method (or reuse its checkpoint), evaluate, compare."""
     session = Session(cfg, progress)
+    session.resolve_method()
     base = session.evaluate(None, "base")
     checkpoint = session.train()
     tuned = session.evaluate(checkpoint, session.cfg["method"]["name"], baseline=base)

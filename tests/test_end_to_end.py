@@ -174,6 +174,19 @@ def test_batch_size_does_not_change_any_image(cli, built, tmp_path):
     assert scores_bytes(tmp_path / "bs1") == scores_bytes(tmp_path / "bs8")
 
 
+# ---- 2a. a local folder in place of a hub id ------------------------------------------------------
+def test_local_pipeline_folder_loads_like_a_hub_id(cli, built, tmp_path):
+    """`model.source=DIR` goes through the same from_pretrained path and gives the same images."""
+    (folder,) = (built / "models").glob("tiny-*")
+    assert cli("eval", *SMALL, f"out={tmp_path / 'built'}")[0] == 0
+    assert cli("eval", *SMALL, f"model.source={folder}", f"out={tmp_path / 'folder'}")[0] == 0
+    a = pd.read_parquet(run_dir(tmp_path / "built", "base") / "scores.parquet")
+    b = pd.read_parquet(run_dir(tmp_path / "folder", "base") / "scores.parquet")
+    assert manifest(tmp_path / "folder")["identity"]["model"] == {"source": str(folder), "revision": None}
+    assert set(a.image_key).isdisjoint(b.image_key)  # another identity, so other store keys ...
+    pd.testing.assert_frame_equal(a.drop(columns="image_key"), b.drop(columns="image_key"))  # ... same pixels
+
+
 # ---- 2b. process-count invariance ------------------------------------------------------------------
 def test_two_worker_processes_fill_the_store_with_the_same_images(cli, built, tmp_path):
     """Two concurrent `bench eval gen.shard=i/2` workers make exactly the images one process makes."""
@@ -362,8 +375,11 @@ def _one_error_line(err: str) -> str:
         (["eval", "train.stpes=5"], 2, ["unknown config key 'train.stpes'", "did you mean train.steps"]),
         (["eval", "garbage"], 2, ["malformed override 'garbage'", "key=value"]),
         (["eval", "suite.source=/nonexistent.txt"], 3, ["prompt file not found: /nonexistent.txt"]),
+        (["run", "method=sft", "method.reward=sharpness"], 2, ["unknown metric 'sharpness'", "did you mean brightness"]),
+        (["run", "method=sft", "suite.reward=null"], 2, ["method 'sft' needs a reward", "method.reward=NAME"]),
+        (["eval", "gen.dtype=float8"], 2, ["unknown gen.dtype 'float8'"]),
     ],
-    ids=["method", "suite", "model", "key", "override", "prompt-file"],
+    ids=["method", "suite", "model", "key", "override", "prompt-file", "reward", "no-reward", "dtype"],
 )
 def test_usage_errors_are_one_line(cli, args, code, needles):
     got, out, err = cli(*args)
