@@ -163,7 +163,7 @@ class Trainer:
                         if n in ema:
                             ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
             history.append(total)
-            bar.set_postfix(loss=f"{total:.4f}")
+            bar.set_postfix(loss=f"{total:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
             if (step + 1) % int(tc["save_every"]) == 0 and step + 1 < steps:
                 self._save(unet, opt, ema, step + 1, history)
         bar.close()

@@ -13,31 +13,26 @@ from __future__ import annotations
 
 import torch
 
-from bench.generate import image_seed
 from bench.method import Method, TrainContext
+from bench.methods.preference_data import sample_candidates
 
 
 class SFT(Method):
     def data_spec(self) -> dict:
         return {"samples_per_prompt": self.cfg["samples_per_prompt"], "reward": self.cfg["reward"], "seed": self.cfg["seed"]}
 
-    @torch.no_grad()
     def prepare(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
-        k, model = int(self.cfg["samples_per_prompt"]), ctx.model
-        best_latents, best_rewards, all_rewards = [], [], []
-        for p, prompt in enumerate(ctx.bar(ctx.prompts, "sft: best-of-K samples")):
-            gens = [torch.Generator().manual_seed(image_seed("sft-train", p, i, int(self.cfg["seed"]))) for i in range(k)]
-            latents = model.sample([prompt] * k, gens)
-            rewards = ctx.rewards(latents, [prompt] * k)
+        best_latents, best_rewards, mean_rewards = [], [], []
+        for _, latents, rewards in sample_candidates(ctx, int(self.cfg["samples_per_prompt"]), int(self.cfg["seed"]), "sft: best-of-K samples"):
             best = int(torch.argmax(rewards))
-            best_latents.append(latents[best].float().cpu())
+            best_latents.append(latents[best])
             best_rewards.append(rewards[best])
-            all_rewards.append(rewards.mean())
+            mean_rewards.append(rewards.mean())
         return {
             "latents": torch.stack(best_latents),
             "prompt_index": torch.arange(len(ctx.prompts)),
             "best_reward": torch.stack(best_rewards),
-            "mean_reward": torch.stack(all_rewards),
+            "mean_reward": torch.stack(mean_rewards),
         }
 
     def loss(self, ctx: TrainContext, data: dict[str, torch.Tensor], generator: torch.Generator):

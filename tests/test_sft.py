@@ -75,7 +75,7 @@ def test_prepare_keeps_the_best_of_k(model):
     assert data["prompt_index"].tolist() == [0, 1]
 
     for p, prompt in enumerate(prompts):
-        latents = [model.sample([prompt], [torch.Generator().manual_seed(image_seed("sft-train", p, i, seed))]) for i in range(k)]
+        latents = [model.sample([prompt], [torch.Generator().manual_seed(image_seed("train-candidates", p, i, seed))]) for i in range(k)]
         rewards = [luma_by_hand(x, model)[0] for x in latents]
         assert len(set(rewards)) == k  # the choice is not a tie
         best = max(range(k), key=rewards.__getitem__)
