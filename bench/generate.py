@@ -22,6 +22,7 @@ import torch
 from PIL import Image
 
 from bench.config import stable_hash
+from bench.errors import DataError
 from bench.io import progress as progress_bar
 from bench.io import write_bytes
 from bench.models.diffusion import DiffusionModel, Sampler, to_uint8
@@ -29,9 +30,14 @@ from bench.models.diffusion import DiffusionModel, Sampler, to_uint8
 log = logging.getLogger(__name__)
 
 
-def image_seed(suite: str, prompt_index: int, image_index: int, base_seed: int) -> int:
-    digest = hashlib.sha256(f"{suite}/{prompt_index}/{image_index}/{base_seed}".encode()).digest()
+def derived_seed(*parts) -> int:
+    """A 63-bit seed from sha256("part/part/..."): independent of order of work, batch or process."""
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def image_seed(suite: str, prompt_index: int, image_index: int, base_seed: int) -> int:
+    return derived_seed(suite, prompt_index, image_index, base_seed)
 
 
 @dataclass(frozen=True)
@@ -57,23 +63,27 @@ class ImageStore:
         Image.fromarray(image, "RGB").save(buf, format="PNG")
         write_bytes(self.path(key), buf.getvalue())
 
-    def load(self, key: str, size: int | None = None) -> np.ndarray | None:
-        """The stored image as uint8 (H, W, 3); None if absent. A corrupt file is removed, then None."""
+    def has(self, key: str, size: int) -> bool:
+        """Whether a sound image is stored. Checks the header and every chunk's CRC without
+        decompressing (truncation, garbage and bit flips all fail); a corrupt file is removed."""
         path = self.path(key)
         if not path.exists():
-            return None
+            return False
         try:
             with Image.open(path) as im:
+                if im.format != "PNG" or im.mode != "RGB" or im.size != (size, size):
+                    raise ValueError(f"{im.format} {im.mode} {im.size}, expected RGB PNG {size}x{size}")
                 im.verify()
-            with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB") if im.mode != "RGB" else im.copy())
-            if size is not None and arr.shape[:2] != (size, size):
-                raise ValueError(f"size {arr.shape[:2]} != {size}")
-            return arr
-        except Exception as err:  # any decode failure means the file cannot be trusted
+            return True
+        except Exception as err:  # any failure means the file cannot be trusted
             log.warning("stored image %s is corrupt (%s); regenerating it", path, err)
             path.unlink(missing_ok=True)
-            return None
+            return False
+
+    def load(self, key: str) -> np.ndarray:
+        """The stored image as uint8 (H, W, 3)."""
+        with Image.open(self.path(key)) as im:
+            return np.asarray(im)
 
 
 def plan_images(suite_name, prompts, images_per_prompt, base_seed, model: DiffusionModel, sampler: Sampler, checkpoint: str | None, dtype: str) -> list[ImageJob]:
@@ -104,7 +114,7 @@ class GenerationStats:
 def generate(model: DiffusionModel, jobs: list[ImageJob], store: ImageStore, batch_size: int, sampler: Sampler, progress: bool = True) -> GenerationStats:
     """Make sure every job's image is in the store; generate the missing ones in batches."""
     stats = GenerationStats()
-    todo = [j for j in jobs if store.load(j.key, model.resolution) is None]
+    todo = [j for j in jobs if not store.has(j.key, model.resolution)]
     stats.cached = len(jobs) - len(todo)
     bar = progress_bar(None, progress and bool(todo), total=len(todo), desc=f"generate {model.name}", unit="img")
     for start in range(0, len(todo), batch_size):
@@ -122,12 +132,12 @@ def generate(model: DiffusionModel, jobs: list[ImageJob], store: ImageStore, bat
     return stats
 
 
-def load_images(store: ImageStore, jobs: list[ImageJob], size: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3) for the jobs, from the store (all must be present)."""
+def load_images(store: ImageStore, jobs: list[ImageJob]) -> torch.Tensor:
+    """uint8 (N, H, W, 3) for the jobs, from the store (``generate`` has just checked them)."""
     arrays = []
     for job in jobs:
-        arr = store.load(job.key, size)
-        if arr is None:
-            raise FileNotFoundError(f"image {job.key} vanished from {store.root}; re-run the command to regenerate it")
-        arrays.append(arr)
+        try:
+            arrays.append(store.load(job.key))
+        except (OSError, ValueError) as err:
+            raise DataError(f"stored image {store.path(job.key)} became unreadable during the run ({err}); re-run the command to regenerate it") from None
     return torch.from_numpy(np.stack(arrays))

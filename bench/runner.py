@@ -117,7 +117,6 @@ class Session:
     def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None) -> RunResult:
         t_start = time.perf_counter()
         model = self.model(checkpoint).to(self.device, self.dtype)
-        dtype_name = self.dtype_name
         ckpt_id = checkpoint.train_id if checkpoint else None
         jobs = self.plan(model, checkpoint)
         identity = {
@@ -129,7 +128,7 @@ class Session:
             "images_per_prompt": self.suite.images_per_prompt,
             "metrics": self.metric_names,
             "seed": int(self.cfg["seed"]),
-            "dtype": dtype_name,
+            "dtype": self.dtype_name,
             "stats": self.cfg["stats"],
             "baseline": baseline.run_dir.name if baseline else None,
         }
@@ -139,7 +138,7 @@ class Session:
         gen_stats = generate(model, jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
         t_gen = time.perf_counter()
         metrics = load_metrics(self.metric_names, self.device)
-        scores = score_images(jobs, self.store, metrics, model.resolution, int(self.cfg["score"]["batch_size"]), self.device, self.progress)
+        scores = score_images(jobs, self.store, metrics, int(self.cfg["score"]["batch_size"]), self.device, self.progress)
         write_scores(scores, run_dir / "scores.parquet")
         t_score = time.perf_counter()
 
@@ -177,7 +176,7 @@ class Session:
             "baseline": baseline.run_dir.name if baseline else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
-            "dtype": dtype_name,
+            "dtype": self.dtype_name,
             "versions": package_versions(),
             "python": platform.python_version(),
             "git_revision": git_revision(),

@@ -24,12 +24,12 @@ def load_metrics(names: list[str], device: torch.device | str = "cpu") -> dict[s
 
 
 @torch.no_grad()
-def score_images(jobs: list[ImageJob], store: ImageStore, metrics: dict[str, Metric], size: int, batch_size: int, device="cpu", progress=True) -> pd.DataFrame:
+def score_images(jobs: list[ImageJob], store: ImageStore, metrics: dict[str, Metric], batch_size: int, device="cpu", progress=True) -> pd.DataFrame:
     """Per-image scores: the id columns, then one float64 column per metric."""
     columns: dict[str, list] = {name: [] for name in metrics}
     for start in progress_bar(range(0, len(jobs), batch_size), progress, desc="score", unit="batch"):
         batch = jobs[start : start + batch_size]
-        images = from_uint8(load_images(store, batch, size)).to(device)
+        images = from_uint8(load_images(store, batch)).to(device)
         prompts = [j.prompt for j in batch]
         for name, metric in metrics.items():
             columns[name].extend(metric.score(images, prompts).double().cpu().tolist())

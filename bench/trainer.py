@@ -15,7 +15,6 @@ very computation an uninterrupted run would have done.
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import shutil
@@ -27,6 +26,8 @@ from safetensors.torch import load_file, save_file
 
 from bench.config import stable_hash
 from bench.errors import TrainingError
+from bench.generate import derived_seed
+from bench.suite import prompts_sha256
 from bench.io import progress, write_json
 from bench.method import Method, TrainContext
 from bench.models.diffusion import DiffusionModel
@@ -44,7 +45,7 @@ class Checkpoint:
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
-    return int.from_bytes(hashlib.sha256(f"train/{seed}/{step}/{micro}".encode()).digest()[:8], "little") & (2**63 - 1)
+    return derived_seed("train", seed, step, micro)
 
 
 def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> None:
@@ -101,7 +102,7 @@ class Trainer:
                 "sampler": str(model.sampler),
                 "method": {k: v for k, v in cfg["method"].items() if not k.startswith("_") and k not in ("description", "train", "gen")},
                 "train": {k: v for k, v in self.train_cfg.items() if k != "save_every"},
-                "prompts": hashlib.sha256(json.dumps(prompts).encode()).hexdigest(),
+                "prompts": prompts_sha256(prompts),
                 "reward": reward.info.name if reward is not None else None,
             }
         )[:16]

@@ -390,20 +390,18 @@ def test_usage_errors_are_one_line(cli, args, code, needles):
     assert "Traceback" not in err + out
 
 
-def test_malformed_prompt_files_are_one_line(cli, tmp_path):
-    broken = tmp_path / "prompts.json"
-    broken.write_text('["a red apple", "a boat"')
-    code, _, err = cli("eval", f"suite.source={broken}")
+@pytest.mark.parametrize(
+    "name, content, needle",
+    [("prompts.json", '["a red apple", "a boat"', "invalid JSON"), ("prompts.csv", "id,description\n1,a red apple\n", "no column named prompt")],
+    ids=["json", "csv"],
+)
+def test_malformed_prompt_files_are_one_line(cli, tmp_path, name, content, needle):
+    path = tmp_path / name
+    path.write_text(content)
+    code, _, err = cli("eval", f"suite.source={path}")
     assert code == 3
     line = _one_error_line(err)
-    assert f"malformed prompt file {broken}" in line and "invalid JSON" in line
-
-    table = tmp_path / "prompts.csv"
-    table.write_text("id,description\n1,a red apple\n")
-    code, _, err = cli("eval", f"suite.source={table}")
-    assert code == 3
-    line = _one_error_line(err)
-    assert f"malformed prompt file {table}" in line and "no column named prompt" in line
+    assert f"malformed prompt file {path}" in line and needle in line
 
 
 def test_nan_loss_stops_with_exit_4_and_keeps_checkpoints(cli, built, sft_run):
