@@ -20,7 +20,7 @@ commands:
   run          train a method (or reuse its checkpoint), generate, score, compare with the base model
   eval         evaluate a model without training
   train        train a method only and print the checkpoint folder
-  ls           list registered methods | suites | models | metrics
+  ls           list registered methods | suites | models | metrics | datasets
   leaderboard  one table over every run under out= (markdown + CSV)
   check        compare run=DIR with baseline=FILE; non-zero exit outside tolerance
   perf         measure harness overhead, cached re-run time and batched generation speed

@@ -23,9 +23,10 @@ seed: 0                 # base seed: every image's seed is a pure function of (s
 out: runs               # where run folders go
 cache_dir: null         # models, images, checkpoints; default $BENCH_HOME or ~/.cache/bench
 device: auto            # auto: cuda if available, else cpu
-model: tiny
+model: tiny             # a method preset's `base_model` is used when model= is not given
 method: null
 suite: micro
+data: null              # a preference-pair dataset (e.g. pickapic-v2) in place of self-generated pairs
 gen:
   batch_size: 8         # does not change any image
   shard: null           # "i/N": generate only every N-th image from the i-th (parallel workers sharing cache_dir)
@@ -46,6 +47,11 @@ train:
   ema_decay: null       # e.g. 0.999 keeps an EMA of the trained weights, used for evaluation
   save_every: 50
   seed: 0
+  optimizer: adamw      # adamw | adafactor (transformers; the DSPO/DPO SDXL scripts) | adamw8bit (bitsandbytes)
+  lr_schedule: constant # constant | constant_with_warmup | linear | cosine (linear/cosine also warm up)
+  warmup_steps: 0
+  scale_lr: false       # true: lr *= batch_size * grad_accum (the Salesforce/DSPO --scale_lr)
+  gradient_checkpointing: false
 score:
   batch_size: 32
 stats:
@@ -54,7 +60,7 @@ stats:
   seed: 0
 """
 
-GROUPS = ("model", "method", "suite")
+GROUPS = ("model", "method", "suite", "data")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*=.*$", re.S)
 
 
@@ -99,7 +105,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 def compose(args: list[str], require: tuple[str, ...] = ()) -> DictConfig:
     """Build the resolved config for a command from its ``key=value`` arguments."""
-    from bench.registry import METHODS, MODELS, SUITES
+    from bench.registry import DATASETS, METHODS, MODELS, SUITES
 
     pairs = parse_overrides(args)
     cfg = OmegaConf.create(DEFAULTS)
@@ -110,9 +116,17 @@ def compose(args: list[str], require: tuple[str, ...] = ()) -> DictConfig:
     for group in require:
         if cfg[group] is None:
             raise UsageError(f"`{group}=NAME` is required here (`bench ls {group}s` lists them)")
-    registries = {"model": MODELS, "method": METHODS, "suite": SUITES}
+    registries = {"model": MODELS, "method": METHODS, "suite": SUITES, "data": DATASETS}
+    if cfg.method is not None:
+        cfg.method = load_entry_config(METHODS, str(cfg.method))
+        if "model" not in choices and cfg.method.get("base_model"):
+            cfg.model = cfg.method.base_model  # a paper preset names the base it was tuned for
+    if cfg.data is not None and str(cfg.data) not in DATASETS.names() and Path(str(cfg.data)).exists():
+        source = str(cfg.data)  # data=FILE.parquet or a folder: the Pick-a-Pic v2 schema from local files
+        cfg.data = load_entry_config(DATASETS, "pickapic-v2")
+        cfg.data.source, cfg.data.name = source, Path(source).name
     for group in GROUPS:
-        if cfg[group] is not None:
+        if cfg[group] is not None and not isinstance(cfg[group], DictConfig):
             cfg[group] = load_entry_config(registries[group], str(cfg[group]))
     # Suite protocol, then method settings, over the defaults.
     if cfg.suite is not None and "gen" in cfg.suite:

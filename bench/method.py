@@ -6,7 +6,8 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 * ``data_spec()``: what determines the prepared data; the trainer caches the
   tensors ``prepare()`` returns under the hash of this spec.
 * ``prepare(ctx)``: make the training data once (sample from the base model,
-  label with a reward, read pairs from disk ...), as a dict of tensors.
+  label with a reward ...) as a dict of tensors, or return an object that
+  streams it (a pair dataset given as ``data=``; never cached).
 * ``loss(ctx, data, generator)``: one micro-batch loss; all randomness comes
   from ``generator``, which the trainer seeds from (seed, step, micro-batch),
   so a resumed run repeats exactly what an uninterrupted run would do.
@@ -34,6 +35,10 @@ class TrainContext:
     batch_size: int
     progress: bool = True
     frozen_unet: torch.nn.Module | None = None  # full fine-tuning keeps a frozen copy as reference
+    data_cfg: dict | None = None  # a pair dataset (``data=``) in place of self-generated data
+    grad_accum: int = 1
+    step: int = 0  # set by the trainer before each micro-batch: streamed data reads by position
+    micro: int = 0
     logs: dict = field(default_factory=dict)
 
     @contextmanager
@@ -79,3 +84,7 @@ class Method:
 
     def loss(self, ctx: TrainContext, data: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def data_manifest(self, ctx: TrainContext, data) -> dict:
+        """What the training data was (source, counts, ties dropped), for the run's manifest."""
+        return {}

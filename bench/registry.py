@@ -4,7 +4,7 @@ An entry is a name, a one-line description and a *target*: an object, a
 ``"module:Object"`` string imported on first use, or a path to a YAML config.
 Built-in entries are declared without importing anything heavy; third-party
 packages add entries through the entry-point groups ``bench.models``,
-``bench.methods``, ``bench.suites`` and ``bench.metrics`` (the entry point's
+``bench.methods``, ``bench.suites``, ``bench.metrics`` and ``bench.datasets`` (the entry point's
 value is loaded and must be a YAML path, a config dict or a class).
 """
 
@@ -104,8 +104,9 @@ MODELS = Registry("model", "bench.models")
 METHODS = Registry("method", "bench.methods")
 SUITES = Registry("suite", "bench.suites")
 METRICS = Registry("metric", "bench.metrics")
+DATASETS = Registry("dataset", "bench.datasets")
 
-REGISTRIES = {"models": MODELS, "methods": METHODS, "suites": SUITES, "metrics": METRICS}
+REGISTRIES = {"models": MODELS, "methods": METHODS, "suites": SUITES, "metrics": METRICS, "datasets": DATASETS}
 
 
 def _builtins() -> None:
@@ -114,6 +115,7 @@ def _builtins() -> None:
     import bench.suites
 
     MODELS.add_yaml_dir(Path(__file__).parent / "models" / "configs")
+    DATASETS.add_yaml_dir(Path(__file__).parent / "datasets")
     METHODS.add_yaml_dir(Path(bench.methods.__file__).parent)
     SUITES.add_yaml_dir(Path(bench.suites.__file__).parent)
     from bench.metrics import BUILTIN_METRICS

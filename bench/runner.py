@@ -172,7 +172,7 @@ class Session:
             "n_empty_prompts": sum(1 for p in self.suite.prompts if not p.strip()),
             "seeds": {"base_seed": int(self.cfg["seed"]), "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
             "metrics": {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better} for n, m in metrics.items()},
-            "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path)} if checkpoint else None,
+            "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
             "baseline": baseline.run_dir.name if baseline else None,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
@@ -195,14 +195,18 @@ class Session:
             if method_cfg["reward"] is None:
                 raise UsageError(f"method '{recipe.name}' needs a reward and suite '{self.suite.name}' names none: set method.reward=NAME (`bench ls metrics`)")
         cls = _import_recipe(method_cfg.get("recipe"), recipe.name)
+        if self.cfg.get("data"):  # a labelled pair dataset: no reward, no self-generated prompts
+            return cls(method_cfg), None
         reward = METRICS.get(method_cfg["reward"])() if method_cfg.get("reward") else None
         if not self.suite.train_prompts:
             raise UsageError(f"suite '{self.suite.name}' has no train_prompts for method '{recipe.name}'")
         return cls(method_cfg), reward
 
     def train(self) -> Checkpoint:
+        """Train with the model's own sampler: gen.steps and gen.guidance change evaluation only,
+        so a model tuned at its 4 steps is evaluated at 1 step from the same checkpoint."""
         method, reward = self.resolve_method()
-        model = self.model().to(self.device, torch.float32)
+        model = load_model(self.cfg["model"], self.cache, make_sampler(self.cfg["model"]["sampler"])).to(self.device, torch.float32)
         return Trainer(self.cfg, model, method, self.suite.train_prompts, reward, self.device, self.cache, self.progress).run()
 
 

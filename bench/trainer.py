@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +43,12 @@ class Checkpoint:
 
     path: Path
     train_id: str
+
+    @property
+    def data(self) -> dict | None:
+        """What the method trained on (source, pair count, ties dropped), from train.json."""
+        meta = self.path / "train.json"
+        return json.loads(meta.read_text()).get("data") if meta.exists() else None
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
@@ -76,19 +83,61 @@ def apply_checkpoint(model: DiffusionModel, ckpt: Checkpoint) -> None:
     model.unet.requires_grad_(False)
 
 
+# ---- optimizer and learning-rate schedule --------------------------------------------------
+def make_optimizer(params, tc: dict) -> torch.optim.Optimizer:
+    name, lr, wd = tc["optimizer"], peak_lr(tc), float(tc["weight_decay"])
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "adafactor":  # the settings the Salesforce and DSPO SDXL scripts force
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, weight_decay=wd, clip_threshold=1.0, scale_parameter=False, relative_step=False)
+    if name == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise TrainingError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use adamw") from None
+        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
+    raise TrainingError(f"unknown train.optimizer '{name}': use adamw, adafactor or adamw8bit")
+
+
+def peak_lr(tc: dict) -> float:
+    """train.lr, times the effective batch with train.scale_lr (1e-8 x 2048 = 2.048e-5 in DSPO)."""
+    scale = int(tc["batch_size"]) * int(tc["grad_accum"]) if tc["scale_lr"] else 1
+    return float(tc["lr"]) * scale
+
+
+def lr_factor(schedule: str, step: int, warmup: int, total: int) -> float:
+    """Multiplier of the peak learning rate at an optimizer step (diffusers' schedule definitions)."""
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise TrainingError(f"unknown train.lr_schedule '{schedule}': use constant, constant_with_warmup, linear or cosine")
+
+
 # ---- optimizer state <-> safetensors -----------------------------------------------------------
 def _optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer state as safetensors tensors, plus what goes to JSON: the param groups and
+    plain-number state (Adafactor keeps its step count as an int)."""
     state = opt.state_dict()
-    tensors = {f"{idx}.{k}": v.contiguous() for idx, s in state["state"].items() for k, v in s.items()}
-    return tensors, state["param_groups"]
+    flat = {f"{idx}.{k}": v for idx, s in state["state"].items() for k, v in s.items()}
+    tensors = {k: v.contiguous() for k, v in flat.items() if torch.is_tensor(v)}
+    scalars = {k: v for k, v in flat.items() if not torch.is_tensor(v)}
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list) -> None:
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
     state: dict[int, dict] = {}
-    for key, value in tensors.items():
+    for key, value in {**tensors, **meta.get("scalars", {})}.items():
         idx, _, name = key.partition(".")
         state.setdefault(int(idx), {})[name] = value
-    opt.load_state_dict({"state": state, "param_groups": groups})
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 class Trainer:
@@ -104,6 +153,7 @@ class Trainer:
                 "train": {k: v for k, v in self.train_cfg.items() if k != "save_every"},
                 "prompts": prompts_sha256(prompts),
                 "reward": reward.info.name if reward is not None else None,
+                "data": {k: v for k, v in (cfg.get("data") or {}).items() if k not in ("description", "_dir")} or None,
             }
         )[:16]
         self.root = self.cache_dir / "checkpoints" / f"{cfg['method']['name']}-{self.train_id}"
@@ -124,22 +174,31 @@ class Trainer:
             frozen = copy.deepcopy(unet).requires_grad_(False)
             unet.requires_grad_(True)
         unet.train()
+        if tc["gradient_checkpointing"]:
+            unet.enable_gradient_checkpointing()
         self.trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
         params = [p for p in unet.parameters() if p.requires_grad]
-        ctx = TrainContext(self.model, self.prompts, self.reward, int(tc["seed"]), self.device, int(tc["batch_size"]), self.progress, frozen)
+        steps, accum = int(tc["steps"]), int(tc["grad_accum"])
+        ctx = TrainContext(
+            self.model, self.prompts, self.reward, int(tc["seed"]), self.device, int(tc["batch_size"]), self.progress, frozen,
+            data_cfg=self.cfg.get("data"), grad_accum=accum,
+        )
+        opt = make_optimizer(params, tc)
+        lr_factor(tc["lr_schedule"], 0, 0, steps)  # a mistyped schedule fails before data is made
         data = self._data(ctx)
-        opt = torch.optim.AdamW(params, lr=float(tc["lr"]), weight_decay=float(tc["weight_decay"]))
         ema = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad} if tc["ema_decay"] else None
         start, history = self._resume(unet, opt, ema)
 
         from accelerate import Accelerator
 
         accel = Accelerator(mixed_precision=self._precision(), cpu=self.device.type == "cpu")
-        steps, accum = int(tc["steps"]), int(tc["grad_accum"])
         bar = progress(range(start, steps), self.progress, initial=start, total=steps, desc=f"train {self.cfg['method']['name']}")
         for step in bar:
             total = 0.0
+            for group in opt.param_groups:
+                group["lr"] = peak_lr(tc) * lr_factor(tc["lr_schedule"], step, int(tc["warmup_steps"]), steps)
             for micro in range(accum):
+                ctx.step, ctx.micro = step, micro
                 gen = torch.Generator().manual_seed(micro_seed(int(tc["seed"]), step, micro))
                 with accel.autocast():
                     loss, logs = self.method.loss(ctx, data, gen)
@@ -169,7 +228,9 @@ class Trainer:
                 self._save(unet, opt, ema, step + 1, history)
         bar.close()
         unet.eval().requires_grad_(False)
-        return self._finish(unet, ema, history, lora)
+        if tc["gradient_checkpointing"]:
+            unet.disable_gradient_checkpointing()
+        return self._finish(unet, ema, history, lora, self.method.data_manifest(ctx, data))
 
     # ---- pieces ------------------------------------------------------------------------------
     def _precision(self) -> str:
@@ -180,9 +241,9 @@ class Trainer:
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "no"
 
-    def _data(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
+    def _data(self, ctx: TrainContext):
         spec = self.method.data_spec()
-        if not spec:
+        if not spec or ctx.data_cfg:  # nothing to cache, or a dataset the method streams
             return self.method.prepare(ctx)
         key = stable_hash({"model": self.model.identity, "sampler": str(self.model.sampler), "prompts": self.prompts, "spec": spec})[:16]
         path = self.cache_dir / "data" / f"{self.cfg['method']['name']}-{key}.safetensors"
@@ -206,11 +267,11 @@ class Trainer:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(trainable_state(unet, self.trainable), tmp / "weights.safetensors")
-        tensors, groups = _optimizer_tensors(opt)
+        tensors, opt_meta = _optimizer_tensors(opt)
         save_file(tensors, tmp / "optimizer.safetensors")
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
-        write_json(tmp / "state.json", {"step": step, "history": history, "param_groups": groups})
+        write_json(tmp / "state.json", {"step": step, "history": history, "optimizer": opt_meta})
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
         if not keep_previous:
@@ -229,13 +290,13 @@ class Trainer:
         with torch.no_grad():
             for name, tensor in weights.items():
                 params[name].copy_(tensor)
-        _load_optimizer(opt, load_file(last / "optimizer.safetensors"), state["param_groups"])
+        _load_optimizer(opt, load_file(last / "optimizer.safetensors"), state["optimizer"])
         if ema is not None and (last / "ema.safetensors").exists():
             ema.update(load_file(last / "ema.safetensors"))
         log.info("resuming training from %s (step %d)", last, state["step"])
         return int(state["step"]), list(state["history"])
 
-    def _finish(self, unet, ema, history, lora: bool) -> Checkpoint:
+    def _finish(self, unet, ema, history, lora: bool, data_manifest: dict) -> Checkpoint:
         tc = self.train_cfg
         weights = {k: v.contiguous() for k, v in ema.items()} if ema is not None else trainable_state(unet, self.trainable)
         if ema is not None:
@@ -257,6 +318,7 @@ class Trainer:
                 "lora_alpha": float(tc["lora_alpha"]) if lora else 0.0,
                 "lora_targets": LORA_TARGETS if lora else None,
                 "steps": int(tc["steps"]),
+                "data": data_manifest,
                 "loss_first": first,
                 "loss_last": last,
                 "history": history,

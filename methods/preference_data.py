@@ -1,14 +1,27 @@
-"""Self-generated training data for offline methods: K samples per training prompt from the
-base model, scored by a reward. SFT keeps the best; preference methods pair best with worst."""
+"""Preference data and the shared forward pass of the offline pair methods.
+
+Two sources of (preferred, dispreferred) pairs, one interface (``PairSource.sample``):
+
+* self-generated: K samples per training prompt from the base model, the best and the worst
+  under a reward become a pair (no download; cached by the trainer like any prepared data);
+* a dataset in the Pick-a-Pic v2 schema (``data=pickapic-v2`` or ``data.source=FILE.parquet``),
+  streamed in a fixed order and VAE-encoded on the fly, as the Salesforce and DSPO scripts do.
+
+``predict`` is the one noising-and-denoising pass every method here shares: the model's
+and (optionally) the frozen reference's epsilon predictions for the same noisy latents.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from bench.generate import image_seed
-from bench.method import TrainContext
+from bench.method import Method, TrainContext
 
 
+# ---- self-generated pairs -------------------------------------------------------------------
 @torch.no_grad()
 def sample_candidates(ctx: TrainContext, k: int, seed: int, desc: str):
     """Yield (prompt index, latents (K, C, h, w), rewards (K,)) for every training prompt.
@@ -49,3 +62,151 @@ def best_worst_pairs(ctx: TrainContext, k: int, seed: int, drop_ties: bool = Tru
         "reward_l": torch.stack(r_lose),
         "ties_dropped": torch.tensor(ties if drop_ties else 0),
     }
+
+
+# ---- one micro-batch of pairs, from either source -------------------------------------------
+@dataclass
+class Pairs:
+    x_w: torch.Tensor  # preferred latents (B, C, h, w)
+    x_l: torch.Tensor  # dispreferred latents
+    prompts: list[str]
+
+
+class MemoryPairs:
+    """Pairs held as tensors; each micro-batch is drawn at random from the trainer's generator."""
+
+    def __init__(self, data: dict[str, torch.Tensor], prompts: list[str]):
+        self.data, self.prompts = data, prompts
+
+    def sample(self, ctx: TrainContext, generator: torch.Generator) -> Pairs:
+        idx = torch.randint(0, self.data["latents_w"].shape[0], (ctx.batch_size,), generator=generator)
+        to = dict(device=ctx.device, dtype=ctx.model.dtype)
+        prompts = [self.prompts[int(i)] for i in self.data["prompt_index"][idx]]
+        return Pairs(self.data["latents_w"][idx].to(**to), self.data["latents_l"][idx].to(**to), prompts)
+
+    def manifest(self) -> dict:
+        return {"source": "self-generated", "pairs": int(self.data["latents_w"].shape[0]), "ties_dropped": int(self.data["ties_dropped"])}
+
+
+class StreamedPairs:
+    """Pairs read from a dataset in stream order: micro-batch (step, micro) is the next block of
+    ``batch_size`` pairs, so a resumed run reads exactly the pairs an uninterrupted one would."""
+
+    def __init__(self, data_cfg: dict, ctx: TrainContext):
+        from bench.pairs import PairStream
+
+        self.stream = PairStream(data_cfg)
+        self.hflip = bool(data_cfg.get("hflip", False))
+
+    @torch.no_grad()
+    def sample(self, ctx: TrainContext, generator: torch.Generator) -> Pairs:
+        from bench.pairs import preprocess
+
+        start = (ctx.step * ctx.grad_accum + ctx.micro) * ctx.batch_size
+        rows = self.stream.take(start, ctx.batch_size)
+        flips = torch.rand(len(rows), generator=generator) < 0.5 if self.hflip else torch.zeros(len(rows), dtype=torch.bool)
+        res = ctx.model.resolution
+        pix_w = torch.stack([preprocess(w, res, bool(f)) for (_, w, _), f in zip(rows, flips)])
+        pix_l = torch.stack([preprocess(l, res, bool(f)) for (_, _, l), f in zip(rows, flips)])
+        latents = ctx.model.encode(torch.cat([pix_w, pix_l]).add(1).div(2).to(ctx.device, ctx.model.dtype))
+        x_w, x_l = latents.chunk(2)
+        return Pairs(x_w, x_l, [caption for caption, _, _ in rows])
+
+    def manifest(self) -> dict:
+        return self.stream.stats.as_dict()
+
+
+# ---- the shared forward pass ----------------------------------------------------------------
+@dataclass
+class Predictions:
+    """Epsilon predictions for a batch of noisy latents; ``ref`` is None when not asked for."""
+
+    noise: torch.Tensor
+    pred: torch.Tensor
+    ref: torch.Tensor | None
+    t: torch.Tensor
+
+    def errors(self, reduction: str = "mean") -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-sample squared errors of the model and the reference: meaned over latent elements
+        (as both public DPO codebases) or summed (the papers' ||.||^2), which rescales beta."""
+        if reduction not in ("mean", "sum"):
+            raise ValueError(f"error reduction must be mean or sum, not {reduction!r}")
+        err = lambda p: getattr(((at_least_fp32(p) - at_least_fp32(self.noise)) ** 2).flatten(1), reduction)(1)
+        return err(self.pred), (err(self.ref) if self.ref is not None else None)
+
+
+def at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 under half-precision autocast (as the DPO codebases), float64 kept."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def drop_prompts(prompts: list[str], p: float, generator: torch.Generator) -> list[str]:
+    """Replace each prompt by "" with probability p (the 0.2 of the Salesforce/DSPO scripts)."""
+    if p <= 0:
+        return list(prompts)
+    keep = torch.rand(len(prompts), generator=generator) >= p
+    return [c if k else "" for c, k in zip(prompts, keep.tolist())]
+
+
+def uniform_timesteps(ctx: TrainContext, n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(0, ctx.model.num_train_timesteps, (n,), generator=generator)
+
+
+def draw_noise(shape, generator: torch.Generator, ctx: TrainContext) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(ctx.device, ctx.model.dtype)
+
+
+def predict(ctx: TrainContext, x0: torch.Tensor, prompts: list[str], t: torch.Tensor, noise: torch.Tensor, reference: bool = True) -> Predictions:
+    """Noise x0 to timesteps t and predict the noise with the model (and the frozen reference)."""
+    model = ctx.model
+    t = t.to(ctx.device)
+    cond = model.encode_prompts(prompts)
+    x_t = model.add_noise(x0, noise, t)
+    pred = model.unet(x_t, t, encoder_hidden_states=cond).sample
+    ref = None
+    if reference:
+        with torch.no_grad(), ctx.reference():
+            ref = model.unet(x_t, t, encoder_hidden_states=cond).sample
+    return Predictions(noise, pred, ref, t)
+
+
+def predict_pairs(ctx: TrainContext, pairs: Pairs, generator: torch.Generator, t=None, share_noise=True, reference=True) -> tuple[Predictions, Predictions]:
+    """Predictions for the preferred and the dispreferred half of a batch in one forward pass.
+
+    One timestep per pair (uniform over [0, T) unless ``t`` is given) for both images, and by
+    default one noise draw for both, as the Salesforce Diffusion-DPO and DSPO scripts do.
+    """
+    n = pairs.x_w.shape[0]
+    t = uniform_timesteps(ctx, n, generator) if t is None else t
+    noise_w = draw_noise(pairs.x_w.shape, generator, ctx)
+    noise_l = noise_w if share_noise else draw_noise(pairs.x_l.shape, generator, ctx)
+    both = predict(ctx, torch.cat([pairs.x_w, pairs.x_l]), pairs.prompts * 2, torch.cat([t, t]), torch.cat([noise_w, noise_l]), reference)
+    half = lambda x: x.chunk(2) if x is not None else (None, None)
+    (nw, nl), (pw, pl), (rw, rl), (tw, tl) = half(both.noise), half(both.pred), half(both.ref), half(both.t)
+    return Predictions(nw, pw, rw, tw), Predictions(nl, pl, rl, tl)
+
+
+# ---- the base class of the offline pair methods ---------------------------------------------
+class PairMethod(Method):
+    """An offline method trained on (preferred, dispreferred) pairs: self-generated best/worst-of-K
+    pairs by default, or a dataset when the config has a ``data`` section."""
+
+    def data_spec(self) -> dict:
+        return {k: self.cfg[k] for k in ("samples_per_prompt", "reward", "seed", "drop_ties")}
+
+    def prepare(self, ctx: TrainContext):
+        if ctx.data_cfg:
+            return StreamedPairs(ctx.data_cfg, ctx)
+        return best_worst_pairs(ctx, int(self.cfg["samples_per_prompt"]), int(self.cfg["seed"]), bool(self.cfg["drop_ties"]))
+
+    def source(self, ctx: TrainContext, data) -> MemoryPairs | StreamedPairs:
+        return data if isinstance(data, StreamedPairs) else MemoryPairs(data, ctx.prompts)
+
+    def pairs(self, ctx: TrainContext, data, generator: torch.Generator) -> Pairs:
+        """The next micro-batch of pairs, prompts dropped to "" at the configured rate."""
+        pairs = self.source(ctx, data).sample(ctx, generator)
+        pairs.prompts = drop_prompts(pairs.prompts, float(self.cfg.get("prompt_dropout") or 0.0), generator)
+        return pairs
+
+    def data_manifest(self, ctx: TrainContext, data) -> dict:
+        return self.source(ctx, data).manifest()

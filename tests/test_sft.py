@@ -68,10 +68,10 @@ def test_prepare_keeps_the_best_of_k(model):
     model.to(dtype=torch.float64)  # batch-invariant to rounding, so one-at-a-time resampling below matches
     k, seed = 3, 5
     prompts = TRAIN_PROMPTS[:2]
-    method = SFT({"samples_per_prompt": k, "reward": "brightness", "seed": seed, "timesteps": "uniform"})
+    method = SFT({"samples_per_prompt": k, "reward": "brightness", "seed": seed, "timesteps": "uniform", "drop_ties": True})
     ctx = TrainContext(model, prompts, Brightness(), seed=0, device=torch.device("cpu"), batch_size=2, progress=False)
     data = method.prepare(ctx)
-    assert data["latents"].shape == (2, 4, 8, 8) and data["latents"].dtype == torch.float32
+    assert data["latents_w"].shape == (2, 4, 8, 8) and data["latents_w"].dtype == torch.float32
     assert data["prompt_index"].tolist() == [0, 1]
 
     for p, prompt in enumerate(prompts):
@@ -79,12 +79,12 @@ def test_prepare_keeps_the_best_of_k(model):
         rewards = [luma_by_hand(x, model)[0] for x in latents]
         assert len(set(rewards)) == k  # the choice is not a tie
         best = max(range(k), key=rewards.__getitem__)
-        assert float(data["best_reward"][p]) == pytest.approx(rewards[best], abs=1e-7)
-        assert float(data["mean_reward"][p]) == pytest.approx(sum(rewards) / k, abs=1e-7)
-        torch.testing.assert_close(data["latents"][p], latents[best][0].float(), rtol=0, atol=1e-6)
+        assert float(data["reward_w"][p]) == pytest.approx(rewards[best], abs=1e-7)
+        assert float(data["reward_l"][p]) == pytest.approx(min(rewards), abs=1e-7)
+        torch.testing.assert_close(data["latents_w"][p], latents[best][0].float(), rtol=0, atol=1e-6)
         others = [i for i in range(k) if i != best]
-        assert all(float((data["latents"][p] - latents[i][0].float()).abs().max()) > 1e-2 for i in others)
-    assert (data["best_reward"] > data["mean_reward"]).all()
+        assert all(float((data["latents_w"][p] - latents[i][0].float()).abs().max()) > 1e-2 for i in others)
+    assert (data["reward_w"] > data["reward_l"]).all()
 
 
 # ---- training end to end ---------------------------------------------------------------------
@@ -140,8 +140,8 @@ def test_training_lowers_the_loss_and_moves_the_model(trained):
     # Paired: the SFT objective on the kept samples, at the very same (t, noise) draws, before and after.
     (data_file,) = (session.cache / "data").glob("sft-*.safetensors")
     data = load_file(data_file)
-    assert data["latents"].shape == (len(TRAIN_PROMPTS), 4, 8, 8)
-    x0 = data["latents"].repeat(32, 1, 1, 1)
+    assert data["latents_w"].shape == (len(TRAIN_PROMPTS), 4, 8, 8)
+    x0 = data["latents_w"].repeat(32, 1, 1, 1)
     prompts = [TRAIN_PROMPTS[int(i)] for i in data["prompt_index"]] * 32
     with torch.no_grad():
         loss_base = base.diffusion_loss(x0, base.encode_prompts(prompts), torch.Generator().manual_seed(0)).mean()

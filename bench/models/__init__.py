@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from bench.config import stable_hash
-from bench.errors import WeightsMissingError
+from bench.errors import UsageError, WeightsMissingError
 from bench.models.diffusion import DiffusionModel, Sampler
 
 __all__ = ["DiffusionModel", "Sampler", "load_model", "make_sampler", "pipeline_location"]
@@ -53,6 +53,11 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
 
+    if model_cfg.get("layout") == "sdxl":
+        raise UsageError(
+            f"model '{model_cfg['name']}' is an SDXL-layout pipeline (two text encoders, size conditioning), which this "
+            "version cannot run yet: use a Stable-Diffusion-1.x-layout model (sd15, tiny, tiny-fewstep)"
+        )
     location, revision, identity = pipeline_location(model_cfg, cache_dir)
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:

@@ -1,0 +1,54 @@
+"""Offline PSO: Pairwise Sample Optimization for timestep-distilled models (Miao et al., ICLR 2025), Eq. 6.
+
+The likelihood ratio of the model to the frozen pre-trained distilled model is taken over the
+few-step sampler's own trajectory, not over all 1000 DDPM steps. Both the target (preferred)
+and the reference (dispreferred) trajectories are forward-noised from their clean latents:
+
+    M = sum_{n=2..N} [ (||eps^tau - eps_th(x^tau_{t_n})||^2 - ||eps^tau - eps_pre(x^tau_{t_n})||^2)
+                     - (||eps^rho - eps_th(x^rho_{t_n})||^2 - ||eps^rho - eps_pre(x^rho_{t_n})||^2) ]
+    L = -log sigmoid(-beta * M)
+
+t_N > ... > t_1 are the sampler's timesteps (DMD2: 999, 749, 499, 249). The last step t_1 -> x_0
+is deterministic (the model outputs its x0 estimate) and is left out, so the sum starts at n = 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from bench.methods.preference_data import Pairs, PairMethod, predict_pairs
+
+
+def trained_timesteps(sampler_timesteps: list[int]) -> list[int]:
+    """t_N .. t_2: every sampler timestep but the last, deterministic one."""
+    if len(sampler_timesteps) < 2:
+        raise ValueError(
+            f"PSO trains on the stochastic steps of the few-step sampler, and {len(sampler_timesteps)} step(s) have none: "
+            "train with the model's multi-step sampler (e.g. its 4 steps) and evaluate at 1 step with gen.steps=1"
+        )
+    return list(sampler_timesteps[:-1])
+
+
+def pso_offline_loss(err_tau, pre_tau, err_rho, pre_rho, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-pair Eq. 6 from squared errors of shape (pairs, trained steps); returns the loss
+    and the implicit reward margin -M (positive when the target is favoured)."""
+    m = ((err_tau - pre_tau) - (err_rho - pre_rho)).sum(1)
+    return -F.logsigmoid(-beta * m), -m
+
+
+class OfflinePSO(PairMethod):
+    def loss(self, ctx, data, generator: torch.Generator):
+        steps = trained_timesteps(ctx.model.timesteps())
+        pairs = self.pairs(ctx, data, generator)
+        n, k = pairs.x_w.shape[0], len(steps)
+        # Every pair at every trained timestep, in one batch: row (i, n) = pair i at step t_n.
+        repeat = lambda x: x.repeat_interleave(k, dim=0)
+        stacked = Pairs(repeat(pairs.x_w), repeat(pairs.x_l), [p for p in pairs.prompts for _ in range(k)])
+        t = torch.tensor(steps).repeat(n)
+        tau, rho = predict_pairs(ctx, stacked, generator, t=t, share_noise=bool(self.cfg["share_noise"]))
+        reduction = self.cfg["reduction"]
+        (err_tau, pre_tau), (err_rho, pre_rho) = tau.errors(reduction), rho.errors(reduction)
+        per_pair = lambda e: e.reshape(n, k)
+        losses, margin = pso_offline_loss(*map(per_pair, (err_tau, pre_tau, err_rho, pre_rho)), float(self.cfg["beta"]))
+        return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}
