@@ -139,10 +139,18 @@ def cmd_prefetch(args):
         location, _, _ = pipeline_location(model, cache_root(cfg))
         print(f"model {model['name']}: built offline at {location}")
         return
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import hf_hub_download, snapshot_download
 
     path = snapshot_download(model["source"], revision=model.get("revision"))
     print(f"model {model['name']}: {path}")
+    for part in ("unet", "vae"):  # distilled UNets (DMD2, LCM) and replacement VAEs load on top
+        spec = model.get(part)
+        if spec:
+            if spec.get("file"):
+                path = hf_hub_download(spec["repo"], spec["file"], revision=spec.get("revision"))
+            else:
+                path = snapshot_download(spec["repo"], revision=spec.get("revision"))
+            print(f"model {model['name']} {part}: {path}")
 
 
 COMMANDS = {

@@ -7,9 +7,10 @@ the process's peak resident memory (``ru_maxrss``) over its size with the UNet l
 
     python benchmarks/dpo_reference.py                      # the tiny UNet, CPU (seconds)
     python benchmarks/dpo_reference.py unet=sd15 device=cuda pairs=4   # SD1.5 architecture, random weights, 512 px
+    python benchmarks/dpo_reference.py unet=sdxl device=cuda pairs=2   # SDXL architecture, 1024 px
 
-``unet=sd15`` builds the SD1.5 UNet architecture from its config with random weights (no download):
-memory and time do not depend on the weight values.
+``unet=sd15`` / ``unet=sdxl`` build the real UNet architecture from its config with random weights
+(no download): memory and time do not depend on the weight values.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def build_unet(kind: str):
         return UNet2DConditionModel(
             sample_size=64, cross_attention_dim=768, attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2
         )
+    if kind == "sdxl":  # the stable-diffusion-xl-base-1.0 unet/config.json architecture
+        return UNet2DConditionModel(
+            sample_size=128, cross_attention_dim=2048, attention_head_dim=(5, 10, 20), block_out_channels=(320, 640, 1280),
+            layers_per_block=2, transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+        )
     return UNet2DConditionModel(
         sample_size=8, cross_attention_dim=32, attention_head_dim=4, block_out_channels=(32, 64), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
@@ -54,7 +63,8 @@ def one_variant(unet_kind: str, device: str, pairs: int, steps: int, training: s
     from bench.trainer import add_lora
 
     dev = torch.device(device)
-    unet = build_unet(unet_kind).to(dev)
+    with dev:  # random initialization on the device itself: the SDXL UNet has 2.6 B parameters
+        unet = build_unet(unet_kind)
     if dev.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -79,7 +89,14 @@ def one_variant(unet_kind: str, device: str, pairs: int, steps: int, training: s
     cfg = unet.config
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2 * pairs, cfg.in_channels, cfg.sample_size, cfg.sample_size, generator=g).to(dev)
-    cond = torch.randn(2 * pairs, 77, cfg.cross_attention_dim, generator=g).to(dev)
+    cond = {"encoder_hidden_states": torch.randn(2 * pairs, 77, cfg.cross_attention_dim, generator=g).to(dev)}
+    if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embedding and size ids
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        side = cfg.sample_size * 8
+        cond["added_cond_kwargs"] = {
+            "text_embeds": torch.randn(2 * pairs, pooled, generator=g).to(dev),
+            "time_ids": torch.tensor([[side, side, 0, 0, side, side]] * (2 * pairs), dtype=torch.float32, device=dev),
+        }
     t = torch.randint(0, 1000, (pairs,), generator=g).repeat(2).to(dev)
     noise = torch.randn(x.shape, generator=g).to(dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
@@ -91,9 +108,9 @@ def one_variant(unet_kind: str, device: str, pairs: int, steps: int, training: s
         t0 = time.perf_counter()
         with autocast:
             err = lambda out: ((out.float() - noise) ** 2).flatten(1).mean(1).chunk(2)
-            model_w, model_l = err(unet(x, t, encoder_hidden_states=cond).sample)
+            model_w, model_l = err(unet(x, t, **cond).sample)
             with torch.no_grad(), ctx.reference():
-                ref_w, ref_l = err(ctx.model.unet(x, t, encoder_hidden_states=cond).sample)
+                ref_w, ref_l = err(ctx.model.unet(x, t, **cond).sample)
             loss = dpo_loss(model_w, model_l, ref_w, ref_l, 5000.0)[0].mean()
         loss.backward()
         opt.step()

@@ -162,11 +162,11 @@ def predict(ctx: TrainContext, x0: torch.Tensor, prompts: list[str], t: torch.Te
     t = t.to(ctx.device)
     cond = model.encode_prompts(prompts)
     x_t = model.add_noise(x0, noise, t)
-    pred = model.unet(x_t, t, encoder_hidden_states=cond).sample
+    pred = model.denoise(x_t, t, cond)
     ref = None
     if reference:
         with torch.no_grad(), ctx.reference():
-            ref = model.unet(x_t, t, encoder_hidden_states=cond).sample
+            ref = model.denoise(x_t, t, cond)
     return Predictions(noise, pred, ref, t)
 
 

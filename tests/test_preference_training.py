@@ -66,9 +66,10 @@ def test_paper_preset_offline_names_the_missing_weights(cli):
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in err and "bench prefetch model=sd15" in err
 
 
-def test_sdxl_presets_refuse_with_one_line(cli):
-    code, _, err = cli("train", "method=pso-offline-dmd2", "data=pickapic-v2")
-    assert code == 2 and len(err.strip().splitlines()) == 1 and "SDXL-layout" in err and "sdxl-dmd2" in err
+def test_sdxl_preset_offline_names_the_missing_weights(cli):
+    code, out, err = cli("train", "method=pso-offline-dmd2", "data=pickapic-v2")
+    assert code == 5 and out == "" and len(err.strip().splitlines()) == 1
+    assert "stabilityai/stable-diffusion-xl-base-1.0" in err and "bench prefetch model=sdxl-dmd2" in err
 
 
 def test_presets_carry_the_papers_settings():

@@ -52,7 +52,7 @@ def test_diffusion_loss_matches_hand_computation(model, timesteps):
     a = model.alphas_cumprod[t].view(3, 1, 1, 1)
     x_t = a.sqrt() * x0 + (1 - a).sqrt() * noise
     with torch.no_grad():
-        pred = model.unet(x_t, t, encoder_hidden_states=cond).sample
+        pred = model.unet(x_t, t, encoder_hidden_states=cond.hidden).sample
     want = [float(((pred[i] - noise[i]) ** 2).mean()) for i in range(3)]
 
     assert got.shape == (3,)

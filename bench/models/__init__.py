@@ -7,7 +7,7 @@ from pathlib import Path
 
 from bench.config import stable_hash
 from bench.errors import UsageError, WeightsMissingError
-from bench.models.diffusion import DiffusionModel, Sampler
+from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler
 
 __all__ = ["DiffusionModel", "Sampler", "load_model", "make_sampler", "pipeline_location"]
 
@@ -43,8 +43,50 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
     return source, model_cfg.get("revision"), {"source": source, "revision": model_cfg.get("revision")}
 
 
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
+def _missing(model_cfg: dict, what: str, err: Exception) -> WeightsMissingError:
+    return WeightsMissingError(
+        f"weights for model '{model_cfg['name']}' ({what}) are not on disk and the hub is offline: run "
+        f"`bench prefetch model={model_cfg['name']}` where there is network, or point the config at a local copy "
+        f"(model.source=/path/to/pipeline) ({type(err).__name__})"
+    )
+
+
+def load_component(spec: dict, model_cfg: dict, cls_name: str):
+    """A UNet or VAE replacing the pipeline's own: a diffusers folder (hub repo or local path), or
+    one weights file in it (DMD2 ships ``dmd2_sdxl_4step_unet_fp16.bin``) loaded into the pipeline's
+    architecture by the caller. Returns a module, or a state dict when ``file`` is given."""
+    import diffusers
+
+    repo, file, revision = spec["repo"], spec.get("file"), spec.get("revision")
+    try:
+        if file is None:
+            return getattr(diffusers, cls_name).from_pretrained(repo, revision=revision, local_files_only=_offline())
+        path = Path(repo) / file if Path(repo).is_dir() else None
+        if path is None:
+            from huggingface_hub import hf_hub_download
+
+            path = Path(hf_hub_download(repo, file, revision=revision, local_files_only=_offline()))
+    except (OSError, ValueError) as err:
+        raise _missing(model_cfg, f"{repo}/{file or ''}", err) from None
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None) -> DiffusionModel:
-    """Load the pipeline through diffusers' ``from_pretrained`` (hub id or local folder alike)."""
+    """Load the pipeline through diffusers' ``from_pretrained`` (hub id or local folder alike).
+
+    Stable-Diffusion and SDXL layouts both load; ``unet:`` / ``vae:`` in the model config replace
+    the pipeline's own (DMD2's and LCM's distilled UNets on SDXL base, the fp16-safe SDXL VAE).
+    """
     import diffusers
     import transformers
     from diffusers import DiffusionPipeline
@@ -53,27 +95,32 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         lib.utils.logging.set_verbosity_error()
         lib.utils.logging.disable_progress_bar()
 
-    if model_cfg.get("layout") == "sdxl":
+    sampler = sampler or make_sampler(model_cfg["sampler"])
+    if sampler.kind not in SAMPLER_KINDS:
         raise UsageError(
-            f"model '{model_cfg['name']}' is an SDXL-layout pipeline (two text encoders, size conditioning), which this "
-            "version cannot run yet: use a Stable-Diffusion-1.x-layout model (sd15, tiny, tiny-fewstep)"
+            f"model '{model_cfg['name']}' uses sampler kind '{sampler.kind}', which is not implemented yet "
+            f"(implemented: {', '.join(SAMPLER_KINDS)})"
         )
     location, revision, identity = pipeline_location(model_cfg, cache_dir)
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     try:
-        pipe = DiffusionPipeline.from_pretrained(location, revision=revision, local_files_only=offline)
+        pipe = DiffusionPipeline.from_pretrained(location, revision=revision, local_files_only=_offline())
     except (OSError, ValueError) as err:
-        if Path(location).exists() and not offline:
+        if Path(location).exists() and not _offline():
             raise
-        raise WeightsMissingError(
-            f"weights for model '{model_cfg['name']}' ({location}"
-            + (f"@{revision}" if revision else "")
-            + f") are not on disk and the hub is offline: run `bench prefetch model={model_cfg['name']}` "
-            f"where there is network, or set model.source=/path/to/pipeline ({type(err).__name__})"
-        ) from None
+        raise _missing(model_cfg, location + (f"@{revision}" if revision else ""), err) from None
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
     if missing:
-        raise WeightsMissingError(f"pipeline {location} lacks {', '.join(missing)}; only Stable-Diffusion-layout pipelines load here")
+        raise WeightsMissingError(f"pipeline {location} lacks {', '.join(missing)}; only Stable-Diffusion- and SDXL-layout pipelines load here")
+    for part, cls_name in (("unet", "UNet2DConditionModel"), ("vae", "AutoencoderKL")):
+        spec = model_cfg.get(part)
+        if not spec:
+            continue
+        loaded = load_component(spec, model_cfg, cls_name)
+        if isinstance(loaded, dict):
+            getattr(pipe, part).load_state_dict(loaded)
+        else:
+            setattr(pipe, part, loaded)
+        identity = {**identity, part: {k: spec.get(k) for k in ("repo", "file", "revision")}}
     return DiffusionModel(
         name=model_cfg["name"],
         unet=pipe.unet,
@@ -81,7 +128,10 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         text_encoder=pipe.text_encoder,
         tokenizer=pipe.tokenizer,
         scheduler_config=pipe.scheduler.config,
-        sampler=sampler or make_sampler(model_cfg["sampler"]),
+        sampler=sampler,
         resolution=model_cfg["resolution"],
         identity=identity,
+        text_encoder_2=getattr(pipe, "text_encoder_2", None),
+        tokenizer_2=getattr(pipe, "tokenizer_2", None),
+        zero_uncond=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
     )

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 
+SAMPLER_KINDS = ("ddim", "renoise")
+
+
 @dataclass(frozen=True)
 class Sampler:
     kind: str  # "ddim" or "renoise"
@@ -61,6 +64,46 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
     return lp.flatten(1).sum(1)
 
 
+@dataclass
+class Conditioning:
+    """What a UNet call is conditioned on: the text encoder's token states and, for SDXL-layout
+    models, the pooled text embedding and the size/crop ids (``added_cond_kwargs``)."""
+
+    hidden: torch.Tensor
+    pooled: torch.Tensor | None = None
+    time_ids: torch.Tensor | None = None
+
+    @staticmethod
+    def cat(items: Sequence["Conditioning"]) -> "Conditioning":
+        join = lambda xs: None if xs[0] is None else torch.cat(xs)
+        return Conditioning(join([c.hidden for c in items]), join([c.pooled for c in items]), join([c.time_ids for c in items]))
+
+    def unet_kwargs(self) -> dict:
+        kwargs = {"encoder_hidden_states": self.hidden}
+        if self.pooled is not None:
+            kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        return kwargs
+
+
+def encode_text(prompts: Sequence[str], tokenizers, encoders, resolution: int, device, dtype) -> Conditioning:
+    """Encode prompts as Stable Diffusion (one CLIP encoder, last hidden state) or SDXL does (two
+    encoders' penultimate hidden states concatenated, the second's projected pooled output, and
+    size ids (resolution, resolution, 0, 0, resolution, resolution))."""
+    tokens = [
+        tok(list(prompts), padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids.to(device)
+        for tok in tokenizers
+    ]
+    if len(encoders) == 1:
+        return Conditioning(encoders[0](tokens[0])[0].to(dtype))
+    states, pooled = [], None
+    for ids, encoder in zip(tokens, encoders):
+        out = encoder(ids, output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = out.text_embeds if hasattr(out, "text_embeds") else out[0]
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], device=device).repeat(len(prompts), 1)
+    return Conditioning(torch.cat(states, dim=-1).to(dtype), pooled.to(dtype), time_ids.to(dtype))
+
+
 class DiffusionModel:
     """Pipeline components plus the sampler seen as an MDP.
 
@@ -68,12 +111,18 @@ class DiffusionModel:
     model's predictions by disabling them, so no second copy sits in memory.
     """
 
-    def __init__(self, name, unet, vae, text_encoder, tokenizer, scheduler_config, sampler: Sampler, resolution, identity):
+    def __init__(
+        self, name, unet, vae, text_encoder, tokenizer, scheduler_config, sampler: Sampler, resolution, identity,
+        text_encoder_2=None, tokenizer_2=None, zero_uncond: bool = False,
+    ):
         self.name = name
         self.unet = unet
         self.vae = vae
         self.text_encoder = text_encoder
         self.tokenizer = tokenizer
+        self.text_encoder_2 = text_encoder_2  # SDXL layout: a second (projecting) text encoder
+        self.tokenizer_2 = tokenizer_2
+        self.zero_uncond = zero_uncond  # SDXL's force_zeros_for_empty_prompt: CFG's unconditional input is zeros
         self.sampler = sampler
         self.resolution = int(resolution)
         self.identity = identity  # what determines the weights: hub id + revision, or the build-spec hash
@@ -87,27 +136,42 @@ class DiffusionModel:
         self.latent_channels = unet.config.in_channels
         self.device = torch.device("cpu")
         self.dtype = torch.float32
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.requires_grad_(False).eval()
 
     # ---- placement -------------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> "DiffusionModel":
         self.device = torch.device(device) if device is not None else self.device
         self.dtype = dtype or self.dtype
-        for module in (self.unet, self.vae, self.text_encoder):
+        for module in self.modules():
             module.to(device=self.device, dtype=self.dtype)
         return self
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2) if m is not None]
 
     # ---- conditioning ----------------------------------------------------------------------
     def latent_shape(self) -> tuple[int, int, int]:
         side = self.resolution // self.latent_scale
         return (self.latent_channels, side, side)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        ids = self.tokenizer(
-            list(prompts), padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-        ).input_ids.to(self.device)
-        return self.text_encoder(ids)[0].to(self.dtype)
+    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+        tokenizers = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
+        encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
+        return encode_text(prompts, tokenizers, encoders, self.resolution, self.device, self.dtype)
+
+    def unconditional(self, n: int) -> Conditioning:
+        """CFG's unconditional input: the empty prompt, or zeros where the pipeline says so (SDXL)."""
+        empty = self.encode_prompts([""] * n)
+        if not self.zero_uncond:
+            return empty
+        return Conditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled), empty.time_ids)
+
+    def denoise(self, x_t, t, cond: Conditioning, unet=None) -> torch.Tensor:
+        """The UNet's epsilon prediction at per-sample (or one shared) timestep t."""
+        t = torch.as_tensor(t, device=x_t.device)
+        t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
+        return (unet or self.unet)(x_t, t, **cond.unet_kwargs()).sample
 
     # ---- the MDP ---------------------------------------------------------------------------
     def timesteps(self, sampler: Sampler | None = None) -> list[int]:
@@ -117,12 +181,9 @@ class DiffusionModel:
         return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
 
     def predict_eps(self, x_t, t: int, cond, uncond=None, guidance: float = 1.0, unet=None) -> torch.Tensor:
-        unet = unet or self.unet
-        tt = torch.full((x_t.shape[0],), t, device=x_t.device, dtype=torch.long)
         if uncond is None or guidance <= 1.0:
-            return unet(x_t, tt, encoder_hidden_states=cond).sample
-        both = unet(torch.cat([x_t, x_t]), torch.cat([tt, tt]), encoder_hidden_states=torch.cat([uncond, cond])).sample
-        eps_u, eps_c = both.chunk(2)
+            return self.denoise(x_t, t, cond, unet)
+        eps_u, eps_c = self.denoise(torch.cat([x_t, x_t]), t, Conditioning.cat([uncond, cond]), unet).chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
 
     def x0_from_eps(self, x_t, eps, t: int) -> torch.Tensor:
@@ -173,7 +234,7 @@ class DiffusionModel:
             self.device, self.dtype
         )
         cond = self.encode_prompts(prompts)
-        uncond = self.encode_prompts([""] * len(prompts)) if sampler.guidance > 1.0 else None
+        uncond = self.unconditional(len(prompts)) if sampler.guidance > 1.0 else None
         x = draw()
         steps = self.timesteps(sampler)
         states, transitions = [x], []
@@ -208,7 +269,7 @@ class DiffusionModel:
             t = torch.randint(0, self.num_train_timesteps, (n,), generator=generator)
         noise = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device, x0.dtype)
         x_t = self.add_noise(x0, noise, t.to(x0.device))
-        pred = (unet or self.unet)(x_t, t.to(x0.device), encoder_hidden_states=cond).sample
+        pred = self.denoise(x_t, t.to(x0.device), cond, unet)
         return F.mse_loss(pred.float(), noise.float(), reduction="none").flatten(1).mean(1)
 
 

@@ -69,11 +69,12 @@ def synthetic_latents(n: int, shape: tuple[int, int, int], generator: torch.Gene
 
 
 @torch.enable_grad()
-def pretrain_on_synthetic_latents(unet, text_encoder, tokenizer, scheduler, cfg: dict, seed: int) -> None:
+def pretrain_on_synthetic_latents(unet, encode, scheduler, cfg: dict, seed: int) -> None:
     """A short, seeded denoising pre-training of the UNet on ``synthetic_latents``.
 
     Without it a random UNet is far from consistent with its own samples, and any
     fine-tuning drifts its outputs more than the method's signal moves them.
+    ``encode`` maps prompts to the UNet's ``Conditioning``.
     """
     g = torch.Generator().manual_seed(seed)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
@@ -85,13 +86,12 @@ def pretrain_on_synthetic_latents(unet, text_encoder, tokenizer, scheduler, cfg:
         words = torch.randint(0, len(WORDS), (bs, 4), generator=g)
         prompts = [" ".join(WORDS[i] for i in row) if float(torch.rand((), generator=g)) > 0.1 else "" for row in words]
         with torch.no_grad():
-            ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
-            cond = text_encoder(ids)[0]
+            cond = encode(prompts)
         x0 = synthetic_latents(bs, shape, g)
         t = torch.randint(0, len(alphas), (bs,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = alphas[t].reshape(-1, 1, 1, 1)
-        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, encoder_hidden_states=cond).sample
+        pred = unet(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, **cond.unet_kwargs()).sample
         loss = torch.nn.functional.mse_loss(pred, noise)
         opt.zero_grad()
         loss.backward()
@@ -100,37 +100,45 @@ def pretrain_on_synthetic_latents(unet, text_encoder, tokenizer, scheduler, cfg:
 
 
 def build_tiny_pipeline(spec: dict, directory: Path) -> None:
-    """Build a tiny Stable-Diffusion-layout pipeline from ``spec`` and save it to ``directory``.
+    """Build a tiny Stable-Diffusion-layout (or, with ``layout: sdxl``, SDXL-layout: two text
+    encoders, pooled-text and size conditioning) pipeline from ``spec`` and save it to ``directory``.
 
     Written to a temporary sibling folder first and renamed, so a killed build
     never leaves a half-written model behind.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    from bench.models.diffusion import encode_text
 
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    sdxl = spec.get("layout") == "sdxl"
     try:
         torch.manual_seed(int(spec["seed"]))
         unet = UNet2DConditionModel(**spec["unet"])
         vae = AutoencoderKL(**spec["vae"])
         text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])) if sdxl else None
         clip_tokenizer_files(tmp / "_tok")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "_tok")
         scheduler = DDPMScheduler(**spec["scheduler"])
+        encoders = [text_encoder, text_encoder_2] if sdxl else [text_encoder]
+        resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
+        encode = lambda prompts: encode_text(prompts, [tokenizer] * len(encoders), encoders, resolution, "cpu", torch.float32)
         if spec.get("pretrain"):
-            pretrain_on_synthetic_latents(unet, text_encoder, tokenizer, scheduler, spec["pretrain"], int(spec["seed"]))
-        pipe = StableDiffusionPipeline(
-            unet=unet,
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+            pretrain_on_synthetic_latents(unet, encode, scheduler, spec["pretrain"], int(spec["seed"]))
+        if sdxl:
+            pipe = StableDiffusionXLPipeline(
+                unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+                tokenizer_2=tokenizer, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+            )
+        else:
+            pipe = StableDiffusionPipeline(
+                unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+            )
         pipe.save_pretrained(tmp)
         shutil.rmtree(tmp / "_tok")
         if directory.exists():
