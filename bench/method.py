@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -37,6 +38,8 @@ class TrainContext:
     frozen_unet: torch.nn.Module | None = None  # full fine-tuning keeps a frozen copy as reference
     data_cfg: dict | None = None  # a pair dataset (``data=``) in place of self-generated data
     grad_accum: int = 1
+    workdir: Path | None = None  # the run's checkpoint folder: online methods keep their sampled rounds here
+    save_every: int = 1  # checkpoint interval: what a resume can need
     step: int = 0  # set by the trainer before each micro-batch: streamed data reads by position
     micro: int = 0
     logs: dict = field(default_factory=dict)

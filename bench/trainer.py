@@ -181,7 +181,7 @@ class Trainer:
         steps, accum = int(tc["steps"]), int(tc["grad_accum"])
         ctx = TrainContext(
             self.model, self.prompts, self.reward, int(tc["seed"]), self.device, int(tc["batch_size"]), self.progress, frozen,
-            data_cfg=self.cfg.get("data"), grad_accum=accum,
+            data_cfg=self.cfg.get("data"), grad_accum=accum, workdir=self.root, save_every=int(tc["save_every"]),
         )
         opt = make_optimizer(params, tc)
         lr_factor(tc["lr_schedule"], 0, 0, steps)  # a mistyped schedule fails before data is made

@@ -84,10 +84,13 @@ def test_missing_distilled_unet_offline_is_one_line(sdxl_cfg, cache_dir):
     assert "\n" not in str(err.value) and "bench prefetch" in str(err.value)
 
 
-def test_unimplemented_sampler_kind_is_refused(cache_dir):
-    cfg = to_dict(compose(["model=sdxl-turbo"]))["model"]
-    with pytest.raises(UsageError, match="euler_ancestral"):
+def test_unknown_sampler_kind_is_refused_before_loading(cache_dir):
+    cfg = to_dict(compose(["model=sdxl-turbo", "model.sampler.kind=heun"]))["model"]
+    with pytest.raises(UsageError, match="sampler kind 'heun'.*euler_ancestral"):
         load_model(cfg, cache_dir)
+    turbo = to_dict(compose(["model=sdxl-turbo"]))["model"]
+    with pytest.raises(WeightsMissingError, match="stabilityai/sdxl-turbo"):
+        load_model(turbo, cache_dir)
 
 
 def test_offline_pso_runs_on_the_sdxl_layout(cli):

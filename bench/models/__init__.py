@@ -98,7 +98,7 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
     sampler = sampler or make_sampler(model_cfg["sampler"])
     if sampler.kind not in SAMPLER_KINDS:
         raise UsageError(
-            f"model '{model_cfg['name']}' uses sampler kind '{sampler.kind}', which is not implemented yet "
+            f"model '{model_cfg['name']}' uses sampler kind '{sampler.kind}', which is not implemented "
             f"(implemented: {', '.join(SAMPLER_KINDS)})"
         )
     location, revision, identity = pipeline_location(model_cfg, cache_dir)

@@ -5,7 +5,8 @@ Every sampler here is "predict x0, then move to the next timestep":
 * ``ddim``: the DDIM posterior q(x_prev | x_t, x0_hat) with stochasticity eta
   (eta = 1 is DDPM-like and is the MDP DDPO and D3PO train through);
 * ``renoise``: few-step distilled models (DMD2, LCM) forward-noise the x0
-  estimate to the next timestep, x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) z.
+  estimate to the next timestep, x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) z;
+* ``euler_ancestral``: SDXL-Turbo's Euler-ancestral step in sigma space (sigma_up, sigma_down).
 
 Each transition is a Gaussian with an explicit mean and standard deviation, so
 methods (PSO, DDPO, LaSRO) read log-probabilities off the same code that
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 
-SAMPLER_KINDS = ("ddim", "renoise")
+SAMPLER_KINDS = ("ddim", "renoise", "euler_ancestral")
 
 
 @dataclass(frozen=True)
@@ -211,7 +212,22 @@ class DiffusionModel:
             std = sampler.eta * math.sqrt(var)
             mean = math.sqrt(a_prev) * x0_hat + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps_hat
             return Transition(mean, zero + std)
-        raise ValueError(f"unknown sampler kind '{sampler.kind}' (expected ddim or renoise)")
+        if sampler.kind == "euler_ancestral":
+            # k-diffusion / diffusers EulerAncestralDiscreteScheduler in sigma space, x_sigma = x0 + sigma eps
+            # = x_t / sqrt(a_t); the state here is the UNet's (variance-preserving) input, x_t = x_sigma * sqrt(a_t).
+            # The PSO paper prints sigma_up and sigma_down garbled (a negative variance); these are the scheduler's.
+            s_t, s_prev = math.sqrt((1 - self.alpha(t)) / self.alpha(t)), math.sqrt((1 - a_prev) / a_prev)
+            sigma_up = math.sqrt(s_prev**2 * (s_t**2 - s_prev**2) / s_t**2)
+            sigma_down = math.sqrt(s_prev**2 - sigma_up**2)
+            mean_sigma = x0_hat + eps_hat * sigma_down  # x_sigma + d (sigma_down - sigma), d = (x_sigma - x0_hat) / sigma
+            return Transition(math.sqrt(a_prev) * mean_sigma, zero + math.sqrt(a_prev) * sigma_up)
+        raise ValueError(f"unknown sampler kind '{sampler.kind}' (expected {', '.join(SAMPLER_KINDS)})")
+
+    def initial_scale(self, t: int, sampler: Sampler) -> float:
+        """Scale of the initial noise. diffusers' Euler-ancestral scheduler with trailing spacing starts
+        from sigma_max * noise in sigma space (not sqrt(sigma_max^2 + 1) * noise), which as UNet input
+        is sqrt(1 - a_T) * noise; every other sampler starts from unit noise."""
+        return math.sqrt(1 - self.alpha(t)) if sampler.kind == "euler_ancestral" else 1.0
 
     def sample(
         self,
@@ -235,8 +251,8 @@ class DiffusionModel:
         )
         cond = self.encode_prompts(prompts)
         uncond = self.unconditional(len(prompts)) if sampler.guidance > 1.0 else None
-        x = draw()
         steps = self.timesteps(sampler)
+        x = draw() * self.initial_scale(steps[0], sampler)
         states, transitions = [x], []
         for i, t in enumerate(steps):
             t_prev = steps[i + 1] if i + 1 < len(steps) else -1

@@ -1,0 +1,53 @@
+"""Few-step samplers as MDPs: SDXL-Turbo's Euler-ancestral step against diffusers' own scheduler,
+and the sigma_up / sigma_down the PSO paper prints garbled, from the scheduler's definition."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench.models.diffusion import Sampler
+
+TURBO = Sampler("euler_ancestral", 4, 1.0, timesteps=(999, 749, 499, 249))
+
+
+def test_euler_ancestral_sigmas_are_the_schedulers(model):
+    # the PSO spec's values for the 4-step trailing schedule (SDXL's scaled-linear betas, as the tiny model's)
+    x = torch.zeros(1, 4, 2, 2, dtype=torch.float64)
+    ups, downs = [], []
+    steps = model.timesteps(TURBO)
+    for t, t_prev in zip(steps, steps[1:] + [-1]):
+        step = model.transition(x, x, torch.ones_like(x), t, t_prev, TURBO)
+        a_prev = model.alpha(t_prev)
+        ups.append(float(step.std) / math.sqrt(a_prev))
+        downs.append(float(step.mean.flatten()[0]) / math.sqrt(a_prev) if t_prev >= 0 else 0.0)  # x0 = 0, eps = 1
+    assert ups == pytest.approx([3.9193, 1.4816, 0.6259, 0.0], abs=1e-4)
+    assert downs == pytest.approx([1.1400, 0.6373, 0.2979, 0.0], abs=1e-4)
+
+
+@pytest.mark.parametrize("steps", [4, 1])
+def test_euler_ancestral_trajectory_equals_diffusers(model, steps):
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    model.to(dtype=torch.float64)
+    sampler = Sampler("euler_ancestral", steps, 1.0, timesteps=(999, 749, 499, 249))
+    sched = EulerAncestralDiscreteScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing"
+    )
+    sched.set_timesteps(steps)
+    assert sched.timesteps.tolist() == model.timesteps(sampler) == ([999, 749, 499, 249] if steps == 4 else [999])
+
+    prompt = ["a red apple on a table"]
+    ours = model.sample(prompt, [torch.Generator().manual_seed(7)], sampler)
+
+    g = torch.Generator().manual_seed(7)
+    cond = model.encode_prompts(prompt)
+    x = torch.randn((1, *model.latent_shape()), generator=g, dtype=torch.float64) * sched.init_noise_sigma
+    with torch.no_grad():
+        for t in sched.timesteps:
+            eps = model.denoise(sched.scale_model_input(x, t), int(t), cond)
+            x = sched.step(eps, t, x, generator=g).prev_sample
+    torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
+    assert float(ours.abs().mean()) > 0.1
