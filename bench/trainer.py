@@ -15,6 +15,7 @@ very computation an uninterrupted run would have done.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
@@ -49,6 +50,16 @@ class Checkpoint:
         """What the method trained on (source, pair count, ties dropped), from train.json."""
         meta = self.path / "train.json"
         return json.loads(meta.read_text()).get("data") if meta.exists() else None
+
+
+def recipe_source_hash(method: Method) -> str | None:
+    """sha256 of the method's module source: editing a recipe retrains instead of reusing a stale checkpoint."""
+    import inspect
+
+    try:
+        return hashlib.sha256(inspect.getsource(inspect.getmodule(type(method))).encode()).hexdigest()[:16]
+    except (OSError, TypeError):  # defined where no source is kept (an interactive session)
+        return None
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
@@ -153,6 +164,7 @@ class Trainer:
                 "train": {k: v for k, v in self.train_cfg.items() if k != "save_every"},
                 "prompts": prompts_sha256(prompts),
                 "reward": reward.info.name if reward is not None else None,
+                "recipe_source": recipe_source_hash(method),
                 "data": {k: v for k, v in (cfg.get("data") or {}).items() if k not in ("description", "_dir")} or None,
             }
         )[:16]

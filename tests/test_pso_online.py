@@ -83,10 +83,20 @@ def test_round_pairs_are_reward_ordered_and_kept(fewstep, tmp_path):
     method = OnlinePSO(CFG)
     pairs = method.round_pairs(ctx, 0)
     assert pairs["states_tau"].shape == (4, 5, 4, 8, 8) and (pairs["reward_tau"] >= pairs["reward_rho"]).all()
+    assert (pairs["reward_tau"] > pairs["reward_rho"]).any()
     # the stored target's final state decodes to the reward recorded for it
     with torch.no_grad():
         again = ctx.rewards(pairs["states_tau"][:, -1].double(), [PROMPTS[int(i)] for i in pairs["prompt_index"]])
     torch.testing.assert_close(again, pairs["reward_tau"], rtol=0, atol=1e-6)
+    # the recorded sampler log-probabilities are the model's own, and the states follow the sampler
+    from bench.methods.online import transition_log_probs
+
+    raw = method.rounds().get(ctx, 0, method.steps_per_round(ctx))
+    prompts = [PROMPTS[int(i)] for i in raw["prompt_index"] for _ in range(2)]
+    states = raw["states"].flatten(0, 1).double()
+    with torch.no_grad():
+        lp = transition_log_probs(ctx, states[:, 1], states[:, 2], 1, prompts)
+    torch.testing.assert_close(lp, raw["log_probs"].flatten(0, 1)[:, 1], rtol=1e-6, atol=1e-6)
     assert (tmp_path / "rounds" / "round-000000.safetensors").exists()
     # read back, not resampled, even after the weights change
     perturbed_ctx = TrainContext(perturbed(fewstep), PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path)
@@ -125,7 +135,7 @@ def test_bench_run_pso_online_end_to_end(cli):
     assert code == 0, err
     ckpt = Path(out.split("checkpoint: ")[1].strip())
     meta = json.loads((ckpt / "train.json").read_text())
-    assert meta["data"] == {"source": "online", "rounds": 3, "pairs_per_round": 4}  # 2 steps per round
+    assert meta["data"] == {"source": "online", "rounds": 3, "prompts_per_round": 4, "samples_per_prompt": 2}  # 2 steps per round
     # rounds before the last checkpoint's (step 4: round 2) are deleted as soon as they cannot be needed
     assert sorted(p.name for p in (ckpt.parent / "rounds").iterdir()) == ["round-000002.safetensors"]
     code, out1, err = cli("train", *args, "gen.steps=1")

@@ -1,0 +1,61 @@
+"""DDPO (Black et al., ICLR 2024) and, on a latent consistency model's MDP, RLCM (Oertell et al.,
+2024): policy-gradient fine-tuning with PPO's clipped ratio on the sampler's own transitions.
+
+Each round samples ``samples_per_prompt`` trajectories per prompt from the current model and
+records log p_old of every stochastic transition. The advantage of a trajectory is its reward
+normalized over the samples of the same prompt (DDPO's per-prompt statistics; over the whole round
+when there is one sample per prompt), clipped to [-adv_clip_max, adv_clip_max]. Each transition is
+a unit; with ratio = p_theta / p_old,
+
+    L = max( -A * ratio, -A * clip(ratio, 1 - clip_range, 1 + clip_range) )
+
+No reference model: the clip range (1e-4 in DDPO) keeps each update near the sampling policy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.method import TrainContext
+from bench.methods.online import OnlineMethod, stochastic_steps, transition_log_probs
+
+
+def advantages(rewards: torch.Tensor, clip_max: float) -> torch.Tensor:
+    """(prompts, samples) rewards -> advantages normalized per prompt (per round with one sample)."""
+    if rewards.shape[1] > 1:
+        a = (rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-8)
+    else:
+        a = (rewards - rewards.mean()) / (rewards.std() + 1e-8)
+    return a.clamp(-clip_max, clip_max)
+
+
+def ppo_loss(log_prob, old_log_prob, advantage, clip_range: float) -> torch.Tensor:
+    """Per-unit clipped surrogate loss."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    return torch.maximum(-advantage * ratio, -advantage * torch.clamp(ratio, 1 - clip_range, 1 + clip_range))
+
+
+class DDPO(OnlineMethod):
+    name = "ddpo"
+
+    def units_per_prompt(self, ctx: TrainContext) -> int:
+        return self.samples_per_prompt() * stochastic_steps(ctx.model.timesteps())  # a trajectory at each step
+
+    def loss(self, ctx: TrainContext, data, generator: torch.Generator):
+        r, batch, units = self.next_units(ctx)
+        s, k = self.samples_per_prompt(), stochastic_steps(ctx.model.timesteps())
+        traj, step = units // k, units % k
+        states = batch["states"].flatten(0, 1)[traj]
+        old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)
+        adv = advantages(batch["rewards"], float(self.cfg["adv_clip_max"])).flatten()[traj].to(ctx.device)
+        prompts = [ctx.prompts[int(batch["prompt_index"][int(i) // s])] for i in traj]
+        to = dict(device=ctx.device, dtype=ctx.model.dtype)
+        rows = torch.arange(len(units))
+        x_t, x_prev = states[rows, step].to(**to), states[rows, step + 1].to(**to)
+        losses = torch.zeros(len(units), dtype=torch.float64, device=ctx.device)
+        for i in step.unique().tolist():
+            m = (step == i).to(ctx.device)
+            sub = [p for p, keep in zip(prompts, m.tolist()) if keep]
+            lp = transition_log_probs(ctx, x_t[m], x_prev[m], i, sub)
+            losses = losses.index_put((m.nonzero().squeeze(1),), ppo_loss(lp, old[m], adv[m], float(self.cfg["clip_range"])))
+        return losses.mean(), {"round": r}

@@ -1,0 +1,147 @@
+"""Rounds of on-policy sampling for online methods (online PSO, D3PO, DDPO/RLCM).
+
+A round samples ``samples_per_prompt`` trajectories for each of ``prompts_per_round`` training
+prompts from the *current* model with its own stochastic sampler, recording every state, the
+sampler's log-probability of each transition, and the reward of the final image. The trainer's
+steps then walk over the round in a seeded order. Rounds are saved next to the checkpoints (back
+to the last checkpoint's round), so a resumed run trains on exactly what the interrupted one
+sampled; a round is a pure function of the weights at its start and the seed.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from bench.generate import image_seed
+from bench.method import Method, TrainContext
+from bench.models.diffusion import gaussian_log_prob
+
+
+def stochastic_steps(timesteps: list[int]) -> int:
+    """How many transitions of a sampler are stochastic: all but the last, deterministic one."""
+    if len(timesteps) < 2:
+        raise ValueError(
+            f"online methods train on the stochastic steps of the sampler, and {len(timesteps)} step(s) have none: "
+            "train with the model's multi-step sampler (e.g. its 4 steps) and evaluate at 1 step with gen.steps=1"
+        )
+    return len(timesteps) - 1
+
+
+def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Tensor, i: int, prompts: list[str], cond=None) -> torch.Tensor:
+    """log p(x_prev | x_t) of the sampler's i-th transition under the model as it is now (per sample)."""
+    model = ctx.model
+    steps = model.timesteps()
+    t, t_prev = steps[i], steps[i + 1]
+    cond = cond if cond is not None else model.encode_prompts(prompts)
+    guidance = model.sampler.guidance
+    uncond = model.unconditional(len(prompts)) if guidance > 1.0 else None
+    eps = model.predict_eps(x_t, t, cond, uncond, guidance)
+    step = model.transition(x_t, model.x0_from_eps(x_t, eps, t), eps, t, t_prev)
+    return gaussian_log_prob(x_prev.double(), step.mean.double(), step.std.double())
+
+
+class OnlineRounds:
+    """The round buffer of an online method configured by ``prompts_per_round``,
+    ``samples_per_prompt``, ``epochs_per_round`` and ``seed``."""
+
+    def __init__(self, cfg: dict, name: str):
+        self.cfg, self.name = cfg, name
+        self.prompts_per_round = int(cfg["prompts_per_round"])
+        self.samples_per_prompt = int(cfg.get("samples_per_prompt", 2))
+        self.epochs = int(cfg["epochs_per_round"])
+        self.seed = int(cfg["seed"])
+
+    def batches_per_epoch(self, batch_size: int, units_per_prompt: int = 1) -> int:
+        return math.ceil(self.prompts_per_round * units_per_prompt / batch_size)
+
+    def get(self, ctx: TrainContext, r: int, steps_per_round: int) -> dict[str, torch.Tensor]:
+        """Round r's samples: drawn with the current weights the first time, read back after."""
+        path = Path(ctx.workdir) / "rounds" / f"round-{r:06d}.safetensors"
+        if path.exists():
+            return load_file(path)
+        data = self.sample(ctx, r)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file(data, tmp)
+        tmp.replace(path)
+        # A resume restarts at the last checkpoint, a multiple of train.save_every: rounds before the one
+        # it falls in are never read again (at SDXL size a round of 256 trajectories is about 670 MB).
+        first_needed = (ctx.step // ctx.save_every * ctx.save_every) // steps_per_round
+        for old in path.parent.glob("round-*.safetensors"):
+            if int(old.stem.split("-")[1]) < first_needed:
+                old.unlink()
+        return data
+
+    @torch.no_grad()
+    def sample(self, ctx: TrainContext, r: int) -> dict[str, torch.Tensor]:
+        n, s = self.prompts_per_round, self.samples_per_prompt
+        g = torch.Generator().manual_seed(image_seed(f"{self.name}-prompts", r, 0, self.seed))
+        index = torch.randint(0, len(ctx.prompts), (n,), generator=g)
+        prompts = [ctx.prompts[int(i)] for i in index for _ in range(s)]
+        gens = [torch.Generator().manual_seed(image_seed(self.name, r, i, self.seed)) for i in range(n * s)]
+        x0, states, _ = ctx.model.sample(prompts, gens, trajectory=True)
+        rewards = ctx.rewards(x0, prompts)
+        states = torch.stack(states, dim=1)  # (n s, N + 1, C, h, w)
+        k = stochastic_steps(ctx.model.timesteps())
+        cond = ctx.model.encode_prompts(prompts)
+        log_probs = torch.stack([transition_log_probs(ctx, states[:, i], states[:, i + 1], i, prompts, cond) for i in range(k)], dim=1)
+        shape = lambda x: x.reshape(n, s, *x.shape[1:]).contiguous()
+        return {
+            "states": shape(states.float().cpu()),
+            "log_probs": shape(log_probs.cpu()),
+            "rewards": shape(rewards),
+            "prompt_index": index,
+        }
+
+    def order(self, r: int, epoch: int, count: int) -> torch.Tensor:
+        """The seeded order in which an epoch of round r visits its ``count`` units."""
+        return torch.randperm(count, generator=torch.Generator().manual_seed(image_seed(f"{self.name}-order", r, epoch, self.seed)))
+
+
+class OnlineMethod(Method):
+    """Base of the online methods: rounds of sampling, then training units walked in a seeded order.
+
+    A subclass names its round buffer (``name``), how many trajectories it samples per prompt and
+    how many training units one prompt gives (a pair, a pair at each step, a trajectory at each step).
+    """
+
+    name = "online"
+
+    def samples_per_prompt(self) -> int:
+        return int(self.cfg.get("samples_per_prompt", 2))
+
+    def units_per_prompt(self, ctx: TrainContext) -> int:
+        return 1
+
+    def rounds(self) -> OnlineRounds:
+        return OnlineRounds({**self.cfg, "samples_per_prompt": self.samples_per_prompt()}, self.name)
+
+    def steps_per_round(self, ctx: TrainContext) -> int:
+        return self.rounds().batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx)) * int(self.cfg["epochs_per_round"])
+
+    def prepare(self, ctx: TrainContext) -> dict:
+        stochastic_steps(ctx.model.timesteps())  # fail now, not after the first round, on a 1-step sampler
+        return {}
+
+    def next_units(self, ctx: TrainContext) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
+        """The round this micro-batch trains on, its samples, and the indices of its units."""
+        rounds, spr = self.rounds(), self.steps_per_round(ctx)
+        r, within = divmod(ctx.step, spr)
+        batch = rounds.get(ctx, r, spr)
+        per_epoch = rounds.batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx))
+        epoch, b = divmod((within * ctx.grad_accum + ctx.micro) % (per_epoch * rounds.epochs), per_epoch)
+        order = rounds.order(r, epoch, rounds.prompts_per_round * self.units_per_prompt(ctx))
+        ctx.logs["rounds"] = r + 1
+        return r, batch, order[b * ctx.batch_size : (b + 1) * ctx.batch_size]
+
+    def data_manifest(self, ctx: TrainContext, data) -> dict:
+        return {
+            "source": "online",
+            "rounds": int(ctx.logs.get("rounds", 0)),
+            "prompts_per_round": int(self.cfg["prompts_per_round"]),
+            "samples_per_prompt": self.samples_per_prompt(),
+        }

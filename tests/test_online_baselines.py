@@ -1,0 +1,113 @@
+"""Online baselines on the same MDP: D3PO's clipped-ratio DPO and DDPO's PPO loss by hand, one
+optimizer step moving each objective the right way, and short runs end to end."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from bench.config import compose, to_dict
+from bench.method import TrainContext
+from bench.methods.d3po import D3PO, d3po_loss
+from bench.methods.ddpo import DDPO, advantages, ppo_loss
+from bench.methods.online import transition_log_probs
+from bench.metrics.weightfree import Brightness
+from bench.models import load_model
+from bench.trainer import add_lora
+
+PROMPTS = ["a red apple", "a dark forest", "a white boat", "a small bird"]
+sig = lambda x: 1 / (1 + math.exp(-x))
+
+
+def test_d3po_loss_by_hand():
+    lr0 = torch.tensor([0.05, -0.3, 0.01], dtype=torch.float64)
+    lr1 = torch.tensor([-0.02, 0.02, 0.5], dtype=torch.float64)
+    first = torch.tensor([True, False, True])
+    beta, eps = 2.0, 0.1
+    got = d3po_loss(lr0, lr1, first, beta, eps)
+    for i in range(3):
+        clip = lambda v: math.log(min(max(math.exp(v), 1 - eps), 1 + eps))
+        pref = 1 if first[i] else -1
+        want = -math.log(sig(beta * (pref * clip(lr0[i].item()) - pref * clip(lr1[i].item()))))
+        assert got[i].item() == pytest.approx(want, rel=1e-12)
+    # a ratio beyond the clip carries no gradient
+    x = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
+    d3po_loss(x, torch.zeros(1, dtype=torch.float64), torch.tensor([True]), beta, eps).sum().backward()
+    assert x.grad.item() == 0
+
+
+def test_ppo_loss_and_advantages_by_hand():
+    rewards = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 8.0]], dtype=torch.float64)
+    a = advantages(rewards, 5.0)
+    assert a[0].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-7)
+    m, sd = 6.0, math.sqrt(((5 - 6) ** 2 * 2 + (8 - 6) ** 2) / 2)
+    assert a[1].tolist() == pytest.approx([(5 - m) / sd, (5 - m) / sd, (8 - m) / sd], abs=1e-7)
+    assert advantages(torch.tensor([[0.0], [100.0]]), 0.5).tolist() == [[-0.5], [0.5]]
+    lp = torch.tensor([0.0, 0.3, -0.3], dtype=torch.float64)
+    old = torch.zeros(3, dtype=torch.float64)
+    adv = torch.tensor([2.0, 1.0, -1.0], dtype=torch.float64)
+    got = ppo_loss(lp, old, adv, 0.2)
+    want = [max(-A * math.exp(l), -A * min(max(math.exp(l), 0.8), 1.2)) for l, A in zip(lp.tolist(), adv.tolist())]
+    assert got.tolist() == pytest.approx(want, rel=1e-12)
+
+
+@pytest.fixture(scope="module")
+def fewstep(cache_dir):
+    model = load_model(to_dict(compose(["model=tiny-fewstep"]))["model"], cache_dir).to(dtype=torch.float32)
+    add_lora(model.unet, 4, 4, seed=0)
+    return model
+
+
+def unit_logratios(ctx, batch, ref: bool):
+    """log p_theta (minus log p_ref, or log p_old when ref is False) of every (trajectory, step)."""
+    states = batch["states"].flatten(0, 1)
+    prompts = [PROMPTS[int(i)] for i in batch["prompt_index"] for _ in range(batch["states"].shape[1])]
+    out = []
+    with torch.no_grad():
+        for i in range(states.shape[1] - 2):
+            lp = transition_log_probs(ctx, states[:, i], states[:, i + 1], i, prompts)
+            if ref:
+                with ctx.reference():
+                    lp = lp - transition_log_probs(ctx, states[:, i], states[:, i + 1], i, prompts)
+            else:
+                lp = lp - batch["log_probs"].flatten(0, 1)[:, i]
+            out.append(lp)
+    return torch.stack(out, 1).reshape(*batch["rewards"].shape, -1)
+
+
+@pytest.mark.parametrize("name", ["d3po", "ddpo"])
+def test_one_step_moves_the_objective(name, fewstep, tmp_path):
+    model = copy.deepcopy(fewstep)
+    cfg = {"prompts_per_round": 4, "epochs_per_round": 1, "seed": 0, "reward": "brightness"}
+    method = D3PO({**cfg, "beta": 1.0, "eps": 0.5}) if name == "d3po" else DDPO({**cfg, "samples_per_prompt": 4, "clip_range": 0.5, "adv_clip_max": 5.0})
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 64, progress=False, workdir=tmp_path)
+    spr = method.steps_per_round(ctx)
+    assert spr == 1  # batch 64 holds the whole round: 4 pairs x 3 steps, or 16 trajectories x 3 steps
+    batch = method.rounds().get(ctx, 0, spr)
+
+    def objective():
+        if name == "d3po":  # preferred minus dispreferred log-ratio against the reference
+            lr = unit_logratios(ctx, batch, ref=True)
+            first = (batch["rewards"][:, 0] > batch["rewards"][:, 1]).double() * 2 - 1
+            return (first[:, None] * (lr[:, 0] - lr[:, 1])).mean()
+        lr = unit_logratios(ctx, batch, ref=False)  # advantage-weighted log-likelihood over the sampling policy
+        return (advantages(batch["rewards"], 5.0)[..., None] * lr).mean()
+
+    assert abs(float(objective())) < 1e-9  # the model is still the reference / sampling policy
+    params = [p for p in model.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-3)
+    loss, _ = method.loss(ctx, {}, torch.Generator())
+    loss.backward()
+    opt.step()
+    assert objective() > 0
+
+
+@pytest.mark.parametrize("method", ["d3po", "ddpo"])
+def test_online_baselines_end_to_end(cli, method):
+    code, out, err = cli("run", "suite=micro", "model=tiny-fewstep", f"method={method}", "suite.limit=2", "train.steps=3",
+                         "train.batch_size=4", "method.prompts_per_round=2")
+    assert code == 0, err
+    assert f"micro / tiny-fewstep / {method} vs" in out
