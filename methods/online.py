@@ -38,7 +38,7 @@ def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Ten
     t, t_prev = steps[i], steps[i + 1]
     cond = cond if cond is not None else model.encode_prompts(prompts)
     guidance = model.sampler.guidance
-    uncond = model.unconditional(len(prompts)) if guidance > 1.0 else None
+    uncond = model.unconditional(len(prompts)) if model.uses_cfg(guidance) else None
     eps = model.predict_eps(x_t, t, cond, uncond, guidance)
     step = model.transition(x_t, model.x0_from_eps(x_t, eps, t), eps, t, t_prev)
     return gaussian_log_prob(x_prev.double(), step.mean.double(), step.std.double())

@@ -140,3 +140,50 @@ def test_bench_run_pso_online_end_to_end(cli):
     assert sorted(p.name for p in (ckpt.parent / "rounds").iterdir()) == ["round-000002.safetensors"]
     code, out1, err = cli("train", *args, "gen.steps=1")
     assert code == 0 and out1 == out, err  # training uses the model's own 4 steps: gen.steps=1 reuses the checkpoint
+
+
+# ---- generic PSO (Eq. 5): forward-noised target, reference sampled from the tuned model ----------
+def test_generic_pso_loss_by_hand():
+    from bench.methods.pso import pso_loss
+
+    gap = torch.tensor([0.02, -0.01], dtype=torch.float64)  # target: model error minus pre-trained error
+    lr_rho = torch.tensor([0.03, -0.05], dtype=torch.float64)  # reference: log p_theta - log p_pre
+    losses, margin = pso_loss(gap, lr_rho, 5.0)
+    for i in range(2):
+        m = gap[i].item() + lr_rho[i].item()
+        assert losses[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(5.0 * m))), rel=1e-12)
+        assert margin[i].item() == pytest.approx(-m)
+
+
+def test_generic_pso_step_raises_its_margin(fewstep):
+    from bench.methods.preference_data import MemoryPairs, draw_noise, predict
+    from bench.methods.pso import PSO
+
+    model = copy.deepcopy(fewstep).to(dtype=torch.float32)
+    ctx = TrainContext(model, PROMPTS, None, 0, torch.device("cpu"), 4, progress=False)
+    g = torch.Generator().manual_seed(3)
+    pattern = torch.randn(1, 4, 8, 8, generator=g)
+    data = {"latents_w": pattern + 0.3 * torch.randn(4, 4, 8, 8, generator=g), "latents_l": torch.zeros(4, 4, 8, 8),
+            "prompt_index": torch.arange(4), "ties_dropped": torch.tensor(0)}
+    method = PSO({"beta": 5.0, "reduction": "sum", "samples_per_prompt": 2, "reward": None, "seed": 0, "drop_ties": True, "prompt_dropout": 0.0})
+    with torch.no_grad():  # a fixed reference trajectory and fixed target noise to measure -M on
+        _, states, _ = model.sample(PROMPTS, [torch.Generator().manual_seed(i) for i in range(4)], trajectory=True)
+    states = torch.stack(states, 1)
+    steps = model.timesteps()[:3]
+    x0 = data["latents_w"].repeat_interleave(3, 0)
+    noise = draw_noise(x0.shape, torch.Generator().manual_seed(9), ctx)
+
+    def margin():
+        with torch.no_grad():
+            out = predict(ctx, x0, [p for p in PROMPTS for _ in range(3)], torch.tensor(steps).repeat(4), noise)
+            err, pre = out.errors("sum")
+            return (-((err - pre).reshape(4, 3).sum(1) + trajectory_logratio(ctx, states, PROMPTS))).mean()
+
+    assert margin() == 0
+    opt = torch.optim.AdamW([p for p in model.unet.parameters() if p.requires_grad], lr=1e-3)
+    loss, _ = method.loss(ctx, data, torch.Generator().manual_seed(0))
+    assert loss.item() == pytest.approx(math.log(2), rel=1e-6)
+    loss.backward()
+    opt.step()
+    assert margin() > 0
+    assert MemoryPairs(data, PROMPTS).manifest()["pairs"] == 4

@@ -51,3 +51,30 @@ def test_euler_ancestral_trajectory_equals_diffusers(model, steps):
             x = sched.step(eps, t, x, generator=g).prev_sample
     torch.testing.assert_close(ours, x, rtol=1e-5, atol=1e-5)
     assert float(ours.abs().mean()) > 0.1
+
+
+def test_guidance_distilled_unet_takes_the_scale_as_an_embedding(model):
+    """LCM-distilled UNets (time_cond_proj_dim) get w = guidance - 1 as a sinusoidal embedding, in one pass."""
+    import copy
+
+    from diffusers import UNet2DConditionModel
+
+    from bench.config import compose, to_dict
+
+    m = copy.deepcopy(model).to(dtype=torch.float64)
+    spec = to_dict(compose(["model=tiny"]))["model"]["build"]["unet"]
+    torch.manual_seed(0)
+    m.unet = UNet2DConditionModel(**spec, time_cond_proj_dim=16).double().eval()
+    assert not m.uses_cfg(8.0) and model.uses_cfg(8.0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    cond = m.encode_prompts(["a red cat", "a dog"])
+    with torch.no_grad():
+        got = m.predict_eps(x, 500, cond, m.unconditional(2), guidance=8.0)
+        # w = 7, scaled by 1000, against 8 frequencies 10000^(-k/7): [sin, cos]
+        freqs = torch.exp(-torch.arange(8, dtype=torch.float64) * math.log(10000.0) / 7)
+        emb = torch.cat([torch.sin(7000.0 * freqs), torch.cos(7000.0 * freqs)]).repeat(2, 1)
+        want = m.unet(x, torch.tensor([500, 500]), encoder_hidden_states=cond.hidden, timestep_cond=emb).sample
+        plain = m.predict_eps(x, 500, cond, m.unconditional(2), guidance=1.0)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # diffusers takes log(10000) in float32
+    assert float((got - plain).abs().max()) > 1e-4

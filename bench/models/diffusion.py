@@ -168,11 +168,11 @@ class DiffusionModel:
             return empty
         return Conditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled), empty.time_ids)
 
-    def denoise(self, x_t, t, cond: Conditioning, unet=None) -> torch.Tensor:
+    def denoise(self, x_t, t, cond: Conditioning, unet=None, timestep_cond=None) -> torch.Tensor:
         """The UNet's epsilon prediction at per-sample (or one shared) timestep t."""
         t = torch.as_tensor(t, device=x_t.device)
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        return (unet or self.unet)(x_t, t, **cond.unet_kwargs()).sample
+        return (unet or self.unet)(x_t, t, timestep_cond=timestep_cond, **cond.unet_kwargs()).sample
 
     # ---- the MDP ---------------------------------------------------------------------------
     def timesteps(self, sampler: Sampler | None = None) -> list[int]:
@@ -181,7 +181,21 @@ class DiffusionModel:
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
 
+    def uses_cfg(self, guidance: float) -> bool:
+        """Whether a guidance scale means a second, unconditional pass (not for guidance-embedded UNets)."""
+        return guidance > 1.0 and not self.unet.config.get("time_cond_proj_dim")
+
     def predict_eps(self, x_t, t: int, cond, uncond=None, guidance: float = 1.0, unet=None) -> torch.Tensor:
+        """Epsilon with classifier-free guidance, or, for a guidance-distilled UNet (LCM's
+        ``time_cond_proj_dim``), with the scale fed in as an embedding of w = guidance - 1 in one
+        pass, as diffusers' pipelines do."""
+        embed_dim = (unet or self.unet).config.get("time_cond_proj_dim")
+        if embed_dim:
+            from diffusers import StableDiffusionXLPipeline
+
+            w = torch.full((x_t.shape[0],), guidance - 1.0)
+            w_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding(None, w, embedding_dim=embed_dim, dtype=x_t.dtype)
+            return self.denoise(x_t, t, cond, unet, timestep_cond=w_embedding.to(x_t.device))
         if uncond is None or guidance <= 1.0:
             return self.denoise(x_t, t, cond, unet)
         eps_u, eps_c = self.denoise(torch.cat([x_t, x_t]), t, Conditioning.cat([uncond, cond]), unet).chunk(2)
@@ -250,7 +264,7 @@ class DiffusionModel:
             self.device, self.dtype
         )
         cond = self.encode_prompts(prompts)
-        uncond = self.unconditional(len(prompts)) if sampler.guidance > 1.0 else None
+        uncond = self.unconditional(len(prompts)) if self.uses_cfg(sampler.guidance) else None
         steps = self.timesteps(sampler)
         x = draw() * self.initial_scale(steps[0], sampler)
         states, transitions = [x], []
