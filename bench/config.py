@@ -1,7 +1,8 @@
 """Configuration: defaults + the selected model, method and suite YAMLs + ``key=value`` overrides.
 
 Composition order, later wins: ``DEFAULTS`` < suite's ``gen`` < method's ``train``/``gen`` <
-command-line overrides. The tree is in OmegaConf struct mode, so a mistyped key
+command-line overrides. A method preset's ``base_model`` picks the model when ``model=`` is not
+given; ``data=`` names a pair dataset (or a local parquet file or folder). The tree is in OmegaConf struct mode, so a mistyped key
 is an error that names the closest existing key, not a silently ignored value.
 """
 
