@@ -1,0 +1,47 @@
+"""The DreamBench layout read from the real copy in ../shared/data/dreambench."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.dreambench import read_dreambench
+from bench.errors import DataError
+
+from conftest import SHARED_DATA
+
+DREAMBENCH = SHARED_DATA / "dreambench"
+
+
+@pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/data/dreambench is not beside this checkout")
+def test_reads_the_real_dreambench():
+    subjects = read_dreambench(DREAMBENCH)
+    assert len(subjects) == 30 and sum(len(s.images) for s in subjects.values()) == 158
+    assert sorted(n for n, s in subjects.items() if s.live) == ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]
+    dog, backpack = subjects["dog"], subjects["backpack_dog"]
+    assert dog.class_name == "dog" and len(dog.images) == 5 and dog.images[0].name == "00.jpg"
+    assert backpack.class_name == "backpack" and not backpack.live
+    assert dog.prompts()[0] == "a sks dog in the jungle" and dog.prompts()[10] == "a sks dog wearing a red hat"
+    assert backpack.prompts("[V]")[24] == "a cube shaped [V] backpack"
+    assert all(len(s.prompts()) == 25 for s in subjects.values())
+    assert dog.instance_prompt() == "a photo of sks dog"
+    assert subjects["bear_plushie"].prompts()[20] == "a red sks stuffed animal"
+
+
+def test_malformed_or_missing_dreambench_is_one_clear_line(tmp_path):
+    with pytest.raises(DataError, match="prompts_and_classes.txt"):
+        read_dreambench(tmp_path)
+    data = tmp_path / "dataset"
+    data.mkdir()
+    (data / "prompts_and_classes.txt").write_text(
+        "Classes\n\nsubject_name,class\ndog,dog\n\nPrompts\n\nObject Prompts\n\nprompt_list = [\n"
+        "'a {0} {1} in the jungle'.format(unique_token, class_token),\n]\n\nLive Subject Prompts\n\nprompt_list = [\n"
+        "'a {0} {1} in the snow'.format(unique_token, class_token)\n]\n"
+    )
+    with pytest.raises(DataError, match="subject 'dog' has no images"):
+        read_dreambench(tmp_path)
+    (data / "dog").mkdir()
+    (data / "dog" / "00.jpg").write_bytes(b"")
+    assert read_dreambench(tmp_path)["dog"].prompts() == ["a sks dog in the snow"]
+    (data / "prompts_and_classes.txt").write_text("Classes\n\nsubject_name,class\ndog dog\n")
+    with pytest.raises(DataError, match="malformed DreamBench class row"):
+        read_dreambench(tmp_path)
