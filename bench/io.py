@@ -36,6 +36,11 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n")
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE asks for no network (read now, not at import as the hub libraries do)."""
+    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+
+
 def progress(iterable=None, enabled: bool = True, **kwargs):
     """A tqdm bar that stays quiet when disabled or when stderr is not a terminal (CI logs)."""
     from tqdm.auto import tqdm

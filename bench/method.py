@@ -16,7 +16,7 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -42,7 +42,6 @@ class TrainContext:
     save_every: int = 1  # checkpoint interval: what a resume can need
     step: int = 0  # set by the trainer before each micro-batch: streamed data reads by position
     micro: int = 0
-    logs: dict = field(default_factory=dict)
 
     @contextmanager
     def reference(self):

@@ -12,13 +12,13 @@ from __future__ import annotations
 import contextlib
 import glob
 import io
-import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from bench.errors import DataError
+from bench.io import hub_offline
 
 COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 SCHEMA = "Pick-a-Pic v2 (caption, jpg_0, jpg_1, label_0)"
@@ -67,16 +67,12 @@ def _local_files(source: str) -> list[str]:
     raise DataError(f"preference data not found: {path} (set data.source=PATH to a .parquet file, a folder of them or a glob)")
 
 
-def _env_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
 @contextlib.contextmanager
 def _offline_as_env():
     """`datasets` reads HF_HUB_OFFLINE once at import; honour the variable as it is now, so an offline run never waits on the network."""
     import datasets.config
 
-    if not _env_offline():
+    if not hub_offline():
         yield
         return
     before = datasets.config.HF_HUB_OFFLINE

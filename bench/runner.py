@@ -102,8 +102,8 @@ class Session:
             torch.backends.cudnn.deterministic = True
         self.sampler = make_sampler(self.cfg["model"]["sampler"], self.cfg["gen"]["steps"], self.cfg["gen"]["guidance"])
 
-    def model(self, checkpoint: Checkpoint | None = None) -> DiffusionModel:
-        model = load_model(self.cfg["model"], self.cache, self.sampler)
+    def model(self, checkpoint: Checkpoint | None = None, sampler=None) -> DiffusionModel:
+        model = load_model(self.cfg["model"], self.cache, sampler or self.sampler)
         if checkpoint is not None:
             apply_checkpoint(model, checkpoint)
         return model
@@ -206,7 +206,7 @@ class Session:
         """Train with the model's own sampler: gen.steps and gen.guidance change evaluation only,
         so a model tuned at its 4 steps is evaluated at 1 step from the same checkpoint."""
         method, reward = self.resolve_method()
-        model = load_model(self.cfg["model"], self.cache, make_sampler(self.cfg["model"]["sampler"])).to(self.device, torch.float32)
+        model = self.model(sampler=make_sampler(self.cfg["model"]["sampler"])).to(self.device, torch.float32)
         return Trainer(self.cfg, model, method, self.suite.train_prompts, reward, self.device, self.cache, self.progress).run()
 
 

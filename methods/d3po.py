@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.method import TrainContext
-from bench.methods.online import OnlineMethod, stochastic_steps, transition_log_probs
+from bench.methods.online import OnlineMethod, unit_log_probs
 
 
 def d3po_loss(logratio_0, logratio_1, first_preferred, beta: float, eps: float) -> torch.Tensor:
@@ -35,7 +35,7 @@ class D3PO(OnlineMethod):
         return 2
 
     def units_per_prompt(self, ctx: TrainContext) -> int:
-        return stochastic_steps(ctx.model.timesteps())  # one unit per pair and stochastic step
+        return len(ctx.model.stochastic_timesteps())  # one unit per pair and stochastic step
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
         r, batch, units = self.next_units(ctx)
@@ -46,13 +46,7 @@ class D3PO(OnlineMethod):
         states = batch["states"][pair]  # (B, 2, N + 1, C, h, w)
         x_t = torch.cat([states[torch.arange(len(units)), s, step] for s in (0, 1)]).to(**to)
         x_prev = torch.cat([states[torch.arange(len(units)), s, step + 1] for s in (0, 1)]).to(**to)
-        logratio = torch.zeros(2 * len(units), dtype=torch.float64, device=ctx.device)
-        for i in step.unique().tolist():  # one transition index at a time: each has its own timestep
-            rows = torch.cat([step == i, step == i]).to(ctx.device)
-            sub = [p for p, keep in zip(prompts, rows.tolist()) if keep]
-            with torch.no_grad(), ctx.reference():
-                ref = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub)
-            logratio = logratio.index_put((rows.nonzero().squeeze(1),), transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub) - ref)
+        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True)
         first_preferred = (batch["rewards"][pair, 0] > batch["rewards"][pair, 1]).to(ctx.device)
         lr0, lr1 = logratio.chunk(2)
         losses = d3po_loss(lr0, lr1, first_preferred, float(self.cfg["beta"]), float(self.cfg["eps"]))

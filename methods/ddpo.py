@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from bench.method import TrainContext
-from bench.methods.online import OnlineMethod, stochastic_steps, transition_log_probs
+from bench.methods.online import OnlineMethod, unit_log_probs
 
 
 def advantages(rewards: torch.Tensor, clip_max: float) -> torch.Tensor:
@@ -39,11 +39,11 @@ class DDPO(OnlineMethod):
     name = "ddpo"
 
     def units_per_prompt(self, ctx: TrainContext) -> int:
-        return self.samples_per_prompt() * stochastic_steps(ctx.model.timesteps())  # a trajectory at each step
+        return self.samples_per_prompt() * len(ctx.model.stochastic_timesteps())  # a trajectory at each step
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
         r, batch, units = self.next_units(ctx)
-        s, k = self.samples_per_prompt(), stochastic_steps(ctx.model.timesteps())
+        s, k = self.samples_per_prompt(), len(ctx.model.stochastic_timesteps())
         traj, step = units // k, units % k
         states = batch["states"].flatten(0, 1)[traj]
         old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)
@@ -52,10 +52,6 @@ class DDPO(OnlineMethod):
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         rows = torch.arange(len(units))
         x_t, x_prev = states[rows, step].to(**to), states[rows, step + 1].to(**to)
-        losses = torch.zeros(len(units), dtype=torch.float64, device=ctx.device)
-        for i in step.unique().tolist():
-            m = (step == i).to(ctx.device)
-            sub = [p for p, keep in zip(prompts, m.tolist()) if keep]
-            lp = transition_log_probs(ctx, x_t[m], x_prev[m], i, sub)
-            losses = losses.index_put((m.nonzero().squeeze(1),), ppo_loss(lp, old[m], adv[m], float(self.cfg["clip_range"])))
+        log_prob = unit_log_probs(ctx, x_t, x_prev, step, prompts)
+        losses = ppo_loss(log_prob, old, adv, float(self.cfg["clip_range"]))
         return losses.mean(), {"round": r}

@@ -21,16 +21,6 @@ from bench.method import Method, TrainContext
 from bench.models.diffusion import gaussian_log_prob
 
 
-def stochastic_steps(timesteps: list[int]) -> int:
-    """How many transitions of a sampler are stochastic: all but the last, deterministic one."""
-    if len(timesteps) < 2:
-        raise ValueError(
-            f"online methods train on the stochastic steps of the sampler, and {len(timesteps)} step(s) have none: "
-            "train with the model's multi-step sampler (e.g. its 4 steps) and evaluate at 1 step with gen.steps=1"
-        )
-    return len(timesteps) - 1
-
-
 def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Tensor, i: int, prompts: list[str], cond=None) -> torch.Tensor:
     """log p(x_prev | x_t) of the sampler's i-th transition under the model as it is now (per sample)."""
     model = ctx.model
@@ -42,6 +32,22 @@ def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Ten
     eps = model.predict_eps(x_t, t, cond, uncond, guidance)
     step = model.transition(x_t, model.x0_from_eps(x_t, eps, t), eps, t, t_prev)
     return gaussian_log_prob(x_prev.double(), step.mean.double(), step.std.double())
+
+
+def unit_log_probs(ctx: TrainContext, x_t, x_prev, step: torch.Tensor, prompts: list[str], reference: bool = False) -> torch.Tensor:
+    """log p_theta(x_prev | x_t) of training units that each sit at their own sampler step
+    ``step`` (one batched pass per distinct step); minus log p_ref with ``reference``."""
+    out = torch.zeros(len(step), dtype=torch.float64, device=ctx.device)
+    for i in step.unique().tolist():
+        rows = (step == i).to(ctx.device)
+        sub = [p for p, keep in zip(prompts, rows.tolist()) if keep]
+        lp = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub)
+        if reference:
+            with torch.no_grad(), ctx.reference():
+                ref = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub)
+            lp = lp - ref
+        out = out.index_put((rows.nonzero().squeeze(1),), lp)
+    return out
 
 
 class OnlineRounds:
@@ -86,7 +92,7 @@ class OnlineRounds:
         x0, states, _ = ctx.model.sample(prompts, gens, trajectory=True)
         rewards = ctx.rewards(x0, prompts)
         states = torch.stack(states, dim=1)  # (n s, N + 1, C, h, w)
-        k = stochastic_steps(ctx.model.timesteps())
+        k = len(ctx.model.stochastic_timesteps())
         cond = ctx.model.encode_prompts(prompts)
         log_probs = torch.stack([transition_log_probs(ctx, states[:, i], states[:, i + 1], i, prompts, cond) for i in range(k)], dim=1)
         shape = lambda x: x.reshape(n, s, *x.shape[1:]).contiguous()
@@ -124,7 +130,7 @@ class OnlineMethod(Method):
         return self.rounds().batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx)) * int(self.cfg["epochs_per_round"])
 
     def prepare(self, ctx: TrainContext) -> dict:
-        stochastic_steps(ctx.model.timesteps())  # fail now, not after the first round, on a 1-step sampler
+        ctx.model.stochastic_timesteps()  # fail now, not after the first round, on a 1-step sampler
         return {}
 
     def next_units(self, ctx: TrainContext) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
@@ -135,13 +141,12 @@ class OnlineMethod(Method):
         per_epoch = rounds.batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx))
         epoch, b = divmod((within * ctx.grad_accum + ctx.micro) % (per_epoch * rounds.epochs), per_epoch)
         order = rounds.order(r, epoch, rounds.prompts_per_round * self.units_per_prompt(ctx))
-        ctx.logs["rounds"] = r + 1
         return r, batch, order[b * ctx.batch_size : (b + 1) * ctx.batch_size]
 
     def data_manifest(self, ctx: TrainContext, data) -> dict:
         return {
             "source": "online",
-            "rounds": int(ctx.logs.get("rounds", 0)),
+            "rounds": ctx.step // self.steps_per_round(ctx) + 1,  # ctx.step is the last step trained
             "prompts_per_round": int(self.cfg["prompts_per_round"]),
             "samples_per_prompt": self.samples_per_prompt(),
         }

@@ -92,7 +92,7 @@ class StreamedPairs:
     """Pairs read from a dataset in stream order: micro-batch (step, micro) is the next block of
     ``batch_size`` pairs, so a resumed run reads exactly the pairs an uninterrupted one would."""
 
-    def __init__(self, data_cfg: dict, ctx: TrainContext):
+    def __init__(self, data_cfg: dict):
         from bench.pairs import PairStream
 
         self.stream = PairStream(data_cfg)
@@ -196,7 +196,7 @@ class PairMethod(Method):
 
     def prepare(self, ctx: TrainContext):
         if ctx.data_cfg:
-            return StreamedPairs(ctx.data_cfg, ctx)
+            return StreamedPairs(ctx.data_cfg)
         return best_worst_pairs(ctx, int(self.cfg["samples_per_prompt"]), int(self.cfg["seed"]), bool(self.cfg["drop_ties"]))
 
     def source(self, ctx: TrainContext, data) -> MemoryPairs | StreamedPairs:

@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from bench.generate import derived_seed
-from bench.methods.online import stochastic_steps
 from bench.methods.preference_data import PairMethod, draw_noise, predict
 from bench.methods.pso_online import trajectory_logratio
 
@@ -35,14 +33,14 @@ def pso_loss(eps_gap_tau: torch.Tensor, logratio_rho: torch.Tensor, beta: float)
 
 class PSO(PairMethod):
     def prepare(self, ctx):
-        stochastic_steps(ctx.model.timesteps())
+        ctx.model.stochastic_timesteps()  # fail before making data on a 1-step sampler
         return super().prepare(ctx)
 
     def loss(self, ctx, data, generator: torch.Generator):
         model = ctx.model
         pairs = self.pairs(ctx, data, generator)
         n = pairs.x_w.shape[0]
-        steps = model.timesteps()[: stochastic_steps(model.timesteps())]
+        steps = model.stochastic_timesteps()
         k = len(steps)
         # target: forward-noised at every trained timestep, epsilon form
         x0 = pairs.x_w.repeat_interleave(k, dim=0)
@@ -51,7 +49,7 @@ class PSO(PairMethod):
         err, pre = out.errors(self.cfg["reduction"])
         eps_gap = (err - pre).reshape(n, k).sum(1)
         # reference: a trajectory sampled now from the model being tuned, for the same prompts
-        gens = [torch.Generator().manual_seed(derived_seed("pso-reference", int(torch.randint(0, 2**62, (), generator=generator)))) for _ in range(n)]
+        gens = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator))) for _ in range(n)]
         with torch.no_grad():
             _, states, _ = model.sample(pairs.prompts, gens, trajectory=True)
         logratio = trajectory_logratio(ctx, torch.stack(states, 1), pairs.prompts)

@@ -20,16 +20,6 @@ import torch.nn.functional as F
 from bench.methods.preference_data import Pairs, PairMethod, predict_pairs
 
 
-def trained_timesteps(sampler_timesteps: list[int]) -> list[int]:
-    """t_N .. t_2: every sampler timestep but the last, deterministic one."""
-    if len(sampler_timesteps) < 2:
-        raise ValueError(
-            f"PSO trains on the stochastic steps of the few-step sampler, and {len(sampler_timesteps)} step(s) have none: "
-            "train with the model's multi-step sampler (e.g. its 4 steps) and evaluate at 1 step with gen.steps=1"
-        )
-    return list(sampler_timesteps[:-1])
-
-
 def pso_offline_loss(err_tau, pre_tau, err_rho, pre_rho, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair Eq. 6 from squared errors of shape (pairs, trained steps); returns the loss
     and the implicit reward margin -M (positive when the target is favoured)."""
@@ -39,7 +29,7 @@ def pso_offline_loss(err_tau, pre_tau, err_rho, pre_rho, beta: float) -> tuple[t
 
 class OfflinePSO(PairMethod):
     def loss(self, ctx, data, generator: torch.Generator):
-        steps = trained_timesteps(ctx.model.timesteps())
+        steps = ctx.model.stochastic_timesteps()
         pairs = self.pairs(ctx, data, generator)
         n, k = pairs.x_w.shape[0], len(steps)
         # Every pair at every trained timestep, in one batch: row (i, n) = pair i at step t_n.

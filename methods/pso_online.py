@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.method import TrainContext
-from bench.methods.online import OnlineMethod, stochastic_steps, transition_log_probs
+from bench.methods.online import OnlineMethod, transition_log_probs
 
 
 def pso_online_loss(logratio_tau: torch.Tensor, logratio_rho: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,7 +37,7 @@ def trajectory_logratio(ctx: TrainContext, states: torch.Tensor, prompts: list[s
     ``states`` is (B, N + 1, C, h, w): x_{t_N}, ..., x_{t_1}, x_0 as sampled."""
     cond = ctx.model.encode_prompts(prompts)
     total = torch.zeros(states.shape[0], device=ctx.device, dtype=torch.float64)
-    for i in range(stochastic_steps(ctx.model.timesteps())):
+    for i in range(len(ctx.model.stochastic_timesteps())):
         with torch.no_grad(), ctx.reference():
             pre = transition_log_probs(ctx, states[:, i], states[:, i + 1], i, prompts, cond)
         total = total + (transition_log_probs(ctx, states[:, i], states[:, i + 1], i, prompts, cond) - pre)

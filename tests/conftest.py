@@ -40,10 +40,16 @@ def cli(cache_dir, tmp_path, capsys):
 
 
 @pytest.fixture(scope="session")
-def tiny_cfg() -> dict:
+def model_cfg():
+    """The resolved config of a registered model, by name."""
     from bench.config import compose, to_dict
 
-    return to_dict(compose(["model=tiny"]))["model"]
+    return lambda name: to_dict(compose([f"model={name}"]))["model"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(model_cfg) -> dict:
+    return model_cfg("tiny")
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +58,20 @@ def loaded(tiny_cfg, cache_dir):
     from bench.models import load_model
 
     return load_model(tiny_cfg, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def fewstep_lora(model_cfg, cache_dir):
+    """tiny-fewstep in float64 with a fresh rank-4 LoRA (B = 0: the model is its own reference).
+    Tests deep-copy it before training."""
+    import torch
+
+    from bench.models import load_model
+    from bench.trainer import add_lora
+
+    model = load_model(model_cfg("tiny-fewstep"), cache_dir).to(dtype=torch.float64)
+    add_lora(model.unet, 4, 4, seed=0)
+    return model
 
 
 @pytest.fixture

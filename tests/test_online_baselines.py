@@ -9,14 +9,11 @@ import math
 import pytest
 import torch
 
-from bench.config import compose, to_dict
 from bench.method import TrainContext
 from bench.methods.d3po import D3PO, d3po_loss
 from bench.methods.ddpo import DDPO, advantages, ppo_loss
 from bench.methods.online import transition_log_probs
 from bench.metrics.weightfree import Brightness
-from bench.models import load_model
-from bench.trainer import add_lora
 
 PROMPTS = ["a red apple", "a dark forest", "a white boat", "a small bird"]
 sig = lambda x: 1 / (1 + math.exp(-x))
@@ -54,13 +51,6 @@ def test_ppo_loss_and_advantages_by_hand():
     assert got.tolist() == pytest.approx(want, rel=1e-12)
 
 
-@pytest.fixture(scope="module")
-def fewstep(cache_dir):
-    model = load_model(to_dict(compose(["model=tiny-fewstep"]))["model"], cache_dir).to(dtype=torch.float32)
-    add_lora(model.unet, 4, 4, seed=0)
-    return model
-
-
 def unit_logratios(ctx, batch, ref: bool):
     """log p_theta (minus log p_ref, or log p_old when ref is False) of every (trajectory, step)."""
     states = batch["states"].flatten(0, 1)
@@ -79,8 +69,8 @@ def unit_logratios(ctx, batch, ref: bool):
 
 
 @pytest.mark.parametrize("name", ["d3po", "ddpo"])
-def test_one_step_moves_the_objective(name, fewstep, tmp_path):
-    model = copy.deepcopy(fewstep)
+def test_one_step_moves_the_objective(name, fewstep_lora, tmp_path):
+    model = copy.deepcopy(fewstep_lora).to(dtype=torch.float32)
     cfg = {"prompts_per_round": 4, "epochs_per_round": 1, "seed": 0, "reward": "brightness"}
     method = D3PO({**cfg, "beta": 1.0, "eps": 0.5}) if name == "d3po" else DDPO({**cfg, "samples_per_prompt": 4, "clip_range": 0.5, "adv_clip_max": 5.0})
     ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 64, progress=False, workdir=tmp_path)

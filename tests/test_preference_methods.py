@@ -15,9 +15,9 @@ from bench.methods.diffusion_kto import DiffusionKTO, kto_loss
 from bench.methods.dspo import DSPO, dspo_sd15_loss, dspo_sdxl_loss
 from bench.methods.mapo import MaPO, mapo_loss
 from bench.methods.preference_data import MemoryPairs, Pairs, Predictions, drop_prompts, predict_pairs
-from bench.methods.pso_offline import OfflinePSO, pso_offline_loss, trained_timesteps
+from bench.methods.pso_offline import OfflinePSO, pso_offline_loss
+from bench.models.diffusion import trained_timesteps
 from bench.methods.sft import SFT
-from bench.trainer import add_lora
 
 sig = lambda x: 1 / (1 + math.exp(-x))
 
@@ -152,19 +152,9 @@ METHODS = {
 }
 
 
-@pytest.fixture(scope="module")
-def fewstep_lora(cache_dir):
-    from bench.config import compose, to_dict
-    from bench.models import load_model
-
-    model = load_model(to_dict(compose(["model=tiny-fewstep"]))["model"], cache_dir).to(dtype=torch.float32)
-    add_lora(model.unet, 4, 4, seed=0)
-    return model
-
-
 @pytest.mark.parametrize("name", list(METHODS))
 def test_one_step_raises_the_implicit_reward_margin(name, fewstep_lora):
-    model = copy.deepcopy(fewstep_lora)
+    model = copy.deepcopy(fewstep_lora).to(dtype=torch.float32)
     cls, cfg = METHODS[name]
     method = cls({**BASE, **cfg})
     g = torch.Generator().manual_seed(3)

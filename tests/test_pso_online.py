@@ -11,12 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.config import compose, to_dict
 from bench.method import TrainContext
 from bench.methods.pso_online import OnlinePSO, pso_online_loss, trajectory_logratio
 from bench.metrics.weightfree import Brightness
-from bench.models import load_model
-from bench.trainer import add_lora
 
 PROMPTS = ["a red apple", "a dark forest", "a white boat", "a small bird"]
 CFG = {"beta": 5.0, "prompts_per_round": 4, "epochs_per_round": 1, "reward": "brightness", "seed": 0}
@@ -32,13 +29,6 @@ def test_loss_equals_eq7_by_hand():
         assert losses[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-5.0 * m))), rel=1e-12)
 
 
-@pytest.fixture(scope="module")
-def fewstep(cache_dir):
-    model = load_model(to_dict(compose(["model=tiny-fewstep"]))["model"], cache_dir).to(dtype=torch.float64)
-    add_lora(model.unet, 4, 4, seed=0)
-    return model
-
-
 def perturbed(model):
     """A copy whose LoRA B matrices are non-zero, so the model differs from its reference."""
     model = copy.deepcopy(model)
@@ -50,8 +40,8 @@ def perturbed(model):
     return model
 
 
-def test_trajectory_logratio_equals_the_gaussian_closed_form(fewstep):
-    model = perturbed(fewstep)
+def test_trajectory_logratio_equals_the_gaussian_closed_form(fewstep_lora):
+    model = perturbed(fewstep_lora)
     ctx = TrainContext(model, PROMPTS, None, 0, torch.device("cpu"), 2, progress=False)
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     with torch.no_grad():
@@ -77,8 +67,8 @@ def test_trajectory_logratio_equals_the_gaussian_closed_form(fewstep):
     assert float(want.abs().min()) > 1e-3
 
 
-def test_round_pairs_are_reward_ordered_and_kept(fewstep, tmp_path):
-    model = copy.deepcopy(fewstep)
+def test_round_pairs_are_reward_ordered_and_kept(fewstep_lora, tmp_path):
+    model = copy.deepcopy(fewstep_lora)
     ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path)
     method = OnlinePSO(CFG)
     pairs = method.round_pairs(ctx, 0)
@@ -99,14 +89,14 @@ def test_round_pairs_are_reward_ordered_and_kept(fewstep, tmp_path):
     torch.testing.assert_close(lp, raw["log_probs"].flatten(0, 1)[:, 1], rtol=1e-6, atol=1e-6)
     assert (tmp_path / "rounds" / "round-000000.safetensors").exists()
     # read back, not resampled, even after the weights change
-    perturbed_ctx = TrainContext(perturbed(fewstep), PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path)
+    perturbed_ctx = TrainContext(perturbed(fewstep_lora), PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path)
     assert all(torch.equal(pairs[k], v) for k, v in method.round_pairs(perturbed_ctx, 0).items())
     other = method.round_pairs(perturbed_ctx, 1)
     assert not torch.equal(other["states_tau"], pairs["states_tau"])
 
 
-def test_one_step_raises_the_trajectory_margin(fewstep, tmp_path):
-    model = copy.deepcopy(fewstep).to(dtype=torch.float32)
+def test_one_step_raises_the_trajectory_margin(fewstep_lora, tmp_path):
+    model = copy.deepcopy(fewstep_lora).to(dtype=torch.float32)
     ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 4, progress=False, workdir=tmp_path)
     method = OnlinePSO(CFG)
     pairs = method.round_pairs(ctx, 0)
@@ -155,11 +145,11 @@ def test_generic_pso_loss_by_hand():
         assert margin[i].item() == pytest.approx(-m)
 
 
-def test_generic_pso_step_raises_its_margin(fewstep):
+def test_generic_pso_step_raises_its_margin(fewstep_lora):
     from bench.methods.preference_data import MemoryPairs, draw_noise, predict
     from bench.methods.pso import PSO
 
-    model = copy.deepcopy(fewstep).to(dtype=torch.float32)
+    model = copy.deepcopy(fewstep_lora).to(dtype=torch.float32)
     ctx = TrainContext(model, PROMPTS, None, 0, torch.device("cpu"), 4, progress=False)
     g = torch.Generator().manual_seed(3)
     pattern = torch.randn(1, 4, 8, 8, generator=g)

@@ -17,8 +17,8 @@ from bench.models.diffusion import Conditioning
 
 
 @pytest.fixture(scope="module")
-def sdxl_cfg() -> dict:
-    return to_dict(compose(["model=tiny-sdxl-fewstep"]))["model"]
+def sdxl_cfg(model_cfg) -> dict:
+    return model_cfg("tiny-sdxl-fewstep")
 
 
 @pytest.fixture(scope="module")

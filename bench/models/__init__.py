@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from bench.config import stable_hash
 from bench.errors import UsageError, WeightsMissingError
+from bench.io import hub_offline
 from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler
 
 __all__ = ["DiffusionModel", "Sampler", "load_model", "make_sampler", "pipeline_location"]
@@ -43,10 +43,6 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
     return source, model_cfg.get("revision"), {"source": source, "revision": model_cfg.get("revision")}
 
 
-def _offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
-
-
 def _missing(model_cfg: dict, what: str, err: Exception) -> WeightsMissingError:
     return WeightsMissingError(
         f"weights for model '{model_cfg['name']}' ({what}) are not on disk and the hub is offline: run "
@@ -64,12 +60,12 @@ def load_component(spec: dict, model_cfg: dict, cls_name: str):
     repo, file, revision = spec["repo"], spec.get("file"), spec.get("revision")
     try:
         if file is None:
-            return getattr(diffusers, cls_name).from_pretrained(repo, revision=revision, local_files_only=_offline())
+            return getattr(diffusers, cls_name).from_pretrained(repo, revision=revision, local_files_only=hub_offline())
         path = Path(repo) / file if Path(repo).is_dir() else None
         if path is None:
             from huggingface_hub import hf_hub_download
 
-            path = Path(hf_hub_download(repo, file, revision=revision, local_files_only=_offline()))
+            path = Path(hf_hub_download(repo, file, revision=revision, local_files_only=hub_offline()))
     except (OSError, ValueError) as err:
         raise _missing(model_cfg, f"{repo}/{file or ''}", err) from None
     if path.suffix == ".safetensors":
@@ -103,9 +99,9 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         )
     location, revision, identity = pipeline_location(model_cfg, cache_dir)
     try:
-        pipe = DiffusionPipeline.from_pretrained(location, revision=revision, local_files_only=_offline())
+        pipe = DiffusionPipeline.from_pretrained(location, revision=revision, local_files_only=hub_offline())
     except (OSError, ValueError) as err:
-        if Path(location).exists() and not _offline():
+        if Path(location).exists() and not hub_offline():
             raise
         raise _missing(model_cfg, location + (f"@{revision}" if revision else ""), err) from None
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]

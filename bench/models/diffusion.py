@@ -105,6 +105,17 @@ def encode_text(prompts: Sequence[str], tokenizers, encoders, resolution: int, d
     return Conditioning(torch.cat(states, dim=-1).to(dtype), pooled.to(dtype), time_ids.to(dtype))
 
 
+def trained_timesteps(sampler_timesteps: Sequence[int]) -> list[int]:
+    """t_N .. t_2: the timesteps whose transitions are stochastic (every one but the last, which
+    returns x0 deterministically); trajectory methods (PSO, D3PO, DDPO) train on these."""
+    if len(sampler_timesteps) < 2:
+        raise ValueError(
+            f"trajectory methods train on the stochastic steps of the sampler, and {len(sampler_timesteps)} step(s) have none: "
+            "train with the model's multi-step sampler (e.g. its 4 steps) and evaluate at 1 step with gen.steps=1"
+        )
+    return list(sampler_timesteps[:-1])
+
+
 class DiffusionModel:
     """Pipeline components plus the sampler seen as an MDP.
 
@@ -177,6 +188,9 @@ class DiffusionModel:
     # ---- the MDP ---------------------------------------------------------------------------
     def timesteps(self, sampler: Sampler | None = None) -> list[int]:
         return (sampler or self.sampler).schedule(self.num_train_timesteps)
+
+    def stochastic_timesteps(self) -> list[int]:
+        return trained_timesteps(self.timesteps())
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
