@@ -122,8 +122,10 @@ def compose(args: list[str], require: tuple[str, ...] = ()) -> DictConfig:
         cfg.method = load_entry_config(METHODS, str(cfg.method))
         if "model" not in choices and cfg.method.get("base_model"):
             cfg.model = cfg.method.base_model  # a paper preset names the base it was tuned for
-    if cfg.data is not None and str(cfg.data) not in DATASETS.names() and Path(str(cfg.data)).exists():
+    if cfg.data is not None and str(cfg.data) not in DATASETS.names() and ("/" in str(cfg.data) or str(cfg.data).endswith(".parquet")):
         source = str(cfg.data)  # data=FILE.parquet or a folder: the Pick-a-Pic v2 schema from local files
+        if not Path(source).exists():
+            raise UsageError(f"data={source}: no such file or folder (give a .parquet file or folder in the Pick-a-Pic v2 schema, or a name from `bench ls datasets`)")
         cfg.data = load_entry_config(DATASETS, "pickapic-v2")
         cfg.data.source, cfg.data.name = source, Path(source).name
     for group in GROUPS:

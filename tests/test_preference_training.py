@@ -140,3 +140,8 @@ def test_optimizer_state_round_trips_through_a_checkpoint(name, tmp_path):
     step(w1, opt1, 3)
     step(w2, opt2, 3)
     assert torch.equal(w1, w2)
+
+
+def test_missing_data_file_is_named(cli, tmp_path):
+    code, _, err = cli("train", "method=dspo", f"data={tmp_path / 'missing.parquet'}")
+    assert code == 2 and "no such file or folder" in err and "missing.parquet" in err
