@@ -2,7 +2,8 @@
 
 Composition order, later wins: ``DEFAULTS`` < suite's ``gen`` < method's ``train``/``gen`` <
 command-line overrides. A method preset's ``base_model`` picks the model when ``model=`` is not
-given; ``data=`` names a pair dataset (or a local parquet file or folder). The tree is in OmegaConf struct mode, so a mistyped key
+given, and its ``base_data`` the dataset; ``data=`` names a pair dataset or a captioned image set (or
+a local parquet file, or a folder of either). The tree is in OmegaConf struct mode, so a mistyped key
 is an error that names the closest existing key, not a silently ignored value.
 """
 
@@ -27,7 +28,8 @@ device: auto            # auto: cuda if available, else cpu
 model: tiny             # a method preset's `base_model` is used when model= is not given
 method: null
 suite: micro
-data: null              # a preference-pair dataset (e.g. pickapic-v2) in place of self-generated pairs
+data: null              # a pair dataset (pickapic-v2, FILE.parquet) or a captioned image set (FOLDER, pokemon-blip-captions) in place of self-generated data
+subject: null           # a DreamBench subject (dreambench suites): evaluate on it, and customization methods train on its photos
 gen:
   batch_size: 8         # does not change any image
   shard: null           # "i/N": generate only every N-th image from the i-th (parallel workers sharing cache_dir)
@@ -122,11 +124,17 @@ def compose(args: list[str], require: tuple[str, ...] = ()) -> DictConfig:
         cfg.method = load_entry_config(METHODS, str(cfg.method))
         if "model" not in choices and cfg.method.get("base_model"):
             cfg.model = cfg.method.base_model  # a paper preset names the base it was tuned for
+        if "data" not in choices and cfg.method.get("base_data"):
+            cfg.data = cfg.method.base_data  # ... and the dataset (PSO's style run: the Pokemon set)
     if cfg.data is not None and str(cfg.data) not in DATASETS.names() and ("/" in str(cfg.data) or str(cfg.data).endswith(".parquet")):
-        source = str(cfg.data)  # data=FILE.parquet or a folder: the Pick-a-Pic v2 schema from local files
+        source = str(cfg.data)  # data=FILE.parquet or a folder: pairs in the Pick-a-Pic v2 schema, or captioned images
         if not Path(source).exists():
-            raise UsageError(f"data={source}: no such file or folder (give a .parquet file or folder in the Pick-a-Pic v2 schema, or a name from `bench ls datasets`)")
-        cfg.data = load_entry_config(DATASETS, "pickapic-v2")
+            raise UsageError(
+                f"data={source}: no such file or folder (give a .parquet file or folder in the Pick-a-Pic v2 schema, "
+                "a folder of images with metadata.jsonl, or a name from `bench ls datasets`)"
+            )
+        images = any((Path(source) / m).is_file() for m in ("metadata.jsonl", "metadata.csv"))
+        cfg.data = load_entry_config(DATASETS, "imagefolder" if images else "pickapic-v2")
         cfg.data.source, cfg.data.name = source, Path(source).name
     for group in GROUPS:
         if cfg[group] is not None and not isinstance(cfg[group], DictConfig):

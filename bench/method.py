@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.images import TargetImages
 from bench.io import progress
 from bench.metrics import Metric
 from bench.models.diffusion import DiffusionModel, from_uint8, to_uint8
@@ -42,6 +43,7 @@ class TrainContext:
     save_every: int = 1  # checkpoint interval: what a resume can need
     step: int = 0  # set by the trainer before each micro-batch: streamed data reads by position
     micro: int = 0
+    images: TargetImages | None = None  # given target images (a DreamBench subject, a style set); prompts are their captions
 
     @contextmanager
     def reference(self):

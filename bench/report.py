@@ -31,8 +31,10 @@ def summarize(
     level: float = 0.95,
     seed: int = 0,
     baseline_id: str | None = None,
+    group_by: str | None = None,
 ) -> dict:
-    """Per-metric mean with bootstrap CI, plus per-prompt win rate vs a baseline.
+    """Per-metric mean with bootstrap CI, plus per-prompt win rate vs a baseline, and with
+    ``group_by`` (a scores column such as ``subject``) the mean of every metric per group.
 
     The mean CI resamples images; the win rate compares per-prompt means, since
     prompts (not images) are the paired unit shared by run and baseline.
@@ -75,6 +77,13 @@ def summarize(
                 f"win rate for {name!r}: {err}; evaluate the baseline on the same suite"
             ) from err
         out["winrate"][name] = {"value": value, "ci": [wlo, whi], "n_prompts": n, "baseline": baseline_id}
+    if group_by:
+        groups = scores.groupby(group_by, sort=False)
+        out["by_group"] = {
+            "by": group_by,
+            "n_prompts": {str(g): int(n) for g, n in groups["prompt_index"].nunique().items()},
+            "means": {name: {str(g): float(v) for g, v in groups[name].mean().items()} for name in metrics},
+        }
     return out
 
 
@@ -108,7 +117,13 @@ def render_table(summary: dict, title: str) -> str:
             }
         )
     df = pd.DataFrame(rows, columns=["metric", "mean", pct, "direction", "win rate vs base"])
-    return f"# {title}\n\n{_markdown(df)}\n"
+    table = f"# {title}\n\n{_markdown(df)}\n"
+    groups = summary.get("by_group")
+    if groups:
+        by = groups["by"]
+        rows = [{by: g, "prompts": str(n), **{m: _fmt(groups["means"][m][g]) for m in groups["means"]}} for g, n in groups["n_prompts"].items()]
+        table += f"\nmean by {by}:\n\n{_markdown(pd.DataFrame(rows))}\n"
+    return table
 
 
 def _markdown(df: pd.DataFrame) -> str:

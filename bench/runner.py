@@ -22,10 +22,11 @@ from bench import report
 from bench.config import stable_hash, to_dict
 from bench.errors import UsageError
 from bench.generate import ImageJob, ImageStore, generate, plan_images
+from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
 from bench.registry import METHODS, METRICS
-from bench.scoring import load_metrics, score_images, write_scores
+from bench.scoring import ID_COLUMNS, load_metrics, score_images, write_scores
 from bench.suite import Suite, load_suite
 from bench.trainer import Checkpoint, Trainer, apply_checkpoint
 
@@ -93,10 +94,11 @@ class Session:
         self.dtype_name = str(self.dtype).replace("torch.", "")
         self.cache = cache_root(self.cfg)
         self.store = ImageStore(self.cache / "images")
-        self.suite: Suite = load_suite(self.cfg["suite"])
+        self.suite: Suite = load_suite(self.cfg["suite"], self.cfg.get("subject"), self.cache)
         self.metric_names = list(self.suite.metrics)
-        for name in self.metric_names:
-            METRICS.entry(name)  # fail on an unknown metric before any work
+        for name in self.metric_names:  # fail on an unknown metric before any work
+            if METRICS.get(name).needs_refs and self.suite.references is None:
+                raise UsageError(f"metric {name} compares with reference images and suite '{self.suite.name}' has none (use a dreambench suite)")
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
@@ -126,6 +128,7 @@ class Session:
             "suite": self.suite.name,
             "prompts_sha256": self.suite.sha256,
             "images_per_prompt": self.suite.images_per_prompt,
+            **({"references_sha256": self.suite.references_sha256} if self.suite.references is not None else {}),
             "metrics": self.metric_names,
             "seed": int(self.cfg["seed"]),
             "dtype": self.dtype_name,
@@ -138,14 +141,18 @@ class Session:
         gen_stats = generate(model, jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
         t_gen = time.perf_counter()
         metrics = load_metrics(self.metric_names, self.device)
-        scores = score_images(jobs, self.store, metrics, int(self.cfg["score"]["batch_size"]), self.device, self.progress)
+        scores = score_images(jobs, self.store, metrics, int(self.cfg["score"]["batch_size"]), self.device, self.progress, self.suite.references)
+        if self.suite.groups:
+            scores.insert(len(ID_COLUMNS), self.suite.group_by, [self.suite.groups[i] for i in scores["prompt_index"]])
         write_scores(scores, run_dir / "scores.parquet")
         t_score = time.perf_counter()
 
         infos = {n: {"higher_is_better": m.info.higher_is_better, "version": m.info.version, "scale": m.info.scale} for n, m in metrics.items()}
         base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
         st = self.cfg["stats"]
-        summary = report.summarize(scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None)
+        summary = report.summarize(
+            scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, self.suite.group_by
+        )
         title = f"{self.suite.name} / {self.cfg['model']['name']} / {label}" + (f" vs {baseline.run_dir.name}" if baseline else "")
         table = report.render_table(summary, title)
         write_json(run_dir / "summary.json", summary)
@@ -170,6 +177,7 @@ class Session:
             "prompt_source": self.suite.source,
             "n_prompts": len(self.suite.prompts),
             "n_empty_prompts": sum(1 for p in self.suite.prompts if not p.strip()),
+            "subjects": self.suite.subjects or None,
             "seeds": {"base_seed": int(self.cfg["seed"]), "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
             "metrics": {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better} for n, m in metrics.items()},
             "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
@@ -190,12 +198,15 @@ class Session:
         """The recipe class and reward, checked before any work so a typo costs no compute."""
         method_cfg = self.cfg["method"]
         recipe = METHODS.entry(method_cfg["name"])  # validates the name
-        if "reward" in method_cfg and method_cfg["reward"] is None:
+        targets = self.suite.train_images or (self.cfg.get("data") or {}).get("kind") == "images"
+        if self.suite.subjects and not self.suite.train_images:
+            raise UsageError(f"suite '{self.suite.name}' covers {len(self.suite.subjects)} subjects: set subject=NAME to fine-tune on one ({', '.join(self.suite.subjects)})")
+        if "reward" in method_cfg and method_cfg["reward"] is None and not targets:
             method_cfg["reward"] = self.suite.reward
             if method_cfg["reward"] is None:
                 raise UsageError(f"method '{recipe.name}' needs a reward and suite '{self.suite.name}' names none: set method.reward=NAME (`bench ls metrics`)")
         cls = _import_recipe(method_cfg.get("recipe"), recipe.name)
-        if self.cfg.get("data"):  # a labelled pair dataset: no reward, no self-generated prompts
+        if self.cfg.get("data") or targets:  # a pair dataset or target images: no reward, no self-generated prompts
             return cls(method_cfg), None
         reward = METRICS.get(method_cfg["reward"])() if method_cfg.get("reward") else None
         if not self.suite.train_prompts:
@@ -207,7 +218,19 @@ class Session:
         so a model tuned at its 4 steps is evaluated at 1 step from the same checkpoint."""
         method, reward = self.resolve_method()
         model = self.model(sampler=make_sampler(self.cfg["model"]["sampler"])).to(self.device, torch.float32)
-        return Trainer(self.cfg, model, method, self.suite.train_prompts, reward, self.device, self.cache, self.progress).run()
+        images = self.target_images(model.resolution)
+        prompts = images.captions if images is not None else self.suite.train_prompts
+        return Trainer(self.cfg, model, method, prompts, reward, self.device, self.cache, self.progress, images).run()
+
+    def target_images(self, resolution: int) -> TargetImages | None:
+        """The images customization and style methods fine-tune toward: a captioned image
+        dataset (``data=``) or the chosen subject's photos of a dreambench suite."""
+        data = self.cfg.get("data") or {}
+        if data.get("kind") == "images":
+            return read_captioned_images(data, resolution)
+        if self.suite.train_images:
+            return images_from_files(self.suite.train_images, self.suite.train_prompts, resolution, f"{self.suite.source} ({', '.join(self.suite.subjects)})", self.suite.prior_prompt)
+        return None
 
 
 def _import_recipe(target: str | None, name: str):

@@ -10,7 +10,7 @@ import torch
 from bench.generate import ImageJob, ImageStore, load_images
 from bench.io import progress as progress_bar
 from bench.io import write_bytes
-from bench.metrics import Metric
+from bench.metrics import Metric, ReferenceSet
 from bench.models.diffusion import from_uint8
 from bench.registry import METRICS
 
@@ -24,15 +24,24 @@ def load_metrics(names: list[str], device: torch.device | str = "cpu") -> dict[s
 
 
 @torch.no_grad()
-def score_images(jobs: list[ImageJob], store: ImageStore, metrics: dict[str, Metric], batch_size: int, device="cpu", progress=True) -> pd.DataFrame:
-    """Per-image scores: the id columns, then one float64 column per metric."""
+def score_images(
+    jobs: list[ImageJob], store: ImageStore, metrics: dict[str, Metric], batch_size: int, device="cpu", progress=True, references: list[ReferenceSet] | None = None
+) -> pd.DataFrame:
+    """Per-image scores: the id columns, then one float64 column per metric. Metrics that compare
+    with real images get each image's reference set (``references`` is indexed by prompt)."""
     columns: dict[str, list] = {name: [] for name in metrics}
     for start in progress_bar(range(0, len(jobs), batch_size), progress, desc="score", unit="batch"):
         batch = jobs[start : start + batch_size]
         images = from_uint8(load_images(store, batch)).to(device)
         prompts = [j.prompt for j in batch]
         for name, metric in metrics.items():
-            columns[name].extend(metric.score(images, prompts).double().cpu().tolist())
+            if metric.needs_refs:
+                if references is None:
+                    raise ValueError(f"metric {name} compares with reference images and this suite has none")
+                values = metric.score(images, prompts, [references[j.prompt_index] for j in batch])
+            else:
+                values = metric.score(images, prompts)
+            columns[name].extend(values.double().cpu().tolist())
     frame = pd.DataFrame(
         {
             "prompt_index": pd.array([j.prompt_index for j in jobs], dtype="int64"),

@@ -1,5 +1,10 @@
 """Suites: a prompt set, how many images per prompt, the generation protocol and the metrics.
 
+A ``kind: dreambench`` suite is built from a DreamBench folder instead: each subject's prompts
+with its unique token, its photos as every prompt's reference set (for DINO, CLIP-I and the
+weight-free ``ref_*`` metrics) and, with one subject chosen (``subject=dog``), its photos and
+instance prompt as the training targets of the customization methods.
+
 Prompt files may be ``.txt`` (one prompt per line), ``.json`` (a list of
 strings, or of objects with a ``prompt``/``caption`` field), ``.jsonl``, or
 ``.csv``/``.tsv`` (a ``prompt``/``caption``/``Prompt`` column). The sha256 of the
@@ -11,10 +16,11 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import DataError
+from bench.metrics import ReferenceSet
 
 PROMPT_FIELDS = ("prompt", "caption", "Prompt", "text")
 
@@ -28,10 +34,28 @@ class Suite:
     metrics: list[str]
     reward: str | None
     source: str
+    references: list[ReferenceSet] | None = None  # one per prompt: the real images it is compared with
+    train_images: list[Path] = field(default_factory=list)  # training targets, captioned by train_prompts
+    prior_prompt: str | None = None  # DreamBooth's class prompt for prior preservation
+    subjects: list[str] = field(default_factory=list)
+    groups: list[str] | None = None  # one label per prompt (a subject, a category) for the breakdown table
+    group_by: str | None = None  # what the labels are, the breakdown's column name
 
     @property
     def sha256(self) -> str:
         return prompts_sha256(self.prompts)
+
+    @property
+    def references_sha256(self) -> str | None:
+        """Identity of the reference images (file bytes), so a changed photo is a new suite."""
+        if self.references is None:
+            return None
+        h = hashlib.sha256()
+        for ref in {r.key: r for r in self.references}.values():
+            h.update(ref.key.encode())
+            for path in ref.paths:
+                h.update(hashlib.sha256(path.read_bytes()).digest())
+        return h.hexdigest()
 
 
 def prompts_sha256(prompts: list[str]) -> str:
@@ -89,8 +113,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
-def load_suite(cfg: dict) -> Suite:
+def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None) -> Suite:
     """Resolve a suite config (paths relative to its YAML) into prompts, applying ``limit``."""
+    if cfg.get("kind", "prompts") == "dreambench":
+        return load_dreambench_suite(cfg, subject, cache)
+    if subject:
+        raise DataError(f"subject={subject} applies to DreamBench suites; suite '{cfg['name']}' has no subjects")
     base = Path(cfg.get("_dir", "."))
     source = cfg.get("source") or cfg.get("prompts")
     if not source:
@@ -108,4 +136,76 @@ def load_suite(cfg: dict) -> Suite:
         metrics=list(cfg.get("metrics", [])),
         reward=cfg.get("reward"),
         source=str(path),
+    )
+
+
+DREAMBENCH_REPO = "https://github.com/google/dreambooth"
+DREAMBENCH_COMMIT = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"  # the release the DreamBooth and PSO papers' numbers use
+
+
+def fetch_dreambench(cache: Path) -> Path:
+    """The DreamBench folder from the official GitHub repository at a pinned commit, downloaded
+    once into the cache (the dataset is not on the Hugging Face hub from its authors)."""
+    import tarfile
+    import urllib.request
+
+    from bench.io import hub_offline
+
+    root = cache / "data" / f"dreambooth-{DREAMBENCH_COMMIT[:12]}"
+    if (root / "dataset" / "prompts_and_classes.txt").is_file():
+        return root
+    fix = f"clone {DREAMBENCH_REPO} (commit {DREAMBENCH_COMMIT[:7]}) and set suite.source=PATH to it"
+    if hub_offline():
+        raise DataError(f"DreamBench is not in {root} and downloads are off (HF_HUB_OFFLINE): {fix}")
+    archive = root.with_suffix(".tar.gz")
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        urllib.request.urlretrieve(f"{DREAMBENCH_REPO}/archive/{DREAMBENCH_COMMIT}.tar.gz", archive)
+        with tarfile.open(archive) as tar:
+            tmp = root.with_name(root.name + ".tmp")
+            tar.extractall(tmp, filter="data")
+        (tmp / f"dreambooth-{DREAMBENCH_COMMIT}").rename(root)
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"cannot download DreamBench ({err}): {fix}") from None
+    finally:
+        archive.unlink(missing_ok=True)
+    return root
+
+
+def load_dreambench_suite(cfg: dict, subject: str | None, cache: Path | None) -> Suite:
+    """The subjects' prompts (``prompts_per_subject`` of their 25 templates), their photos as
+    references, and with one subject its photos and instance prompt as training targets."""
+    from bench.dreambench import read_dreambench
+
+    source = cfg.get("source") or fetch_dreambench(cache or Path.home() / ".cache" / "bench")
+    subjects = read_dreambench(source)
+    names = list(cfg.get("subjects") or subjects)
+    unknown = [n for n in names + ([subject] if subject else []) if n not in subjects]
+    if unknown:
+        raise DataError(f"no DreamBench subject '{unknown[0]}' in {source}; subjects: {', '.join(sorted(subjects))}")
+    if subject:
+        names = [subject]
+    token, per_subject = str(cfg.get("token") or "sks"), cfg.get("prompts_per_subject")
+    prompts, references = [], []
+    for name in names:
+        chosen = subjects[name].prompts(token)[: int(per_subject) if per_subject else None]
+        prompts += chosen
+        references += [ReferenceSet(name, tuple(subjects[name].images))] * len(chosen)
+    if cfg.get("limit"):
+        prompts, references = prompts[: int(cfg["limit"])], references[: int(cfg["limit"])]
+    one = subjects[names[0]] if len(names) == 1 else None
+    return Suite(
+        name=cfg["name"],
+        prompts=prompts,
+        train_prompts=[one.instance_prompt(token)] * len(one.images) if one else [],
+        images_per_prompt=int(cfg.get("images_per_prompt", 1)),
+        metrics=list(cfg.get("metrics", [])),
+        reward=cfg.get("reward"),
+        source=str(source),
+        references=references,
+        train_images=list(one.images) if one else [],
+        prior_prompt=f"a photo of {one.class_name}" if one else None,
+        subjects=names,
+        groups=[r.key for r in references],
+        group_by="subject",
     )

@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from bench.config import stable_hash
 from bench.errors import TrainingError
 from bench.generate import derived_seed
+from bench.images import TargetImages
 from bench.suite import prompts_sha256
 from bench.io import progress, write_json
 from bench.method import Method, TrainContext
@@ -152,9 +153,11 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
 
 
 class Trainer:
-    def __init__(self, cfg: dict, model: DiffusionModel, method: Method, prompts: list[str], reward, device, cache_dir: Path, progress=True):
+    def __init__(self, cfg: dict, model: DiffusionModel, method: Method, prompts: list[str], reward, device, cache_dir: Path, progress=True, images: TargetImages | None = None):
         self.cfg, self.train_cfg = cfg, cfg["train"]
-        self.model, self.method, self.prompts, self.reward = model, method, prompts, reward
+        self.model, self.method, self.prompts, self.reward, self.images = model, method, prompts, reward, images
+        data = cfg.get("data") or {}
+        self.pair_data = data if data and data.get("kind", "pairs") == "pairs" else None  # image datasets arrive as ``images``
         self.device, self.cache_dir, self.progress = device, Path(cache_dir), progress
         self.train_id = stable_hash(
             {
@@ -165,8 +168,9 @@ class Trainer:
                 "prompts": prompts_sha256(prompts),
                 "reward": reward.info.name if reward is not None else None,
                 "recipe_source": recipe_source_hash(method),
-                "data": {k: v for k, v in (cfg.get("data") or {}).items() if k not in ("description", "_dir")} or None,
+                "data": {k: v for k, v in data.items() if k not in ("description", "_dir")} or None,
             }
+            | ({"images": images.sha256} if images is not None else {})  # target images: a subject, a style set
         )[:16]
         self.root = self.cache_dir / "checkpoints" / f"{cfg['method']['name']}-{self.train_id}"
 
@@ -193,7 +197,7 @@ class Trainer:
         steps, accum = int(tc["steps"]), int(tc["grad_accum"])
         ctx = TrainContext(
             self.model, self.prompts, self.reward, int(tc["seed"]), self.device, int(tc["batch_size"]), self.progress, frozen,
-            data_cfg=self.cfg.get("data"), grad_accum=accum, workdir=self.root, save_every=int(tc["save_every"]),
+            data_cfg=self.pair_data, grad_accum=accum, workdir=self.root, save_every=int(tc["save_every"]), images=self.images,
         )
         opt = make_optimizer(params, tc)
         lr_factor(tc["lr_schedule"], 0, 0, steps)  # a mistyped schedule fails before data is made
@@ -257,7 +261,8 @@ class Trainer:
         spec = self.method.data_spec()
         if not spec or ctx.data_cfg:  # nothing to cache, or a dataset the method streams
             return self.method.prepare(ctx)
-        key = stable_hash({"model": self.model.identity, "sampler": str(self.model.sampler), "prompts": self.prompts, "spec": spec})[:16]
+        what = {"model": self.model.identity, "sampler": str(self.model.sampler), "prompts": self.prompts, "spec": spec}
+        key = stable_hash(what | ({"images": self.images.sha256} if self.images is not None else {}))[:16]
         path = self.cache_dir / "data" / f"{self.cfg['method']['name']}-{key}.safetensors"
         if path.exists():
             return load_file(path)

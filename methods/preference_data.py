@@ -1,9 +1,11 @@
 """Preference data and the shared forward pass of the offline pair methods.
 
-Two sources of (preferred, dispreferred) pairs, one interface (``PairSource.sample``):
+Three sources of (preferred, dispreferred) pairs, one interface (``sample``):
 
 * self-generated: K samples per training prompt from the base model, the best and the worst
   under a reward become a pair (no download; cached by the trainer like any prepared data);
+* given target images (a DreamBench subject, a style set): each image against a sample of the
+  base model for its caption, the pre-sampled reference set of offline PSO's style transfer;
 * a dataset in the Pick-a-Pic v2 schema (``data=pickapic-v2`` or ``data.source=FILE.parquet``),
   streamed in a fixed order and VAE-encoded on the fly, as the Salesforce and DSPO scripts do.
 
@@ -64,11 +66,30 @@ def best_worst_pairs(ctx: TrainContext, k: int, seed: int, drop_ties: bool = Tru
     }
 
 
-# ---- one micro-batch of pairs, from either source -------------------------------------------
+@torch.no_grad()
+def image_pairs(ctx: TrainContext, seed: int, references: bool = True) -> dict[str, torch.Tensor]:
+    """The target images' latents as the preferred side and, with ``references``, one base-model
+    sample per image for its caption as the dispreferred side (seeded by image index)."""
+    images, model, n = ctx.images, ctx.model, len(ctx.images.captions)
+    win, lose = [], []
+    for start in ctx.bar(range(0, n, ctx.batch_size), "target images: encode" + (" and sample references" if references else "")):
+        end = min(n, start + ctx.batch_size)
+        pixels = images.pixels[start:end].to(ctx.device, model.dtype) / 255
+        win.append(model.encode(pixels).float().cpu())
+        if references:
+            gens = [torch.Generator().manual_seed(image_seed("train-references", i, 0, seed)) for i in range(start, end)]
+            lose.append(model.sample(images.captions[start:end], gens).float().cpu())
+    data = {"latents_w": torch.cat(win), "prompt_index": torch.arange(n), "ties_dropped": torch.tensor(0)}
+    if references:
+        data["latents_l"] = torch.cat(lose)
+    return data
+
+
+# ---- one micro-batch of pairs, from any source ----------------------------------------------
 @dataclass
 class Pairs:
     x_w: torch.Tensor  # preferred latents (B, C, h, w)
-    x_l: torch.Tensor  # dispreferred latents
+    x_l: torch.Tensor | None  # dispreferred latents (None: targets only)
     prompts: list[str]
 
 
@@ -82,7 +103,8 @@ class MemoryPairs:
         idx = torch.randint(0, self.data["latents_w"].shape[0], (ctx.batch_size,), generator=generator)
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         prompts = [self.prompts[int(i)] for i in self.data["prompt_index"][idx]]
-        return Pairs(self.data["latents_w"][idx].to(**to), self.data["latents_l"][idx].to(**to), prompts)
+        x_l = self.data["latents_l"][idx].to(**to) if "latents_l" in self.data else None
+        return Pairs(self.data["latents_w"][idx].to(**to), x_l, prompts)
 
     def manifest(self) -> dict:
         return {"source": "self-generated", "pairs": int(self.data["latents_w"].shape[0]), "ties_dropped": int(self.data["ties_dropped"])}
@@ -189,7 +211,10 @@ def predict_pairs(ctx: TrainContext, pairs: Pairs, generator: torch.Generator, t
 # ---- the base class of the offline pair methods ---------------------------------------------
 class PairMethod(Method):
     """An offline method trained on (preferred, dispreferred) pairs: self-generated best/worst-of-K
-    pairs by default, or a dataset when the config has a ``data`` section."""
+    pairs by default, target images against base-model samples when the run has target images,
+    or a pair dataset when the config has a ``data`` section of the pair kind."""
+
+    image_references = True  # False: a method that only needs the targets of given images
 
     def data_spec(self) -> dict:
         return {k: self.cfg[k] for k in ("samples_per_prompt", "reward", "seed", "drop_ties")}
@@ -197,6 +222,8 @@ class PairMethod(Method):
     def prepare(self, ctx: TrainContext):
         if ctx.data_cfg:
             return StreamedPairs(ctx.data_cfg)
+        if ctx.images is not None:
+            return image_pairs(ctx, int(self.cfg["seed"]), self.image_references)
         return best_worst_pairs(ctx, int(self.cfg["samples_per_prompt"]), int(self.cfg["seed"]), bool(self.cfg["drop_ties"]))
 
     def source(self, ctx: TrainContext, data) -> MemoryPairs | StreamedPairs:
@@ -209,4 +236,6 @@ class PairMethod(Method):
         return pairs
 
     def data_manifest(self, ctx: TrainContext, data) -> dict:
+        if ctx.images is not None and not isinstance(data, StreamedPairs):
+            return {**ctx.images.manifest(), "base_references": "latents_l" in data}
         return self.source(ctx, data).manifest()

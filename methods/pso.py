@@ -32,6 +32,8 @@ def pso_loss(eps_gap_tau: torch.Tensor, logratio_rho: torch.Tensor, beta: float)
 
 
 class PSO(PairMethod):
+    image_references = False  # given targets (a subject's photos) need no pre-sampled reference: it is sampled at every step
+
     def prepare(self, ctx):
         ctx.model.stochastic_timesteps()  # fail before making data on a 1-step sampler
         return super().prepare(ctx)

@@ -18,6 +18,7 @@ from bench.methods.preference_data import PairMethod
 
 
 class SFT(PairMethod):
+    image_references = False
     def loss(self, ctx, data, generator: torch.Generator):
         pairs = self.pairs(ctx, data, generator)
         cond = ctx.model.encode_prompts(pairs.prompts)

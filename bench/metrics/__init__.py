@@ -10,6 +10,7 @@ column.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -25,10 +26,25 @@ class MetricInfo:
     revision: str | None = None
 
 
+@dataclass(frozen=True)
+class ReferenceSet:
+    """The real images a generated image is compared with (a DreamBench subject's photos)."""
+
+    key: str
+    paths: tuple[Path, ...]
+
+
 class Metric:
-    """Base class: subclasses set ``info`` and implement :meth:`score`."""
+    """Base class: subclasses set ``info`` and implement :meth:`score`.
+
+    A metric with ``needs_refs = True`` (DINO, CLIP-I) also gets, for every image, the
+    ``ReferenceSet`` of its prompt, and only runs on suites that have them. A
+    ``differentiable`` one can be a reward that methods back-propagate through.
+    """
 
     info: MetricInfo
+    needs_refs = False
+    differentiable = False  # True: ``score`` is built from differentiable torch ops (reward back-propagation)
 
     @property
     def name(self) -> str:
@@ -41,7 +57,7 @@ class Metric:
     def to(self, device: torch.device | str) -> "Metric":
         return self
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
+    def score(self, images: torch.Tensor, prompts: Sequence[str], refs: Sequence[ReferenceSet] | None = None) -> torch.Tensor:
         """Return a float64 tensor ``(N,)`` of per-image scores."""
         raise NotImplementedError
 
@@ -58,4 +74,12 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "minus the JPEG size in kB at quality 95, as DDPO defines it (weight-free)",
     ),
     "contrast": ("bench.metrics.weightfree:Contrast", "standard deviation of Rec.601 luma in [0, 1] (weight-free)"),
+    "ref_color": (
+        "bench.metrics.reference:ColorHistogramSimilarity",
+        "histogram intersection of 8x8x8 RGB histograms with the prompt's reference images, in [0, 1] (weight-free)",
+    ),
+    "ref_layout": (
+        "bench.metrics.reference:ThumbnailCorrelation",
+        "Pearson correlation of 8x8 RGB thumbnails with the prompt's reference images, in [-1, 1] (weight-free)",
+    ),
 }

@@ -29,6 +29,7 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
 class Brightness(Metric):
     """Mean Rec.601 luma: tracks global exposure drift (0 = black, 1 = white)."""
 
+    differentiable = True
     info = MetricInfo(name="brightness", version="1", higher_is_better=True, scale="mean Rec.601 luma in [0, 1]")
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
@@ -38,6 +39,7 @@ class Brightness(Metric):
 class Contrast(Metric):
     """Population std of Rec.601 luma: tracks washed-out or over-punchy images."""
 
+    differentiable = True
     info = MetricInfo(
         name="contrast", version="1", higher_is_better=True, scale="population std of Rec.601 luma in [0, 1]"
     )
@@ -53,6 +55,7 @@ class Colorfulness(Metric):
     with population standard deviations.
     """
 
+    differentiable = True
     info = MetricInfo(
         name="colorfulness", version="1", higher_is_better=True, scale="Hasler-Suesstrunk C on 0-255 pixel values"
     )

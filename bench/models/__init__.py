@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 from bench.config import stable_hash
@@ -28,12 +29,14 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
     """Where the pipeline lives (hub id or folder), its revision, and what identifies its weights.
 
     Embedded models are built on first use into ``<cache>/models/<name>-<hash>``;
-    the hash covers the whole build spec, so editing the spec rebuilds.
+    the hash covers the whole build spec and the builder's source, so editing either rebuilds.
     """
     source = model_cfg["source"]
     if source == "tiny":
+        import bench.models.tiny as builder
+
         spec = model_cfg["build"]
-        digest = stable_hash(spec)[:12]
+        digest = stable_hash({"spec": spec, "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
         path = Path(cache_dir) / "models" / f"{model_cfg['name']}-{digest}"
         if not (path / "model_index.json").exists():
             from bench.models.tiny import build_tiny_pipeline

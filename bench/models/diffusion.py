@@ -264,6 +264,8 @@ class DiffusionModel:
         sampler: Sampler | None = None,
         trajectory: bool = False,
         unet=None,
+        grad_last: int = 0,
+        stop_at: int | None = None,
     ):
         """Run the sampler; every image draws all its noise from its own generator.
 
@@ -271,6 +273,9 @@ class DiffusionModel:
         per stochastic step), so an image does not depend on its batch mates.
         Returns the final latents, and with ``trajectory=True`` also the list
         of states [x_T, ..., x_0] and the Transition of each step.
+
+        Reward back-propagation: with ``grad_last=K`` only the last K steps are differentiated
+        (DRaFT-K); with ``stop_at=n`` the x0 prediction of step n is returned at once (ReFL).
         """
         sampler = sampler or self.sampler
         shape = self.latent_shape()
@@ -282,12 +287,16 @@ class DiffusionModel:
         steps = self.timesteps(sampler)
         x = draw() * self.initial_scale(steps[0], sampler)
         states, transitions = [x], []
+        grad = torch.is_grad_enabled()
         for i, t in enumerate(steps):
             t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-            eps = self.predict_eps(x, t, cond, uncond, sampler.guidance, unet=unet)
-            x0 = self.x0_from_eps(x, eps, t)
-            step = self.transition(x, x0, eps, t, t_prev, sampler)
-            x = step.mean + step.std * draw() if t_prev >= 0 and float(step.std) > 0 else step.mean
+            with torch.set_grad_enabled(grad and (not grad_last or i >= len(steps) - grad_last)):
+                eps = self.predict_eps(x, t, cond, uncond, sampler.guidance, unet=unet)
+                x0 = self.x0_from_eps(x, eps, t)
+                if i == stop_at:
+                    return x0
+                step = self.transition(x, x0, eps, t, t_prev, sampler)
+                x = step.mean + step.std * draw() if t_prev >= 0 and float(step.std) > 0 else step.mean
             states.append(x)
             transitions.append(step)
         return (x, states, transitions) if trajectory else x

@@ -68,9 +68,47 @@ def synthetic_latents(n: int, shape: tuple[int, int, int], generator: torch.Gene
     return offset + 0.4 * smooth + 0.1 * torch.randn(n, c, h, w, generator=generator)
 
 
+def synthetic_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
+    """Images in [0, 1] made of smooth colour fields at several scales plus a little grain, with a
+    photo's muted colours (mostly a grey level, less chroma): what a tiny autoencoder must
+    reconstruct to carry a photo's colours and coarse layout."""
+    image = 0.5 + 0.2 * torch.randn(n, 1, 1, 1, generator=generator) + 0.08 * torch.randn(n, 3, 1, 1, generator=generator)
+    for cells, weight in ((2, 0.2), (4, 0.15), (8, 0.1), (16, 0.05)):
+        field = torch.randn(n, 3, cells, cells, generator=generator)
+        image = image + weight * torch.nn.functional.interpolate(field, size=(size, size), mode="bilinear", align_corners=False)
+    return (image + 0.02 * torch.randn(n, 3, size, size, generator=generator)).clamp(0, 1)
+
+
 @torch.enable_grad()
-def pretrain_on_synthetic_latents(unet, encode, scheduler, cfg: dict, seed: int) -> None:
-    """A short, seeded denoising pre-training of the UNet on ``synthetic_latents``.
+def pretrain_autoencoder(vae, size: int, cfg: dict, seed: int) -> None:
+    """A short, seeded reconstruction pre-training of the VAE on ``synthetic_images``, then its
+    ``scaling_factor`` set to 1 / std of the latents, as Stable Diffusion chose 0.18215.
+
+    A random VAE decodes the latents of a real photo into noise, so a method that fine-tunes
+    toward given images (DreamBooth, PSO customization and style) could not move the pixels.
+    """
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(vae.parameters(), lr=float(cfg["lr"]))
+    bs = int(cfg["batch_size"])
+    vae.train()
+    for _ in range(int(cfg["steps"])):
+        x = synthetic_images(bs, size, g) * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g)
+        loss = torch.nn.functional.mse_loss(vae.decode(z).sample, x) + float(cfg.get("kl_weight", 1e-6)) * posterior.kl().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    vae.eval()
+    with torch.no_grad():
+        latents = vae.encode(synthetic_images(256, size, g) * 2 - 1).latent_dist.mean
+    vae.register_to_config(scaling_factor=float(1 / latents.std()))
+
+
+@torch.enable_grad()
+def pretrain_on_synthetic_latents(unet, encode, scheduler, cfg: dict, seed: int, vae=None) -> None:
+    """A short, seeded denoising pre-training of the UNet on ``synthetic_latents`` or, given a
+    pre-trained ``vae``, on the latents of ``synthetic_images`` (so samples decode to images).
 
     Without it a random UNet is far from consistent with its own samples, and any
     fine-tuning drifts its outputs more than the method's signal moves them.
@@ -78,6 +116,10 @@ def pretrain_on_synthetic_latents(unet, encode, scheduler, cfg: dict, seed: int)
     """
     g = torch.Generator().manual_seed(seed)
     shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    if vae is not None:
+        size = shape[1] * 2 ** (len(vae.config.block_out_channels) - 1)
+        with torch.no_grad():
+            pool = vae.encode(synthetic_images(4096, size, g) * 2 - 1).latent_dist.mean * vae.config.scaling_factor
     opt = torch.optim.AdamW(unet.parameters(), lr=float(cfg["lr"]))
     alphas = scheduler.alphas_cumprod
     bs = int(cfg["batch_size"])
@@ -87,7 +129,7 @@ def pretrain_on_synthetic_latents(unet, encode, scheduler, cfg: dict, seed: int)
         prompts = [" ".join(WORDS[i] for i in row) if float(torch.rand((), generator=g)) > 0.1 else "" for row in words]
         with torch.no_grad():
             cond = encode(prompts)
-        x0 = synthetic_latents(bs, shape, g)
+        x0 = pool[torch.randint(0, len(pool), (bs,), generator=g)] if vae is not None else synthetic_latents(bs, shape, g)
         t = torch.randint(0, len(alphas), (bs,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         a = alphas[t].reshape(-1, 1, 1, 1)
@@ -127,8 +169,10 @@ def build_tiny_pipeline(spec: dict, directory: Path) -> None:
         encoders = [text_encoder, text_encoder_2] if sdxl else [text_encoder]
         resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
         encode = lambda prompts: encode_text(prompts, [tokenizer] * len(encoders), encoders, resolution, "cpu", torch.float32)
+        if spec.get("pretrain_vae"):
+            pretrain_autoencoder(vae, resolution, spec["pretrain_vae"], int(spec["seed"]))
         if spec.get("pretrain"):
-            pretrain_on_synthetic_latents(unet, encode, scheduler, spec["pretrain"], int(spec["seed"]))
+            pretrain_on_synthetic_latents(unet, encode, scheduler, spec["pretrain"], int(spec["seed"]), vae if spec.get("pretrain_vae") else None)
         if sdxl:
             pipe = StableDiffusionXLPipeline(
                 unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,

@@ -1,0 +1,61 @@
+"""DreamBooth (Ruiz et al., CVPR 2023), the customization baseline of PSO's Table 3.
+
+The subject's few photos, captioned with the instance prompt ("a photo of sks dog"), are
+fine-tuned on with the plain diffusion loss; with prior preservation, images the base model
+generates for the class prompt ("a photo of dog") are fine-tuned on beside them so the class
+keeps its variety (the paper's class-specific prior-preservation loss):
+
+    L = E || eps - eps_th(x_t, t, c_instance) ||^2  +  lambda * E || eps' - eps_th(x'_t, t', c_class) ||^2
+
+with x the subject's latents, x' the class images' latents and t, t' uniform over [0, T), as the
+diffusers DreamBooth script trains (``--with_prior_preservation --prior_loss_weight``).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.errors import UsageError
+from bench.generate import image_seed
+from bench.methods.preference_data import PairMethod, image_pairs
+
+
+class DreamBooth(PairMethod):
+    def data_spec(self) -> dict:
+        return {k: self.cfg[k] for k in ("seed", "prior_loss_weight", "num_class_images")}
+
+    def prepare(self, ctx):
+        if ctx.images is None:
+            raise UsageError("dreambooth fine-tunes on a subject's photos: use a dreambench suite with subject=NAME, or data=FOLDER of captioned images")
+        data = image_pairs(ctx, int(self.cfg["seed"]), references=False)
+        if self.prior_weight:
+            data["latents_class"] = self.class_images(ctx)
+        return data
+
+    @property
+    def prior_weight(self) -> float:
+        return float(self.cfg["prior_loss_weight"] or 0.0)
+
+    @torch.no_grad()
+    def class_images(self, ctx) -> torch.Tensor:
+        """The base model's samples for the class prompt, seeded by index (the script's class_data_dir)."""
+        prompt = ctx.images.prior_prompt
+        if not prompt:
+            raise UsageError("prior preservation needs a class prompt, which only dreambench suites give: set method.prior_loss_weight=0")
+        n, out = int(self.cfg["num_class_images"]), []
+        for start in ctx.bar(range(0, n, ctx.batch_size), f"class images: {prompt}"):
+            idx = range(start, min(n, start + ctx.batch_size))
+            gens = [torch.Generator().manual_seed(image_seed("dreambooth-class", i, 0, int(self.cfg["seed"]))) for i in idx]
+            out.append(ctx.model.sample([prompt] * len(idx), gens).float().cpu())
+        return torch.cat(out)
+
+    def loss(self, ctx, data, generator: torch.Generator):
+        model = ctx.model
+        pairs = self.pairs(ctx, data, generator)
+        instance = model.diffusion_loss(pairs.x_w, model.encode_prompts(pairs.prompts), generator).mean()
+        if not self.prior_weight:
+            return instance, {}
+        idx = torch.randint(0, data["latents_class"].shape[0], (ctx.batch_size,), generator=generator)
+        x_class = data["latents_class"][idx].to(ctx.device, model.dtype)
+        prior = model.diffusion_loss(x_class, model.encode_prompts([ctx.images.prior_prompt] * ctx.batch_size), generator).mean()
+        return instance + self.prior_weight * prior, {"instance": instance.detach().item(), "prior": prior.detach().item()}

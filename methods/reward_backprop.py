@@ -1,0 +1,49 @@
+"""Direct reward back-propagation through the few-step sampler: DRaFT-K (Clark et al., ICLR 2024)
+and ReFL (Xu et al., NeurIPS 2023), the supervised baselines of LaSRO ("w\\GT.gradient").
+
+Both sample from the model being tuned, decode the latents with the VAE, score them with a
+differentiable reward and ascend its gradient:
+
+* ``mode: draft``: the whole few-step trajectory is sampled, and the gradient flows through
+  only its last ``k`` sampler steps (DRaFT-K; earlier states are constants);
+* ``mode: refl``: sampling stops at a sampler step n drawn uniformly from the last
+  ``refl_last_steps`` steps, and the x0 the model predicts there is scored (ReFL stops at a
+  random one of the last 10 of 40 steps; a few-step model's intermediate x0 predictions are
+  its outputs at fewer steps).
+
+Loss per image: ``-r`` or, with ``margin`` (ImageReward's ReFL uses 2 on its own scale),
+``relu(margin - r)``; times ``grad_scale`` (ReFL: 1e-3).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bench.errors import UsageError
+from bench.method import Method
+
+
+class RewardBackprop(Method):
+    def prepare(self, ctx):
+        if ctx.reward is None or not ctx.reward.differentiable:
+            name = ctx.reward.name if ctx.reward is not None else None
+            raise UsageError(f"method '{self.cfg['name']}' back-propagates through its reward and {name!r} is not differentiable: set method.reward= brightness, contrast or colorfulness")
+        if self.cfg["mode"] not in ("draft", "refl"):
+            raise UsageError(f"unknown method.mode '{self.cfg['mode']}': use draft or refl")
+        return {}
+
+    def loss(self, ctx, data, generator: torch.Generator):
+        model, n = ctx.model, ctx.batch_size
+        prompts = [ctx.prompts[int(i)] for i in torch.randint(0, len(ctx.prompts), (n,), generator=generator)]
+        gens = [torch.Generator().manual_seed(int(s)) for s in torch.randint(0, 2**62, (n,), generator=generator)]
+        steps = len(model.timesteps())
+        if self.cfg["mode"] == "draft":
+            x0 = model.sample(prompts, gens, grad_last=int(self.cfg["k"]))
+        else:
+            last = min(steps, int(self.cfg["refl_last_steps"] or steps))
+            stop = steps - last + int(torch.randint(0, last, (), generator=generator))
+            x0 = model.sample(prompts, gens, grad_last=steps - stop, stop_at=stop)
+        reward = ctx.reward.score(model.decode(x0).float(), prompts)
+        margin = self.cfg.get("margin")
+        per_image = torch.relu(float(margin) - reward) if margin is not None else -reward
+        return float(self.cfg["grad_scale"]) * per_image.mean(), {"reward": float(reward.detach().mean())}
