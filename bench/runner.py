@@ -206,7 +206,7 @@ class Session:
             if method_cfg["reward"] is None:
                 raise UsageError(f"method '{recipe.name}' needs a reward and suite '{self.suite.name}' names none: set method.reward=NAME (`bench ls metrics`)")
         cls = _import_recipe(method_cfg.get("recipe"), recipe.name)
-        if self.cfg.get("data") or targets:  # a pair dataset or target images: no reward, no self-generated prompts
+        if self.cfg.get("data") or (targets and not method_cfg.get("reward")):  # a pair dataset or target images: no reward
             return cls(method_cfg), None
         reward = METRICS.get(method_cfg["reward"])() if method_cfg.get("reward") else None
         if not self.suite.train_prompts:

@@ -210,3 +210,14 @@ def test_a_style_folder_trains_offline_pso_through_the_cli(cli, cache_dir, tmp_p
     assert code == 0, err
     (meta,) = [json.loads(p.read_text()) for p in (cache_dir / "checkpoints").glob("pso-offline-*/final/train.json")]
     assert meta["data"]["source"] == str(folder) and meta["data"]["images"] == 3 and meta["data"]["base_references"] is True
+
+
+@needs_dreambench
+def test_a_subject_needs_no_reward_but_an_online_method_may_name_one():
+    from bench.runner import Session
+
+    def resolve(*args):
+        return Session(compose(["suite=dreambench-micro", "model=tiny-fewstep", "subject=dog", f"suite.source={DREAMBENCH}", *args]), progress=False).resolve_method()
+
+    assert resolve("method=pso-dreambooth")[1] is None
+    assert resolve("method=pso-online", "method.reward=brightness")[1].name == "brightness"
