@@ -134,7 +134,7 @@ def cmd_prefetch(args):
     cfg = to_dict(compose(args))  # plain containers: the tiny build spec is written out as JSON configs
     model = cfg["model"]
     if model["source"] == "tiny":
-        from bench.runner import cache_root
+        from bench.io import cache_root
 
         location, _, _ = pipeline_location(model, cache_root(cfg))
         print(f"model {model['name']}: built offline at {location}")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -57,7 +58,7 @@ class TargetImages:
         if not self.captions:
             raise DataError(f"no target images in {self.source}")
 
-    @property
+    @cached_property
     def sha256(self) -> str:
         h = hashlib.sha256(self.pixels.contiguous().numpy().tobytes())
         h.update("\n".join(self.captions).encode())

@@ -46,3 +46,8 @@ def progress(iterable=None, enabled: bool = True, **kwargs):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, disable=None if enabled else True, leave=False, dynamic_ncols=True, **kwargs)
+
+
+def cache_root(cfg: dict | None = None) -> Path:
+    """Models, images, data and checkpoints: ``cache_dir=``, else $BENCH_HOME, else ~/.cache/bench."""
+    return Path((cfg or {}).get("cache_dir") or os.environ.get("BENCH_HOME") or Path.home() / ".cache" / "bench")

@@ -74,6 +74,12 @@ class TrainContext:
         return self.reward.score(images, prompts).double().cpu()
 
 
+def image_generators(n: int, generator: torch.Generator) -> list[torch.Generator]:
+    """One generator per image of a micro-batch, seeded from the trainer's generator, so each
+    image's noise is its own and a resumed step draws the same."""
+    return [torch.Generator().manual_seed(int(s)) for s in torch.randint(0, 2**62, (n,), generator=generator)]
+
+
 class Method:
     """Base class for training recipes; ``cfg`` is the method's config section."""
 

@@ -7,7 +7,6 @@ command restarts where it stopped and ends with the same bytes.
 from __future__ import annotations
 
 import logging
-import os
 import platform
 import subprocess
 import time
@@ -23,7 +22,7 @@ from bench.config import stable_hash, to_dict
 from bench.errors import UsageError
 from bench.generate import ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
-from bench.io import write_json, write_text
+from bench.io import cache_root, write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
 from bench.registry import METHODS, METRICS
 from bench.scoring import ID_COLUMNS, load_metrics, score_images, write_scores
@@ -50,10 +49,6 @@ def generation_dtype(name: str, device: torch.device) -> torch.dtype:
         return {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
     except KeyError:
         raise UsageError(f"unknown gen.dtype '{name}': use auto, float64, float32, float16 or bfloat16") from None
-
-
-def cache_root(cfg: dict) -> Path:
-    return Path(cfg.get("cache_dir") or os.environ.get("BENCH_HOME") or Path.home() / ".cache" / "bench")
 
 
 def package_versions() -> dict[str, str | None]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.errors import DataError
+from bench.io import cache_root, hub_offline
 from bench.metrics import ReferenceSet
 
 PROMPT_FIELDS = ("prompt", "caption", "Prompt", "text")
@@ -149,8 +150,6 @@ def fetch_dreambench(cache: Path) -> Path:
     import tarfile
     import urllib.request
 
-    from bench.io import hub_offline
-
     root = cache / "data" / f"dreambooth-{DREAMBENCH_COMMIT[:12]}"
     if (root / "dataset" / "prompts_and_classes.txt").is_file():
         return root
@@ -177,7 +176,7 @@ def load_dreambench_suite(cfg: dict, subject: str | None, cache: Path | None) ->
     references, and with one subject its photos and instance prompt as training targets."""
     from bench.dreambench import read_dreambench
 
-    source = cfg.get("source") or fetch_dreambench(cache or Path.home() / ".cache" / "bench")
+    source = cfg.get("source") or fetch_dreambench(cache or cache_root())
     subjects = read_dreambench(source)
     names = list(cfg.get("subjects") or subjects)
     unknown = [n for n in names + ([subject] if subject else []) if n not in subjects]

@@ -16,8 +16,7 @@ from __future__ import annotations
 import torch
 
 from bench.errors import UsageError
-from bench.generate import image_seed
-from bench.methods.preference_data import PairMethod, image_pairs
+from bench.methods.preference_data import PairMethod, image_pairs, seeded_samples
 
 
 class DreamBooth(PairMethod):
@@ -36,18 +35,13 @@ class DreamBooth(PairMethod):
     def prior_weight(self) -> float:
         return float(self.cfg["prior_loss_weight"] or 0.0)
 
-    @torch.no_grad()
     def class_images(self, ctx) -> torch.Tensor:
         """The base model's samples for the class prompt, seeded by index (the script's class_data_dir)."""
         prompt = ctx.images.prior_prompt
         if not prompt:
             raise UsageError("prior preservation needs a class prompt, which only dreambench suites give: set method.prior_loss_weight=0")
-        n, out = int(self.cfg["num_class_images"]), []
-        for start in ctx.bar(range(0, n, ctx.batch_size), f"class images: {prompt}"):
-            idx = range(start, min(n, start + ctx.batch_size))
-            gens = [torch.Generator().manual_seed(image_seed("dreambooth-class", i, 0, int(self.cfg["seed"]))) for i in idx]
-            out.append(ctx.model.sample([prompt] * len(idx), gens).float().cpu())
-        return torch.cat(out)
+        prompts = [prompt] * int(self.cfg["num_class_images"])
+        return seeded_samples(ctx, prompts, "dreambooth-class", int(self.cfg["seed"]), f"class images: {prompt}")
 
     def loss(self, ctx, data, generator: torch.Generator):
         model = ctx.model

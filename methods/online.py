@@ -89,12 +89,12 @@ class OnlineRounds:
         index = torch.randint(0, len(ctx.prompts), (n,), generator=g)
         prompts = [ctx.prompts[int(i)] for i in index for _ in range(s)]
         gens = [torch.Generator().manual_seed(image_seed(self.name, r, i, self.seed)) for i in range(n * s)]
-        x0, states, _ = ctx.model.sample(prompts, gens, trajectory=True)
+        x0, states, steps = ctx.model.sample(prompts, gens, trajectory=True)
         rewards = ctx.rewards(x0, prompts)
-        states = torch.stack(states, dim=1)  # (n s, N + 1, C, h, w)
+        # log p of each stochastic transition, read off the Gaussians the sampler just drew from
         k = len(ctx.model.stochastic_timesteps())
-        cond = ctx.model.encode_prompts(prompts)
-        log_probs = torch.stack([transition_log_probs(ctx, states[:, i], states[:, i + 1], i, prompts, cond) for i in range(k)], dim=1)
+        log_probs = torch.stack([gaussian_log_prob(states[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1)
+        states = torch.stack(states, dim=1)  # (n s, N + 1, C, h, w)
         shape = lambda x: x.reshape(n, s, *x.shape[1:]).contiguous()
         return {
             "states": shape(states.float().cpu()),

@@ -67,21 +67,25 @@ def best_worst_pairs(ctx: TrainContext, k: int, seed: int, drop_ties: bool = Tru
 
 
 @torch.no_grad()
+def seeded_samples(ctx: TrainContext, prompts: list[str], tag: str, seed: int, desc: str) -> torch.Tensor:
+    """Base-model latents for ``prompts``, sample i seeded by (tag, i, seed), in training-size batches."""
+    out = []
+    for start in ctx.bar(range(0, len(prompts), ctx.batch_size), desc):
+        idx = range(start, min(len(prompts), start + ctx.batch_size))
+        gens = [torch.Generator().manual_seed(image_seed(tag, i, 0, seed)) for i in idx]
+        out.append(ctx.model.sample([prompts[i] for i in idx], gens).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
 def image_pairs(ctx: TrainContext, seed: int, references: bool = True) -> dict[str, torch.Tensor]:
     """The target images' latents as the preferred side and, with ``references``, one base-model
     sample per image for its caption as the dispreferred side (seeded by image index)."""
     images, model, n = ctx.images, ctx.model, len(ctx.images.captions)
-    win, lose = [], []
-    for start in ctx.bar(range(0, n, ctx.batch_size), "target images: encode" + (" and sample references" if references else "")):
-        end = min(n, start + ctx.batch_size)
-        pixels = images.pixels[start:end].to(ctx.device, model.dtype) / 255
-        win.append(model.encode(pixels).float().cpu())
-        if references:
-            gens = [torch.Generator().manual_seed(image_seed("train-references", i, 0, seed)) for i in range(start, end)]
-            lose.append(model.sample(images.captions[start:end], gens).float().cpu())
+    win = [model.encode(images.pixels[s : s + ctx.batch_size].to(ctx.device, model.dtype) / 255).float().cpu() for s in range(0, n, ctx.batch_size)]
     data = {"latents_w": torch.cat(win), "prompt_index": torch.arange(n), "ties_dropped": torch.tensor(0)}
     if references:
-        data["latents_l"] = torch.cat(lose)
+        data["latents_l"] = seeded_samples(ctx, images.captions, "train-references", seed, "references: base-model samples of the captions")
     return data
 
 

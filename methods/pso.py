@@ -20,6 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bench.method import image_generators
 from bench.methods.preference_data import PairMethod, draw_noise, predict
 from bench.methods.pso_online import trajectory_logratio
 
@@ -51,9 +52,8 @@ class PSO(PairMethod):
         err, pre = out.errors(self.cfg["reduction"])
         eps_gap = (err - pre).reshape(n, k).sum(1)
         # reference: a trajectory sampled now from the model being tuned, for the same prompts
-        gens = [torch.Generator().manual_seed(int(torch.randint(0, 2**62, (), generator=generator))) for _ in range(n)]
         with torch.no_grad():
-            _, states, _ = model.sample(pairs.prompts, gens, trajectory=True)
+            _, states, _ = model.sample(pairs.prompts, image_generators(n, generator), trajectory=True)
         logratio = trajectory_logratio(ctx, torch.stack(states, 1), pairs.prompts)
         losses, margin = pso_loss(eps_gap, logratio, float(self.cfg["beta"]))
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}

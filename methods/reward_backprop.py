@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from bench.errors import UsageError
-from bench.method import Method
+from bench.method import Method, image_generators
 
 
 class RewardBackprop(Method):
@@ -35,7 +35,7 @@ class RewardBackprop(Method):
     def loss(self, ctx, data, generator: torch.Generator):
         model, n = ctx.model, ctx.batch_size
         prompts = [ctx.prompts[int(i)] for i in torch.randint(0, len(ctx.prompts), (n,), generator=generator)]
-        gens = [torch.Generator().manual_seed(int(s)) for s in torch.randint(0, 2**62, (n,), generator=generator)]
+        gens = image_generators(n, generator)
         steps = len(model.timesteps())
         if self.cfg["mode"] == "draft":
             x0 = model.sample(prompts, gens, grad_last=int(self.cfg["k"]))

@@ -29,7 +29,7 @@ SAMPLER_KINDS = ("ddim", "renoise", "euler_ancestral")
 
 @dataclass(frozen=True)
 class Sampler:
-    kind: str  # "ddim" or "renoise"
+    kind: str  # one of SAMPLER_KINDS
     steps: int
     guidance: float
     eta: float = 0.0
