@@ -54,13 +54,20 @@ class Checkpoint:
 
 
 def recipe_source_hash(method: Method) -> str | None:
-    """sha256 of the method's module source: editing a recipe retrains instead of reusing a stale checkpoint."""
+    """sha256 of the method's module and of the shared recipe code in ``bench.methods`` (pair data,
+    online rounds): editing either retrains instead of reusing a stale checkpoint."""
     import inspect
 
+    import bench.methods
+
     try:
-        return hashlib.sha256(inspect.getsource(inspect.getmodule(type(method))).encode()).hexdigest()[:16]
+        own = inspect.getsource(inspect.getmodule(type(method)))
     except (OSError, TypeError):  # defined where no source is kept (an interactive session)
         return None
+    h = hashlib.sha256(own.encode())
+    for path in sorted(Path(bench.methods.__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
