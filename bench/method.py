@@ -11,6 +11,9 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 * ``loss(ctx, data, generator)``: one micro-batch loss; all randomness comes
   from ``generator``, which the trainer seeds from (seed, step, micro-batch),
   so a resumed run repeats exactly what an uninterrupted run would do.
+* ``extra_state()`` / ``load_extra_state()``: a method that trains a second
+  network of its own (stepping its optimizer inside ``loss``) hands its state to
+  the trainer, which checkpoints it beside the UNet's.
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ class Method:
 
     def loss(self, ctx: TrainContext, data: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Tensors of what the method trains besides the UNet (a fake-score model, a surrogate reward,
+        their optimizers' moments), saved with every checkpoint so a resume repeats an uninterrupted run."""
+        return {}
+
+    def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`extra_state` returned (called on resume, after ``prepare``)."""
 
     def data_manifest(self, ctx: TrainContext, data) -> dict:
         """What the training data was (source, counts, ties dropped), for the run's manifest."""

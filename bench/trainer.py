@@ -295,6 +295,9 @@ class Trainer:
         save_file(tensors, tmp / "optimizer.safetensors")
         if ema is not None:
             save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+        extra = self.method.extra_state()
+        if extra:
+            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "method.safetensors")
         write_json(tmp / "state.json", {"step": step, "history": history, "optimizer": opt_meta})
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -317,6 +320,8 @@ class Trainer:
         _load_optimizer(opt, load_file(last / "optimizer.safetensors"), state["optimizer"])
         if ema is not None and (last / "ema.safetensors").exists():
             ema.update(load_file(last / "ema.safetensors"))
+        if (last / "method.safetensors").exists():
+            self.method.load_extra_state(load_file(last / "method.safetensors"))
         log.info("resuming training from %s (step %d)", last, state["step"])
         return int(state["step"]), list(state["history"])
 
