@@ -24,7 +24,7 @@ commands:
   leaderboard  one table over every run under out= (markdown + CSV)
   check        compare run=DIR with baseline=FILE; non-zero exit outside tolerance
   perf         measure harness overhead, cached re-run time and batched generation speed
-  prefetch     download a model's weights ahead of an offline run
+  prefetch     download a model, a suite's prompts and its metrics' weights ahead of an offline run
 
 examples:
   bench run suite=micro method=sft
@@ -128,14 +128,41 @@ def cmd_perf(args):
 
 
 def cmd_prefetch(args):
+    """Download what an offline run will need: the model (with ``model=`` or ``method=``), the suite's
+    prompts (a hub dataset, DreamBench) and the weights of its metrics and reward (or ``metrics=a,b``)."""
     from bench.config import compose, to_dict
+    from bench.io import cache_root
+    from bench.scoring import make_metric
+
+    metric_arg = next((a.split("=", 1)[1] for a in args if a.startswith("metrics=")), None)
+    args = [a for a in args if not a.startswith("metrics=")]
+    cfg = to_dict(compose(args))  # plain containers: the tiny build spec is written out as JSON configs
+    given = {a.split("=", 1)[0] for a in args}
+    if "model" in given or "method" in given:
+        _prefetch_model(cfg)
+    if metric_arg is None:
+        from bench.suite import fetch_dreambench, load_suite
+
+        if cfg["suite"].get("kind") == "dreambench" and not cfg["suite"].get("source"):
+            print(f"suite {cfg['suite']['name']}: {fetch_dreambench(cache_root(cfg))}")
+        else:
+            suite = load_suite(cfg["suite"], cache=cache_root(cfg))
+            print(f"suite {suite.name}: {len(suite.prompts)} prompts from {suite.source}")
+        names = list(cfg["suite"].get("metrics") or []) + [r for r in [(cfg.get("method") or {}).get("reward"), cfg["suite"].get("reward")] if r]
+    else:
+        names = [n for n in metric_arg.split(",") if n]
+    for name in dict.fromkeys(names):
+        metric = make_metric(name)
+        for path in getattr(metric, "download", lambda: [])():
+            print(f"metric {name}: {path}")
+
+
+def _prefetch_model(cfg: dict) -> None:
+    from bench.io import cache_root
     from bench.models import pipeline_location
 
-    cfg = to_dict(compose(args))  # plain containers: the tiny build spec is written out as JSON configs
     model = cfg["model"]
     if model["source"] == "tiny":
-        from bench.io import cache_root
-
         location, _, _ = pipeline_location(model, cache_root(cfg))
         print(f"model {model['name']}: built offline at {location}")
         return

@@ -29,6 +29,7 @@ model: tiny             # a method preset's `base_model` is used when model= is 
 method: null
 suite: micro
 data: null              # a pair dataset (pickapic-v2, FILE.parquet) or a captioned image set (FOLDER, pokemon-blip-captions) in place of self-generated data
+scorers: official       # official: each metric's canonical weights; tiny: random tiny scorers of the same families (smoke tests, scores NOT meaningful)
 subject: null           # a DreamBench subject (dreambench suites): evaluate on it, and customization methods train on its photos
 gen:
   batch_size: 8         # does not change any image

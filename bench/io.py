@@ -36,9 +36,35 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n")
 
 
+_HUB_REACHABLE: bool | None = None
+
+
 def hub_offline() -> bool:
-    """Whether HF_HUB_OFFLINE asks for no network (read now, not at import as the hub libraries do)."""
-    return os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    """Whether the hub must not be asked: HF_HUB_OFFLINE says so, or it cannot be reached.
+
+    The reachability probe (one TCP connection, 3 s, once per process) replaces the hub libraries'
+    five retries with back-off per missing file (about 23 s each) by one clear line; when the hub is
+    unreachable the libraries are switched to their offline mode as if HF_HUB_OFFLINE were set.
+    """
+    global _HUB_REACHABLE
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return True
+    if _HUB_REACHABLE is None:
+        import socket
+        import sys
+        from urllib.parse import urlparse
+
+        url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=3).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+            os.environ["HF_HUB_OFFLINE"] = os.environ["HF_DATASETS_OFFLINE"] = os.environ["TRANSFORMERS_OFFLINE"] = "1"
+            for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"), ("datasets.config", "HF_DATASETS_OFFLINE")):
+                if module in sys.modules:  # already imported: they read the variable at import
+                    setattr(sys.modules[module], name, True)
+    return not _HUB_REACHABLE
 
 
 def progress(iterable=None, enabled: bool = True, **kwargs):

@@ -31,10 +31,10 @@ def summarize(
     level: float = 0.95,
     seed: int = 0,
     baseline_id: str | None = None,
-    group_by: str | None = None,
+    group_by: list[str] | tuple[str, ...] = (),
 ) -> dict:
-    """Per-metric mean with bootstrap CI, plus per-prompt win rate vs a baseline, and with
-    ``group_by`` (a scores column such as ``subject``) the mean of every metric per group.
+    """Per-metric mean with bootstrap CI, plus per-prompt win rate vs a baseline, and for each
+    column of ``group_by`` (``subject``, a PartiPrompts ``Category``) the mean of every metric per group.
 
     The mean CI resamples images; the win rate compares per-prompt means, since
     prompts (not images) are the paired unit shared by run and baseline.
@@ -77,13 +77,15 @@ def summarize(
                 f"win rate for {name!r}: {err}; evaluate the baseline on the same suite"
             ) from err
         out["winrate"][name] = {"value": value, "ci": [wlo, whi], "n_prompts": n, "baseline": baseline_id}
-    if group_by:
-        groups = scores.groupby(group_by, sort=False)
-        out["by_group"] = {
-            "by": group_by,
-            "n_prompts": {str(g): int(n) for g, n in groups["prompt_index"].nunique().items()},
-            "means": {name: {str(g): float(v) for g, v in groups[name].mean().items()} for name in metrics},
-        }
+    for column in group_by:
+        groups = scores.groupby(column, sort=True)
+        out.setdefault("by_group", []).append(
+            {
+                "by": column,
+                "n_prompts": {str(g): int(n) for g, n in groups["prompt_index"].nunique().items()},
+                "means": {name: {str(g): float(v) for g, v in groups[name].mean().items()} for name in metrics},
+            }
+        )
     return out
 
 
@@ -118,8 +120,7 @@ def render_table(summary: dict, title: str) -> str:
         )
     df = pd.DataFrame(rows, columns=["metric", "mean", pct, "direction", "win rate vs base"])
     table = f"# {title}\n\n{_markdown(df)}\n"
-    groups = summary.get("by_group")
-    if groups:
+    for groups in summary.get("by_group", []):
         by = groups["by"]
         rows = [{by: g, "prompts": str(n), **{m: _fmt(groups["means"][m][g]) for m in groups["means"]}} for g, n in groups["n_prompts"].items()]
         table += f"\nmean by {by}:\n\n{_markdown(pd.DataFrame(rows))}\n"

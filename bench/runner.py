@@ -25,7 +25,7 @@ from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
 from bench.registry import METHODS, METRICS
-from bench.scoring import ID_COLUMNS, load_metrics, score_images, write_scores
+from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_images, write_scores
 from bench.suite import Suite, load_suite
 from bench.trainer import Checkpoint, Trainer, apply_checkpoint
 
@@ -125,6 +125,7 @@ class Session:
             "images_per_prompt": self.suite.images_per_prompt,
             **({"references_sha256": self.suite.references_sha256} if self.suite.references is not None else {}),
             "metrics": self.metric_names,
+            **({"scorers": self.cfg["scorers"]} if self.cfg["scorers"] != "official" else {}),
             "seed": int(self.cfg["seed"]),
             "dtype": self.dtype_name,
             "stats": self.cfg["stats"],
@@ -135,10 +136,10 @@ class Session:
         run_dir = Path(self.cfg["out"]) / run_id
         gen_stats = generate(model, jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
         t_gen = time.perf_counter()
-        metrics = load_metrics(self.metric_names, self.device)
+        metrics = load_metrics(self.metric_names, self.device, self.cfg["scorers"])
         scores = score_images(jobs, self.store, metrics, int(self.cfg["score"]["batch_size"]), self.device, self.progress, self.suite.references)
-        if self.suite.groups:
-            scores.insert(len(ID_COLUMNS), self.suite.group_by, [self.suite.groups[i] for i in scores["prompt_index"]])
+        for offset, (column, labels) in enumerate(self.suite.groups.items()):
+            scores.insert(len(ID_COLUMNS) + offset, column, [labels[i] for i in scores["prompt_index"]])
         write_scores(scores, run_dir / "scores.parquet")
         t_score = time.perf_counter()
 
@@ -146,9 +147,11 @@ class Session:
         base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
         st = self.cfg["stats"]
         summary = report.summarize(
-            scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, self.suite.group_by
+            scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, list(self.suite.groups)
         )
         title = f"{self.suite.name} / {self.cfg['model']['name']} / {label}" + (f" vs {baseline.run_dir.name}" if baseline else "")
+        if self.cfg["scorers"] != "official":
+            title += f" (scorers={self.cfg['scorers']}: random tiny scorers, scores NOT meaningful)"
         table = report.render_table(summary, title)
         write_json(run_dir / "summary.json", summary)
         write_text(run_dir / "table.md", table + "\n")
@@ -172,11 +175,13 @@ class Session:
             "prompt_source": self.suite.source,
             "n_prompts": len(self.suite.prompts),
             "n_empty_prompts": sum(1 for p in self.suite.prompts if not p.strip()),
+            "published_prompt_set": self.suite.canonical,  # the suite's full prompt list equals the published one (count, sha256)
             "subjects": self.suite.subjects or None,
             "seeds": {"base_seed": int(self.cfg["seed"]), "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
             "metrics": {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better} for n, m in metrics.items()},
             "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
             "baseline": baseline.run_dir.name if baseline else None,
+            "scorers": self.cfg["scorers"],
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
             "dtype": self.dtype_name,
@@ -203,7 +208,7 @@ class Session:
         cls = _import_recipe(method_cfg.get("recipe"), recipe.name)
         if self.cfg.get("data") or (targets and not method_cfg.get("reward")):  # a pair dataset or target images: no reward
             return cls(method_cfg), None
-        reward = METRICS.get(method_cfg["reward"])() if method_cfg.get("reward") else None
+        reward = make_metric(method_cfg["reward"], self.cfg["scorers"]).to(self.device) if method_cfg.get("reward") else None
         if not self.suite.train_prompts:
             raise UsageError(f"suite '{self.suite.name}' has no train_prompts for method '{recipe.name}'")
         return cls(method_cfg), reward

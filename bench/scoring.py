@@ -10,17 +10,22 @@ import torch
 from bench.generate import ImageJob, ImageStore, load_images
 from bench.io import progress as progress_bar
 from bench.io import write_bytes
-from bench.metrics import Metric, ReferenceSet
+from bench.metrics import LearnedMetric, Metric, ReferenceSet
 from bench.models.diffusion import from_uint8
 from bench.registry import METRICS
 
 ID_COLUMNS = ["prompt_index", "image_index", "prompt", "seed", "image_key"]
 
 
-def load_metrics(names: list[str], device: torch.device | str = "cpu") -> dict[str, Metric]:
-    """Instantiate metrics once; unknown names fail before any work is done."""
-    classes = {name: METRICS.get(name) for name in names}
-    return {name: cls().to(device) for name, cls in classes.items()}
+def make_metric(name: str, scorers: str = "official") -> Metric:
+    """A metric by name; ``scorers=tiny`` gives learned metrics random tiny weights (smoke tests)."""
+    cls = METRICS.get(name)
+    return cls(scorers) if issubclass(cls, LearnedMetric) else cls()
+
+
+def load_metrics(names: list[str], device: torch.device | str = "cpu", scorers: str = "official") -> dict[str, Metric]:
+    """Instantiate metrics once; unknown names fail before any work is done (weights load on first use)."""
+    return {name: make_metric(name, scorers).to(device) for name in names}
 
 
 @torch.no_grad()

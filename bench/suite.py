@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from bench.errors import DataError
 from bench.io import cache_root, hub_offline
 from bench.metrics import ReferenceSet
 
-PROMPT_FIELDS = ("prompt", "caption", "Prompt", "text")
+log = logging.getLogger(__name__)
+PROMPT_FIELDS = ("prompt", "caption", "text")  # matched without regard to case
 
 
 @dataclass
@@ -39,8 +41,8 @@ class Suite:
     train_images: list[Path] = field(default_factory=list)  # training targets, captioned by train_prompts
     prior_prompt: str | None = None  # DreamBooth's class prompt for prior preservation
     subjects: list[str] = field(default_factory=list)
-    groups: list[str] | None = None  # one label per prompt (a subject, a category) for the breakdown table
-    group_by: str | None = None  # what the labels are, the breakdown's column name
+    groups: dict[str, list[str]] = field(default_factory=dict)  # breakdown column (subject, Category) -> one label per prompt
+    canonical: bool | None = None  # whether the prompts are the published set (its count and sha256), before ``limit``
 
     @property
     def sha256(self) -> str:
@@ -63,15 +65,18 @@ def prompts_sha256(prompts: list[str]) -> str:
     return hashlib.sha256(json.dumps(prompts, ensure_ascii=False).encode()).hexdigest()
 
 
-def _field(row: dict, path: Path, where: str) -> str:
-    for key in PROMPT_FIELDS:
-        if key in row:
-            return str(row[key])
-    raise DataError(f"malformed prompt file {path}: {where} has none of the fields {', '.join(PROMPT_FIELDS)}")
+def _find_column(columns, wanted: str | list[str] | tuple[str, ...]) -> str | None:
+    """The first of ``wanted`` among ``columns``, matched without regard to case."""
+    lower = {c.lower(): c for c in columns}
+    for name in [wanted] if isinstance(wanted, str) else wanted:
+        if name.lower() in lower:
+            return lower[name.lower()]
+    return None
 
 
-def read_prompts(path: str | Path) -> list[str]:
-    """Read a prompt file; any problem is one DataError line naming the file and the fix."""
+def read_prompt_rows(path: str | Path) -> list[dict]:
+    """Rows of a prompt file (a ``.txt`` line is ``{"prompt": line}``); any problem is one DataError
+    line naming the file and the fix."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"prompt file not found: {path} (set suite.source=PATH to a .txt/.json/.jsonl/.csv/.tsv file)")
@@ -81,7 +86,7 @@ def read_prompts(path: str | Path) -> list[str]:
         raise DataError(f"malformed prompt file {path}: not UTF-8 text (byte {err.start})") from None
     suffix = path.suffix.lower()
     if suffix == ".txt":
-        prompts = text.splitlines()
+        rows = [{"prompt": line} for line in text.splitlines()]
     elif suffix == ".json":
         try:
             data = json.loads(text)
@@ -89,11 +94,12 @@ def read_prompts(path: str | Path) -> list[str]:
             raise DataError(f"malformed prompt file {path}: invalid JSON at line {err.lineno} column {err.colno}") from None
         if not isinstance(data, list):
             raise DataError(f"malformed prompt file {path}: expected a JSON list of prompts, got {type(data).__name__}")
-        prompts = [d if isinstance(d, str) else _field(d, path, f"item {i}") if isinstance(d, dict) else None for i, d in enumerate(data)]
-        if None in prompts:
-            raise DataError(f"malformed prompt file {path}: item {prompts.index(None)} is neither a string nor an object")
+        bad = next((i for i, d in enumerate(data) if not isinstance(d, (str, dict))), None)
+        if bad is not None:
+            raise DataError(f"malformed prompt file {path}: item {bad} is neither a string nor an object")
+        rows = [{"prompt": d} if isinstance(d, str) else d for d in data]
     elif suffix == ".jsonl":
-        prompts = []
+        rows = []
         for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
@@ -101,33 +107,100 @@ def read_prompts(path: str | Path) -> list[str]:
                 row = json.loads(line)
             except json.JSONDecodeError:
                 raise DataError(f"malformed prompt file {path}: line {n} is not valid JSON") from None
-            prompts.append(row if isinstance(row, str) else _field(row, path, f"line {n}"))
+            if not isinstance(row, (str, dict)):
+                raise DataError(f"malformed prompt file {path}: line {n} is neither a string nor an object")
+            rows.append({"prompt": row} if isinstance(row, str) else row)
     elif suffix in (".csv", ".tsv"):
         reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
-        if not reader.fieldnames or not any(f in reader.fieldnames for f in PROMPT_FIELDS):
+        if not reader.fieldnames or _find_column(reader.fieldnames, PROMPT_FIELDS) is None:
             raise DataError(f"malformed prompt file {path}: no column named {', '.join(PROMPT_FIELDS)} in its header")
-        prompts = [_field(row, path, f"row {n}") for n, row in enumerate(reader, 2)]
+        rows = list(reader)
     else:
         raise DataError(f"unsupported prompt file {path}: use .txt, .json, .jsonl, .csv or .tsv")
-    if not prompts:
+    if not rows:
         raise DataError(f"prompt file {path} holds no prompts")
+    return rows
+
+
+def prompts_of(rows: list[dict], where: str, column: str | list[str] | None = None) -> list[str]:
+    """The prompt of every row: the suite's ``prompt_column`` or the first of PROMPT_FIELDS present."""
+    wanted = ([column] if isinstance(column, str) else list(column or [])) + list(PROMPT_FIELDS)
+    prompts = []
+    for n, row in enumerate(rows):
+        key = _find_column(row, wanted)
+        if key is None:
+            raise DataError(f"malformed prompt file {where}: row {n + 1} has none of the fields {', '.join(dict.fromkeys(wanted))}")
+        value = row[key]
+        prompts.append("" if value is None else str(value))
     return prompts
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """The prompts of a file, in file order (empty prompts kept: Pick-a-Pic's test set has one)."""
+    return prompts_of(read_prompt_rows(path), str(path))
+
+
+def hub_prompt_rows(spec: dict, suite: str) -> tuple[list[dict], str]:
+    """Rows of a hub dataset split (``prompts: {hub, split, revision}``), through the datasets cache;
+    offline without a cached copy, one line saying how to get it."""
+    repo, split, revision = spec["hub"], spec.get("split") or "train", spec.get("revision")
+    where = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + f" [{split}]"
+    hub_offline()  # an unreachable hub is offline mode: a cached copy still loads, a missing one fails at once
+    try:
+        from datasets import load_dataset
+
+        data = load_dataset(repo, split=split, revision=revision)
+    except Exception as err:  # datasets raises many types for "not cached" and "no network"
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"suite '{suite}': cannot load its prompts {where} ({reason}): run `bench prefetch suite={suite}` "
+            "where the hub is reachable, or set suite.source=PATH to a local copy"
+        ) from None
+    columns = [c for c in data.column_names if getattr(data.features[c], "dtype", None) in ("string", "large_string", "int64", "int32")]  # no image columns
+    return data.select_columns(columns).to_list(), where
+
+
 def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None) -> Suite:
-    """Resolve a suite config (paths relative to its YAML) into prompts, applying ``limit``."""
+    """Resolve a suite config (paths relative to its YAML) into prompts, applying ``limit``.
+
+    ``prompts`` is a file next to the YAML or a hub dataset (``{hub, split, revision}``);
+    ``suite.source=PATH`` replaces either with a local file. ``group_columns`` name the columns
+    (Category, Challenge) the results are broken down by; ``canonical`` records the count and
+    sha256 of the published set, so the manifest says whether this run used it.
+    """
     if cfg.get("kind", "prompts") == "dreambench":
         return load_dreambench_suite(cfg, subject, cache)
     if subject:
         raise DataError(f"subject={subject} applies to DreamBench suites; suite '{cfg['name']}' has no subjects")
     base = Path(cfg.get("_dir", "."))
-    source = cfg.get("source") or cfg.get("prompts")
-    if not source:
+    spec = cfg.get("prompts")
+    if cfg.get("source"):
+        where = str(Path(cfg["source"]))
+        rows = read_prompt_rows(where)
+    elif isinstance(spec, dict) and spec.get("hub"):
+        rows, where = hub_prompt_rows(spec, cfg["name"])
+    elif spec:
+        where = str(Path(spec) if Path(spec).is_absolute() else base / spec)
+        rows = read_prompt_rows(where)
+    else:
         raise DataError(f"suite '{cfg['name']}' names no prompts (set suite.source=PATH)")
-    path = Path(source) if Path(source).is_absolute() or cfg.get("source") else base / source
-    prompts = read_prompts(path)
+    prompts = prompts_of(rows, where, cfg.get("prompt_column"))
+    groups = {}
+    for column in cfg.get("group_columns") or []:
+        key = _find_column(rows[0], column)
+        if key is None:
+            log.warning("suite '%s': %s has no column %s, so results are not broken down by it", cfg["name"], where, column)
+            continue
+        groups[column] = ["" if r.get(key) is None else str(r.get(key)) for r in rows]
+    canonical = cfg.get("canonical")
+    is_canonical = None
+    if canonical:
+        is_canonical = len(prompts) == int(canonical["count"]) and canonical.get("sha256") in (None, prompts_sha256(prompts))
+        if not is_canonical:
+            log.warning("suite '%s': %s is not the published prompt set (%d prompts, expected %d, sha256 %s)", cfg["name"], where, len(prompts), int(canonical["count"]), canonical.get("sha256") or "not recorded")
     if cfg.get("limit"):
-        prompts = prompts[: int(cfg["limit"])]
+        n = int(cfg["limit"])
+        prompts, groups = prompts[:n], {k: v[:n] for k, v in groups.items()}
     train = read_prompts(base / cfg["train_prompts"]) if cfg.get("train_prompts") else []
     return Suite(
         name=cfg["name"],
@@ -136,7 +209,9 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         images_per_prompt=int(cfg.get("images_per_prompt", 1)),
         metrics=list(cfg.get("metrics", [])),
         reward=cfg.get("reward"),
-        source=str(path),
+        source=where,
+        groups=groups,
+        canonical=is_canonical,
     )
 
 
@@ -205,6 +280,5 @@ def load_dreambench_suite(cfg: dict, subject: str | None, cache: Path | None) ->
         train_images=list(one.images) if one else [],
         prior_prompt=f"a photo of {one.class_name}" if one else None,
         subjects=names,
-        groups=[r.key for r in references],
-        group_by="subject",
+        groups={"subject": [r.key for r in references]},
     )

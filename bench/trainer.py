@@ -173,7 +173,7 @@ class Trainer:
                 "method": {k: v for k, v in cfg["method"].items() if not k.startswith("_") and k not in ("description", "train", "gen")},
                 "train": {k: v for k, v in self.train_cfg.items() if k != "save_every"},
                 "prompts": prompts_sha256(prompts),
-                "reward": reward.info.name if reward is not None else None,
+                "reward": f"{reward.info.name}@{reward.info.version}" if reward is not None else None,  # scorers=tiny is another version
                 "recipe_source": recipe_source_hash(method),
                 "data": {k: v for k, v in data.items() if k not in ("description", "_dir")} or None,
             }

@@ -198,8 +198,8 @@ def test_the_summary_breaks_means_down_by_subject():
 
     scores = pd.DataFrame({"prompt_index": [0, 0, 1, 2], "subject": ["dog", "dog", "dog", "cat"], "ref_color": [0.1, 0.3, 0.5, 0.9]})
     info = {"ref_color": {"higher_is_better": True, "version": "1", "scale": "x"}}
-    summary = summarize(scores, info, None, n_boot=10, group_by="subject")
-    assert summary["by_group"] == {"by": "subject", "n_prompts": {"dog": 2, "cat": 1}, "means": {"ref_color": {"dog": pytest.approx(0.3), "cat": 0.9}}}
+    summary = summarize(scores, info, None, n_boot=10, group_by=["subject"])
+    assert summary["by_group"] == [{"by": "subject", "n_prompts": {"cat": 1, "dog": 2}, "means": {"ref_color": {"cat": 0.9, "dog": pytest.approx(0.3)}}}]
     table = render_table(summary, "t")
     assert "mean by subject:" in table and "| dog       | 2         | 0.3         |" in table
 

@@ -9,11 +9,14 @@ column.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
 import torch
+
+from bench.errors import UsageError, WeightsMissingError
+from bench.io import hub_offline
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,75 @@ class Metric:
         raise NotImplementedError
 
 
+_LOADED: dict[tuple, tuple] = {}  # one copy of each scorer's weights per process, shared by the metrics on it
+SCORERS = ("official", "tiny")
+
+
+class LearnedMetric(Metric):
+    """A metric with weights, loaded on first use and shared by every metric on the same backbone.
+
+    Subclasses implement ``load_official()`` (the canonical hub weights) and ``load_tiny()`` (a small
+    seeded random model of the same family, for ``scorers=tiny`` smoke runs), each returning a
+    tuple of the parts ``score`` needs; modules among them are moved to the device, in float16 on GPU.
+    ``hub_files`` lists what ``bench prefetch`` downloads: ``(repo, allow_patterns)``.
+    """
+
+    hub_files: tuple = ()
+    weight_files = ""  # what the weights are, for the one-line error when they are missing
+
+    def __init__(self, scorers: str = "official"):
+        if scorers not in SCORERS:
+            raise UsageError(f"unknown scorers={scorers}: use official (the canonical weights) or tiny (random tiny models, no download)")
+        self.scorers = scorers
+        self.device, self.dtype = torch.device("cpu"), torch.float32
+        if scorers == "tiny":
+            self.info = replace(self.info, version=f"{self.info.version}+tiny-random", scale="NOT MEANINGFUL: a random tiny scorer (scorers=tiny)", model_id="tiny-random", revision=None)
+
+    def to(self, device) -> "LearnedMetric":
+        self.device = torch.device(device)
+        self.dtype = torch.float16 if self.device.type == "cuda" else torch.float32
+        return self
+
+    def backbone(self) -> tuple:
+        """What identifies the loaded weights; metrics returning the same tuple share one copy."""
+        return (type(self).__name__, self.info.model_id)
+
+    def hub_kwargs(self) -> dict:
+        return {"local_files_only": hub_offline()}
+
+    def load_official(self) -> tuple:
+        raise NotImplementedError
+
+    def load_tiny(self) -> tuple:
+        raise NotImplementedError
+
+    def loaded(self) -> tuple:
+        key = (*self.backbone(), self.scorers, str(self.device), self.dtype)
+        if key not in _LOADED:
+            if self.scorers == "tiny":
+                parts = self.load_tiny()
+            else:
+                offline = hub_offline()
+                try:
+                    parts = self.load_official()
+                except (OSError, ValueError, RuntimeError) as err:
+                    reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+                    where = "the hub is offline or unreachable" if offline else f"the download failed ({reason})"
+                    raise WeightsMissingError(
+                        f"metric {self.name}: weights {self.weight_files or self.info.model_id} are not on disk and {where}: run "
+                        f"`bench prefetch metrics={self.name}` where the hub is reachable (same HF_HOME), or use scorers=tiny for a smoke test"
+                    ) from None
+            parts = tuple(p.to(self.device, self.dtype).eval() if isinstance(p, torch.nn.Module) else p for p in parts)
+            _LOADED[key] = parts
+        return _LOADED[key]
+
+    def download(self) -> list[str]:
+        """Fetch the weights into the hub cache (``bench prefetch``); returns the local folders."""
+        from huggingface_hub import snapshot_download
+
+        return [snapshot_download(repo, allow_patterns=list(patterns)) for repo, patterns in self.hub_files]
+
+
 # name -> ("module:Class", one-line description); imported lazily by the registry.
 BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     "brightness": ("bench.metrics.weightfree:Brightness", "mean Rec.601 luma in [0, 1] (weight-free)"),
@@ -78,6 +150,10 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "bench.metrics.reference:ColorHistogramSimilarity",
         "histogram intersection of 8x8x8 RGB histograms with the prompt's reference images, in [0, 1] (weight-free)",
     ),
+    "pickscore": ("bench.metrics.clip:PickScore", "PickScore v1: logit_scale * cos of yuvalkirstain/PickScore_v1 (CLIP ViT-H/14 fine-tuned on Pick-a-Pic)"),
+    "clip-h14": ("bench.metrics.clip:ClipH14", "CLIP score: cos(image, prompt), open_clip ViT-H-14 laion2b_s32b_b79k (as the PSO and Diffusion-DPO tables)"),
+    "clip-l14": ("bench.metrics.clip:ClipL14", "CLIP score: cos(image, prompt), OpenAI CLIP ViT-L/14"),
+    "clip-b32": ("bench.metrics.clip:ClipB32", "CLIP score: cos(image, prompt), OpenAI CLIP ViT-B/32 (T2I-CompBench's non-spatial backbone)"),
     "ref_layout": (
         "bench.metrics.reference:ThumbnailCorrelation",
         "Pearson correlation of 8x8 RGB thumbnails with the prompt's reference images, in [-1, 1] (weight-free)",

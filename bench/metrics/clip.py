@@ -1,0 +1,210 @@
+"""CLIP-family metrics with their canonical weights: PickScore and CLIP score on a named backbone.
+
+Each loads its weights once per process, on first use, and scores whole batches: the images of a
+batch are preprocessed exactly as the official code does (PIL bicubic resize of the stored uint8
+pixels, center crop, CLIP normalization), then embedded in one forward pass, in float16 on GPU.
+The official code scores one prompt's images per call (PickScore's README and evaluation script)
+or one image at a time (CLIP score examples); the numbers are the same (``tests/test_clip_metrics.py``).
+
+``scorers=tiny`` swaps the weights for a small randomly initialized model of the same family
+(seeded, built offline) so that a whole suite runs with no download; its scores mean nothing
+and are labelled so.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from contextlib import contextmanager
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from bench.metrics import LearnedMetric, MetricInfo
+
+# The preprocessing of laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json (OpenAI's CLIP constants).
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def clip_image_processor():
+    """The PIL-based CLIP image processor (transformers 4's ``CLIPImageProcessor``, ``...Pil`` in 5):
+    shortest side to 224 bicubic, center crop 224, rescale, normalize."""
+    import transformers
+
+    cls = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+    return cls(
+        do_resize=True, size={"shortest_edge": 224}, resample=3, do_center_crop=True, crop_size={"height": 224, "width": 224},
+        do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True,
+    )
+
+
+@lru_cache(maxsize=1)
+def clip_tokenizer_dir() -> Path:
+    """The real CLIP BPE vocabulary (shipped by open_clip) as a transformers tokenizer folder."""
+    from bench.models.tiny import clip_tokenizer_files
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-clip-tokenizer-"))
+    clip_tokenizer_files(directory)
+    return directory
+
+
+def to_pil(images: torch.Tensor) -> list:
+    """Float images in [0, 1] decoded from uint8 back to the exact uint8 PIL images."""
+    from PIL import Image
+
+    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    return [Image.fromarray(p) for p in pixels]
+
+
+def _features(output) -> torch.Tensor:
+    """``get_*_features`` returns a tensor in transformers 4 and an output with ``pooler_output`` in 5."""
+    return output if torch.is_tensor(output) else output.pooler_output
+
+
+# --------------------------------------------------------------------------- PickScore
+
+
+class PickScore(LearnedMetric):
+    """PickScore v1 (Kirstain et al., 2023): ``logit_scale.exp() * cos(text, image)`` of a CLIP ViT-H/14
+    fine-tuned on Pick-a-Pic, with the laion ViT-H/14 processor, text truncated at 77 tokens."""
+
+    info = MetricInfo(
+        name="pickscore", version="v1", higher_is_better=True, scale="logit_scale.exp() * cos (about 100 * cos; typically 18-23)",
+        model_id="yuvalkirstain/PickScore_v1", revision=None,
+    )
+    weight_files = "yuvalkirstain/PickScore_v1 (config.json, model.safetensors) and the tokenizer of laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    processor_id = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+    hub_files = (("yuvalkirstain/PickScore_v1", ("*.json", "*.safetensors")), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ("*.json", "*.txt")))
+
+    def load_official(self):
+        from transformers import CLIPModel, CLIPTokenizer
+
+        model = CLIPModel.from_pretrained(self.info.model_id, revision=self.info.revision, **self.hub_kwargs())
+        tokenizer = CLIPTokenizer.from_pretrained(self.processor_id, **self.hub_kwargs())
+        return model, clip_image_processor(), tokenizer
+
+    def load_tiny(self):
+        from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+        config = CLIPConfig(
+            text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408, max_position_embeddings=77),
+            vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32),
+            projection_dim=16,
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model = CLIPModel(config)
+        return model, clip_image_processor(), CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
+        model, processor, tokenizer = self.loaded()
+        pixels = processor(images=to_pil(images), return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        text = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
+        with torch.no_grad():
+            image_emb = _features(model.get_image_features(pixel_values=pixels)).float()
+            text_emb = _features(model.get_text_features(**text)).float()
+            image_emb = image_emb / image_emb.norm(dim=-1, keepdim=True)
+            text_emb = text_emb / text_emb.norm(dim=-1, keepdim=True)
+            return (model.logit_scale.exp().float() * (text_emb * image_emb).sum(-1)).double().cpu()
+
+
+# --------------------------------------------------------------------------- CLIP score (open_clip)
+
+TINY_OPEN_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 224, "layers": 2, "width": 32, "head_width": 8, "patch_size": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 4, "layers": 2},
+}
+
+
+@contextmanager
+def _quiet_root_logger():
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        root.setLevel(level)
+
+
+@lru_cache(maxsize=1)
+def _register_tiny_open_clip() -> str:
+    import open_clip
+
+    directory = Path(tempfile.mkdtemp(prefix="bench-open-clip-"))
+    (directory / "bench-tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
+    open_clip.add_model_config(directory)
+    return "bench-tiny-clip"
+
+
+class OpenClipScore(LearnedMetric):
+    """CLIP score: the cosine between the image's and the prompt's open_clip embeddings (the PSO and
+    Diffusion-DPO tables print this raw cosine; torchmetrics' CLIPScore is max(100 * cos, 0))."""
+
+    arch, tag = "ViT-H-14", "laion2b_s32b_b79k"
+
+    @property
+    def weight_files(self) -> str:
+        import open_clip
+
+        return f"{open_clip.get_pretrained_cfg(self.arch, self.tag)['hf_hub'].rstrip('/')} (open_clip_model.safetensors or open_clip_pytorch_model.bin)"
+
+    def load_official(self):
+        import open_clip
+
+        with _quiet_root_logger():  # open_clip logs to the root logger, its download failure at ERROR before raising
+            model, _, preprocess = open_clip.create_model_and_transforms(self.arch, pretrained=self.tag)
+            return model, preprocess, open_clip.get_tokenizer(self.arch)
+
+    def load_tiny(self):
+        import open_clip
+
+        name = _register_tiny_open_clip()
+        with torch.random.fork_rng(devices=[]), _quiet_root_logger():  # "no pretrained weights loaded" is the point here
+            torch.manual_seed(0)
+            model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+            return model, preprocess, open_clip.get_tokenizer(name)
+
+    def backbone(self) -> tuple:
+        return ("open_clip", self.arch, self.tag)  # CLIP-I and CLIP-T on the same backbone share the loaded model
+
+    def download(self) -> list[str]:
+        import open_clip
+
+        cfg = open_clip.get_pretrained_cfg(self.arch, self.tag)
+        return [open_clip.download_pretrained(cfg)]
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        model, preprocess, _ = self.loaded()
+        pixels = torch.stack([preprocess(im) for im in to_pil(images)]).to(self.device, self.dtype)
+        with torch.no_grad():
+            emb = model.encode_image(pixels).float()
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    def embed_texts(self, prompts: Sequence[str]) -> torch.Tensor:
+        model, _, tokenizer = self.loaded()
+        with torch.no_grad():
+            emb = model.encode_text(tokenizer(list(prompts)).to(self.device)).float()
+        return emb / emb.norm(dim=-1, keepdim=True)
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
+        return (self.embed_images(images) * self.embed_texts(prompts)).sum(-1).double().cpu()
+
+
+class ClipH14(OpenClipScore):
+    info = MetricInfo("clip-h14", "1", True, "cos(image, text), open_clip ViT-H-14 laion2b_s32b_b79k", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+
+
+class ClipL14(OpenClipScore):
+    arch, tag = "ViT-L-14", "openai"
+    info = MetricInfo("clip-l14", "1", True, "cos(image, text), OpenAI CLIP ViT-L/14 (open_clip 'openai')", "timm/vit_large_patch14_clip_224.openai")
+
+
+class ClipB32(OpenClipScore):
+    arch, tag = "ViT-B-32", "openai"
+    info = MetricInfo("clip-b32", "1", True, "cos(image, text), OpenAI CLIP ViT-B/32 (open_clip 'openai')", "timm/vit_base_patch32_clip_224.openai")

@@ -1,0 +1,178 @@
+"""PickScore and CLIP score: this project's batched scorers give the official code's numbers.
+
+The official PickScore code is its README's ``calc_probs`` (transformers ``CLIPModel``, the laion
+ViT-H/14 processor, one prompt and its images per call); it ran on transformers 4, whose
+``CLIPImageProcessor`` is transformers 5's ``CLIPImageProcessorPil``. The official CLIP score is
+open_clip's README recipe, one image per call. Both are written out below and fed the same weights
+(saved to disk and loaded through the metric's own loading path) and the same images.
+"""
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from PIL import Image
+
+from bench.errors import WeightsMissingError
+from bench.metrics import clip as clip_metrics
+from bench.models.tiny import clip_tokenizer_files
+
+PROMPTS = ["a red cube on a table", "", "an astronaut riding a horse " * 20, "a cat"]  # empty and over-long prompts too
+
+LAION_PREPROCESSOR = {  # laion/CLIP-ViT-H-14-laion2B-s32B-b79K preprocessor_config.json
+    "crop_size": 224, "do_center_crop": True, "do_normalize": True, "do_resize": True,
+    "feature_extractor_type": "CLIPFeatureExtractor", "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "resample": 3, "size": 224,
+}
+
+
+def images(n=4, size=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (n, size, size + 32, 3), generator=g, dtype=torch.uint8)  # not square: the crop matters
+    return pixels.permute(0, 3, 1, 2).float() / 255, [Image.fromarray(p.numpy()) for p in pixels]
+
+
+def readme_pickscore(model_dir, processor_dir, prompt, pil_images):
+    """PickScore README ``calc_probs`` up to the scores, for one prompt and its images."""
+    from transformers import CLIPImageProcessorPil, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    processor = CLIPProcessor(image_processor=CLIPImageProcessorPil.from_pretrained(processor_dir), tokenizer=CLIPTokenizer.from_pretrained(processor_dir))
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    image_inputs = processor(images=pil_images, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    text_inputs = processor(text=prompt, padding=True, truncation=True, max_length=77, return_tensors="pt")
+    with torch.no_grad():
+        image_embs = model.get_image_features(**image_inputs)
+        image_embs = getattr(image_embs, "pooler_output", image_embs)
+        image_embs = image_embs / torch.norm(image_embs, dim=-1, keepdim=True)
+        text_embs = model.get_text_features(**text_inputs)
+        text_embs = getattr(text_embs, "pooler_output", text_embs)
+        text_embs = text_embs / torch.norm(text_embs, dim=-1, keepdim=True)
+        return model.logit_scale.exp() * (text_embs @ image_embs.T)[0]
+
+
+def saved_pickscore(tmp_path, model):
+    model_dir, processor_dir = tmp_path / "pickscore", tmp_path / "processor"
+    model.save_pretrained(model_dir)
+    clip_tokenizer_files(processor_dir)
+    (processor_dir / "preprocessor_config.json").write_text(json.dumps(LAION_PREPROCESSOR))
+
+    class LocalPickScore(clip_metrics.PickScore):
+        info = replace(clip_metrics.PickScore.info, model_id=str(model_dir))
+        processor_id = str(processor_dir)
+
+    return LocalPickScore(), model_dir, processor_dir
+
+
+def check_pickscore_parity(tmp_path, model):
+    metric, model_dir, processor_dir = saved_pickscore(tmp_path, model)
+    tensors, pils = images()
+    ours = metric.score(tensors, PROMPTS)  # one batch: four prompts, one image each
+    official = torch.stack([readme_pickscore(model_dir, processor_dir, p, [im])[0] for p, im in zip(PROMPTS, pils)])
+    assert ours.shape == (4,)
+    assert torch.allclose(ours, official.double(), atol=1e-4, rtol=0), (ours, official)
+    assert ours.std() > 1e-3  # the four scores differ: a constant would not test anything
+
+
+def test_pickscore_equals_readme_code_on_the_same_weights(tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(1)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, vocab_size=49408, max_position_embeddings=77),
+        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=14),
+        projection_dim=32, logit_scale_init_value=4.6052,
+    )
+    check_pickscore_parity(tmp_path, CLIPModel(config))
+
+
+@pytest.mark.slow
+def test_pickscore_equals_readme_code_on_the_real_vit_h14_architecture(tmp_path):
+    """The PickScore_v1 architecture (CLIP ViT-H/14: 32 vision and 24 text layers), random weights."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(2)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, hidden_act="gelu"),
+        vision_config=dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14, image_size=224, hidden_act="gelu"),
+        projection_dim=1024,
+    )
+    check_pickscore_parity(tmp_path, CLIPModel(config))
+
+
+def test_pickscore_preprocessing_constants_are_laions():
+    processor = clip_metrics.clip_image_processor()
+    assert list(processor.image_mean) == LAION_PREPROCESSOR["image_mean"] and list(processor.image_std) == LAION_PREPROCESSOR["image_std"]
+    assert processor.size == {"shortest_edge": 224} and processor.crop_size == {"height": 224, "width": 224} and int(processor.resample) == 3
+
+
+def readme_clip_score(model, preprocess, tokenizer, prompt, pil_image):
+    """open_clip README: one image, one text, cosine of the normalized features."""
+    image = preprocess(pil_image).unsqueeze(0)
+    text = tokenizer([prompt])
+    with torch.no_grad():
+        image_features = model.encode_image(image)
+        text_features = model.encode_text(text)
+        image_features /= image_features.norm(dim=-1, keepdim=True)
+        text_features /= text_features.norm(dim=-1, keepdim=True)
+        return (image_features @ text_features.T)[0, 0]
+
+
+def check_clip_parity(tmp_path, arch):
+    import open_clip
+
+    torch.manual_seed(3)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    weights = tmp_path / "open_clip_model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+
+    class LocalClip(clip_metrics.OpenClipScore):
+        info = replace(clip_metrics.ClipH14.info, model_id=str(weights))
+
+    LocalClip.arch, LocalClip.tag = arch, str(weights)  # open_clip takes a file path as `pretrained`
+    tensors, pils = images(seed=5)
+    ours = LocalClip().score(tensors, PROMPTS)
+    model.eval()
+    official = torch.stack([readme_clip_score(model, preprocess, open_clip.get_tokenizer(arch), p, im) for p, im in zip(PROMPTS, pils)])
+    assert torch.allclose(ours, official.double(), atol=1e-4, rtol=0), (ours, official)
+    assert ours.std() > 1e-4
+
+
+def test_clip_score_equals_open_clip_readme_code_on_the_same_weights(tmp_path):
+    check_clip_parity(tmp_path, clip_metrics._register_tiny_open_clip())
+
+
+@pytest.mark.slow
+def test_clip_score_equals_open_clip_readme_code_on_the_real_vit_h14_architecture(tmp_path):
+    check_clip_parity(tmp_path, "ViT-H-14")
+
+
+def test_tiny_scorers_are_seeded_and_labelled():
+    tensors, _ = images()
+    from bench.metrics import _LOADED
+
+    a = clip_metrics.PickScore("tiny").score(tensors, PROMPTS)
+    _LOADED.clear()  # rebuilt from scratch: the same seeded weights
+    b = clip_metrics.PickScore("tiny").score(tensors, PROMPTS)
+    assert torch.equal(a, b)
+    info = clip_metrics.ClipH14("tiny").info
+    assert info.model_id == "tiny-random" and "NOT MEANINGFUL" in info.scale and info.version.endswith("+tiny-random")
+
+
+def test_shared_backbone_loads_once():
+    from bench.metrics import _LOADED
+
+    _LOADED.clear()
+    first, second = clip_metrics.ClipH14("tiny"), clip_metrics.ClipH14("tiny")
+    assert first.loaded() is second.loaded() and len(_LOADED) == 1
+
+
+@pytest.mark.parametrize("metric_cls,file_hint", [(clip_metrics.PickScore, "model.safetensors"), (clip_metrics.ClipH14, "open_clip_pytorch_model.bin")])
+def test_missing_weights_offline_is_one_line_naming_the_file_and_prefetch(metric_cls, file_hint):
+    tensors, _ = images(n=1)
+    with pytest.raises(WeightsMissingError) as err:
+        metric_cls().score(tensors, ["a cat"])
+    message = str(err.value)
+    assert "\n" not in message and file_hint in message and f"bench prefetch metrics={metric_cls.info.name}" in message

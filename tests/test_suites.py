@@ -1,0 +1,96 @@
+"""The real prompt suites, loaded from the copies under ../shared/data through their own loaders."""
+
+import collections
+import json
+
+import pytest
+
+from bench.config import compose, to_dict
+from bench.errors import DataError
+from bench.suite import load_suite
+from conftest import SHARED_DATA
+
+PARTI = SHARED_DATA / "partiprompts" / "PartiPrompts.tsv"
+PICKAPIC = SHARED_DATA / "pickapic" / "test_unique_500" / "pickscore_eval_500.jsonl"
+DRAWBENCH = SHARED_DATA / "drawbench" / "drawbench.jsonl"
+
+
+def suite(name, *overrides):
+    return load_suite(to_dict(compose([f"suite={name}", *overrides]))["suite"])
+
+
+def test_parti_from_the_tsv_has_its_published_counts_and_breakdowns():
+    s = suite("parti", f"suite.source={PARTI}")
+    assert len(s.prompts) == 1632 and s.canonical is True
+    assert s.sha256 == "2abb98084b1d558d0cbcdd53b1b7231368ef097338244ee9f604c7198a42258d"
+    categories = collections.Counter(s.groups["Category"])
+    assert len(categories) == 12 and categories["Animals"] == 314 and categories["Indoor Scenes"] == 40
+    challenges = collections.Counter(s.groups["Challenge"])
+    assert len(challenges) == 11 and challenges["Fine-grained Detail"] == 312 and challenges["Properties & Positioning"] == 35
+    assert s.metrics == ["pickscore", "clip-h14"] and s.images_per_prompt == 1
+
+
+def test_pickapic_test_unique_keeps_its_empty_prompt():
+    s = suite("pickapic", f"suite.source={PICKAPIC}")
+    assert len(s.prompts) == 500 and s.canonical is True
+    assert [i for i, p in enumerate(s.prompts) if not p.strip()] == [87]
+    assert s.sha256 == "68e01e780b4534b994bad737ad8fc32d95e43dfc7e1923982a853c413f7114cb"
+
+
+def test_drawbench_has_200_prompts_in_11_categories():
+    s = suite("drawbench", f"suite.source={DRAWBENCH}")
+    assert len(s.prompts) == 200 and s.canonical is True
+    assert s.sha256 == "74f90299e28ed903f1e56053c64c8351a5092c4f601a1b4ff0ffd4ab21369154"
+    categories = collections.Counter(s.groups["Category"])
+    assert len(categories) == 11 and categories["Reddit"] == 38 and categories["Colors"] == 25
+
+
+def test_a_different_prompt_list_is_flagged_as_not_the_published_set(caplog):
+    s = suite("drawbench", f"suite.source={SHARED_DATA / 'drawbench' / 'drawbench.txt'}")  # OpenAI's copy: 2 prompts differ
+    assert len(s.prompts) == 200 and s.canonical is False and s.groups == {}
+    assert "not the published prompt set" in caplog.text
+
+
+def test_limit_takes_a_prefix_of_prompts_and_labels():
+    s = suite("parti", f"suite.source={PARTI}", "suite.limit=4")
+    assert s.prompts == ["bond", "element", "molecule", "life"] and s.groups["Category"] == ["Abstract"] * 4 and s.canonical is True
+
+
+def test_hub_prompts_offline_without_a_cached_copy_is_one_line():
+    with pytest.raises(DataError) as err:
+        suite("parti")
+    message = str(err.value)
+    assert "\n" not in message and "nateraw/parti-prompts" in message and "bench prefetch suite=parti" in message and "suite.source=PATH" in message
+
+
+@pytest.mark.parametrize(
+    "name,text,expected",
+    [
+        ("bad.jsonl", '{"prompt": "a"}\n{not json\n', "line 2 is not valid JSON"),
+        ("bad.tsv", "Text\tCategory\nonly\tx\n", None),  # `Text` is a prompt column: this one loads
+        ("bad.csv", "title,category\na,b\n", "no column named prompt, caption, text"),
+        ("bad.json", '{"prompt": "a"}', "expected a JSON list"),
+    ],
+)
+def test_malformed_prompt_files_fail_with_one_line(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    if expected is None:
+        assert suite("parti", f"suite.source={path}").prompts == ["only"]
+        return
+    with pytest.raises(DataError) as err:
+        suite("parti", f"suite.source={path}")
+    assert expected in str(err.value) and str(path) in str(err.value) and "\n" not in str(err.value)
+
+
+def test_parti_eval_end_to_end_prints_its_breakdowns_with_tiny_scorers(cli, tmp_path):
+    code, out, err = cli("eval", "suite=parti", "model=tiny", "suite.limit=4", f"suite.source={PARTI}", "scorers=tiny", "gen.steps=2")
+    assert code == 0, err
+    assert "scorers=tiny: random tiny scorers, scores NOT meaningful" in out
+    assert "mean by Category:" in out and "mean by Challenge:" in out and "| Abstract" in out
+    run_dir = next((tmp_path / "runs").iterdir())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["scorers"] == "tiny" and manifest["n_prompts"] == 4 and manifest["published_prompt_set"] is True
+    assert manifest["metrics"]["pickscore"]["model_id"] == "tiny-random"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert [g["by"] for g in summary["by_group"]] == ["Category", "Challenge"]
