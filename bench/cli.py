@@ -148,6 +148,12 @@ def cmd_prefetch(args):
         else:
             suite = load_suite(cfg["suite"], cache=cache_root(cfg))
             print(f"suite {suite.name}: {len(suite.prompts)} prompts from {suite.source}")
+        train_prompts = (cfg.get("method") or {}).get("train_prompts")
+        if train_prompts:  # the online presets' prompt file
+            from bench.suite import read_prompt_source
+
+            rows, where = read_prompt_source(train_prompts, Path.cwd(), f"method {cfg['method']['name']}", cache_root(cfg))
+            print(f"method {cfg['method']['name']}: {len(rows)} training prompts from {where}")
         names = list(cfg["suite"].get("metrics") or []) + [r for r in [(cfg.get("method") or {}).get("reward"), cfg["suite"].get("reward")] if r]
     else:
         names = [n for n in metric_arg.split(",") if n]

@@ -67,6 +67,27 @@ def hub_offline() -> bool:
     return not _HUB_REACHABLE
 
 
+def fetch_url(url: str, dest: Path, fix: str) -> Path:
+    """Download ``url`` to ``dest`` once (atomically); offline, or on failure, one line ending in ``fix``."""
+    from bench.errors import DataError
+
+    if dest.is_file():
+        return dest
+    if hub_offline():
+        raise DataError(f"{dest.name} is not in {dest.parent} and downloads are off or the network is unreachable: {fix}")
+    import urllib.request
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        urllib.request.urlretrieve(url, tmp)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"cannot download {url} ({err}): {fix}") from None
+    tmp.replace(dest)
+    return dest
+
+
 def progress(iterable=None, enabled: bool = True, **kwargs):
     """A tqdm bar that stays quiet when disabled or when stderr is not a terminal (CI logs)."""
     from tqdm.auto import tqdm

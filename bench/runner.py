@@ -26,7 +26,7 @@ from bench.io import cache_root, write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
 from bench.registry import METHODS, METRICS
 from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_images, write_scores
-from bench.suite import Suite, load_suite
+from bench.suite import Suite, load_suite, prompts_of, read_prompt_source
 from bench.trainer import Checkpoint, Trainer, apply_checkpoint
 
 log = logging.getLogger(__name__)
@@ -209,8 +209,8 @@ class Session:
         if self.cfg.get("data") or (targets and not method_cfg.get("reward")):  # a pair dataset or target images: no reward
             return cls(method_cfg), None
         reward = make_metric(method_cfg["reward"], self.cfg["scorers"]).to(self.device) if method_cfg.get("reward") else None
-        if not self.suite.train_prompts:
-            raise UsageError(f"suite '{self.suite.name}' has no train_prompts for method '{recipe.name}'")
+        if not method_cfg.get("train_prompts") and not self.suite.train_prompts:
+            raise UsageError(f"suite '{self.suite.name}' has no training prompts for method '{recipe.name}': set method.train_prompts=FILE (a prompt file, or a URL)")
         return cls(method_cfg), reward
 
     def train(self) -> Checkpoint:
@@ -219,8 +219,17 @@ class Session:
         method, reward = self.resolve_method()
         model = self.model(sampler=make_sampler(self.cfg["model"]["sampler"])).to(self.device, torch.float32)
         images = self.target_images(model.resolution)
-        prompts = images.captions if images is not None else self.suite.train_prompts
+        prompts = images.captions if images is not None else self.train_prompts()
         return Trainer(self.cfg, model, method, prompts, reward, self.device, self.cache, self.progress, images).run()
+
+    def train_prompts(self) -> list[str]:
+        """The prompts a method samples its own training data for: the method's ``train_prompts``
+        (the PSO presets: SPO's 4k Pick-a-Pic prompts) when it names them, else the suite's."""
+        spec = self.cfg["method"].get("train_prompts")
+        if not spec:
+            return self.suite.train_prompts
+        rows, where = read_prompt_source(spec, Path.cwd(), f"method.train_prompts of {self.cfg['method']['name']}", self.cache)
+        return prompts_of(rows, where)
 
     def target_images(self, resolution: int) -> TargetImages | None:
         """The images customization and style methods fine-tune toward: a captioned image

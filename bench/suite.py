@@ -160,6 +160,22 @@ def hub_prompt_rows(spec: dict, suite: str) -> tuple[list[dict], str]:
     return data.select_columns(columns).to_list(), where
 
 
+def read_prompt_source(spec, base: Path, name: str, cache: Path | None = None, column=None) -> tuple[list[dict], str]:
+    """Rows from a prompt source: a file (relative to ``base``), an ``https://`` URL (downloaded once
+    into the cache) or a hub dataset ``{hub, split, revision}``."""
+    if isinstance(spec, dict):
+        return hub_prompt_rows(spec, name)
+    spec = str(spec)
+    if spec.startswith(("https://", "http://")):
+        from bench.io import fetch_url
+
+        digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
+        dest = (cache or cache_root()) / "data" / "prompts" / f"{digest}-{Path(spec).name}"
+        return read_prompt_rows(fetch_url(spec, dest, f"run `bench prefetch` where the network is reachable, or download it and pass its path ({name})")), spec
+    path = Path(spec) if Path(spec).is_absolute() else base / spec
+    return read_prompt_rows(path), str(path)
+
+
 def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None) -> Suite:
     """Resolve a suite config (paths relative to its YAML) into prompts, applying ``limit``.
 
@@ -173,17 +189,10 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
     if subject:
         raise DataError(f"subject={subject} applies to DreamBench suites; suite '{cfg['name']}' has no subjects")
     base = Path(cfg.get("_dir", "."))
-    spec = cfg.get("prompts")
-    if cfg.get("source"):
-        where = str(Path(cfg["source"]))
-        rows = read_prompt_rows(where)
-    elif isinstance(spec, dict) and spec.get("hub"):
-        rows, where = hub_prompt_rows(spec, cfg["name"])
-    elif spec:
-        where = str(Path(spec) if Path(spec).is_absolute() else base / spec)
-        rows = read_prompt_rows(where)
-    else:
+    spec = cfg.get("source") or cfg.get("prompts")
+    if not spec:
         raise DataError(f"suite '{cfg['name']}' names no prompts (set suite.source=PATH)")
+    rows, where = read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", cache)
     prompts = prompts_of(rows, where, cfg.get("prompt_column"))
     groups = {}
     for column in cfg.get("group_columns") or []:

@@ -94,3 +94,35 @@ def test_parti_eval_end_to_end_prints_its_breakdowns_with_tiny_scorers(cli, tmp_
     assert manifest["metrics"]["pickscore"]["model_id"] == "tiny-random"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert [g["by"] for g in summary["by_group"]] == ["Category", "Challenge"]
+
+
+# ---- the paper presets of issues 3 and 4 on the real suites, with tiny stand-ins for SDXL and the scorers
+
+from test_preference_training import pairs_parquet  # noqa: E402,F401 - the fixture
+
+
+def test_offline_pso_paper_preset_runs_on_parti(cli, pairs_parquet):  # noqa: F811
+    """`bench run suite=parti model=sdxl-dmd2 method=pso-offline-dmd2`, with the SDXL-layout tiny model,
+    a local Pick-a-Pic-schema parquet for the preset's `base_data: pickapic-v2`, and tiny scorers."""
+    code, out, err = cli(
+        "run", "suite=parti", "model=tiny-sdxl-fewstep", "method=pso-offline-dmd2", f"data={pairs_parquet}", "data.shuffle_buffer=0",
+        f"suite.source={PARTI}", "suite.limit=4", "scorers=tiny", "train.steps=2", "train.batch_size=2", "train.save_every=100",
+    )
+    assert code == 0, err
+    assert "| pickscore" in out and "| clip-h14" in out and "mean by Category:" in out
+
+
+def test_online_pso_paper_preset_runs_on_parti_with_pickscore_and_the_4k_prompts(cli):
+    """`bench run suite=parti model=sdxl-turbo method=pso-online-turbo`: PickScore labels the pairs (tiny
+    scorer here), the training prompts are SPO's 4k Pick-a-Pic prompts (the local copy)."""
+    code, out, err = cli(
+        "run", "suite=parti", "model=tiny-sdxl-fewstep", "method=pso-online-turbo", f"method.train_prompts={SHARED_DATA / 'pickapic' / '4k_training_prompts.json'}",
+        "method.prompts_per_round=2", f"suite.source={PARTI}", "suite.limit=4", "scorers=tiny", "train.steps=2", "train.batch_size=2", "train.save_every=100",
+    )
+    assert code == 0, err
+    assert "| pickscore" in out and "win rate vs base" in out
+
+
+def test_online_preset_offline_without_its_prompt_file_is_one_line(cli):
+    code, out, err = cli("train", "suite=parti", "model=tiny-sdxl-fewstep", "method=pso-online-turbo", f"suite.source={PARTI}", "scorers=tiny")
+    assert code != 0 and "4k_training_prompts.json" in err and "method.train_prompts" in err.replace("pass its path", "method.train_prompts") and len(err.strip().splitlines()) == 1
