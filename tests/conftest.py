@@ -80,3 +80,33 @@ def model(loaded):
     import torch
 
     return loaded.to(dtype=torch.float32)
+
+
+def jpeg(color, size=(40, 30)) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def pairs_parquet(tmp_path) -> Path:
+    """Six Pick-a-Pic-schema rows (caption, jpg_0, jpg_1, label_0): light preferred, two ties."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    labels = [1.0, 0.0, 0.5, 1.0, 0.5, 0.0]
+    table = pa.table(
+        {
+            "caption": [f"a photo number {i}" for i in range(6)],
+            "jpg_0": [jpeg((230, 230, 230)) if l == 1.0 else jpeg((20, 20, 20)) for l in labels],
+            "jpg_1": [jpeg((20, 20, 20)) if l == 1.0 else jpeg((230, 230, 230)) for l in labels],
+            "label_0": labels,
+        }
+    )
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(table, path)
+    return path

@@ -3,41 +3,15 @@ presets' settings, and the trainer's learning-rate schedule."""
 
 from __future__ import annotations
 
-import io
 import json
 import math
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from bench.config import compose
 from bench.registry import METHODS
 from bench.trainer import lr_factor, peak_lr
-
-
-def jpeg(color, size=(40, 30)) -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", size, color).save(buf, format="JPEG")
-    return buf.getvalue()
-
-
-@pytest.fixture
-def pairs_parquet(tmp_path) -> Path:
-    labels = [1.0, 0.0, 0.5, 1.0, 0.5, 0.0]
-    table = pa.table(
-        {
-            "caption": [f"a photo number {i}" for i in range(6)],
-            "jpg_0": [jpeg((230, 230, 230)) if l == 1.0 else jpeg((20, 20, 20)) for l in labels],
-            "jpg_1": [jpeg((20, 20, 20)) if l == 1.0 else jpeg((230, 230, 230)) for l in labels],
-            "label_0": labels,
-        }
-    )
-    path = tmp_path / "pairs.parquet"
-    pq.write_table(table, path)
-    return path
 
 
 @pytest.mark.parametrize("method", ["dspo", "diffusion-dpo"])

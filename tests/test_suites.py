@@ -98,10 +98,7 @@ def test_parti_eval_end_to_end_prints_its_breakdowns_with_tiny_scorers(cli, tmp_
 
 # ---- the paper presets of issues 3 and 4 on the real suites, with tiny stand-ins for SDXL and the scorers
 
-from test_preference_training import pairs_parquet  # noqa: E402,F401 - the fixture
-
-
-def test_offline_pso_paper_preset_runs_on_parti(cli, pairs_parquet):  # noqa: F811
+def test_offline_pso_paper_preset_runs_on_parti(cli, pairs_parquet):
     """`bench run suite=parti model=sdxl-dmd2 method=pso-offline-dmd2`, with the SDXL-layout tiny model,
     a local Pick-a-Pic-schema parquet for the preset's `base_data: pickapic-v2`, and tiny scorers."""
     code, out, err = cli(
