@@ -23,6 +23,7 @@ commands:
   ls           list registered methods | suites | models | metrics | datasets
   leaderboard  one table over every run under out= (markdown + CSV)
   check        compare run=DIR with baseline=FILE; non-zero exit outside tolerance
+  score        score a folder of images with named metrics (images=DIR prompts=FILE metrics=a,b)
   perf         measure harness overhead, cached re-run time and batched generation speed
   prefetch     download a model, a suite's prompts and its metrics' weights ahead of an offline run
 
@@ -121,6 +122,32 @@ def cmd_check(args):
     print(f"\nall {len(rows)} checks within tolerance")
 
 
+def cmd_score(args):
+    """Score a folder of images with named metrics: a table of means, and with ``out=`` every score."""
+    import pandas as pd
+
+    from bench.report import _markdown
+    from bench.runner import resolve_device
+    from bench.scoring import folder_images, load_metrics, score_files, write_scores
+    from bench.stats import bootstrap_mean_ci
+
+    kv = _kv(args, {"images", "prompts", "metrics", "scorers", "device", "batch_size", "out"}, "score")
+    if "images" not in kv or "metrics" not in kv:
+        raise UsageError("usage: bench score images=DIR [prompts=FILE] metrics=pickscore,clip-h14 [scorers=tiny] [out=scores.parquet]")
+    device = resolve_device(kv.get("device", "auto"))
+    metrics = load_metrics([m for m in kv["metrics"].split(",") if m], device, kv.get("scorers", "official"))
+    files, prompts = folder_images(kv["images"], kv.get("prompts"))
+    frame = score_files(files, prompts, metrics, int(kv.get("batch_size", 32)), device)
+    rows = []
+    for name, metric in metrics.items():
+        mean, (lo, hi) = bootstrap_mean_ci(frame[name].to_numpy(), 1000, 0.95, 0)
+        rows.append({"metric": name, "mean": f"{mean:.4g}", "95% CI": f"[{lo:.4g}, {hi:.4g}]", "images": str(len(frame)), "scale": metric.info.scale})
+    print(_markdown(pd.DataFrame(rows)))
+    if kv.get("out"):
+        write_scores(frame, kv["out"])
+        print(f"\nscores: {kv['out']}")
+
+
 def cmd_perf(args):
     from bench.perf import main as perf_main
 
@@ -194,6 +221,7 @@ COMMANDS = {
     "leaderboard": cmd_leaderboard,
     "check": cmd_check,
     "perf": cmd_perf,
+    "score": cmd_score,
     "prefetch": cmd_prefetch,
 }
 

@@ -65,3 +65,59 @@ def write_scores(frame: pd.DataFrame, path) -> None:
     buf = io.BytesIO()
     frame.to_parquet(buf, index=False)
     write_bytes(path, buf.getvalue())
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def folder_images(images_dir, prompts_file=None) -> tuple[list, list[str]]:
+    """The images of a folder (sorted by name) and one prompt each: ``prompts_file`` line i for image
+    i, or the folder's ``metadata.jsonl`` (``file_name``, ``text``/``prompt``, the imagefolder layout)."""
+    import json
+    from pathlib import Path
+
+    from bench.errors import DataError
+    from bench.suite import prompts_of, read_prompt_rows
+
+    root = Path(images_dir)
+    if not root.is_dir():
+        raise DataError(f"image folder not found: {root} (images=DIR)")
+    if prompts_file is None:
+        meta = root / "metadata.jsonl"
+        if not meta.is_file():
+            raise DataError(f"no prompts for {root}: pass prompts=FILE (one prompt per image, in file-name order) or put a metadata.jsonl (file_name, text) in the folder")
+        rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
+        files = [root / r["file_name"] for r in rows]
+        prompts = prompts_of(rows, str(meta))
+    else:
+        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        prompts = prompts_of(read_prompt_rows(prompts_file), str(prompts_file))
+        if len(prompts) != len(files):
+            raise DataError(f"{prompts_file} holds {len(prompts)} prompts for {len(files)} images in {root}: give one prompt per image, in file-name order")
+    if not files:
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+    return files, prompts
+
+
+@torch.no_grad()
+def score_files(files: list, prompts: list[str], metrics: dict[str, Metric], batch_size: int, device="cpu", progress=True) -> pd.DataFrame:
+    """Score image files: images of one size are batched together, rows come back in file order."""
+    import numpy as np
+
+    from bench.images import open_rgb
+
+    pictures = [open_rgb(f) for f in files]
+    by_size: dict[tuple, list[int]] = {}
+    for i, picture in enumerate(pictures):
+        by_size.setdefault(picture.size, []).append(i)
+    batches = [idx[k : k + batch_size] for idx in by_size.values() for k in range(0, len(idx), batch_size)]
+    columns = {name: [0.0] * len(files) for name in metrics}
+    for batch in progress_bar(batches, progress, desc="score", unit="batch"):
+        images = from_uint8(torch.from_numpy(np.stack([np.asarray(pictures[i]) for i in batch]))).to(device)
+        for name, metric in metrics.items():
+            for i, value in zip(batch, metric.score(images, [prompts[i] for i in batch]).double().cpu().tolist()):
+                columns[name][i] = value
+    frame = pd.DataFrame({"file": [str(f) for f in files], "prompt": prompts})
+    for name, values in columns.items():
+        frame[name] = pd.array(values, dtype="float64")
+    return frame

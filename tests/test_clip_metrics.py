@@ -176,3 +176,31 @@ def test_missing_weights_offline_is_one_line_naming_the_file_and_prefetch(metric
         metric_cls().score(tensors, ["a cat"])
     message = str(err.value)
     assert "\n" not in message and file_hint in message and f"bench prefetch metrics={metric_cls.info.name}" in message
+
+
+def test_bench_score_scores_a_folder_in_file_order_whatever_the_batching(cli, tmp_path):
+    import pandas as pd
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    tensors, pils = images(n=3, seed=7)
+    pils[0].save(folder / "b.png")
+    pils[1].resize((64, 80)).save(folder / "a.png")  # another size: its own batch
+    pils[2].save(folder / "c.png")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first\nsecond\nthird\n")
+    outs = []
+    for batch in (1, 8):
+        out = tmp_path / f"scores-{batch}.parquet"
+        code, stdout, err = cli("score", f"images={folder}", f"prompts={prompts}", "metrics=pickscore,clip-h14", "scorers=tiny", f"batch_size={batch}", f"out={out}")
+        assert code == 0, err
+        assert "| pickscore" in stdout and "NOT MEANINGFUL" in stdout
+        outs.append(pd.read_parquet(out))
+    assert [f.rsplit("/", 1)[1] for f in outs[0]["file"]] == ["a.png", "b.png", "c.png"] and list(outs[0]["prompt"]) == ["first", "second", "third"]
+    assert (outs[0]["pickscore"] - outs[1]["pickscore"]).abs().max() < 1e-5  # batch of 1 vs batches by size
+    direct = clip_metrics.PickScore("tiny").score(tensors[2:3], ["third"])
+    assert abs(float(direct[0]) - outs[1]["pickscore"][2]) < 1e-5
+
+    prompts.write_text("only one\n")
+    code, _, err = cli("score", f"images={folder}", f"prompts={prompts}", "metrics=pickscore", "scorers=tiny")
+    assert code != 0 and "1 prompts for 3 images" in err and len(err.strip().splitlines()) == 1
