@@ -188,12 +188,12 @@ def test_pretraining_raises_the_heldout_ranking_accuracy(fewstep_lora):
     model = copy.deepcopy(fewstep_lora)
     prompts = open(__import__("pathlib").Path(__file__).parents[1] / "suites" / "micro" / "train.txt").read().splitlines()[:24]
     ctx = TrainContext(model, prompts, Brightness(), 0, torch.device("cpu"), 2, progress=False)
-    method = LaSRO({**CFG, "k": 4, "rm_batch_size": 4, "pretrain_steps": 12, "eval_every": 6, "heldout_prompts": 8, "rm_lr": 1e-4})
+    method = LaSRO({**CFG, "k": 4, "rm_batch_size": 4, "pretrain_steps": 20, "eval_every": 10, "heldout_prompts": 8, "rm_lr": 3e-4})
     data = method.prepare(ctx)
     curve = data["pretrain_accuracy"]  # rows: step, 1-step, 2-step, both
-    assert curve[:, 0].tolist() == [0, 6, 12] and int(data["heldout_pairs"]) == 2 * 8 * 6
-    before, after = curve[0, 3].item(), curve[-1, 3].item()
-    assert after > 0.75 and after > before + 0.2, curve
+    assert curve[:, 0].tolist() == [0, 10, 20] and int(data["heldout_pairs"]) == 2 * 8 * 6  # 2 groups x 8 prompts x (4 choose 2)
+    before, middle, after = curve[:, 3].tolist()
+    assert before < 0.55 and before < middle < after and after > 0.75, curve  # measured: 0.47, 0.77, 0.82
     manifest = method.data_manifest(ctx, data)
     assert manifest["heldout_accuracy_before"] == before and manifest["heldout_accuracy_after"] == after
 
@@ -240,7 +240,7 @@ def test_bad_options_fail_with_one_line(fewstep_lora):
         LaSRO({**CFG, "norm_percentile": 0.3})
     with pytest.raises(UsageError, match="heldout_prompts=6 leaves no training prompt"):
         LaSRO({**CFG, "heldout_prompts": 6}).prepare(ctx)
-    with pytest.raises(UsageError, match="rm_head_layers=4 halves .* use at most 3"):
+    with pytest.raises(UsageError, match="rm_head_layers=4 halves .* use at most 2"):
         LaSRO({**CFG, "rm_head_layers": 4}).build(ctx)
     with pytest.raises(UsageError, match="method.t_mid=999"):
         two_step_sampler(fewstep_lora, 999)
