@@ -112,6 +112,21 @@ class LatentSurrogate(torch.nn.Module):
         return self.out(self.head(h).mean(dim=(2, 3))).squeeze(1)
 
 
+def load_backbone(location: str) -> torch.nn.Module:
+    """The UNet of a diffusers pipeline (``unet/`` inside it) or a UNet folder, hub id or local path."""
+    from pathlib import Path
+
+    from diffusers import UNet2DConditionModel
+
+    from bench.io import hub_offline
+
+    sub = None if (Path(location) / "config.json").exists() else "unet"
+    try:
+        return UNet2DConditionModel.from_pretrained(location, subfolder=sub, local_files_only=hub_offline())
+    except (OSError, ValueError) as err:
+        raise UsageError(f"method.rm_backbone={location} has no loadable UNet ({type(err).__name__}): give a local pipeline or UNet folder, or `bench prefetch` it while online") from None
+
+
 def repeat_cond(cond: Conditioning, k: int) -> Conditioning:
     """Each prompt's conditioning repeated for its k samples (prompt-major order)."""
     rep = lambda t: None if t is None else t.repeat_interleave(k, dim=0)
@@ -231,6 +246,7 @@ class LaSRO(Method):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         c = cfg
+        self._loaded = False  # whether the surrogate holds the prepared (pre-trained) weights
         self.k = int(c["k"])
         self.normalizer = RewardNormalizer(float(c["norm_momentum"]), float(c["norm_percentile"]), float(c["norm_clip"]))
         self.surrogate: LatentSurrogate | None = None
@@ -246,7 +262,7 @@ class LaSRO(Method):
 
     # ---- data: the base model's regularization samples and the pre-trained surrogate (Alg. 1) --------
     def data_spec(self) -> dict:
-        keys = ("reward", "k", "t_mid", "rm_timestep", "rm_head_layers", "rm_head_groups", "rm_lr", "rm_weight_decay", "rm_max_grad_norm",
+        keys = ("reward", "k", "t_mid", "rm_backbone", "rm_timestep", "rm_head_layers", "rm_head_groups", "rm_lr", "rm_weight_decay", "rm_max_grad_norm",
                 "rm_batch_size", "pretrain_steps", "heldout_prompts", "eval_every", "reg", "reg_samples_per_prompt", "seed")
         return {k: self.cfg.get(k) for k in keys} | {"recipe": source_hash()}
 
@@ -286,8 +302,11 @@ class LaSRO(Method):
         return out
 
     def build(self, ctx: TrainContext) -> None:
-        """The surrogate, initialized from the base UNet (the frozen copy under full fine-tuning)."""
+        """The surrogate, initialized from the base UNet (the frozen copy under full fine-tuning) or,
+        with ``rm_backbone``, from another latent model's UNet (the paper: Segmind-Vega)."""
         unet = ctx.frozen_unet if ctx.frozen_unet is not None else ctx.model.unet
+        if self.cfg.get("rm_backbone"):
+            unet = load_backbone(str(self.cfg["rm_backbone"])).to(ctx.device, ctx.model.dtype)
         self.surrogate = LatentSurrogate(unet, int(self.cfg["rm_timestep"]), int(self.cfg["rm_head_layers"]), int(self.cfg["rm_head_groups"]), int(self.cfg["seed"]))
         side = ctx.model.latent_shape()[1] // 2 ** sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
         for i in range(int(self.cfg["rm_head_layers"])):

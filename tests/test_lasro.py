@@ -22,7 +22,7 @@ from test_pso_online import perturbed
 
 PROMPTS = ["a red apple", "a dark forest", "a white boat", "a small bird", "a green hill", "a blue car"]
 CFG = {
-    "name": "lasro", "reward": "brightness", "k": 3, "t_mid": None, "rm_timestep": 0, "rm_head_layers": 2, "rm_head_groups": 32,
+    "name": "lasro", "reward": "brightness", "k": 3, "t_mid": None, "rm_backbone": None, "rm_timestep": 0, "rm_head_layers": 2, "rm_head_groups": 32,
     "rm_lr": 1e-3, "rm_weight_decay": 0.0, "rm_max_grad_norm": 1.0, "rm_batch_size": 2, "pretrain_steps": 2, "heldout_prompts": 2,
     "eval_every": 1, "gen_steps": 1, "adapt_steps": 1, "lambda_1": 0.7, "lambda_2": 1.3, "detach_first_step": True, "normalize": True,
     "norm_momentum": 0.9, "norm_percentile": 0.75, "norm_clip": 1.0, "reg": "none", "reg_weight": 0.0, "reg_samples_per_prompt": 1, "seed": 0,
@@ -228,6 +228,21 @@ def test_a_non_differentiable_reward_trains_the_surrogate(fewstep_lora):
     before = {k: v.clone() for k, v in method.surrogate.state_dict().items()}
     logs = method.surrogate_step(ctx, batch)
     assert logs["rm_loss_1"] > 0 and any(not torch.equal(before[k], v) for k, v in method.surrogate.state_dict().items())
+
+
+def test_the_surrogate_can_start_from_another_models_unet(fewstep_lora, tmp_path):
+    """rm_backbone (the paper's Segmind-Vega): the encoder comes from that UNet, the head from the seed."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(7)
+    other = UNet2DConditionModel.from_config(fewstep_lora.unet.config)
+    other.save_pretrained(tmp_path / "unet")
+    method = LaSRO({**CFG, "rm_backbone": str(tmp_path)})
+    method.build(context(fewstep_lora))
+    assert torch.equal(method.surrogate.conv_in.weight, other.conv_in.weight.double())
+    assert not torch.equal(method.surrogate.conv_in.weight, fewstep_lora.unet.conv_in.weight)
+    with pytest.raises(UsageError, match="has no loadable UNet"):
+        LaSRO({**CFG, "rm_backbone": str(tmp_path / "nowhere")}).build(context(fewstep_lora))
 
 
 def test_bad_options_fail_with_one_line(fewstep_lora):
