@@ -266,3 +266,14 @@ def test_lasro_end_to_end(cli):
                          "method.k=2", "method.pretrain_steps=2", "method.rm_batch_size=2", "method.eval_every=1", "method.reward=jpeg_compressibility")
     assert code == 0, err
     assert "micro / tiny-fewstep / lasro vs" in out
+
+
+def test_paper_presets_compose_and_name_rewards_that_arrive_with_the_real_metrics(cli):
+    from bench.config import compose, to_dict
+
+    cfg = to_dict(compose(["method=lasro-ssd1b-lcm"]))
+    assert cfg["model"]["name"] == "ssd-1b-lcm" and cfg["method"]["pretrain_steps"] == 30000 and cfg["method"]["rm_backbone"] == "segmind/Segmind-Vega"
+    assert to_dict(compose(["method=lasro-sdxl-turbo"]))["method"]["reg"] == "none"
+    for preset, reward in (("lasro-ssd1b-lcm", "imagereward"), ("lasro-ssd1b-lcm-attribute-binding", "attribute_binding"), ("lasro-ssd1b-lcm-text-alignment", "text_alignment")):
+        code, _, err = cli("train", f"method={preset}", "suite=micro")
+        assert code != 0 and f"unknown metric '{reward}'" in err and len(err.strip().splitlines()) == 1
