@@ -268,7 +268,7 @@ class Trainer:
         spec = self.method.data_spec()
         if not spec or ctx.data_cfg:  # nothing to cache, or a dataset the method streams
             return self.method.prepare(ctx)
-        what = {"model": self.model.identity, "sampler": str(self.model.sampler), "prompts": self.prompts, "spec": spec}
+        what = {"model": self.model.identity, "sampler": str(self.model.sampler), "prompts": self.prompts, "spec": spec, "recipe_source": recipe_source_hash(self.method)}
         key = stable_hash(what | ({"images": self.images.sha256} if self.images is not None else {}))[:16]
         path = self.cache_dir / "data" / f"{self.cfg['method']['name']}-{key}.safetensors"
         if path.exists():
