@@ -179,7 +179,7 @@ def cmd_prefetch(args):
         if train_prompts:  # the online presets' prompt file
             from bench.suite import read_prompt_source
 
-            rows, where = read_prompt_source(train_prompts, Path.cwd(), f"method {cfg['method']['name']}", cache_root(cfg))
+            rows, where = read_prompt_source(train_prompts, Path.cwd(), f"method={cfg['method']['name']}", "method.train_prompts", cache_root(cfg))
             print(f"method {cfg['method']['name']}: {len(rows)} training prompts from {where}")
         names = list(cfg["suite"].get("metrics") or []) + [r for r in [(cfg.get("method") or {}).get("reward"), cfg["suite"].get("reward")] if r]
     else:

@@ -228,7 +228,7 @@ class Session:
         spec = self.cfg["method"].get("train_prompts")
         if not spec:
             return self.suite.train_prompts
-        rows, where = read_prompt_source(spec, Path.cwd(), f"method.train_prompts of {self.cfg['method']['name']}", self.cache)
+        rows, where = read_prompt_source(spec, Path.cwd(), f"method={self.cfg['method']['name']}", "method.train_prompts", self.cache)
         return prompts_of(rows, where)
 
     def target_images(self, resolution: int) -> TargetImages | None:

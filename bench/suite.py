@@ -140,9 +140,9 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts_of(read_prompt_rows(path), str(path))
 
 
-def hub_prompt_rows(spec: dict, suite: str) -> tuple[list[dict], str]:
-    """Rows of a hub dataset split (``prompts: {hub, split, revision}``), through the datasets cache;
-    offline without a cached copy, one line saying how to get it."""
+def hub_prompt_rows(spec: dict, prefetch: str, local_key: str) -> tuple[list[dict], str]:
+    """Rows of a hub dataset split (``{hub, split, revision}``), through the datasets cache; offline
+    without a cached copy, one line naming ``bench prefetch PREFETCH`` and ``LOCAL_KEY=PATH``."""
     repo, split, revision = spec["hub"], spec.get("split") or "train", spec.get("revision")
     where = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + f" [{split}]"
     hub_offline()  # an unreachable hub is offline mode: a cached copy still loads, a missing one fails at once
@@ -153,25 +153,27 @@ def hub_prompt_rows(spec: dict, suite: str) -> tuple[list[dict], str]:
     except Exception as err:  # datasets raises many types for "not cached" and "no network"
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise DataError(
-            f"suite '{suite}': cannot load its prompts {where} ({reason}): run `bench prefetch suite={suite}` "
-            "where the hub is reachable, or set suite.source=PATH to a local copy"
+            f"cannot load the prompts {where} ({reason}): run `bench prefetch {prefetch}` where the hub is reachable, "
+            f"or set {local_key}=PATH to a local copy"
         ) from None
     columns = [c for c in data.column_names if getattr(data.features[c], "dtype", None) in ("string", "large_string", "int64", "int32")]  # no image columns
     return data.select_columns(columns).to_list(), where
 
 
-def read_prompt_source(spec, base: Path, name: str, cache: Path | None = None, column=None) -> tuple[list[dict], str]:
+def read_prompt_source(spec, base: Path, prefetch: str, local_key: str, cache: Path | None = None) -> tuple[list[dict], str]:
     """Rows from a prompt source: a file (relative to ``base``), an ``https://`` URL (downloaded once
-    into the cache) or a hub dataset ``{hub, split, revision}``."""
+    into the cache) or a hub dataset ``{hub, split, revision}``. ``prefetch`` (the arguments of
+    ``bench prefetch``) and ``local_key`` (``suite.source``) go into the one-line error offline."""
     if isinstance(spec, dict):
-        return hub_prompt_rows(spec, name)
+        return hub_prompt_rows(spec, prefetch, local_key)
     spec = str(spec)
     if spec.startswith(("https://", "http://")):
         from bench.io import fetch_url
 
         digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
         dest = (cache or cache_root()) / "data" / "prompts" / f"{digest}-{Path(spec).name}"
-        return read_prompt_rows(fetch_url(spec, dest, f"run `bench prefetch` where the network is reachable, or download it and pass its path ({name})")), spec
+        fix = f"run `bench prefetch {prefetch}` where the network is reachable, or download {spec} and set {local_key}=PATH"
+        return read_prompt_rows(fetch_url(spec, dest, fix)), spec
     path = Path(spec) if Path(spec).is_absolute() else base / spec
     return read_prompt_rows(path), str(path)
 
@@ -192,7 +194,7 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
     spec = cfg.get("source") or cfg.get("prompts")
     if not spec:
         raise DataError(f"suite '{cfg['name']}' names no prompts (set suite.source=PATH)")
-    rows, where = read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", cache)
+    rows, where = read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", "suite.source", cache)
     prompts = prompts_of(rows, where, cfg.get("prompt_column"))
     groups = {}
     for column in cfg.get("group_columns") or []:
