@@ -52,6 +52,7 @@ train:
   save_every: 50
   seed: 0
   optimizer: adamw      # adamw | adafactor (transformers; the DSPO/DPO SDXL scripts) | adamw8bit (bitsandbytes)
+  adam_betas: [0.9, 0.999] # (beta1, beta2) of adamw / adamw8bit
   lr_schedule: constant # constant | constant_with_warmup | linear | cosine (linear/cosine also warm up)
   warmup_steps: 0
   scale_lr: false       # true: lr *= batch_size * grad_accum (the Salesforce/DSPO --scale_lr)

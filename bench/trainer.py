@@ -105,8 +105,9 @@ def apply_checkpoint(model: DiffusionModel, ckpt: Checkpoint) -> None:
 # ---- optimizer and learning-rate schedule --------------------------------------------------
 def make_optimizer(params, tc: dict) -> torch.optim.Optimizer:
     name, lr, wd = tc["optimizer"], peak_lr(tc), float(tc["weight_decay"])
+    betas = tuple(float(b) for b in tc.get("adam_betas") or (0.9, 0.999))
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=wd)
     if name == "adafactor":  # the settings the Salesforce and DSPO SDXL scripts force
         from transformers.optimization import Adafactor
 
@@ -116,7 +117,7 @@ def make_optimizer(params, tc: dict) -> torch.optim.Optimizer:
             import bitsandbytes as bnb
         except ImportError:
             raise TrainingError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes (CUDA only), or use adamw") from None
-        return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=wd)
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, weight_decay=wd)
     raise TrainingError(f"unknown train.optimizer '{name}': use adamw, adafactor or adamw8bit")
 
 
