@@ -255,7 +255,6 @@ class DiffInstructPP(Method):
         return one_step(ctx.model, ctx.model.unet, draw_latents(ctx.model, generators), self.sigma_init, cond, self.prior)
 
     def _noise(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.cfg
         sigma = sample_sigmas(
             x0.shape[0], generator, float(self._opt("p_mean", -2.0)), float(self._opt("p_std", 2.0)), self.lo, self.hi, self._opt("sigma_per", "sample") == "batch"
         )
