@@ -204,3 +204,54 @@ def test_bench_score_scores_a_folder_in_file_order_whatever_the_batching(cli, tm
     prompts.write_text("only one\n")
     code, _, err = cli("score", f"images={folder}", f"prompts={prompts}", "metrics=pickscore", "scorers=tiny")
     assert code != 0 and "1 prompts for 3 images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_aesthetic_equals_simple_inference_on_the_same_weights(tmp_path):
+    """improved-aesthetic-predictor's simple_inference.py: CLIP ViT-L/14 image features, L2-normalized
+    in numpy, through the MLP; here on a small open_clip model and a random head saved as the .pth."""
+    import numpy as np
+    import open_clip
+    from safetensors.torch import save_file
+
+    arch = clip_metrics._register_tiny_open_clip()
+    torch.manual_seed(4)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    head = clip_metrics.AestheticMLP(clip_metrics.TINY_OPEN_CLIP["embed_dim"])
+    torch.save(head.state_dict(), tmp_path / "head.pth")
+
+    class LocalAesthetic(clip_metrics.Aesthetic):
+        info = replace(clip_metrics.Aesthetic.info, model_id=str(weights))
+        head_url = str(tmp_path / "head.pth")  # a local file in place of the GitHub URL
+
+    LocalAesthetic.arch, LocalAesthetic.tag = arch, str(weights)
+    tensors, pils = images(seed=9)
+    ours = LocalAesthetic().score(tensors, PROMPTS)
+    model.eval(), head.eval()
+    official = []
+    for pil in pils:
+        with torch.no_grad():
+            features = model.encode_image(preprocess(pil).unsqueeze(0))
+        x = features.cpu().numpy()
+        x = x / np.expand_dims(np.linalg.norm(x, 2, -1), -1)
+        official.append(head(torch.from_numpy(x).float()).item())
+    assert torch.allclose(ours, torch.tensor(official, dtype=torch.float64), atol=1e-4, rtol=0), (ours, official)
+    assert ours.std() > 1e-5
+
+
+def test_aesthetic_shares_the_clip_l14_backbone_and_is_one_line_offline(tmp_path, monkeypatch):
+    from bench.metrics import _LOADED
+
+    _LOADED.clear()
+    assert clip_metrics.Aesthetic("tiny").backbone() == clip_metrics.ClipL14("tiny").backbone()
+    tensors, _ = images(n=2)
+    scores = clip_metrics.Aesthetic("tiny").score(tensors, ["a", "b"])
+    assert scores.shape == (2,) and len([k for k in _LOADED if k[0] == "open_clip"]) == 1
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    metric = clip_metrics.Aesthetic("tiny")
+    metric.scorers = "official"  # the official head, on the tiny backbone already loaded: only the head is missing
+    _LOADED[(*metric.backbone(), "official", "cpu", torch.float32)] = _LOADED[(*metric.backbone(), "tiny", "cpu", torch.float32)]
+    with pytest.raises(WeightsMissingError) as err:
+        metric.head()
+    assert "sac+logos+ava1-l14-linearMSE.pth" in str(err.value) and "bench prefetch metrics=aesthetic" in str(err.value) and "\n" not in str(err.value)

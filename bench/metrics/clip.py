@@ -208,3 +208,72 @@ class ClipL14(OpenClipScore):
 class ClipB32(OpenClipScore):
     arch, tag = "ViT-B-32", "openai"
     info = MetricInfo("clip-b32", "1", True, "cos(image, text), OpenAI CLIP ViT-B/32 (open_clip 'openai')", "timm/vit_base_patch32_clip_224.openai")
+
+
+# --------------------------------------------------------------------------- LAION aesthetic predictor v2
+
+AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
+
+
+class AestheticMLP(torch.nn.Module):
+    """The improved-aesthetic-predictor head (``MLP`` of its ``simple_inference.py``, state-dict keys
+    ``layers.N``); its dropouts are inactive in eval mode."""
+
+    def __init__(self, width: int = 768):
+        super().__init__()
+        from torch import nn
+
+        self.layers = nn.Sequential(
+            nn.Linear(width, 1024), nn.Dropout(0.2), nn.Linear(1024, 128), nn.Dropout(0.2), nn.Linear(128, 64), nn.Dropout(0.1), nn.Linear(64, 16), nn.Linear(16, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+class Aesthetic(OpenClipScore):
+    """LAION aesthetic predictor v2 (``sac+logos+ava1-l14-linearMSE``): the MLP on the L2-normalized
+    OpenAI CLIP ViT-L/14 image embedding, about 1-10. The CLIP backbone is shared with ``clip-l14``."""
+
+    arch, tag = "ViT-L-14", "openai"
+    head_url = AESTHETIC_URL
+    info = MetricInfo("aesthetic", "v2", True, "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on OpenAI CLIP ViT-L/14, about 1-10", "christophschuhmann/improved-aesthetic-predictor")
+
+    def head_path(self):
+        from bench.io import cache_root
+
+        return cache_root() / "weights" / Path(self.head_url).name
+
+    def head(self) -> torch.nn.Module:
+        from bench.metrics import _LOADED
+
+        key = ("aesthetic-head", self.head_url, self.scorers, str(self.device), self.dtype)
+        if key not in _LOADED:
+            width = self.loaded()[0].visual.output_dim  # 768 for ViT-L/14
+            if self.scorers == "tiny":
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(0)
+                    mlp = AestheticMLP(width)
+            else:
+                from bench.errors import DataError, WeightsMissingError
+                from bench.io import fetch_url
+
+                fix = f"run `bench prefetch metrics={self.name}` where the network is reachable, or use scorers=tiny for a smoke test"
+                try:
+                    path = self.head_url if Path(self.head_url).is_file() else fetch_url(self.head_url, self.head_path(), fix)
+                except DataError as err:
+                    raise WeightsMissingError(f"metric {self.name}: {err}") from None
+                mlp = AestheticMLP(width)
+                mlp.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            _LOADED[key] = mlp.to(self.device, self.dtype).eval()
+        return _LOADED[key]
+
+    def download(self) -> list[str]:
+        from bench.io import fetch_url
+
+        return super().download() + [str(fetch_url(self.head_url, self.head_path(), "check the network"))]
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
+        emb = self.embed_images(images)
+        with torch.no_grad():
+            return self.head()(emb.to(self.dtype)).float().squeeze(-1).double().cpu()
