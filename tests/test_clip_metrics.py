@@ -255,3 +255,44 @@ def test_aesthetic_shares_the_clip_l14_backbone_and_is_one_line_offline(tmp_path
     with pytest.raises(WeightsMissingError) as err:
         metric.head()
     assert "sac+logos+ava1-l14-linearMSE.pth" in str(err.value) and "bench prefetch metrics=aesthetic" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_clip_i_is_the_mean_cosine_with_the_subjects_photos(tmp_path):
+    """CLIP-I by hand: open_clip README embeddings of the generated image and of each photo (at its own
+    size), the cosine averaged over the photos; the photos are embedded once per reference set."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from bench.metrics import _LOADED, ReferenceSet
+
+    arch = clip_metrics._register_tiny_open_clip()
+    torch.manual_seed(6)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+
+    class LocalClipI(clip_metrics.ClipI):
+        info = replace(clip_metrics.ClipI.info, model_id=str(weights))
+
+    LocalClipI.arch, LocalClipI.tag = arch, str(weights)
+    _, photos = images(n=3, size=80, seed=11)
+    paths = []
+    for i, photo in enumerate(photos):
+        paths.append(tmp_path / f"{i:02d}.jpg")
+        photo.resize((120, 90 + 10 * i)).save(paths[-1], quality=95)
+    dog, cat = ReferenceSet("dog", tuple(paths[:2])), ReferenceSet("cat", tuple(paths[2:]))
+    tensors, pils = images(n=3, seed=12)
+    ours = LocalClipI().score(tensors, ["a", "b", "c"], [dog, cat, dog])
+    model.eval()
+
+    def emb(pil):
+        with torch.no_grad():
+            e = model.encode_image(preprocess(pil).unsqueeze(0))[0]
+        return e / e.norm()
+
+    from PIL import Image
+
+    refs = {"dog": [emb(Image.open(p).convert("RGB")) for p in paths[:2]], "cat": [emb(Image.open(paths[2]).convert("RGB"))]}
+    expected = [torch.stack([emb(pils[i]) @ r for r in refs[key]]).mean() for i, key in enumerate(["dog", "cat", "dog"])]
+    assert torch.allclose(ours, torch.stack(expected).double(), atol=1e-5, rtol=0)
+    assert len([k for k in _LOADED if k[0] == "clip-i-references"]) >= 2

@@ -155,6 +155,7 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     "clip-l14": ("bench.metrics.clip:ClipL14", "CLIP score: cos(image, prompt), OpenAI CLIP ViT-L/14"),
     "clip-b32": ("bench.metrics.clip:ClipB32", "CLIP score: cos(image, prompt), OpenAI CLIP ViT-B/32 (T2I-CompBench's non-spatial backbone)"),
     "aesthetic": ("bench.metrics.clip:Aesthetic", "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE MLP on OpenAI CLIP ViT-L/14), about 1-10"),
+    "clip-i": ("bench.metrics.clip:ClipI", "CLIP-I (DreamBench): cos of OpenAI CLIP ViT-B/32 image embeddings with the subject's photos, mean over photos"),
     "ref_layout": (
         "bench.metrics.reference:ThumbnailCorrelation",
         "Pearson correlation of 8x8 RGB thumbnails with the prompt's reference images, in [-1, 1] (weight-free)",

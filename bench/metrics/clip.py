@@ -277,3 +277,36 @@ class Aesthetic(OpenClipScore):
         emb = self.embed_images(images)
         with torch.no_grad():
             return self.head()(emb.to(self.dtype)).float().squeeze(-1).double().cpu()
+
+
+# --------------------------------------------------------------------------- CLIP-I (DreamBench)
+
+
+class ClipI(OpenClipScore):
+    """CLIP-I (DreamBooth, Ruiz et al., 2023): the mean cosine between a generated image's CLIP
+    embedding and each of its subject's photos. The DreamBooth repository fixes no backbone;
+    OpenAI ViT-B/32 is ImagenHub's choice and shares the loaded model with ``clip-b32``. Photos are
+    embedded once per reference set, at their own resolution, through the same preprocessing."""
+
+    needs_refs = True
+    arch, tag = "ViT-B-32", "openai"
+    info = MetricInfo("clip-i", "1", True, "cos(image, subject photo), OpenAI CLIP ViT-B/32, mean over the subject's photos", "timm/vit_base_patch32_clip_224.openai")
+
+    def reference_embeddings(self, refs) -> torch.Tensor:
+        from bench.images import open_rgb
+        from bench.metrics import _LOADED
+
+        key = ("clip-i-references", *self.backbone(), self.scorers, str(self.device), refs.key, refs.paths)
+        if key not in _LOADED:
+            model, preprocess, _ = self.loaded()
+            pixels = torch.stack([preprocess(open_rgb(p)) for p in refs.paths]).to(self.device, self.dtype)
+            with torch.no_grad():
+                emb = model.encode_image(pixels).float()
+            _LOADED[key] = emb / emb.norm(dim=-1, keepdim=True)
+        return _LOADED[key]
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
+        if refs is None or len(refs) != images.shape[0]:
+            raise ValueError(f"metric {self.name} needs one reference set per image")
+        emb = self.embed_images(images)
+        return torch.stack([(emb[i : i + 1] @ self.reference_embeddings(r).T).mean() for i, r in enumerate(refs)]).double().cpu()
