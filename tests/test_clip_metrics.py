@@ -118,23 +118,26 @@ def readme_clip_score(model, preprocess, tokenizer, prompt, pil_image):
         return (image_features @ text_features.T)[0, 0]
 
 
+def saved_open_clip(tmp_path, arch, seed, metric_cls):
+    """A random open_clip model saved to disk, and ``metric_cls`` pointed at the file (open_clip takes a
+    file path as ``pretrained``), so the metric loads it through its own loading path."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
+    weights = tmp_path / "open_clip_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    local = type(f"Local{metric_cls.__name__}", (metric_cls,), {"info": replace(metric_cls.info, model_id=str(weights)), "arch": arch, "tag": str(weights)})
+    return local, model.eval(), preprocess
+
+
 def check_clip_parity(tmp_path, arch):
     import open_clip
 
-    torch.manual_seed(3)
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    weights = tmp_path / "open_clip_model.safetensors"
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-
-    class LocalClip(clip_metrics.OpenClipScore):
-        info = replace(clip_metrics.ClipH14.info, model_id=str(weights))
-
-    LocalClip.arch, LocalClip.tag = arch, str(weights)  # open_clip takes a file path as `pretrained`
+    LocalClip, model, preprocess = saved_open_clip(tmp_path, arch, 3, clip_metrics.ClipH14)
     tensors, pils = images(seed=5)
     ours = LocalClip().score(tensors, PROMPTS)
-    model.eval()
     official = torch.stack([readme_clip_score(model, preprocess, open_clip.get_tokenizer(arch), p, im) for p, im in zip(PROMPTS, pils)])
     assert torch.allclose(ours, official.double(), atol=1e-4, rtol=0), (ours, official)
     assert ours.std() > 1e-4
@@ -210,25 +213,14 @@ def test_aesthetic_equals_simple_inference_on_the_same_weights(tmp_path):
     """improved-aesthetic-predictor's simple_inference.py: CLIP ViT-L/14 image features, L2-normalized
     in numpy, through the MLP; here on a small open_clip model and a random head saved as the .pth."""
     import numpy as np
-    import open_clip
-    from safetensors.torch import save_file
 
-    arch = clip_metrics._register_tiny_open_clip()
-    torch.manual_seed(4)
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    weights = tmp_path / "open_clip_model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    LocalAesthetic, model, preprocess = saved_open_clip(tmp_path, clip_metrics._register_tiny_open_clip(), 4, clip_metrics.Aesthetic)
     head = clip_metrics.AestheticMLP(clip_metrics.TINY_OPEN_CLIP["embed_dim"])
     torch.save(head.state_dict(), tmp_path / "head.pth")
-
-    class LocalAesthetic(clip_metrics.Aesthetic):
-        info = replace(clip_metrics.Aesthetic.info, model_id=str(weights))
-        head_url = str(tmp_path / "head.pth")  # a local file in place of the GitHub URL
-
-    LocalAesthetic.arch, LocalAesthetic.tag = arch, str(weights)
+    LocalAesthetic.head_url = str(tmp_path / "head.pth")  # a local file in place of the GitHub URL
     tensors, pils = images(seed=9)
     ours = LocalAesthetic().score(tensors, PROMPTS)
-    model.eval(), head.eval()
+    head.eval()
     official = []
     for pil in pils:
         with torch.no_grad():
@@ -260,21 +252,9 @@ def test_aesthetic_shares_the_clip_l14_backbone_and_is_one_line_offline(tmp_path
 def test_clip_i_is_the_mean_cosine_with_the_subjects_photos(tmp_path):
     """CLIP-I by hand: open_clip README embeddings of the generated image and of each photo (at its own
     size), the cosine averaged over the photos; the photos are embedded once per reference set."""
-    import open_clip
-    from safetensors.torch import save_file
-
     from bench.metrics import _LOADED, ReferenceSet
 
-    arch = clip_metrics._register_tiny_open_clip()
-    torch.manual_seed(6)
-    model, _, preprocess = open_clip.create_model_and_transforms(arch, pretrained=None)
-    weights = tmp_path / "open_clip_model.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-
-    class LocalClipI(clip_metrics.ClipI):
-        info = replace(clip_metrics.ClipI.info, model_id=str(weights))
-
-    LocalClipI.arch, LocalClipI.tag = arch, str(weights)
+    LocalClipI, model, preprocess = saved_open_clip(tmp_path, clip_metrics._register_tiny_open_clip(), 6, clip_metrics.ClipI)
     _, photos = images(n=3, size=80, seed=11)
     paths = []
     for i, photo in enumerate(photos):
@@ -283,7 +263,6 @@ def test_clip_i_is_the_mean_cosine_with_the_subjects_photos(tmp_path):
     dog, cat = ReferenceSet("dog", tuple(paths[:2])), ReferenceSet("cat", tuple(paths[2:]))
     tensors, pils = images(n=3, seed=12)
     ours = LocalClipI().score(tensors, ["a", "b", "c"], [dog, cat, dog])
-    model.eval()
 
     def emb(pil):
         with torch.no_grad():
