@@ -10,7 +10,7 @@ import torch
 from bench.generate import ImageJob, ImageStore, load_images
 from bench.io import progress as progress_bar
 from bench.io import write_bytes
-from bench.metrics import LearnedMetric, Metric, ReferenceSet
+from bench.metrics import Metric, ReferenceSet
 from bench.models.diffusion import from_uint8
 from bench.registry import METRICS
 
@@ -19,8 +19,7 @@ ID_COLUMNS = ["prompt_index", "image_index", "prompt", "seed", "image_key"]
 
 def make_metric(name: str, scorers: str = "official") -> Metric:
     """A metric by name; ``scorers=tiny`` gives learned metrics random tiny weights (smoke tests)."""
-    cls = METRICS.get(name)
-    return cls(scorers) if issubclass(cls, LearnedMetric) else cls()
+    return METRICS.get(name)(scorers)
 
 
 def load_metrics(names: list[str], device: torch.device | str = "cpu", scorers: str = "official") -> dict[str, Metric]:

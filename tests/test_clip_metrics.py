@@ -252,7 +252,7 @@ def test_aesthetic_shares_the_clip_l14_backbone_and_is_one_line_offline(tmp_path
 def test_clip_i_is_the_mean_cosine_with_the_subjects_photos(tmp_path):
     """CLIP-I by hand: open_clip README embeddings of the generated image and of each photo (at its own
     size), the cosine averaged over the photos; the photos are embedded once per reference set."""
-    from bench.metrics import _LOADED, ReferenceSet
+    from bench.metrics import ReferenceSet
 
     LocalClipI, model, preprocess = saved_open_clip(tmp_path, clip_metrics._register_tiny_open_clip(), 6, clip_metrics.ClipI)
     _, photos = images(n=3, size=80, seed=11)
@@ -262,7 +262,8 @@ def test_clip_i_is_the_mean_cosine_with_the_subjects_photos(tmp_path):
         photo.resize((120, 90 + 10 * i)).save(paths[-1], quality=95)
     dog, cat = ReferenceSet("dog", tuple(paths[:2])), ReferenceSet("cat", tuple(paths[2:]))
     tensors, pils = images(n=3, seed=12)
-    ours = LocalClipI().score(tensors, ["a", "b", "c"], [dog, cat, dog])
+    metric = LocalClipI()
+    ours = metric.score(tensors, ["a", "b", "c"], [dog, cat, dog])
 
     def emb(pil):
         with torch.no_grad():
@@ -274,4 +275,5 @@ def test_clip_i_is_the_mean_cosine_with_the_subjects_photos(tmp_path):
     refs = {"dog": [emb(Image.open(p).convert("RGB")) for p in paths[:2]], "cat": [emb(Image.open(paths[2]).convert("RGB"))]}
     expected = [torch.stack([emb(pils[i]) @ r for r in refs[key]]).mean() for i, key in enumerate(["dog", "cat", "dog"])]
     assert torch.allclose(ours, torch.stack(expected).double(), atol=1e-5, rtol=0)
-    assert len([k for k in _LOADED if k[0] == "clip-i-references"]) >= 2
+    embedded = metric._reference_embeddings  # one embedding of each photo, per reference set
+    assert set(embedded) == {"dog", "cat"} and embedded["dog"].shape[0] == 2 and embedded["cat"].shape[0] == 1

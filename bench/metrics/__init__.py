@@ -49,6 +49,9 @@ class Metric:
     needs_refs = False
     differentiable = False  # True: ``score`` is built from differentiable torch ops (reward back-propagation)
 
+    def __init__(self, scorers: str = "official"):
+        """``scorers`` selects the weights of learned metrics (``LearnedMetric``); weight-free ones have none."""
+
     @property
     def name(self) -> str:
         return self.info.name

@@ -24,6 +24,7 @@ from typing import Sequence
 import torch
 
 from bench.metrics import LearnedMetric, MetricInfo
+from bench.metrics.reference import ReferenceMetric
 
 # The preprocessing of laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json (OpenAI's CLIP constants).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -282,31 +283,26 @@ class Aesthetic(OpenClipScore):
 # --------------------------------------------------------------------------- CLIP-I (DreamBench)
 
 
-class ClipI(OpenClipScore):
+class ClipI(ReferenceMetric, OpenClipScore):
     """CLIP-I (DreamBooth, Ruiz et al., 2023): the mean cosine between a generated image's CLIP
-    embedding and each of its subject's photos. The DreamBooth repository fixes no backbone;
-    OpenAI ViT-B/32 is ImagenHub's choice and shares the loaded model with ``clip-b32``. Photos are
-    embedded once per reference set, at their own resolution, through the same preprocessing."""
+    embedding and each of its subject's photos (the DreamBench protocol of ``ReferenceMetric``).
+    The DreamBooth repository fixes no backbone; OpenAI ViT-B/32 is ImagenHub's choice and shares
+    the loaded model with ``clip-b32``. Photos go through the same preprocessing at their own size."""
 
-    needs_refs = True
     arch, tag = "ViT-B-32", "openai"
     info = MetricInfo("clip-i", "1", True, "cos(image, subject photo), OpenAI CLIP ViT-B/32, mean over the subject's photos", "timm/vit_base_patch32_clip_224.openai")
 
-    def reference_embeddings(self, refs) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        return self.embed_images(images)
+
+    def embed_references(self, paths) -> torch.Tensor:
         from bench.images import open_rgb
-        from bench.metrics import _LOADED
 
-        key = ("clip-i-references", *self.backbone(), self.scorers, str(self.device), refs.key, refs.paths)
-        if key not in _LOADED:
-            model, preprocess, _ = self.loaded()
-            pixels = torch.stack([preprocess(open_rgb(p)) for p in refs.paths]).to(self.device, self.dtype)
-            with torch.no_grad():
-                emb = model.encode_image(pixels).float()
-            _LOADED[key] = emb / emb.norm(dim=-1, keepdim=True)
-        return _LOADED[key]
+        model, preprocess, _ = self.loaded()
+        pixels = torch.stack([preprocess(open_rgb(p)) for p in paths]).to(self.device, self.dtype)
+        with torch.no_grad():
+            emb = model.encode_image(pixels).float()
+        return emb / emb.norm(dim=-1, keepdim=True)
 
-    def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
-        if refs is None or len(refs) != images.shape[0]:
-            raise ValueError(f"metric {self.name} needs one reference set per image")
-        emb = self.embed_images(images)
-        return torch.stack([(emb[i : i + 1] @ self.reference_embeddings(r).T).mean() for i, r in enumerate(refs)]).double().cpu()
+    def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return a @ b.T

@@ -27,22 +27,25 @@ REFERENCE_SIZE = 64  # references are resized and center-cropped to this before 
 class ReferenceMetric(Metric):
     needs_refs = True
 
-    def __init__(self):
-        self._cache: dict[str, torch.Tensor] = {}
-
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(N, 3, H, W) float in [0, 1] -> (N, D) float64."""
+        """(N, 3, H, W) float in [0, 1] -> (N, D)."""
         raise NotImplementedError
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """(N, D), (M, D) -> (N, M)."""
         raise NotImplementedError
 
+    def embed_references(self, paths: Sequence) -> torch.Tensor:
+        """The reference photos' embeddings; here resized and center-cropped to ``REFERENCE_SIZE``
+        (a learned metric overrides this with its own preprocessing of the full-size photos)."""
+        pixels = torch.stack([square(open_rgb(p), REFERENCE_SIZE) for p in paths])
+        return self.embed(pixels.double() / 255)
+
     def references(self, refs: ReferenceSet) -> torch.Tensor:
-        if refs.key not in self._cache:
-            pixels = torch.stack([square(open_rgb(p), REFERENCE_SIZE) for p in refs.paths])
-            self._cache[refs.key] = self.embed(pixels.double() / 255)
-        return self._cache[refs.key]
+        cache = self.__dict__.setdefault("_reference_embeddings", {})  # once per reference set
+        if refs.key not in cache:
+            cache[refs.key] = self.embed_references(refs.paths)
+        return cache[refs.key]
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs: Sequence[ReferenceSet] | None = None) -> torch.Tensor:
         if refs is None or len(refs) != images.shape[0]:
