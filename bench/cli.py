@@ -158,13 +158,22 @@ def cmd_prefetch(args):
     """Download what an offline run will need: the model (with ``model=`` or ``method=``), the suite's
     prompts (a hub dataset, DreamBench) and the weights of its metrics and reward (or ``metrics=a,b``)."""
     from bench.config import compose, to_dict
-    from bench.io import cache_root
-    from bench.scoring import make_metric
+    from bench.errors import WeightsMissingError
 
     metric_arg = next((a.split("=", 1)[1] for a in args if a.startswith("metrics=")), None)
     args = [a for a in args if not a.startswith("metrics=")]
     cfg = to_dict(compose(args))  # plain containers: the tiny build spec is written out as JSON configs
-    given = {a.split("=", 1)[0] for a in args}
+    try:
+        _prefetch(cfg, {a.split("=", 1)[0] for a in args}, metric_arg)
+    except OSError as err:  # the hub libraries' "not cached and offline" and network errors
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise WeightsMissingError(f"bench prefetch could not download ({reason}): run it where the hub is reachable, with HF_HUB_OFFLINE unset") from None
+
+
+def _prefetch(cfg: dict, given: set[str], metric_arg: str | None) -> None:
+    from bench.io import cache_root
+    from bench.scoring import make_metric
+
     if "model" in given or "method" in given:
         _prefetch_model(cfg)
     if metric_arg is None:

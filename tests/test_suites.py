@@ -124,3 +124,8 @@ def test_online_preset_offline_without_its_prompt_file_is_one_line(cli):
     code, out, err = cli("train", "suite=parti", "model=tiny-sdxl-fewstep", "method=pso-online-turbo", f"suite.source={PARTI}", "scorers=tiny")
     assert code != 0 and "4k_training_prompts.json" in err and "method.train_prompts=PATH" in err and "bench prefetch method=pso-online-turbo" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_prefetch_with_the_hub_offline_is_one_line(cli):
+    code, out, err = cli("prefetch", "model=sdxl-turbo", "metrics=pickscore")
+    assert code != 0 and "bench prefetch could not download" in err and "HF_HUB_OFFLINE unset" in err and len(err.strip().splitlines()) == 1
