@@ -52,9 +52,14 @@ def summarize(
         "metrics": {},
         "winrate": {},
     }
+    def scored(df: pd.DataFrame, spec: dict) -> pd.DataFrame:
+        """The rows a metric scored: all, or those of its prompts (``spec["prompts"]``, a scoped metric)."""
+        return df if "prompts" not in spec else df[df["prompt_index"].isin(spec["prompts"])]
+
     for name, spec in metrics.items():
+        rows = scored(scores, spec)
         try:
-            mean, (lo, hi) = bootstrap_mean_ci(scores[name].to_numpy(), n_boot, level, seed)
+            mean, (lo, hi) = bootstrap_mean_ci(rows[name].to_numpy(), n_boot, level, seed)
         except ValueError as err:
             raise DataError(f"metric {name!r}: {err}") from err
         out["metrics"][name] = {
@@ -63,11 +68,12 @@ def summarize(
             "higher_is_better": bool(spec["higher_is_better"]),
             "version": str(spec["version"]),
             "scale": str(spec["scale"]),
+            **({"n_images": int(len(rows))} if "prompts" in spec else {}),
         }
         if baseline is None:
             continue
-        run_pp = scores.groupby("prompt_index")[name].mean()
-        base_pp = baseline.groupby("prompt_index")[name].mean()
+        run_pp = rows.groupby("prompt_index")[name].mean()
+        base_pp = scored(baseline, spec).groupby("prompt_index")[name].mean()
         try:
             value, (wlo, whi), n = paired_winrate(
                 run_pp, base_pp, bool(spec["higher_is_better"]), n_boot, level, seed
@@ -83,7 +89,7 @@ def summarize(
             {
                 "by": column,
                 "n_prompts": {str(g): int(n) for g, n in groups["prompt_index"].nunique().items()},
-                "means": {name: {str(g): float(v) for g, v in groups[name].mean().items()} for name in metrics},
+                "means": {name: {str(g): float(v) for g, v in groups[name].mean().items() if not math.isnan(v)} for name in metrics},  # a scoped metric: only its groups
             }
         )
     return out
@@ -122,7 +128,7 @@ def render_table(summary: dict, title: str) -> str:
     table = f"# {title}\n\n{_markdown(df)}\n"
     for groups in summary.get("by_group", []):
         by = groups["by"]
-        rows = [{by: g, "prompts": str(n), **{m: _fmt(groups["means"][m][g]) for m in groups["means"]}} for g, n in groups["n_prompts"].items()]
+        rows = [{by: g, "prompts": str(n), **{m: _fmt(groups["means"][m].get(g)) for m in groups["means"]}} for g, n in groups["n_prompts"].items()]
         table += f"\nmean by {by}:\n\n{_markdown(pd.DataFrame(rows))}\n"
     return table
 

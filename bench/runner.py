@@ -137,13 +137,15 @@ class Session:
         gen_stats = generate(model, jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
         t_gen = time.perf_counter()
         metrics = load_metrics(self.metric_names, self.device, self.cfg["scorers"])
-        scores = score_images(jobs, self.store, metrics, int(self.cfg["score"]["batch_size"]), self.device, self.progress, self.suite.references)
+        scores = score_images(jobs, self.store, metrics, int(self.cfg["score"]["batch_size"]), self.device, self.progress, self.suite.references, self.suite.metric_scope)
         for offset, (column, labels) in enumerate(self.suite.groups.items()):
             scores.insert(len(ID_COLUMNS) + offset, column, [labels[i] for i in scores["prompt_index"]])
         write_scores(scores, run_dir / "scores.parquet")
         t_score = time.perf_counter()
 
         infos = {n: {"higher_is_better": m.info.higher_is_better, "version": m.info.version, "scale": m.info.scale} for n, m in metrics.items()}
+        for name, applies in self.suite.metric_scope.items():  # the prompts a scoped metric scored (the rest hold NaN)
+            infos[name]["prompts"] = [i for i, a in enumerate(applies) if a]
         base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
         st = self.cfg["stats"]
         summary = report.summarize(

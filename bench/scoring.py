@@ -29,23 +29,38 @@ def load_metrics(names: list[str], device: torch.device | str = "cpu", scorers: 
 
 @torch.no_grad()
 def score_images(
-    jobs: list[ImageJob], store: ImageStore, metrics: dict[str, Metric], batch_size: int, device="cpu", progress=True, references: list[ReferenceSet] | None = None
+    jobs: list[ImageJob],
+    store: ImageStore,
+    metrics: dict[str, Metric],
+    batch_size: int,
+    device="cpu",
+    progress=True,
+    references: list[ReferenceSet] | None = None,
+    scope: dict[str, list[bool]] | None = None,
 ) -> pd.DataFrame:
     """Per-image scores: the id columns, then one float64 column per metric. Metrics that compare
-    with real images get each image's reference set (``references`` is indexed by prompt)."""
+    with real images get each image's reference set (``references`` is indexed by prompt). A metric
+    in ``scope`` (indexed by prompt) scores only the images of its prompts; the others get NaN."""
     columns: dict[str, list] = {name: [] for name in metrics}
     for start in progress_bar(range(0, len(jobs), batch_size), progress, desc="score", unit="batch"):
         batch = jobs[start : start + batch_size]
         images = from_uint8(load_images(store, batch)).to(device)
-        prompts = [j.prompt for j in batch]
         for name, metric in metrics.items():
-            if metric.needs_refs:
-                if references is None:
-                    raise ValueError(f"metric {name} compares with reference images and this suite has none")
-                values = metric.score(images, prompts, [references[j.prompt_index] for j in batch])
-            else:
-                values = metric.score(images, prompts)
-            columns[name].extend(values.double().cpu().tolist())
+            rows = [i for i, j in enumerate(batch) if scope is None or name not in scope or scope[name][j.prompt_index]]
+            values = [float("nan")] * len(batch)
+            if rows:
+                chosen = [batch[i] for i in rows]
+                prompts = [j.prompt for j in chosen]
+                subset = images if len(rows) == len(batch) else images[rows]
+                if metric.needs_refs:
+                    if references is None:
+                        raise ValueError(f"metric {name} compares with reference images and this suite has none")
+                    out = metric.score(subset, prompts, [references[j.prompt_index] for j in chosen])
+                else:
+                    out = metric.score(subset, prompts)
+                for i, value in zip(rows, out.double().cpu().tolist()):
+                    values[i] = value
+            columns[name].extend(values)
     frame = pd.DataFrame(
         {
             "prompt_index": pd.array([j.prompt_index for j in jobs], dtype="int64"),

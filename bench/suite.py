@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass, field
@@ -43,6 +44,7 @@ class Suite:
     subjects: list[str] = field(default_factory=list)
     groups: dict[str, list[str]] = field(default_factory=dict)  # breakdown column (subject, Category) -> one label per prompt
     canonical: bool | None = None  # whether the prompts are the published set (its count and sha256), before ``limit``
+    metric_scope: dict[str, list[bool]] = field(default_factory=dict)  # metric -> which prompts it scores (all if absent)
 
     @property
     def sha256(self) -> str:
@@ -92,8 +94,10 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise DataError(f"malformed prompt file {path}: invalid JSON at line {err.lineno} column {err.colno}") from None
+        if isinstance(data, dict) and data and all(isinstance(v, dict) for v in data.values()):
+            data = [{"id": key, **value} for key, value in data.items()]  # {id: {prompt, category}} (MJHQ-30K's meta_data.json)
         if not isinstance(data, list):
-            raise DataError(f"malformed prompt file {path}: expected a JSON list of prompts, got {type(data).__name__}")
+            raise DataError(f"malformed prompt file {path}: expected a JSON list of prompts or an object of {{id: {{prompt: ...}}}}, got {type(data).__name__}")
         bad = next((i for i, d in enumerate(data) if not isinstance(d, (str, dict))), None)
         if bad is not None:
             raise DataError(f"malformed prompt file {path}: item {bad} is neither a string nor an object")
@@ -111,7 +115,7 @@ def read_prompt_rows(path: str | Path) -> list[dict]:
                 raise DataError(f"malformed prompt file {path}: line {n} is neither a string nor an object")
             rows.append({"prompt": row} if isinstance(row, str) else row)
     elif suffix in (".csv", ".tsv"):
-        reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")  # quoted newlines kept (COCO-30k)
         if not reader.fieldnames or _find_column(reader.fieldnames, PROMPT_FIELDS) is None:
             raise DataError(f"malformed prompt file {path}: no column named {', '.join(PROMPT_FIELDS)} in its header")
         rows = list(reader)
@@ -160,12 +164,31 @@ def hub_prompt_rows(spec: dict, prefetch: str, local_key: str) -> tuple[list[dic
     return data.select_columns(columns).to_list(), where
 
 
+def hub_file_rows(spec: dict, prefetch: str, local_key: str) -> tuple[list[dict], str]:
+    """Rows of one file of a hub dataset repository (``{hub, file, revision}``: HPSv2's benchmark/anime.json)."""
+    repo, revision = spec["hub"], spec.get("revision")
+    where = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + f"/{spec['file']}"
+    hub_offline()
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(repo, spec["file"], repo_type=spec.get("repo_type") or "dataset", revision=revision)
+    except Exception as err:  # not cached offline, no network, no such file
+        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise DataError(
+            f"cannot load the prompts {where} ({reason}): run `bench prefetch {prefetch}` where the hub is reachable, "
+            f"or set {local_key}=PATH to a local copy"
+        ) from None
+    return read_prompt_rows(path), where
+
+
 def read_prompt_source(spec, base: Path, prefetch: str, local_key: str, cache: Path | None = None) -> tuple[list[dict], str]:
     """Rows from a prompt source: a file (relative to ``base``), an ``https://`` URL (downloaded once
-    into the cache) or a hub dataset ``{hub, split, revision}``. ``prefetch`` (the arguments of
-    ``bench prefetch``) and ``local_key`` (``suite.source``) go into the one-line error offline."""
+    into the cache), a hub dataset split ``{hub, split, revision}`` or one file of a hub dataset
+    ``{hub, file, revision}``. ``prefetch`` (the arguments of ``bench prefetch``) and ``local_key``
+    (``suite.source``) go into the one-line error offline."""
     if isinstance(spec, dict):
-        return hub_prompt_rows(spec, prefetch, local_key)
+        return hub_file_rows(spec, prefetch, local_key) if spec.get("file") else hub_prompt_rows(spec, prefetch, local_key)
     spec = str(spec)
     if spec.startswith(("https://", "http://")):
         from bench.io import fetch_url
@@ -191,13 +214,17 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
     if subject:
         raise DataError(f"subject={subject} applies to DreamBench suites; suite '{cfg['name']}' has no subjects")
     base = Path(cfg.get("_dir", "."))
-    spec = cfg.get("source") or cfg.get("prompts")
-    if not spec:
-        raise DataError(f"suite '{cfg['name']}' names no prompts (set suite.source=PATH)")
-    rows, where = read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", "suite.source", cache)
+    if cfg.get("prompt_sets"):
+        rows, where = read_prompt_sets(cfg, base, cache)
+    else:
+        spec = cfg.get("source") or cfg.get("prompts")
+        if not spec:
+            raise DataError(f"suite '{cfg['name']}' names no prompts (set suite.source=PATH)")
+        rows, where = read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", "suite.source", cache)
     prompts = prompts_of(rows, where, cfg.get("prompt_column"))
     groups = {}
-    for column in cfg.get("group_columns") or []:
+    set_column = [cfg.get("prompt_set_column") or "set"] if cfg.get("prompt_sets") else []
+    for column in dict.fromkeys(set_column + list(cfg.get("group_columns") or [])):
         key = _find_column(rows[0], column)
         if key is None:
             log.warning("suite '%s': %s has no column %s, so results are not broken down by it", cfg["name"], where, column)
@@ -211,19 +238,70 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
             log.warning("suite '%s': %s is not the published prompt set (%d prompts, expected %d, sha256 %s)", cfg["name"], where, len(prompts), int(canonical["count"]), canonical.get("sha256") or "not recorded")
     if cfg.get("limit"):
         n = int(cfg["limit"])
-        prompts, groups = prompts[:n], {k: v[:n] for k, v in groups.items()}
+        if set_column:  # the first N of every set, so a smoke run reaches every set's metrics
+            taken: dict[str, int] = {}
+            keep = []
+            for i, label in enumerate(groups[set_column[0]]):
+                taken[label] = taken.get(label, 0) + 1
+                if taken[label] <= n:
+                    keep.append(i)
+        else:
+            keep = list(range(min(n, len(prompts))))
+        prompts, groups = [prompts[i] for i in keep], {k: [v[i] for i in keep] for k, v in groups.items()}
     train = read_prompts(base / cfg["train_prompts"]) if cfg.get("train_prompts") else []
+    metrics = list(cfg.get("metrics", []))
     return Suite(
         name=cfg["name"],
         prompts=prompts,
         train_prompts=train,
         images_per_prompt=int(cfg.get("images_per_prompt", 1)),
-        metrics=list(cfg.get("metrics", [])),
+        metrics=metrics,
         reward=cfg.get("reward"),
         source=where,
         groups=groups,
         canonical=is_canonical,
+        metric_scope=_metric_scope(cfg, metrics, groups),
     )
+
+
+def _source_name(spec) -> str:
+    """The file name a prompt source has in a local copy of the set's folder."""
+    return Path(spec["file"] if isinstance(spec, dict) else str(spec)).name
+
+
+def read_prompt_sets(cfg: dict, base: Path, cache: Path | None) -> tuple[list[dict], str]:
+    """Rows of a suite published as several prompt files, one per label (HPSv2's four styles,
+    T2I-CompBench's eight categories), each row labelled in ``prompt_set_column``. With
+    ``suite.source=FOLDER`` every file is read from that folder under its own file name."""
+    column = cfg.get("prompt_set_column") or "set"
+    folder = Path(cfg["source"]) if cfg.get("source") else None
+    names = {label: _source_name(spec) for label, spec in cfg["prompt_sets"].items()}
+    if folder is not None and not folder.is_dir():
+        raise DataError(f"suite.source={folder} is not a folder: suite '{cfg['name']}' reads its prompt files {', '.join(names.values())} from a folder")
+    rows = []
+    for label, spec in cfg["prompt_sets"].items():
+        part, _ = read_prompt_source(folder / names[label] if folder else spec, base, f"suite={cfg['name']}", "suite.source", cache)
+        rows += [{**row, column: label} for row in part]
+    return rows, str(folder) if folder else f"{len(names)} prompt files ({', '.join(names.values())})"
+
+
+def _metric_scope(cfg: dict, metrics: list[str], groups: dict[str, list[str]]) -> dict[str, list[bool]]:
+    """``metric_scope: {metric: [labels]}``: the metric scores only the prompts whose
+    ``prompt_set_column`` label is listed (T2I-CompBench: BLIP-VQA on the attribute prompts);
+    a metric not listed scores every prompt."""
+    scope = cfg.get("metric_scope") or {}
+    if not scope:
+        return {}
+    column = cfg.get("prompt_set_column") or "set"
+    labels = groups.get(column)
+    unknown = [m for m in scope if m not in metrics]
+    if labels is None or unknown:
+        raise DataError(f"suite '{cfg['name']}': metric_scope " + (f"names metrics not in its metrics list: {unknown}" if unknown else f"needs prompt_sets (the {column} of every prompt)"))
+    known = set(cfg["prompt_sets"])
+    for metric, wanted in scope.items():
+        if set(wanted) - known:
+            raise DataError(f"suite '{cfg['name']}': metric_scope of {metric} names unknown sets {sorted(set(wanted) - known)} (sets: {', '.join(known)})")
+    return {metric: [label in wanted for label in labels] for metric, wanted in scope.items()}
 
 
 DREAMBENCH_REPO = "https://github.com/google/dreambooth"

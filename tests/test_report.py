@@ -178,3 +178,20 @@ def test_load_baseline(tmp_path):
             load_baseline(path)
     with pytest.raises(DataError, match="not found"):
         load_baseline(tmp_path / "nope.json")
+
+
+def test_a_scoped_metric_is_summarized_over_its_own_prompts_only():
+    nan = float("nan")
+    scores = pd.DataFrame({"prompt_index": [0, 0, 1, 1, 2, 2], "set": ["a", "a", "a", "a", "b", "b"], "m": [1.0, 2.0, 3.0, 4.0, nan, nan], "n": [nan, nan, nan, nan, 5.0, 7.0]})
+    base = scores.assign(m=[0.0, 0.0, 9.0, 9.0, nan, nan], n=[nan, nan, nan, nan, 1.0, 1.0])
+    infos = {"m": {"higher_is_better": True, "version": "1", "scale": "s", "prompts": [0, 1]}, "n": {"higher_is_better": True, "version": "1", "scale": "s", "prompts": [2]}}
+    s = summarize(scores, infos, base, n_boot=50, group_by=["set"])
+    assert s["metrics"]["m"]["mean"] == 2.5 and s["metrics"]["m"]["n_images"] == 4 and s["metrics"]["n"]["mean"] == 6.0
+    assert s["winrate"]["m"]["value"] == 0.5 and s["winrate"]["m"]["n_prompts"] == 2 and s["winrate"]["n"]["n_prompts"] == 1
+    assert s["by_group"][0]["means"] == {"m": {"a": 2.5}, "n": {"b": 6.0}}
+    table = render_table(s, "t")
+    assert [line for line in table.splitlines() if line.startswith("| a")][0].split("|")[4].strip() == "-"  # out of scope
+    assert [line for line in table.splitlines() if line.startswith("| b")][0].split("|")[3].strip() == "-"
+    scores.loc[0, "m"] = nan  # an in-scope NaN is still an error
+    with pytest.raises(DataError, match="NaN"):
+        summarize(scores, infos, None, n_boot=50)

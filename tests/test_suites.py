@@ -129,3 +129,54 @@ def test_online_preset_offline_without_its_prompt_file_is_one_line(cli):
 def test_prefetch_with_the_hub_offline_is_one_line(cli):
     code, out, err = cli("prefetch", "model=sdxl-turbo", "metrics=pickscore")
     assert code != 0 and "bench prefetch could not download" in err and "HF_HUB_OFFLINE unset" in err and len(err.strip().splitlines()) == 1
+
+
+def prompt_sets_suite(folder, **extra):
+    """A suite published as one prompt file per set (the HPSv2 and T2I-CompBench layout)."""
+    return {
+        "name": "sets",
+        "prompt_sets": {"warm": "https://example.org/sets/warm.txt", "cold": {"hub": "someone/sets", "file": "bench/cold.json"}},
+        "prompt_set_column": "style",
+        "source": str(folder),
+        "metrics": ["brightness", "colorfulness"],
+        **extra,
+    }
+
+
+def test_prompt_sets_read_every_file_from_a_local_folder_labelled_by_set(tmp_path):
+    (tmp_path / "warm.txt").write_text("a red sun\na fire\na desert\n")
+    (tmp_path / "cold.json").write_text(json.dumps(["snow", "ice"]))
+    s = load_suite(prompt_sets_suite(tmp_path))
+    assert s.prompts == ["a red sun", "a fire", "a desert", "snow", "ice"]
+    assert s.groups == {"style": ["warm"] * 3 + ["cold"] * 2} and s.metric_scope == {}
+    limited = load_suite(prompt_sets_suite(tmp_path, limit=2))  # the first 2 of every set
+    assert limited.prompts == ["a red sun", "a fire", "snow", "ice"] and limited.groups["style"] == ["warm", "warm", "cold", "cold"]
+    scoped = load_suite(prompt_sets_suite(tmp_path, limit=2, metric_scope={"colorfulness": ["cold"]}))
+    assert scoped.metric_scope == {"colorfulness": [False, False, True, True]}
+
+
+def test_prompt_sets_name_the_missing_file_or_folder(tmp_path):
+    (tmp_path / "warm.txt").write_text("a red sun\n")
+    with pytest.raises(DataError, match=r"prompt file not found: .*cold\.json"):
+        load_suite(prompt_sets_suite(tmp_path))
+    with pytest.raises(DataError, match=r"suite.source=.*nowhere is not a folder: suite 'sets' reads its prompt files warm.txt, cold.json"):
+        load_suite(prompt_sets_suite(tmp_path / "nowhere"))
+    (tmp_path / "cold.json").write_text('["snow"]')
+    with pytest.raises(DataError, match=r"metric_scope of colorfulness names unknown sets \['hot'\]"):
+        load_suite(prompt_sets_suite(tmp_path, metric_scope={"colorfulness": ["hot"]}))
+
+
+def test_json_object_of_records_is_read_with_its_ids(tmp_path):
+    path = tmp_path / "meta_data.json"  # MJHQ-30K's layout
+    path.write_text(json.dumps({"a1": {"prompt": "a cat", "category": "animals"}, "b2": {"prompt": "a car", "category": "vehicles"}}))
+    from bench.suite import read_prompt_rows
+
+    assert read_prompt_rows(path) == [{"id": "a1", "prompt": "a cat", "category": "animals"}, {"id": "b2", "prompt": "a car", "category": "vehicles"}]
+
+
+def test_csv_prompts_keep_quoted_newlines(tmp_path):
+    path = tmp_path / "captions.csv"
+    path.write_bytes(b'image_id,prompt\r\n1,"two\nlines"\r\n2, padded \r\n')
+    from bench.suite import read_prompts
+
+    assert read_prompts(path) == ["two\nlines", " padded "]
