@@ -16,6 +16,7 @@ from pathlib import Path
 from bench.errors import DataError
 
 LIVE_CLASSES = ("cat", "dog")
+REPOSITORY = "https://github.com/google/dreambooth"
 TEMPLATE = re.compile(r"^'(.*)'\.format\(unique_token, class_token\),?$")
 
 
@@ -39,9 +40,14 @@ class Subject:
         return [t.format(token, self.class_name) for t in self.templates]
 
 
-def read_dreambench(root: str | Path) -> dict[str, Subject]:
-    """Every subject of a DreamBench folder (the folder holding ``dataset/`` or ``dataset/`` itself)."""
+def read_dreambench(root: str | Path, needed: list[str] | None = None) -> dict[str, Subject]:
+    """Every subject of a DreamBench folder (the folder holding ``dataset/`` or ``dataset/`` itself).
+
+    The photos of the ``needed`` subjects (all when None) must be there: they are the reference
+    images of DINO and CLIP-I, so a missing folder is one DataError line naming it."""
     root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"DreamBench folder {root} does not exist (set suite.source=PATH to a clone of {REPOSITORY}, the folder holding dataset/)")
     data = root / "dataset" if (root / "dataset").is_dir() else root
     table = data / "prompts_and_classes.txt"
     if not table.is_file():
@@ -51,8 +57,8 @@ def read_dreambench(root: str | Path) -> dict[str, Subject]:
     for name, class_name in classes.items():
         folder = data / name
         images = sorted(p for p in folder.glob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png")) if folder.is_dir() else []
-        if not images:
-            raise DataError(f"DreamBench subject '{name}' has no images in {folder} (expected {folder}/00.jpg ...)")
+        if not images and (needed is None or name in needed):
+            raise DataError(f"DreamBench subject '{name}' has no reference images in {folder} (expected {folder}/00.jpg ...; set suite.source=PATH to a complete copy)")
         kind = "live" if class_name in LIVE_CLASSES else "object"
         subjects[name] = Subject(name, class_name, images, templates[kind])
     return subjects

@@ -201,6 +201,18 @@ def read_prompt_source(spec, base: Path, prefetch: str, local_key: str, cache: P
     return read_prompt_rows(path), str(path)
 
 
+def is_published(cfg: dict, prompts: list[str], where: str) -> bool | None:
+    """Whether ``prompts`` (before ``limit``) are the published set of the suite's ``canonical``
+    record (its count and the sha256 of the list); None when the suite records none."""
+    canonical = cfg.get("canonical")
+    if not canonical:
+        return None
+    ok = len(prompts) == int(canonical["count"]) and canonical.get("sha256") in (None, prompts_sha256(prompts))
+    if not ok:
+        log.warning("suite '%s': %s is not the published prompt set (%d prompts, expected %d, sha256 %s)", cfg["name"], where, len(prompts), int(canonical["count"]), canonical.get("sha256") or "not recorded")
+    return ok
+
+
 def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None) -> Suite:
     """Resolve a suite config (paths relative to its YAML) into prompts, applying ``limit``.
 
@@ -230,12 +242,7 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
             log.warning("suite '%s': %s has no column %s, so results are not broken down by it", cfg["name"], where, column)
             continue
         groups[column] = ["" if r.get(key) is None else str(r.get(key)) for r in rows]
-    canonical = cfg.get("canonical")
-    is_canonical = None
-    if canonical:
-        is_canonical = len(prompts) == int(canonical["count"]) and canonical.get("sha256") in (None, prompts_sha256(prompts))
-        if not is_canonical:
-            log.warning("suite '%s': %s is not the published prompt set (%d prompts, expected %d, sha256 %s)", cfg["name"], where, len(prompts), int(canonical["count"]), canonical.get("sha256") or "not recorded")
+    is_canonical = is_published(cfg, prompts, where)
     if cfg.get("limit"):
         n = int(cfg["limit"])
         if set_column:  # the first N of every set, so a smoke run reaches every set's metrics
@@ -337,25 +344,31 @@ def fetch_dreambench(cache: Path) -> Path:
 
 def load_dreambench_suite(cfg: dict, subject: str | None, cache: Path | None) -> Suite:
     """The subjects' prompts (``prompts_per_subject`` of their 25 templates), their photos as
-    references, and with one subject its photos and instance prompt as training targets."""
+    references, and with one subject its photos and instance prompt as training targets.
+
+    Results are broken down by subject and by live subject / object (the two prompt lists).
+    ``canonical`` is checked on the prompts of the suite's subjects, before ``subject=`` picks
+    one and ``limit`` cuts, as ``limit`` is for the other suites."""
     from bench.dreambench import read_dreambench
 
     source = cfg.get("source") or fetch_dreambench(cache or cache_root())
-    subjects = read_dreambench(source)
-    names = list(cfg.get("subjects") or subjects)
-    unknown = [n for n in names + ([subject] if subject else []) if n not in subjects]
+    listed = list(cfg.get("subjects") or [])
+    subjects = read_dreambench(source, needed=[subject] if subject else listed or None)  # only the photos used must be there
+    unknown = [n for n in listed + ([subject] if subject else []) if n not in subjects]
     if unknown:
         raise DataError(f"no DreamBench subject '{unknown[0]}' in {source}; subjects: {', '.join(sorted(subjects))}")
-    if subject:
-        names = [subject]
     token, per_subject = str(cfg.get("token") or "sks"), cfg.get("prompts_per_subject")
-    prompts, references = [], []
+    chosen = {name: s.prompts(token)[: int(per_subject) if per_subject else None] for name, s in subjects.items()}
+    is_canonical = is_published(cfg, [p for name in listed or subjects for p in chosen[name]], str(source))
+    names = [subject] if subject else listed or list(subjects)
+    prompts, references, kinds = [], [], []
     for name in names:
-        chosen = subjects[name].prompts(token)[: int(per_subject) if per_subject else None]
-        prompts += chosen
-        references += [ReferenceSet(name, tuple(subjects[name].images))] * len(chosen)
+        prompts += chosen[name]
+        references += [ReferenceSet(name, tuple(subjects[name].images))] * len(chosen[name])
+        kinds += ["live" if subjects[name].live else "object"] * len(chosen[name])
     if cfg.get("limit"):
-        prompts, references = prompts[: int(cfg["limit"])], references[: int(cfg["limit"])]
+        n = int(cfg["limit"])
+        prompts, references, kinds = prompts[:n], references[:n], kinds[:n]
     one = subjects[names[0]] if len(names) == 1 else None
     return Suite(
         name=cfg["name"],
@@ -369,5 +382,6 @@ def load_dreambench_suite(cfg: dict, subject: str | None, cache: Path | None) ->
         train_images=list(one.images) if one else [],
         prior_prompt=f"a photo of {one.class_name}" if one else None,
         subjects=names,
-        groups={"subject": [r.key for r in references]},
+        groups={"subject": [r.key for r in references], "live_or_object": kinds},
+        canonical=is_canonical,
     )

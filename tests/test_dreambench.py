@@ -37,7 +37,7 @@ def test_malformed_or_missing_dreambench_is_one_clear_line(tmp_path):
         "'a {0} {1} in the jungle'.format(unique_token, class_token),\n]\n\nLive Subject Prompts\n\nprompt_list = [\n"
         "'a {0} {1} in the snow'.format(unique_token, class_token)\n]\n"
     )
-    with pytest.raises(DataError, match="subject 'dog' has no images"):
+    with pytest.raises(DataError, match="subject .dog. has no reference images"):
         read_dreambench(tmp_path)
     (data / "dog").mkdir()
     (data / "dog" / "00.jpg").write_bytes(b"")

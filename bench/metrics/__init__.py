@@ -163,4 +163,6 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "bench.metrics.reference:ThumbnailCorrelation",
         "Pearson correlation of 8x8 RGB thumbnails with the prompt's reference images, in [-1, 1] (weight-free)",
     ),
+    "dino": ("bench.metrics.dino:Dino", "DINO (DreamBench): cos of DINO ViT-S/16 CLS embeddings (facebook/dino-vits16) with the subject's photos, mean over photos"),
+    "clip-t": ("bench.metrics.clip:ClipT", "CLIP-T (DreamBench): cos(image, prompt as generated, unique token included), OpenAI CLIP ViT-B/32 (the CLIP-I backbone)"),
 }

@@ -306,3 +306,21 @@ class ClipI(ReferenceMetric, OpenClipScore):
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b.T
+
+
+# --------------------------------------------------------------------------- CLIP-T (DreamBench)
+
+
+class ClipT(OpenClipScore):
+    """CLIP-T (DreamBooth, Ruiz et al., 2023): prompt fidelity, the cosine between the generated
+    image's and its prompt's CLIP embeddings, on the CLIP-I backbone (OpenAI ViT-B/32, ImagenHub's
+    ``MetricCLIP_T``), sharing the loaded model with ``clip-i`` and ``clip-b32``.
+
+    The text is the prompt the image was generated from, unique token included ("a sks dog in the
+    jungle"), as the DreamBooth paper defines it and ImagenHub scores it. Textual Inversion's
+    evaluator drops its placeholder word instead and Custom Diffusion reports 2.5 * max(cos, 0):
+    numbers from those scripts are not this column. Numerically this is ``clip-b32`` under the
+    DreamBench name."""
+
+    arch, tag = "ViT-B-32", "openai"
+    info = MetricInfo("clip-t", "1", True, "cos(image, prompt as generated, unique token included), OpenAI CLIP ViT-B/32", "timm/vit_base_patch32_clip_224.openai")
