@@ -163,4 +163,6 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "bench.metrics.reference:ThumbnailCorrelation",
         "Pearson correlation of 8x8 RGB thumbnails with the prompt's reference images, in [-1, 1] (weight-free)",
     ),
+    "hpsv2": ("bench.metrics.hps:HPSv2", "HPS v2.0: 100 * cos of xswu/HPSv2 HPS_v2_compressed.pt (open_clip ViT-H-14 fine-tuned on HPD v2); README benchmark models 23.3-28.5"),
+    "hpsv2.1": ("bench.metrics.hps:HPSv21", "HPS v2.1: 100 * cos of xswu/HPSv2 HPS_v2.1_compressed.pt (the HPSv2 benchmark's current version); README benchmark models 13.5-33.3"),
 }
