@@ -163,4 +163,8 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "bench.metrics.reference:ThumbnailCorrelation",
         "Pearson correlation of 8x8 RGB thumbnails with the prompt's reference images, in [-1, 1] (weight-free)",
     ),
+    "imagereward": (
+        "bench.metrics.imagereward:ImageReward",
+        "ImageReward v1.0 (THUDM/ImageReward: BLIP ViT-L + BERT, MLP head), standardized to mean 0 / std 1; differentiable",
+    ),
 }
