@@ -167,4 +167,8 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     "clip-t": ("bench.metrics.clip:ClipT", "CLIP-T (DreamBench): cos(image, prompt as generated, unique token included), OpenAI CLIP ViT-B/32 (the CLIP-I backbone)"),
     "hpsv2": ("bench.metrics.hps:HPSv2", "HPS v2.0: 100 * cos of xswu/HPSv2 HPS_v2_compressed.pt (open_clip ViT-H-14 fine-tuned on HPD v2); README benchmark models 23.3-28.5"),
     "hpsv2.1": ("bench.metrics.hps:HPSv21", "HPS v2.1: 100 * cos of xswu/HPSv2 HPS_v2.1_compressed.pt (the HPSv2 benchmark's current version); README benchmark models 13.5-33.3"),
+    "imagereward": (
+        "bench.metrics.imagereward:ImageReward",
+        "ImageReward v1.0 (THUDM/ImageReward: BLIP ViT-L + BERT, MLP head), standardized to mean 0 / std 1; differentiable",
+    ),
 }
