@@ -1,16 +1,22 @@
 """Scoring throughput: this project's batched scorers against the official per-call paths, measured
-in one run on the same images and the same weights.
+in one run on the same images and the same weights (random weights cost what trained ones do).
 
 * PickScore, official: the README's ``calc_probs`` for each prompt with its one image (what the
   evaluation script does, one example at a time), the model loaded once;
+* HPS v2.1, official: the ``hpsv2`` package's own ``hpsv2.score([image], prompt)``, which reloads its
+  checkpoint on every call (the package must be installed: ``.ci/install-reference-packages``);
+* ImageReward, official: ``ImageReward.score(prompt, image)`` encodes one image per call. The package
+  cannot be imported beside transformers 5, so its per-call loop runs on this project's network (equal
+  to the package's to 1e-6, ``tests/test_imagereward.py``), one image per forward pass;
+* LAION aesthetic, official: ``simple_inference.py``, one image per CLIP forward, then the MLP;
 * CLIP score, official: open_clip's README recipe, one image and one text per call;
-* this project: ``bench.metrics.clip`` on batches of ``batch`` images with their prompts.
+* this project: the ``bench.metrics`` classes on batches of ``batch`` images with their prompts.
 
-    python benchmarks/scoring.py                           # small CLIP configs, CPU (seconds)
-    python benchmarks/scoring.py arch=real images=32       # the real ViT-H/14 architectures, random weights
+    python benchmarks/scoring.py                           # small configs, CPU (seconds)
+    python benchmarks/scoring.py arch=real images=16       # the real architectures (ViT-H/14, BLIP ViT-L), random weights
     python benchmarks/scoring.py arch=real device=cuda images=256 batch=64
 
-Random weights cost exactly what the trained ones do; the scores of the two paths are compared too.
+"together" sums the four preference scorers of issue 6 (PickScore, HPS v2.1, ImageReward, aesthetic).
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ def main(argv: list[str]) -> None:
     from PIL import Image
     from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
 
+    from bench.metrics import _LOADED
     from bench.metrics import clip as clip_metrics
     from bench.models.tiny import clip_tokenizer_files
 
@@ -126,14 +133,122 @@ def main(argv: list[str]) -> None:
     clip_ours.loaded()
     rows.append(("clip-h14", *timed(clip_official, device), *timed(lambda: batched(clip_ours), device)))
 
+    del model, clip_ours
+    _LOADED.clear()
+
+    rows.append(("hpsv2.1", *hps_case(arch, tmp, pils, tensors, prompts, device, batched)))
+    _LOADED.clear()
+    rows.append(("imagereward", *imagereward_case(arch, tmp, pils, tensors, prompts, device, batched)))
+    _LOADED.clear()
+    rows.append(("aesthetic", *aesthetic_case(arch, tmp, pils, tensors, prompts, device, batched)))
+    _LOADED.clear()
+
     print(f"{n} images at 512 px, arch={arch}, device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {torch.get_num_threads()} threads), batch={batch}")
     print("| metric | official per-call | this project, batched | speed-up | max abs difference |")
     print("|---|---|---|---|---|")
     total_official = total_ours = 0.0
     for metric, t_off, s_off, t_ours, s_ours in rows:
-        total_official, total_ours = total_official + t_off, total_ours + t_ours
-        print(f"| {metric} | {n / t_off:.1f} img/s | {n / t_ours:.1f} img/s | {t_off / t_ours:.2f}x | {(s_off - s_ours).abs().max().item():.2e} |")
-    print(f"| together | {total_official:.2f} s | {total_ours:.2f} s | {total_official / total_ours:.2f}x | |")
+        if metric in TOGETHER:
+            total_official, total_ours = total_official + t_off, total_ours + t_ours
+        print(f"| {metric} | {n / t_off:.2f} img/s | {n / t_ours:.2f} img/s | {t_off / t_ours:.2f}x | {(s_off - s_ours).abs().max().item():.2e} |")
+    print(f"| together ({', '.join(TOGETHER)}) | {total_official:.1f} s | {total_ours:.1f} s | {total_official / total_ours:.2f}x | |")
+
+
+TOGETHER = ("pickscore", "hpsv2.1", "imagereward", "aesthetic")
+
+
+def hps_case(arch, tmp, pils, tensors, prompts, device, batched):
+    """HPS v2.1: the package's ``score()`` (checkpoint reloaded per call) against ``bench.metrics.hps``."""
+    import huggingface_hub
+    import open_clip
+    from hpsv2 import img_score
+    from hpsv2.src.open_clip import create_model_and_transforms
+    from hpsv2.src.open_clip import factory as hps_factory
+
+    from bench.metrics import clip as clip_metrics
+    from bench.metrics import hps
+
+    name = "ViT-H-14" if arch == "real" else clip_metrics._register_tiny_open_clip()
+    if arch != "real":
+        import json
+
+        (tmp / f"{name}.json").write_text(json.dumps(clip_metrics.TINY_OPEN_CLIP))
+        hps_factory.add_model_config(tmp)
+    torch.manual_seed(1)
+    checkpoint = tmp / "HPS_v2.1_compressed.pt"
+    torch.save({"state_dict": open_clip.create_model(name, pretrained=None).state_dict()}, checkpoint)
+    model, _, preprocess_val = create_model_and_transforms(
+        name, None, precision="amp", device=str(device), jit=False, force_quick_gelu=False, force_custom_text=False, force_patch_dropout=False,
+        force_image_size=None, pretrained_image=False, image_mean=None, image_std=None, light_augmentation=True, aug_cfg={}, output_dict=True,
+        with_score_predictor=False, with_region_predictor=False,
+    )
+    img_score.model_dict.update(model=model, preprocess_val=preprocess_val)  # what its initialize_model() builds once
+    img_score.device = str(device)
+    huggingface_hub.hf_hub_download = lambda repo, filename, **kw: str(checkpoint)  # the package's download, answered locally
+
+    def official():
+        return 100 * torch.tensor([float(img_score.score([image], prompt, hps_version="v2.1")[0]) for image, prompt in zip(pils, prompts)], dtype=torch.float64)
+
+    ours = type("LocalHPSv21", (hps.HPSv21,), {"arch": name, "checkpoint": str(checkpoint)})().to(device)
+    ours.loaded()
+    result = (*timed(official, device), *timed(lambda: batched(ours), device))
+    img_score.model_dict.clear()
+    return result
+
+
+def imagereward_case(arch, tmp, pils, tensors, prompts, device, batched):
+    """ImageReward: its one-image-per-call loop against whole batches, on the same network and weights."""
+    import json
+    from dataclasses import replace
+
+    from bench.metrics import imagereward as ir
+
+    vit = ir.BLIP_VIT_LARGE if arch == "real" else ir.TINY_VIT
+    med = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=512, hidden_act="gelu", layer_norm_eps=1e-12, pad_token_id=0) if arch == "real" else ir.TINY_MED_CONFIG
+    folder = tmp / "imagereward"
+    vocab = ir.write_wordpiece_vocab(folder / "bert-vocab")
+    med = {**med, "vocab_size": 30524 if arch == "real" else len(ir.blip_tokenizer(str(vocab)))}  # BLIP's med_config.json: 30524
+    torch.manual_seed(2)
+    net = ir.ImageRewardNet(vit, med, med["vocab_size"])
+    torch.save(net.state_dict(), folder / "ImageReward.pt")
+    (folder / "med_config.json").write_text(json.dumps(med))
+    del net
+    ours = type("LocalImageReward", (ir.ImageReward,), {"info": replace(ir.ImageReward.info, model_id=str(folder)), "tokenizer_id": str(vocab), "vit": vit})().to(device)
+    ours.loaded()
+
+    def official():
+        return torch.cat([ours.score(tensors[i : i + 1], prompts[i : i + 1]) for i in range(len(prompts))])
+
+    return (*timed(official, device), *timed(lambda: batched(ours), device))
+
+
+def aesthetic_case(arch, tmp, pils, tensors, prompts, device, batched):
+    """LAION aesthetic v2: ``simple_inference.py`` (one image per CLIP forward, normalize, MLP) against batches."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    from bench.metrics import clip as clip_metrics
+
+    name = "ViT-L-14" if arch == "real" else clip_metrics._register_tiny_open_clip()
+    torch.manual_seed(3)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    weights = tmp / "aesthetic-clip.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    mlp = clip_metrics.AestheticMLP(model.visual.output_dim)
+    torch.save(mlp.state_dict(), tmp / "aesthetic-head.pth")
+    model, mlp = model.eval().to(device), mlp.eval().to(device)
+
+    def official():
+        out = []
+        for image in pils:
+            with torch.no_grad():
+                emb = model.encode_image(preprocess(image).unsqueeze(0).to(device)).float()
+                out.append(mlp(emb / emb.norm(dim=-1, keepdim=True)).item())
+        return torch.tensor(out, dtype=torch.float64)
+
+    ours = type("LocalAesthetic", (clip_metrics.Aesthetic,), {"arch": name, "tag": str(weights), "head_url": str(tmp / "aesthetic-head.pth")})().to(device)
+    ours.loaded()
+    return (*timed(official, device), *timed(lambda: batched(ours), device))
 
 
 if __name__ == "__main__":

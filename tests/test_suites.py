@@ -27,7 +27,7 @@ def test_parti_from_the_tsv_has_its_published_counts_and_breakdowns():
     assert len(categories) == 12 and categories["Animals"] == 314 and categories["Indoor Scenes"] == 40
     challenges = collections.Counter(s.groups["Challenge"])
     assert len(challenges) == 11 and challenges["Fine-grained Detail"] == 312 and challenges["Properties & Positioning"] == 35
-    assert s.metrics == ["pickscore", "clip-h14", "aesthetic"] and s.images_per_prompt == 1
+    assert s.metrics == ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip-h14"] and s.images_per_prompt == 1
 
 
 def test_pickapic_test_unique_keeps_its_empty_prompt():
