@@ -103,7 +103,7 @@ def main(argv: list[str]) -> None:
         return torch.cat([metric.score(tensors[k : k + batch], prompts[k : k + batch]) for k in range(0, n, batch)])
 
     rows.append(("pickscore", *timed(pickscore_official, device), *timed(lambda: batched(ours), device)))
-    del official
+    official = None  # free it before the next model is built
 
     # CLIP score (open_clip ViT-H-14, or a small ViT)
     name = "ViT-H-14" if arch == "real" else clip_metrics._register_tiny_open_clip()
@@ -133,7 +133,7 @@ def main(argv: list[str]) -> None:
     clip_ours.loaded()
     rows.append(("clip-h14", *timed(clip_official, device), *timed(lambda: batched(clip_ours), device)))
 
-    del model, clip_ours
+    model = clip_ours = None
     _LOADED.clear()
 
     rows.append(("hpsv2.1", *hps_case(arch, tmp, pils, tensors, prompts, device, batched)))
