@@ -163,4 +163,8 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "bench.metrics.reference:ThumbnailCorrelation",
         "Pearson correlation of 8x8 RGB thumbnails with the prompt's reference images, in [-1, 1] (weight-free)",
     ),
+    "text_alignment": (
+        "bench.metrics.text_alignment:TextAlignment",
+        "LaSRO's Text Alignment Score: BERTScore F1 (roberta-large L17) of the Florence-2-large <DETAILED_CAPTION> caption vs the prompt (not differentiable)",
+    ),
 }
