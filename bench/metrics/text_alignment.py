@@ -17,8 +17,8 @@ option of :class:`TextAlignment`; the defaults and why:
   post-processing of the decoded text;
 * BERTScore as the ``bert-score`` package computes it for English by default: ``roberta-large``,
   layer 17, no idf, the caption as the candidate and the prompt as the reference; ``variant="f1"``
-  (the package's headline number; DDPO's LLaVA reward used recall, "recall" and "precision" are
-  there too) and ``rescale=False`` (the package's default; ``True`` applies its published
+  (the package's headline number; DDPO's LLaVA reward used the recall, on
+  microsoft/deberta-xlarge-mnli; "recall" and "precision" are there too) and ``rescale=False`` (the package's default; ``True`` applies its published
   roberta-large layer-17 baseline).
 
 The score is not differentiable (the caption is decoded text). Captions are batched (one
@@ -207,12 +207,12 @@ def tiny_roberta_tokenizer_dir() -> Path:
     return byte_bpe_files(Path(tempfile.mkdtemp(prefix="bench-tiny-roberta-")), config={"tokenizer_class": "RobertaTokenizer", "model_max_length": 64})
 
 
-def tiny_roberta(seed: int = TINY_SEED, **overrides):
+def tiny_roberta(seed: int = TINY_SEED):
     """The tiny RoBERTa of ``scorers=tiny`` (and of the recorded BERTScore parity), with its tokenizer."""
     from transformers import RobertaConfig, RobertaModel, RobertaTokenizer
 
     tokenizer = RobertaTokenizer.from_pretrained(tiny_roberta_tokenizer_dir())
-    config = RobertaConfig(vocab_size=len(tokenizer), **{**TINY_ROBERTA, **overrides})
+    config = RobertaConfig(vocab_size=len(tokenizer), **TINY_ROBERTA)
     return seeded_weights(RobertaModel(config), seed), tokenizer
 
 
@@ -251,6 +251,21 @@ def tiny_florence(seed: int = TINY_SEED):
 
 # --------------------------------------------------------------------------- the metric
 
+DEFAULTS = {"size": "large", "task": "<DETAILED_CAPTION>", "variant": "f1", "rescale": False}
+
+
+def metric_info(size: str, task: str, variant: str, rescale: bool, florence_repo: str, bert_repo: str, bert_layer: int) -> MetricInfo:
+    """The identity of one choice of options: version "1" for the defaults, the options spelled out otherwise."""
+    options = {"size": size, "task": task, "variant": variant, "rescale": rescale}
+    version = "1" if options == DEFAULTS else "1-" + "-".join([f"florence-2-{size}", task.strip("<>").lower(), variant] + (["rescaled"] if rescale else []))
+    name = {"f1": "F1", "precision": "precision", "recall": "recall"}[variant]
+    scale = (
+        f"BERTScore {name} ({bert_repo.split('/')[-1]} layer {bert_layer}, no idf, {'rescaled with its baseline' if rescale else 'no rescaling'}) "
+        f"of the Florence-2-{size} {task} caption vs the prompt, "
+        + ("rescaled: unrelated texts near 0, identical 1, can be negative" if rescale else "in about [0, 1]: unrelated texts near 0.83, identical 1")
+    )
+    return MetricInfo("text_alignment", version, True, scale, florence_repo)
+
 
 class TextAlignment(LearnedMetric):
     """LaSRO's Text Alignment Score: BERTScore between the Florence-2 caption of the image and the prompt.
@@ -263,11 +278,11 @@ class TextAlignment(LearnedMetric):
     (LaSRO, DDPO), not a back-propagated one.
     """
 
-    defaults = {"size": "large", "task": "<DETAILED_CAPTION>", "variant": "f1", "rescale": False}
     florence_repos = FLORENCE_REPOS
     bert_repo, bert_layer, bert_baseline = BERT_REPO, BERT_LAYER, BASELINE_ROBERTA_LARGE_L17
+    info = metric_info(*DEFAULTS.values(), FLORENCE_REPOS["large"], BERT_REPO, BERT_LAYER)  # the default's; each instance sets its own
 
-    def __init__(self, scorers: str = "official", size: str = "large", task: str = "<DETAILED_CAPTION>", variant: str = "f1", rescale: bool = False):
+    def __init__(self, scorers: str = "official", size: str = DEFAULTS["size"], task: str = DEFAULTS["task"], variant: str = DEFAULTS["variant"], rescale: bool = DEFAULTS["rescale"]):
         if size not in self.florence_repos:
             raise UsageError(f"text_alignment: unknown Florence-2 size {size!r}: use {' or '.join(self.florence_repos)}")
         if task not in CAPTION_TASKS:
@@ -276,15 +291,7 @@ class TextAlignment(LearnedMetric):
             raise UsageError(f"text_alignment: unknown BERTScore variant {variant!r}: use one of {', '.join(VARIANTS)}")
         self.size, self.task, self.variant, self.rescale = size, task, variant, bool(rescale)
         self.florence_repo = self.florence_repos[size]
-        options = {"size": size, "task": task, "variant": variant, "rescale": self.rescale}
-        version = "1" if options == self.defaults else "1-" + "-".join([f"florence-2-{size}", task.strip("<>").lower(), variant] + (["rescaled"] if rescale else []))
-        name = {"f1": "F1", "precision": "precision", "recall": "recall"}[variant]
-        self.info = MetricInfo(
-            "text_alignment", version, True,
-            f"BERTScore {name} ({self.bert_repo.split('/')[-1]} layer {self.bert_layer}, no idf, {'rescaled with its baseline' if rescale else 'no rescaling'}) "
-            f"of the Florence-2-{size} {task} caption vs the prompt, in about [0, 1]" + (" (unrelated texts near 0)" if rescale else " (unrelated texts near 0.83)"),
-            self.florence_repo,
-        )
+        self.info = metric_info(size, task, variant, self.rescale, self.florence_repo, self.bert_repo, self.bert_layer)
         self.weight_files = (
             f"{self.florence_repo} (config.json, model.safetensors, processor and tokenizer files) and "
             f"{self.bert_repo} (config.json, model.safetensors, vocab.json, merges.txt)"
