@@ -170,6 +170,7 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     "imagereward": (
         "bench.metrics.imagereward:ImageReward",
         "ImageReward v1.0 (THUDM/ImageReward: BLIP ViT-L + BERT, MLP head), standardized to mean 0 / std 1; differentiable",
+    ),
     "text_alignment": (
         "bench.metrics.text_alignment:TextAlignment",
         "LaSRO's Text Alignment Score: BERTScore F1 (roberta-large L17) of the Florence-2-large <DETAILED_CAPTION> caption vs the prompt (not differentiable)",
