@@ -184,6 +184,10 @@ def _prefetch(cfg: dict, given: set[str], metric_arg: str | None) -> None:
         else:
             suite = load_suite(cfg["suite"], cache=cache_root(cfg))
             print(f"suite {suite.name}: {len(suite.prompts)} prompts from {suite.source}")
+            if suite.real_images is not None:  # the real images of FID/KID (an archive, extracted once)
+                from bench.distribution import fetch_real_images
+
+                print(f"suite {suite.name}: reference images in {fetch_real_images(suite, cache_root(cfg))}")
         train_prompts = (cfg.get("method") or {}).get("train_prompts")
         if train_prompts:  # the online presets' prompt file
             from bench.suite import read_prompt_source

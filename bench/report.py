@@ -130,7 +130,44 @@ def render_table(summary: dict, title: str) -> str:
         by = groups["by"]
         rows = [{by: g, "prompts": str(n), **{m: _fmt(groups["means"][m].get(g)) for m in groups["means"]}} for g, n in groups["n_prompts"].items()]
         table += f"\nmean by {by}:\n\n{_markdown(pd.DataFrame(rows))}\n"
+    if summary.get("sets"):
+        table += render_sets(summary["sets"])
     return table
+
+
+def protocol_text(protocol: dict) -> str:
+    """One line for a set-level metric's protocol: library, mode, preparation and features."""
+    resolution = protocol.get("resolution")
+    return f"{protocol.get('library', '?')} {protocol.get('mode', '')}, " + (f"{resolution}px center crop, " if resolution else "") + str(protocol.get("feature_extractor", ""))
+
+
+def render_sets(sets: dict) -> str:
+    """The set-level metrics (FID, KID) of a summary: overall, then one table per group column."""
+    with_base = any("baseline" in e for e in sets.values())
+    rows = []
+    for name, e in sets.items():
+        rows.append(
+            {
+                "metric": name,
+                "value": _fmt(e["value"]),
+                "direction": "↑" if e["higher_is_better"] else "↓",
+                **({"base": _fmt(e.get("baseline"))} if with_base else {}),
+                "images": str(e["n_images"]),
+                "reference images": str(e["n_reference"]),
+                "protocol": protocol_text(e["protocol"]),
+            }
+        )
+    text = f"\nset-level metrics (the generated set against the real images):\n\n{_markdown(pd.DataFrame(rows))}\n"
+    columns = dict.fromkeys(c for e in sets.values() for c in e.get("by_group", {}))
+    for column in columns:
+        labels = sorted(dict.fromkeys(g for e in sets.values() for g in e.get("by_group", {}).get(column, {})))
+        rows = []
+        for label in labels:
+            cells = {name: e.get("by_group", {}).get(column, {}).get(label, {}) for name, e in sets.items()}
+            any_cell = next(c for c in cells.values() if c)
+            rows.append({column: label, "images": str(any_cell["n_images"]), "reference images": str(any_cell["n_reference"]), **{n: _fmt(c.get("value")) for n, c in cells.items()}})
+        text += f"\nset-level metrics by {column}:\n\n{_markdown(pd.DataFrame(rows))}\n"
+    return text
 
 
 def _markdown(df: pd.DataFrame) -> str:
@@ -154,7 +191,7 @@ def _read_json(path: Path, what: str) -> dict:
 def collect_runs(root) -> pd.DataFrame:
     """One row per run folder (manifest.json + summary.json) under ``root``, recursively."""
     root = Path(root)
-    records, names = [], set()
+    records, names, set_names = [], set(), set()
     for manifest_path in sorted(root.rglob("manifest.json")):
         summary_path = manifest_path.with_name("summary.json")
         if not summary_path.exists():
@@ -174,10 +211,15 @@ def collect_runs(root) -> pd.DataFrame:
             for name, w in (summary.get("winrate") or {}).items():
                 rec[f"{name} win"] = float(w["value"])
                 names.add(name)
+            for name, e in (summary.get("sets") or {}).items():  # the resolution is in the column: FIDs at 256 and 1024 px never share one
+                resolution = e["protocol"].get("resolution")
+                column = f"{name}@{resolution}px" if resolution else name
+                rec[column] = float("nan") if e["value"] is None else float(e["value"])
+                set_names.add(column)
         except (TypeError, KeyError, ValueError) as err:
             raise DataError(f"summary {summary_path} is malformed ({err!r}); re-run `bench run ...` for that run")
         records.append(rec)
-    metric_cols = [c for name in sorted(names) for c in (name, f"{name} win")]
+    metric_cols = [c for name in sorted(names) for c in (name, f"{name} win")] + sorted(set_names)
     df = pd.DataFrame(records, columns=RUN_COLUMNS + metric_cols)
     return df.sort_values(["suite", "model", "method", "run_id"], ignore_index=True)
 

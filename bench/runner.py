@@ -18,12 +18,14 @@ import pandas as pd
 import torch
 
 from bench import report
+from bench.distribution import SetScorer, real_set
 from bench.config import stable_hash, to_dict
 from bench.errors import UsageError
 from bench.generate import ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
+from bench.metrics import DistributionMetric
 from bench.registry import METHODS, METRICS
 from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_images, write_scores
 from bench.suite import Suite, load_suite, prompts_of, read_prompt_source
@@ -94,6 +96,8 @@ class Session:
         for name in self.metric_names:  # fail on an unknown metric before any work
             if METRICS.get(name).needs_refs and self.suite.references is None:
                 raise UsageError(f"metric {name} compares with reference images and suite '{self.suite.name}' has none (use a dreambench suite)")
+        self.set_metrics = [n for n in self.metric_names if isinstance(METRICS.get(n), type) and issubclass(METRICS.get(n), DistributionMetric)]
+        self.real = None  # the real images of the set-level metrics, checked when an evaluation starts
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
@@ -113,6 +117,8 @@ class Session:
     # ---- evaluation --------------------------------------------------------------------------
     def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None) -> RunResult:
         t_start = time.perf_counter()
+        if self.set_metrics and self.real is None:
+            self.real = real_set(self.suite, self.cache)  # missing real images fail before anything is built or generated
         model = self.model(checkpoint).to(self.device, self.dtype)
         ckpt_id = checkpoint.train_id if checkpoint else None
         jobs = self.plan(model, checkpoint)
@@ -124,6 +130,7 @@ class Session:
             "prompts_sha256": self.suite.sha256,
             "images_per_prompt": self.suite.images_per_prompt,
             **({"references_sha256": self.suite.references_sha256} if self.suite.references is not None else {}),
+            **({"real_images": {**self.real.identity(), "resolution": self.real.resolution}} if self.real is not None else {}),
             "metrics": self.metric_names,
             **({"scorers": self.cfg["scorers"]} if self.cfg["scorers"] != "official" else {}),
             "seed": int(self.cfg["seed"]),
@@ -137,7 +144,10 @@ class Session:
         gen_stats = generate(model, jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
         t_gen = time.perf_counter()
         metrics = load_metrics(self.metric_names, self.device, self.cfg["scorers"])
-        scores = score_images(jobs, self.store, metrics, int(self.cfg["score"]["batch_size"]), self.device, self.progress, self.suite.references, self.suite.metric_scope)
+        set_metrics = {n: metrics.pop(n) for n in self.set_metrics}  # set-level: reduced over the run, not per image
+        batch_size = int(self.cfg["score"]["batch_size"])
+        sets = SetScorer(set_metrics, self.suite.groups, self.real, self.cache, self.suite.name, batch_size, self.progress) if set_metrics else None
+        scores = score_images(jobs, self.store, metrics, batch_size, self.device, self.progress, self.suite.references, self.suite.metric_scope, sets)
         for offset, (column, labels) in enumerate(self.suite.groups.items()):
             scores.insert(len(ID_COLUMNS) + offset, column, [labels[i] for i in scores["prompt_index"]])
         write_scores(scores, run_dir / "scores.parquet")
@@ -151,6 +161,8 @@ class Session:
         summary = report.summarize(
             scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, list(self.suite.groups)
         )
+        if sets is not None:
+            summary["sets"] = sets.results(baseline.summary.get("sets") if baseline else None)
         title = f"{self.suite.name} / {self.cfg['model']['name']} / {label}" + (f" vs {baseline.run_dir.name}" if baseline else "")
         if self.cfg["scorers"] != "official":
             title += f" (scorers={self.cfg['scorers']}: random tiny scorers, scores NOT meaningful)"
@@ -180,7 +192,9 @@ class Session:
             "published_prompt_set": self.suite.canonical,  # the suite's full prompt list equals the published one (count, sha256)
             "subjects": self.suite.subjects or None,
             "seeds": {"base_seed": int(self.cfg["seed"]), "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
-            "metrics": {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better} for n, m in metrics.items()},
+            "metrics": {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better} for n, m in metrics.items()}
+            | {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better, "protocol": summary["sets"][n]["protocol"]} for n, m in set_metrics.items()},
+            **({"set_metrics": sets.manifest()} if sets is not None else {}),
             "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
             "baseline": baseline.run_dir.name if baseline else None,
             "scorers": self.cfg["scorers"],

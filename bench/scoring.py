@@ -37,14 +37,19 @@ def score_images(
     progress=True,
     references: list[ReferenceSet] | None = None,
     scope: dict[str, list[bool]] | None = None,
+    sets=None,
 ) -> pd.DataFrame:
     """Per-image scores: the id columns, then one float64 column per metric. Metrics that compare
     with real images get each image's reference set (``references`` is indexed by prompt). A metric
-    in ``scope`` (indexed by prompt) scores only the images of its prompts; the others get NaN."""
+    in ``scope`` (indexed by prompt) scores only the images of its prompts; the others get NaN.
+    ``sets`` (a ``bench.distribution.SetScorer``) gets every decoded batch for the set-level metrics."""
     columns: dict[str, list] = {name: [] for name in metrics}
     for start in progress_bar(range(0, len(jobs), batch_size), progress, desc="score", unit="batch"):
         batch = jobs[start : start + batch_size]
-        images = from_uint8(load_images(store, batch)).to(device)
+        pixels = load_images(store, batch)
+        if sets is not None:
+            sets.add(batch, pixels)
+        images = from_uint8(pixels).to(device)
         for name, metric in metrics.items():
             rows = [i for i, j in enumerate(batch) if scope is None or name not in scope or scope[name][j.prompt_index]]
             values = [float("nan")] * len(batch)

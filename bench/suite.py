@@ -30,6 +30,17 @@ PROMPT_FIELDS = ("prompt", "caption", "text")  # matched without regard to case
 
 
 @dataclass
+class RealImages:
+    """The real images a suite's set-level metrics (FID, KID) compare the generated set with."""
+
+    folder: str | None  # ``references``: a local folder; None: the copy ``bench prefetch`` extracts into the cache
+    names: list[str] | None  # each prompt's image, relative to the folder (``reference_file`` over its row); None: every image in it
+    template: str | None  # ``reference_file``, e.g. "{category}/{id}.jpg"
+    source: dict | str | None  # ``reference_source``: an archive ``{hub, file}`` or URL that ``bench prefetch`` downloads
+    resolution: int | None  # ``fid_resolution``: generated and real images alike are center-cropped and resized to it first
+
+
+@dataclass
 class Suite:
     name: str
     prompts: list[str]
@@ -45,6 +56,7 @@ class Suite:
     groups: dict[str, list[str]] = field(default_factory=dict)  # breakdown column (subject, Category) -> one label per prompt
     canonical: bool | None = None  # whether the prompts are the published set (its count and sha256), before ``limit``
     metric_scope: dict[str, list[bool]] = field(default_factory=dict)  # metric -> which prompts it scores (all if absent)
+    real_images: RealImages | None = None  # the real set of set-level metrics (FID, KID)
 
     @property
     def sha256(self) -> str:
@@ -242,6 +254,7 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
             log.warning("suite '%s': %s has no column %s, so results are not broken down by it", cfg["name"], where, column)
             continue
         groups[column] = ["" if r.get(key) is None else str(r.get(key)) for r in rows]
+    real = _real_images(cfg, rows, where)
     is_canonical = is_published(cfg, prompts, where)
     if cfg.get("limit"):
         n = int(cfg["limit"])
@@ -255,6 +268,8 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         else:
             keep = list(range(min(n, len(prompts))))
         prompts, groups = [prompts[i] for i in keep], {k: [v[i] for i in keep] for k, v in groups.items()}
+        if real is not None and real.names is not None:
+            real.names = [real.names[i] for i in keep]
     train = read_prompts(base / cfg["train_prompts"]) if cfg.get("train_prompts") else []
     metrics = list(cfg.get("metrics", []))
     return Suite(
@@ -268,7 +283,25 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         groups=groups,
         canonical=is_canonical,
         metric_scope=_metric_scope(cfg, metrics, groups),
+        real_images=real,
     )
+
+
+def _real_images(cfg: dict, rows: list[dict], where: str) -> RealImages | None:
+    """``references`` (a folder), ``reference_file`` (each prompt's image: a template over its row,
+    ``"{category}/{id}.jpg"``), ``reference_source`` (where `bench prefetch` gets them) and
+    ``fid_resolution``; None when the suite names none of them."""
+    if not any(cfg.get(k) for k in ("references", "reference_file", "reference_source")):
+        return None
+    template = cfg.get("reference_file")
+    names = None
+    if template:
+        try:
+            names = [str(template).format_map(row) for row in rows]
+        except (KeyError, IndexError, ValueError) as err:
+            raise DataError(f"suite '{cfg['name']}': reference_file {template!r} does not fit the rows of {where} ({type(err).__name__}: {err}); its fields must be columns of the prompt file") from None
+    resolution = cfg.get("fid_resolution")
+    return RealImages(str(cfg["references"]) if cfg.get("references") else None, names, template, cfg.get("reference_source"), int(resolution) if resolution else None)
 
 
 def _source_name(spec) -> str:

@@ -54,3 +54,190 @@ def test_identical_statistics_give_zero_and_saved_statistics_read_back(tmp_path)
         FeatureStats(4).update(np.ones((1, 4))).cov
     with pytest.raises(ValueError, match=r"expected features of shape \(N, 4\)"):
         FeatureStats(4).update(np.ones((3, 5)))
+
+
+# ---- KID, the clean-fid resize and feature path, folder against folder ----------------------------
+
+from pathlib import Path  # noqa: E402
+
+from PIL import Image  # noqa: E402
+
+from bench.errors import WeightsMissingError  # noqa: E402
+from bench.metrics.fid import FID, KID, FeatureSet, clean_resize, kernel_distance  # noqa: E402
+
+
+@pytest.mark.parametrize("n1,n2,subsets,size", [(300, 250, 10, 100), (40, 60, 5, 1000)])
+def test_kid_equals_clean_fid_kernel_distance_on_the_same_features(n1, n2, subsets, size):
+    from cleanfid.fid import kernel_distance as clean_kernel_distance
+
+    a, b = features(4, n1), features(5, n2, shift=0.2)
+    np.random.seed(7)  # clean-fid draws its subsets from numpy's global generator
+    want = clean_kernel_distance(a, b, num_subsets=subsets, max_subset_size=size)
+    got = kernel_distance(a, b, num_subsets=subsets, max_subset_size=size, seed=7)
+    assert got == pytest.approx(want, rel=1e-9)
+    assert kernel_distance(a, b, subsets, size, seed=8) != got  # the seed picks the subsets
+    with pytest.raises(DataError, match="KID needs at least 2 images"):
+        kernel_distance(a[:1], b)
+
+
+def smooth_image(rng, size) -> Image.Image:
+    """A random low-frequency colour field: features vary between images (noise would average out)."""
+    small = Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8))
+    return small.resize(size, Image.Resampling.BILINEAR)
+
+
+def test_clean_resize_is_clean_fids_resize_to_the_bit():
+    from cleanfid.resize import build_resizer
+
+    rng = np.random.default_rng(0)
+    for size in [(37, 53), (512, 300), (299, 299)]:
+        image = Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+        want = build_resizer("clean")(np.asarray(image))
+        got = clean_resize(image)
+        assert got.dtype == np.float32 and got.shape == (299, 299, 3) and np.array_equal(got, want)
+
+
+def write_folder(folder: Path, seed: int, sizes, suffix=".png") -> Path:
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i, size in enumerate(sizes):
+        smooth_image(rng, size).save(folder / f"{i:03d}{suffix}")
+    return folder
+
+
+def gigagan_transform(resolution):
+    """GigaGAN evaluation.py's custom_image_tranform, written out here independently of bench."""
+    from torchvision.transforms.functional import center_crop
+
+    def transform(pixels):
+        image = Image.fromarray(pixels)
+        image = center_crop(image, min(image.size))
+        return np.array(image.resize((resolution, resolution), Image.Resampling.LANCZOS))
+
+    return transform
+
+
+@pytest.mark.parametrize("resolution", [None, 64])
+def test_folder_fid_equals_clean_fid_compute_fid_with_the_same_extractor(tmp_path, resolution):
+    """Our folder-vs-folder path (read, prepare at fid_resolution, clean resize, features, streaming
+    statistics) against ``cleanfid.fid.compute_fid`` with our tiny network as its custom extractor."""
+    from cleanfid.fid import compute_fid
+
+    from bench.distribution import compare_folders
+
+    gen = write_folder(tmp_path / "gen", 0, [(48, 48)] * 24)
+    ref = write_folder(tmp_path / "ref", 1, [(64, 48), (50, 70), (90, 90)] * 8, ".jpg")
+    metric = FID("tiny")
+    got = compare_folders(gen, ref, {"fid": metric, "kid": KID("tiny")}, resolution, batch_size=16)
+    want = compute_fid(
+        str(gen), str(ref), mode="clean", custom_feat_extractor=metric.embed, device=torch.device("cpu"), use_dataparallel=False,
+        num_workers=0, verbose=False, custom_image_tranform=gigagan_transform(resolution) if resolution else None,
+    )
+    print(f"parity resolution={resolution}: ours {got['fid']!r} clean-fid {want!r} rel {abs(got['fid'] - want) / want:.2e}")
+    assert got["fid"] > 0 and got["fid"] == pytest.approx(want, rel=1e-6)
+    assert got["kid"] > 0  # KID's parity with clean-fid is the kernel test above (compute_kid takes no custom extractor)
+
+
+class StandIn(torch.nn.Module):
+    """A TorchScript file shaped like inception-2015-12-05.pt: ``base.layers(x)`` gives pool3 features
+    of (x - 128) / 128 and ``base(x, return_features=True)`` the network's own resize path."""
+
+    def __init__(self, layers: torch.nn.Module, dim: int):
+        super().__init__()
+        self.layers, self.dim = layers, dim
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x).reshape(x.shape[0], self.dim)
+
+
+def save_stand_in(home: Path, layers: torch.nn.Module, dim: int) -> Path:
+    import warnings
+
+    path = home / "weights" / "inception-2015-12-05.pt"
+    path.parent.mkdir(parents=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.script(StandIn(layers.eval(), dim)).save(str(path))
+    return path
+
+
+def check_official_path_equals_clean_fid(home: Path, monkeypatch, dim: int):
+    """Our loading and feature path with the weights at the official file name, against clean-fid's
+    own ``InceptionV3W`` (clean mode) fed by its own resizer, on the same images."""
+    from cleanfid.inception_torchscript import InceptionV3W
+    from cleanfid.resize import build_resizer
+
+    monkeypatch.setenv("BENCH_HOME", str(home))
+    rng = np.random.default_rng(2)
+    images = [smooth_image(rng, size) for size in [(80, 60), (299, 299), (33, 90)]]
+    ours = FID("official").to("cpu").features(images)
+    theirs_model = InceptionV3W(str(home / "weights"), download=False, resize_inside=False).eval()
+    batch = torch.stack([torch.from_numpy(build_resizer("clean")(np.asarray(im))).permute(2, 0, 1) for im in images])
+    with torch.no_grad():
+        theirs = theirs_model(batch)
+    assert ours.shape == (3, dim) and torch.allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert (ours[0] - ours[1]).abs().max() > 1e-3 * ours.abs().max()  # features that tell images apart: the check is not vacuous
+    assert FID("official").feature_protocol()["weights"].endswith("/inception-2015-12-05.pt")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # clean-fid's own torch.jit.load
+def test_the_official_torchscript_loading_path_equals_clean_fids_with_a_stand_in(tmp_path, monkeypatch):
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 9, stride=8), torch.nn.Tanh(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Conv2d(8, 2048, 1))
+    save_stand_in(tmp_path, layers, 2048)  # 2048: InceptionV3W reshapes to it
+    check_official_path_equals_clean_fid(tmp_path, monkeypatch, 2048)
+
+
+def calibrate(net: torch.nn.Module) -> None:
+    """Random weights with untouched batch-norm statistics give (nearly) the same features for every
+    image; one pass over random images in training mode sets the statistics so that features differ."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a plain average over the calibration batch
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(8, 3, 299, 299, generator=torch.Generator().manual_seed(1)) * 2 - 1)
+    net.eval()
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_the_official_path_with_a_scripted_full_size_inception_v3(tmp_path, monkeypatch):
+    """The real architecture (torchvision Inception-v3 up to pool3, 2048-d, random weights) scripted
+    into the official file name: TorchScript of that size loads and runs through our path."""
+    from torchvision.models import inception_v3
+
+    torch.manual_seed(0)
+    net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    calibrate(net)
+    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
+             "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]
+    save_stand_in(tmp_path, torch.nn.Sequential(*[getattr(net, n) for n in names]), 2048)
+    del net
+    check_official_path_equals_clean_fid(tmp_path, monkeypatch, 2048)
+
+
+def test_absent_weights_offline_fail_with_one_line_naming_the_file_and_prefetch(tmp_path, monkeypatch, cli):
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsMissingError) as err:
+        FID("official").features([Image.new("RGB", (8, 8))])
+    message = str(err.value)
+    assert "\n" not in message and "inception-2015-12-05.pt" in message and "bench prefetch metrics=fid" in message and "scorers=tiny" in message
+    code, out, err = cli("prefetch", "metrics=fid")
+    assert code == 5 and len(err.strip().splitlines()) == 1 and "inception-2015-12-05.pt" in err and "nvlabs-fi-cdn.nvidia.com" in err
+    folder = write_folder(tmp_path / "images", 0, [(16, 16)] * 2)
+    (tmp_path / "prompts.txt").write_text("a\nb\n")
+    code, out, err = cli("score", f"images={folder}", f"prompts={tmp_path / 'prompts.txt'}", "metrics=fid", "scorers=tiny")
+    assert code == 2 and "compares a whole generated set with real images" in err and len(err.strip().splitlines()) == 1
+
+
+def test_feature_sets_save_their_rows_and_read_back(tmp_path):
+    feats = features(6, 50).astype(np.float32)
+    saved = FeatureSet(streamed(feats, 9), feats)
+    saved.save(tmp_path / "ref.npz")
+    back = FeatureSet.load(tmp_path / "ref.npz")
+    assert back.stats.n == 50 and np.array_equal(back.feats, feats) and np.allclose(back.stats.cov, saved.stats.cov, rtol=1e-12, atol=0)
+    assert np.array_equal(back.stats.mean, saved.stats.mean)
+    FeatureSet(streamed(feats, 50)).save(tmp_path / "stats.npz")
+    assert FeatureSet.load(tmp_path / "stats.npz").feats is None

@@ -68,6 +68,37 @@ class Metric:
         raise NotImplementedError
 
 
+class DistributionMetric(Metric):
+    """A set-level metric (FID, KID): the whole generated set against a set of real images.
+
+    It maps images to features; the harness folds the generated images' features, overall and per
+    group, into streaming statistics while it scores (keeping the rows themselves only when
+    ``keeps_features``), computes the real images' once per protocol (cached), and calls
+    ``compute``. Metrics with equal ``feature_protocol()`` share one feature pass. Its identity is
+    its ``protocol()``: two values computed differently never share a column.
+    """
+
+    keeps_features = False  # True: ``compute`` needs every feature row (KID), not only mean and covariance
+
+    def features(self, images) -> torch.Tensor:
+        """``(N, D)`` features of uint8 RGB PIL images of any size."""
+        raise NotImplementedError
+
+    def feature_protocol(self) -> dict:
+        """Everything that determines the features (library, mode, resize, extractor, weights)."""
+        raise NotImplementedError
+
+    def protocol(self) -> dict:
+        return self.feature_protocol()
+
+    def compute(self, gen, ref) -> float:
+        """The metric from the generated and real ``FeatureSet`` (``bench.metrics.fid``)."""
+        raise NotImplementedError
+
+    def score(self, images, prompts, refs=None) -> torch.Tensor:
+        raise UsageError(f"metric {self.name} compares a whole generated set with real images, not one image: use it in a suite with reference images (`bench eval suite=...`)")
+
+
 _LOADED: dict[tuple, tuple] = {}  # one copy of each scorer's weights per process, shared by the metrics on it
 SCORERS = ("official", "tiny")
 
@@ -175,4 +206,6 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "bench.metrics.text_alignment:TextAlignment",
         "LaSRO's Text Alignment Score: BERTScore F1 (roberta-large L17) of the Florence-2-large <DETAILED_CAPTION> caption vs the prompt (not differentiable)",
     ),
+    "fid": ("bench.metrics.fid:FID", "FID (set-level) on the clean-fid 'clean' protocol: PIL bicubic to 299, TorchScript Inception-v3 inception-2015-12-05.pt"),
+    "kid": ("bench.metrics.fid:KID", "KID (set-level, raw) on the clean-fid 'clean' protocol: cubic polynomial kernel, 100 subsets of at most 1,000 images, seeded"),
 }

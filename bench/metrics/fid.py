@@ -1,24 +1,49 @@
-"""Frechet distance between two sets of image features, from statistics accumulated streaming.
+"""FID and KID on the clean-fid protocol, from statistics accumulated streaming.
+
+The protocol is clean-fid's ``mode="clean"`` (Parmar et al., 2022), reproduced here so that a run
+needs no clean-fid install and writes nothing into site-packages:
+
+* each image (uint8 RGB, any size) is resized to 299x299 with PIL bicubic on float32 pixels, one
+  channel at a time, clipped to [0, 255] and not quantized (``cleanfid.resize.build_resizer("clean")``);
+* the pixels go through ``(x - 128) / 128`` into the ``layers`` of the TorchScript Inception-v3
+  ``inception-2015-12-05.pt`` (the StyleGAN2-ADA metrics file clean-fid downloads), whose pool3
+  output is the 2048-d feature (``cleanfid.inception_torchscript.InceptionV3W``).
 
 ``FeatureStats`` folds feature batches into a float64 mean and scatter matrix with Chan et al.'s
 pairwise update, so memory does not grow with the image count and the result does not depend on
 the batch size; its covariance is the unbiased one ``np.cov`` gives. ``frechet_distance`` is the
-formula clean-fid and pytorch-fid use (``scipy.linalg.sqrtm`` of the covariance product, a small
-diagonal offset where the product is singular, the imaginary round-off dropped), so on the same
-features the FID equals ``cleanfid.fid.fid_from_feats``. Statistics save to ``.npz`` (``mu``,
-``sigma``, ``n``) to be cached as a dataset's reference statistics.
+formula of clean-fid and pytorch-fid (``scipy.linalg.sqrtm`` of the covariance product, a small
+diagonal offset where it is singular, the imaginary round-off dropped), so on the same features the
+FID equals ``cleanfid.fid.fid_from_feats``. ``kernel_distance`` is clean-fid's KID estimator
+(cubic polynomial kernel, 100 subsets of at most 1,000 images) with a seeded generator where
+clean-fid draws from numpy's global one. ``tests/test_fid.py`` checks all three against clean-fid.
 """
 
 from __future__ import annotations
 
 import io
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
-from bench.errors import DataError
+from bench.errors import DataError, WeightsMissingError
 from bench.io import write_bytes
+from bench.metrics import DistributionMetric, LearnedMetric, MetricInfo
+
+INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+INCEPTION_FILE = "inception-2015-12-05.pt"
+CLEAN_SIZE = 299
+KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
+
+
+# --------------------------------------------------------------------------- statistics
 
 
 class FeatureStats:
@@ -26,6 +51,14 @@ class FeatureStats:
         self.n = 0
         self._mean = np.zeros(dim, dtype=np.float64)
         self._scatter = np.zeros((dim, dim), dtype=np.float64)  # sum of (x - mean)(x - mean)^T
+
+    @classmethod
+    def from_moments(cls, mu, sigma, n: int) -> "FeatureStats":
+        """Statistics of ``n`` features with mean ``mu`` and unbiased covariance ``sigma`` (saved ones)."""
+        stats = cls(len(mu))
+        stats.n, stats._mean[:] = int(n), mu
+        stats._scatter[:] = np.asarray(sigma, dtype=np.float64) * max(int(n) - 1, 1)
+        return stats
 
     def update(self, feats) -> "FeatureStats":
         """Fold in a batch of features ``(N, dim)``."""
@@ -69,6 +102,31 @@ class FeatureStats:
             raise DataError(f"cannot read FID statistics {path}: {err} (delete the file to recompute it)") from None
 
 
+@dataclass
+class FeatureSet:
+    """What a set-level metric reduces: the streaming statistics of a set's features and, for the
+    metrics that need every row (KID), the features themselves (float32, at most 30k x 2048 here)."""
+
+    stats: FeatureStats
+    feats: np.ndarray | None = None
+
+    def save(self, path: str | Path) -> None:
+        """``mu``/``sigma`` as clean-fid names them (usable with ``frechet_distance`` directly), ``n``, and ``feats`` when kept."""
+        buf = io.BytesIO()
+        extra = {"feats": self.feats} if self.feats is not None else {}
+        np.savez(buf, mu=self.stats.mean, sigma=self.stats.cov if self.stats.n > 1 else np.zeros_like(self.stats._scatter), n=self.stats.n, **extra)
+        write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FeatureSet":
+        try:
+            with np.load(path) as data:
+                feats = data["feats"] if "feats" in data.files else None
+                return cls(FeatureStats.from_moments(data["mu"], data["sigma"], int(data["n"])), feats)
+        except (OSError, KeyError, ValueError) as err:
+            raise DataError(f"cannot read FID statistics {path}: {err} (delete the file to recompute it)") from None
+
+
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^(1/2))."""
     from scipy import linalg
@@ -76,10 +134,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
     mu1, mu2, sigma1, sigma2 = np.atleast_1d(mu1), np.atleast_1d(mu2), np.atleast_2d(sigma1), np.atleast_2d(sigma2)
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape:
         raise ValueError(f"statistics of different feature sizes: {mu1.shape} vs {mu2.shape}")
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # a singular product (fewer images than dimensions) is handled below, as clean-fid does
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(f"the covariance product's square root has an imaginary part {np.abs(covmean.imag).max():.3g}")
@@ -90,3 +150,158 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
 
 def fid(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)
+
+
+def kernel_distance(feats1, feats2, num_subsets: int = KID_SUBSETS, max_subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> float:
+    """KID as ``cleanfid.fid.kernel_distance``: the unbiased MMD^2 with the kernel (x.y / d + 1)^3,
+    averaged over ``num_subsets`` draws of m = min(n1, n2, max_subset_size) images without replacement
+    from each set (first from ``feats2``, then ``feats1``, as clean-fid draws). Computed in float64;
+    ``seed`` fixes the draws, which clean-fid takes from numpy's global generator."""
+    x_all, y_all = np.asarray(feats2, dtype=np.float64), np.asarray(feats1, dtype=np.float64)
+    d = y_all.shape[1]
+    m = min(len(x_all), len(y_all), max_subset_size)
+    if m < 2:
+        raise DataError(f"KID needs at least 2 images in each set, got {len(y_all)} and {len(x_all)}")
+    rng = np.random.RandomState(seed)  # the legacy generator: np.random.seed(s) + np.random.choice draw the same subsets
+    total = 0.0
+    for _ in range(num_subsets):
+        x = x_all[rng.choice(len(x_all), m, replace=False)]
+        y = y_all[rng.choice(len(y_all), m, replace=False)]
+        a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
+        b = (x @ y.T / d + 1) ** 3
+        total += (a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m
+    return float(total / num_subsets / m)
+
+
+# --------------------------------------------------------------------------- the clean-fid protocol
+
+
+def clean_resize(image: Image.Image) -> np.ndarray:
+    """clean-fid's "clean" resize: float32 (299, 299, 3) in [0, 255] from a uint8 RGB image."""
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    channels = [np.asarray(Image.fromarray(np.ascontiguousarray(pixels[:, :, c])).resize((CLEAN_SIZE, CLEAN_SIZE), Image.Resampling.BICUBIC)) for c in range(3)]
+    return np.stack(channels, axis=2).clip(0, 255)
+
+
+def clean_batch(images: Sequence[Image.Image]) -> torch.Tensor:
+    """(N, 3, 299, 299) float32 in [0, 255]; the resizes run on threads (PIL releases the GIL)."""
+    workers = min(8, os.cpu_count() or 1, len(images))
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            arrays = list(pool.map(clean_resize, images))
+    else:
+        arrays = [clean_resize(im) for im in images]
+    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+
+
+class TinyInception(torch.nn.Module):
+    """``scorers=tiny``: a small seeded random conv net in the Inception's place (same input, 64-d
+    average-pooled features). Its distances mean nothing; it lets a suite with FID run offline."""
+
+    def __init__(self, dim: int = 64):
+        super().__init__()
+        from torch import nn
+
+        self.net = nn.Sequential(
+            nn.Conv2d(3, 16, 7, stride=4), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2), nn.ReLU(), nn.Conv2d(32, dim, 3, stride=2), nn.AdaptiveAvgPool2d(1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class InceptionFeatures(LearnedMetric, DistributionMetric):
+    """The features of the clean-fid protocol, shared by FID and KID (one forward pass for both)."""
+
+    weight_files = f"{INCEPTION_FILE} (TorchScript Inception-v3, {INCEPTION_URL})"
+    weights_url = INCEPTION_URL
+
+    def to(self, device) -> "InceptionFeatures":
+        super().to(device)
+        self.dtype = torch.float32  # clean-fid runs the Inception in float32; half precision would move FID
+        return self
+
+    def backbone(self) -> tuple:
+        return ("clean-fid-inception", str(self.weights_path()))
+
+    def weights_path(self) -> Path:
+        from bench.io import cache_root
+
+        return cache_root() / "weights" / INCEPTION_FILE
+
+    def load_official(self):
+        path = self.weights_path()
+        if not path.is_file():
+            from bench.io import fetch_url
+
+            try:
+                fetch_url(self.weights_url, path, self._fix())
+            except DataError as err:
+                raise WeightsMissingError(f"metric {self.name}: {err}") from None
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; the official weights are TorchScript
+            base = torch.jit.load(str(path), map_location="cpu")
+        return (base.layers,)  # what InceptionV3W calls when the resize is done outside the network
+
+    def _fix(self) -> str:
+        return f"run `bench prefetch metrics={self.name}` where the network is reachable (same BENCH_HOME), or save {self.weights_url} there, or use scorers=tiny for a smoke test"
+
+    def load_tiny(self):
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return (TinyInception(),)
+
+    def download(self) -> list[str]:
+        from bench.io import fetch_url
+
+        try:
+            return [str(fetch_url(self.weights_url, self.weights_path(), self._fix()))]
+        except DataError as err:
+            raise WeightsMissingError(f"metric {self.name}: {err}") from None
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Features of images already resized to 299x299, float in [0, 255] (clean-fid's ``custom_feat_extractor`` input)."""
+        (net,) = self.loaded()
+        x = pixels.to(self.device, torch.float32)
+        with torch.no_grad():
+            out = net((x - 128) / 128)
+        return out.reshape(x.shape[0], -1).float().cpu()
+
+    def features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        return self.embed(clean_batch(images))
+
+    def feature_protocol(self) -> dict:
+        official = self.scorers == "official"
+        return {
+            "library": "clean-fid",
+            "library_version": "0.1.35 (protocol reproduced in bench.metrics.fid, compared with cleanfid in tests/test_fid.py)",
+            "mode": "clean",
+            "resize": "PIL bicubic to 299x299 on float32 pixels, per channel, clipped to [0, 255], not quantized",
+            "normalize": "(x - 128) / 128",
+            "feature_extractor": "Inception-v3 pool3, 2048-d (TorchScript inception-2015-12-05.pt)" if official else "tiny random conv net, 64-d (scorers=tiny, NOT MEANINGFUL)",
+            "weights": self.weights_url if official else "tiny-random",
+        }
+
+
+class FID(InceptionFeatures):
+    info = MetricInfo(
+        name="fid", version="clean-fid-clean", higher_is_better=False,
+        scale="Frechet distance of Inception-v3 pool3 features, clean-fid 'clean' mode (PIL bicubic to 299)", model_id=INCEPTION_URL,
+    )
+
+    def compute(self, gen: FeatureSet, ref: FeatureSet) -> float:
+        return fid(gen.stats, ref.stats)
+
+
+class KID(InceptionFeatures):
+    info = MetricInfo(
+        name="kid", version="clean-fid-clean", higher_is_better=False,
+        scale="kernel inception distance (raw, not x1000), clean-fid 'clean' mode, cubic polynomial kernel", model_id=INCEPTION_URL,
+    )
+    keeps_features = True
+
+    def protocol(self) -> dict:
+        return {**self.feature_protocol(), "kid": {"kernel": "(x.y / d + 1)^3", "num_subsets": KID_SUBSETS, "max_subset_size": KID_SUBSET_SIZE, "seed": KID_SEED}}
+
+    def compute(self, gen: FeatureSet, ref: FeatureSet) -> float:
+        return kernel_distance(gen.feats, ref.feats)

@@ -1,0 +1,354 @@
+"""Set-level metrics (FID, KID) of a run: the generated set against the suite's real images.
+
+* The real images are a folder (``suite.references=PATH``, or the archive ``bench prefetch``
+  extracts into the cache): each prompt's own image (``reference_file``, a template over the prompt's
+  row, so ``suite.limit=N`` compares with the N prompts' images and a group's FID with the group's
+  images) or, without a template, every image in the folder. They are checked before any generation.
+* Both sets go through one preparation: with ``fid_resolution`` R, a center crop to the short side
+  and a PIL Lanczos resize to RxR (GigaGAN's COCO protocol: ``CenterCropLongEdge`` + Lanczos), then
+  the metric's own features (clean-fid: bicubic to 299, Inception).
+* Generated features are folded, overall and per group, into float64 streaming statistics while the
+  run scores; rows are kept (float32) only for metrics that need them (KID).
+* Real features are computed once per (suite, feature protocol, exact file list) and cached under
+  ``<cache>/fid-stats/``; a group's subset is a file list of its own, so it has its own entry.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bench.config import stable_hash
+from bench.errors import DataError
+from bench.images import open_rgb
+from bench.io import progress as progress_bar
+from bench.metrics import DistributionMetric
+from bench.metrics.fid import FeatureSet, FeatureStats
+from bench.suite import RealImages, Suite
+
+log = logging.getLogger(__name__)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+PREPROCESS = "center crop to the short side (torchvision center_crop), then PIL Lanczos to {r}x{r}, uint8 (GigaGAN's COCO evaluation)"
+REFERENCE_PASSES = 0  # feature passes over real images in this process (the cache's tests count them)
+
+
+# --------------------------------------------------------------------------- the real images
+
+
+@dataclass
+class RealSet:
+    folder: Path
+    files: list[Path]  # each real image once, in prompt order (paired) or sorted (a whole folder)
+    sizes: list[int]
+    labels: dict[str, list[str]] = field(default_factory=dict)  # group column -> label of each file (paired only)
+    resolution: int | None = None
+    paired: bool = True
+
+    def list_sha256(self, index=None) -> str:
+        """Identity of (a subset of) the file list: relative names and byte sizes, not contents."""
+        h = hashlib.sha256()
+        for i in range(len(self.files)) if index is None else index:
+            h.update(f"{self.files[i].relative_to(self.folder).as_posix()}\t{self.sizes[i]}\n".encode())
+        return h.hexdigest()
+
+    def identity(self) -> dict:
+        """What the run's identity and summary record (not the folder's path, which is machine-specific)."""
+        return {"n_images": len(self.files), "files_sha256": self.list_sha256(), "paired": self.paired}
+
+
+def _source_text(real: RealImages) -> str:
+    src = real.source
+    if isinstance(src, dict):
+        return f"{src.get('file')} of hf://datasets/{src.get('hub')}"
+    return str(src) if src else ""
+
+
+def _missing_hint(suite: Suite) -> str:
+    real = suite.real_images
+    layout = f"holding {real.template} for every prompt" if real.template else "of real images"
+    where = _source_text(real)
+    fix = f"set suite.references=FOLDER (a folder {layout}" + (f"; the images of {where}" if where else "") + ")"
+    if real.source:
+        fix += f" or run `bench prefetch suite={suite.name}` where the network is reachable"
+    return fix
+
+
+def extracted_folder(suite: Suite, cache: Path) -> Path:
+    """Where ``bench prefetch`` extracts the suite's reference archive."""
+    return cache / "data" / "references" / f"{suite.name}-{stable_hash(suite.real_images.source)[:12]}"
+
+
+def _image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def real_set(suite: Suite, cache: Path) -> RealSet:
+    """The suite's real images, checked now (before any generation): one DataError line naming
+    ``suite.references`` and where to get them when the folder or any image is missing."""
+    real = suite.real_images
+    if real is None:
+        raise DataError(f"suite '{suite.name}' names no real images for its set-level metrics: set references (a folder) and reference_file in its YAML")
+    if real.folder:
+        folder = Path(real.folder).expanduser()
+        if not folder.is_dir():
+            raise DataError(f"suite.references={real.folder} is not a folder: {_missing_hint(suite)}")
+    else:
+        folder = extracted_folder(suite, cache)
+        if not folder.is_dir():
+            raise DataError(f"suite '{suite.name}' has no reference images here (needed by its set-level metrics): {_missing_hint(suite)}")
+    if real.names is None:
+        files = _image_files(folder)
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}: {_missing_hint(suite)}")
+        return RealSet(folder, files, [f.stat().st_size for f in files], {}, real.resolution, paired=False)
+    names = list(dict.fromkeys(real.names))
+    if names and not (folder / names[0]).is_file():  # an archive's single top folder (COCO's val2014/)
+        subdirs = [d for d in folder.iterdir() if d.is_dir()]
+        if len(subdirs) == 1 and (subdirs[0] / names[0]).is_file():
+            folder = subdirs[0]
+    sizes, missing = [], []
+    for name in names:
+        try:
+            sizes.append((folder / name).stat().st_size)
+        except OSError:
+            missing.append(name)
+    if missing:
+        raise DataError(f"{len(missing)} of {len(names)} reference images are missing from {folder} (first: {missing[0]}): {_missing_hint(suite)}")
+    first = {}
+    for i, name in enumerate(real.names):
+        first.setdefault(name, i)  # a file shared by prompts takes the labels of its first prompt
+    labels = {column: [values[first[n]] for n in names] for column, values in suite.groups.items()}
+    return RealSet(folder, [folder / n for n in names], sizes, labels, real.resolution, paired=True)
+
+
+def fetch_real_images(suite: Suite, cache: Path) -> Path:
+    """``bench prefetch``: download the suite's reference archive (``{hub, file}`` of a hub dataset,
+    or a URL) and extract it once into the cache."""
+    real = suite.real_images
+    if real is None or real.folder:
+        return Path(real.folder) if real and real.folder else None
+    dest = extracted_folder(suite, cache)
+    if dest.is_dir():
+        return dest
+    if not real.source:
+        raise DataError(f"suite '{suite.name}' names no reference_source to download: {_missing_hint(suite)}")
+    from bench.io import fetch_url, hub_offline
+
+    fix = _missing_hint(suite)
+    src = real.source
+    if isinstance(src, dict):
+        if hub_offline():
+            raise DataError(f"cannot download {_source_text(real)}: the hub is offline or unreachable; {fix}")
+        from huggingface_hub import hf_hub_download
+
+        archive = Path(hf_hub_download(src["hub"], src["file"], repo_type=src.get("repo_type") or "dataset", revision=src.get("revision")))
+    else:
+        archive = fetch_url(str(src), cache / "data" / "downloads" / Path(str(src)).name, fix)
+    tmp = dest.with_name(dest.name + ".part")
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+    except (OSError, zipfile.BadZipFile) as err:
+        raise DataError(f"cannot extract {archive} ({err}): {fix}") from None
+    tmp.replace(dest)
+    if not isinstance(src, dict):
+        archive.unlink(missing_ok=True)  # extracted: the archive (6 GB for COCO val2014) is not kept twice
+    return dest
+
+
+# --------------------------------------------------------------------------- preparation and features
+
+
+def at_resolution(image: Image.Image, size: int | None) -> Image.Image:
+    """``fid_resolution``: center crop to the short side, then Lanczos to size x size (None: as is)."""
+    if size is None:
+        return image
+    from torchvision.transforms.functional import center_crop
+
+    side = min(image.size)
+    if image.size != (side, side):
+        image = center_crop(image, [side, side])
+    return image.resize((size, size), Image.Resampling.LANCZOS)
+
+
+def _threads(fn, items: list) -> list:
+    workers = min(8, os.cpu_count() or 1, len(items))
+    if workers <= 1:
+        return [fn(x) for x in items]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, items))
+
+
+def feature_protocol(metric: DistributionMetric, resolution: int | None) -> dict:
+    """What determines a set's features: the metric's extractor and the suite's preparation."""
+    return {**metric.feature_protocol(), "resolution": resolution, "preprocess": PREPROCESS.format(r=resolution) if resolution else "none"}
+
+
+class Accumulator:
+    """Features folded into streaming statistics, overall and per (column, label); the rows are kept
+    only if ``keep``. ``owners`` name each row's entry in the label lists (a prompt or a real file)."""
+
+    def __init__(self, labels: dict[str, list[str]], keep: bool):
+        self.labels, self.keep = labels, keep
+        self.all: FeatureStats | None = None
+        self.by: dict[tuple[str, str], FeatureStats] = {}
+        self.rows: list[np.ndarray] = []
+        self.owners: list[int] = []
+
+    def add(self, feats: torch.Tensor, owners: list[int]) -> None:
+        feats = feats.detach().double().cpu()
+        if self.all is None:
+            self.all = FeatureStats(feats.shape[1])
+        self.all.update(feats)
+        for column, labels in self.labels.items():
+            for label in dict.fromkeys(labels[o] for o in owners):
+                rows = [i for i, o in enumerate(owners) if labels[o] == label]
+                self.by.setdefault((column, label), FeatureStats(feats.shape[1])).update(feats[rows])
+        if self.keep:
+            self.rows.append(feats.float().numpy())
+            self.owners.extend(owners)
+
+    def subset(self, group: tuple[str, str] | None) -> FeatureSet:
+        stats = self.all if group is None else self.by[group]
+        if not self.keep:
+            return FeatureSet(stats)
+        if len(self.rows) > 1:
+            self.rows = [np.concatenate(self.rows)]  # once, not once per group
+        rows = self.rows[0]
+        if group is not None:
+            labels = self.labels[group[0]]
+            rows = rows[[labels[o] == group[1] for o in self.owners]]
+        return FeatureSet(stats, rows)
+
+
+def _feature_pass(files: list[Path], extractor: DistributionMetric, resolution, acc: Accumulator, batch_size: int, progress: bool, desc: str) -> None:
+    for start in progress_bar(range(0, len(files), batch_size), progress, desc=desc, unit="batch"):
+        batch = files[start : start + batch_size]
+        images = _threads(lambda p: at_resolution(open_rgb(p), resolution), batch)
+        acc.add(extractor.features(images), list(range(start, start + len(batch))))
+
+
+class SetScorer:
+    """The set-level metrics of one run: fed batch by batch by ``score_images``, reduced by ``results``."""
+
+    def __init__(self, metrics: dict[str, DistributionMetric], groups: dict[str, list[str]], real: RealSet, cache: Path, dataset: str, batch_size: int = 32, progress: bool = True):
+        self.metrics, self.real, self.cache, self.dataset = metrics, real, Path(cache), dataset
+        self.batch_size, self.progress = batch_size, progress
+        self.groups = {c: v for c, v in groups.items() if c in real.labels}  # per group only with each prompt's own real image
+        self.extractors: dict[str, DistributionMetric] = {}  # feature protocol hash -> the metric that computes them
+        self.keep: dict[str, bool] = {}
+        self.key_of: dict[str, str] = {}
+        for name, metric in metrics.items():
+            key = stable_hash(feature_protocol(metric, real.resolution))
+            self.extractors.setdefault(key, metric)
+            self.keep[key] = self.keep.get(key, False) or metric.keeps_features
+            self.key_of[name] = key
+        self.gen = {key: Accumulator(self.groups, self.keep[key]) for key in self.extractors}
+        self.cache_files: dict[str, list[str]] = {}
+        self.computed: dict[str, bool] = {}
+
+    def add(self, jobs, pixels: torch.Tensor) -> None:
+        """A scored batch: its jobs and their uint8 ``(N, H, W, 3)`` pixels."""
+        images = _threads(lambda p: at_resolution(Image.fromarray(p), self.real.resolution), list(pixels.cpu().numpy()))
+        owners = [j.prompt_index for j in jobs]
+        for key, extractor in self.extractors.items():
+            self.gen[key].add(extractor.features(images), owners)
+
+    def reference(self, key: str) -> dict:
+        """The real set's FeatureSets (overall: None, and per group), from the cache or one feature pass."""
+        global REFERENCE_PASSES
+        real = self.real
+        subsets: dict = {None: list(range(len(real.files)))}
+        for column, labels in real.labels.items():
+            if column in self.groups:
+                for label in sorted(set(labels)):
+                    subsets[(column, label)] = [i for i, v in enumerate(labels) if v == label]
+        folder = self.cache / "fid-stats"
+        paths = {s: folder / f"{self.dataset}-{key[:12]}-{real.list_sha256(idx)[:16]}.npz" for s, idx in subsets.items()}
+        self.cache_files[key] = [str(p) for p in paths.values()]
+        if all(_cached(p, self.keep[key]) for p in paths.values()):
+            self.computed[key] = False
+            return {s: FeatureSet.load(p) for s, p in paths.items()}
+        REFERENCE_PASSES += 1
+        self.computed[key] = True
+        log.info("features of %d real images from %s (cached in %s for the next runs)", len(real.files), real.folder, folder)
+        acc = Accumulator({c: v for c, v in real.labels.items() if c in self.groups}, self.keep[key])
+        _feature_pass(real.files, self.extractors[key], real.resolution, acc, self.batch_size, self.progress, "reference features")
+        sets = {s: acc.subset(s) for s in subsets}
+        for s, p in paths.items():
+            sets[s].save(p)
+        return sets
+
+    def results(self, baseline: dict | None = None) -> dict:
+        """summary["sets"]: per metric its value, image counts, protocol and real set, and per group."""
+        refs = {key: self.reference(key) for key in self.extractors}
+        out = {}
+        for name, metric in self.metrics.items():
+            key = self.key_of[name]
+            gen, ref = self.gen[key], refs[key]
+            if gen.all is None:
+                raise DataError(f"metric {name}: no generated images were scored")
+            entry = {
+                **_value(metric, gen.subset(None), ref[None]),
+                "higher_is_better": bool(metric.info.higher_is_better),
+                "version": metric.info.version,
+                "scale": metric.info.scale,
+                "protocol": {**metric.protocol(), **feature_protocol(metric, self.real.resolution), "reference": self.real.identity()},
+            }
+            if baseline and name in baseline and baseline[name].get("value") is not None:
+                entry["baseline"] = baseline[name]["value"]
+            for group in sorted(gen.by):
+                if group in ref:
+                    entry.setdefault("by_group", {}).setdefault(group[0], {})[group[1]] = _value(metric, gen.subset(group), ref[group])
+            out[name] = entry
+        return out
+
+    def manifest(self) -> dict:
+        return {"reference": {"folder": str(self.real.folder), **self.real.identity()}, "cache_files": self.cache_files, "reference_features_computed": self.computed}
+
+
+def _cached(path: Path, with_rows: bool) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        with np.load(path) as data:
+            return not with_rows or "feats" in data.files
+    except (OSError, ValueError):
+        return False  # unreadable: recomputed and rewritten
+
+
+def _value(metric: DistributionMetric, gen: FeatureSet, ref: FeatureSet) -> dict:
+    out = {"n_images": int(gen.stats.n), "n_reference": int(ref.stats.n)}
+    if gen.stats.n < 2 or ref.stats.n < 2:
+        return {"value": None, **out, "note": "needs at least 2 generated and 2 real images"}
+    try:
+        return {"value": float(metric.compute(gen, ref)), **out}
+    except (ValueError, DataError) as err:
+        return {"value": None, **out, "note": str(err)}
+
+
+def compare_folders(generated, real, metrics: dict[str, DistributionMetric], resolution: int | None = None, batch_size: int = 32, progress: bool = False) -> dict[str, float]:
+    """Folder against folder (every image in each, recursively) with the same preparation and
+    features as a run: what ``cleanfid.fid.compute_fid(generated, real)`` computes."""
+    keys = {name: stable_hash(feature_protocol(m, resolution)) for name, m in metrics.items()}
+    sets = []
+    for folder in (Path(generated), Path(real)):
+        files = _image_files(folder)
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {folder}")
+        sets.append({})
+        for key in dict.fromkeys(keys.values()):  # one feature pass per feature protocol
+            users = [metrics[n] for n, k in keys.items() if k == key]
+            acc = Accumulator({}, any(m.keeps_features for m in users))
+            _feature_pass(files, users[0], resolution, acc, batch_size, progress, f"features {folder.name}")
+            sets[-1][key] = acc.subset(None)
+    return {name: float(metric.compute(sets[0][keys[name]], sets[1][keys[name]])) for name, metric in metrics.items()}

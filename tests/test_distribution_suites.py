@@ -1,0 +1,255 @@
+"""The FID suites: mjhq30k (a synthesized meta_data.json and reference folder in its layout) and
+coco30k (the real COCO-30k CSV, synthesized images for its first ids), end to end with tiny scorers;
+the reference statistics cache; and the one-line failures when the real images are missing."""
+
+from __future__ import annotations
+
+import json
+import zipfile
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from bench import distribution
+from bench.config import compose, to_dict
+from bench.errors import DataError
+from bench.suite import load_suite, read_prompt_rows
+from conftest import SHARED_DATA
+
+COCO_CSV = SHARED_DATA / "coco" / "rohitgandikota-erasing" / "coco_30k.csv"
+COCO_SHA256 = "bea67ba57b09ec8fbc6ecdfb0dc562ebbf2eb92273cad91a1cc2d006a7bd76bb"
+
+
+def suite(name, *overrides):
+    return load_suite(to_dict(compose([f"suite={name}", *overrides]))["suite"])
+
+
+def photo(seed: int, size) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
+
+
+MJHQ = {  # MJHQ-30K's meta_data.json layout: {image_id: {prompt, category}}
+    "a1f0": {"prompt": "a red fox in the snow", "category": "animals"},
+    "f9c2": {"prompt": "a bowl of ramen, studio light", "category": "food"},
+    "a7b3": {"prompt": "an owl on a branch at night", "category": "animals"},
+    "f0d1": {"prompt": "a slice of cake", "category": "food"},
+    "p5e5": {"prompt": "portrait of an old sailor", "category": "people"},
+}
+
+
+def synth_mjhq(root, wrap: str | None = None):
+    """meta_data.json and reference images at <category>/<image_id>.jpg (the zip's layout), optionally under one top folder."""
+    meta = root / "meta_data.json"
+    meta.write_text(json.dumps(MJHQ))
+    refs = root / "mjhq_refs"
+    for i, (image_id, row) in enumerate(MJHQ.items()):
+        path = (refs / wrap if wrap else refs) / row["category"] / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(i, [(96, 96), (80, 64), (64, 80)][i % 3]).save(path)
+    return meta, refs
+
+
+def run_dir_of(tmp_path, prefix):
+    return next(d for d in (tmp_path / "runs").iterdir() if d.name.startswith(prefix))
+
+
+def test_mjhq30k_eval_end_to_end_prints_fid_overall_and_by_category_and_caches_the_reference(cli, tmp_path, cache_dir):
+    meta, refs = synth_mjhq(tmp_path)
+    args = ["eval", "suite=mjhq30k", "model=tiny", "suite.limit=4", f"suite.source={meta}", f"suite.references={refs}", "scorers=tiny", "gen.steps=2"]
+    passes = distribution.REFERENCE_PASSES
+    code, out, err = cli(*args)
+    assert code == 0, err
+    assert distribution.REFERENCE_PASSES == passes + 1
+    assert "set-level metrics (the generated set against the real images):" in out and "set-level metrics by category:" in out
+    assert "| fid " in out and "| kid " in out and "| animals " in out and "| food " in out and "NOT MEANINGFUL" in out
+    run_dir = run_dir_of(tmp_path, "mjhq30k-")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    fid, kid = summary["sets"]["fid"], summary["sets"]["kid"]
+    assert fid["n_images"] == 4 and fid["n_reference"] == 4 and fid["value"] > 0 and kid["value"] is not None and fid["higher_is_better"] is False
+    assert {g: (v["n_images"], v["n_reference"]) for g, v in fid["by_group"]["category"].items()} == {"animals": (2, 2), "food": (2, 2)}
+    assert all(v["value"] > 0 for v in fid["by_group"]["category"].values())
+    protocol = fid["protocol"]
+    assert protocol["library"] == "clean-fid" and protocol["mode"] == "clean" and protocol["resolution"] == 1024 and "bicubic to 299x299" in protocol["resize"]
+    assert "Lanczos to 1024x1024" in protocol["preprocess"] and "NOT MEANINGFUL" in protocol["feature_extractor"]
+    assert protocol["reference"]["n_images"] == 4 and protocol["reference"]["paired"] is True and kid["protocol"]["kid"]["num_subsets"] == 100
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["fid"]["protocol"] == protocol and manifest["identity"]["real_images"]["resolution"] == 1024
+    assert list(manifest["set_metrics"]["reference_features_computed"].values()) == [True]  # fid and kid share one feature pass
+    scores = pd.read_parquet(run_dir / "scores.parquet")
+    assert "fid" not in scores.columns and "kid" not in scores.columns and {"clip-h14", "pickscore", "category"} <= set(scores.columns)
+
+    stats = sorted((cache_dir / "fid-stats").glob("mjhq30k-*.npz"))
+    assert len(stats) == 3  # overall, animals, food: one file list each
+    mtimes = [p.stat().st_mtime_ns for p in stats]
+    with np.load(stats[0]) as data:
+        assert {"mu", "sigma", "n", "feats"} <= set(data.files)
+    summary_bytes = (run_dir / "summary.json").read_bytes()
+
+    code, out2, err = cli(*args)  # cached images and cached reference statistics: nothing recomputed, same bytes
+    assert code == 0, err
+    assert distribution.REFERENCE_PASSES == passes + 1 and [p.stat().st_mtime_ns for p in stats] == mtimes
+    assert (run_dir / "summary.json").read_bytes() == summary_bytes
+    assert list(json.loads((run_dir / "manifest.json").read_text())["set_metrics"]["reference_features_computed"].values()) == [False]
+
+    code, out3, err = cli(*args, "suite.fid_resolution=64")  # another protocol: another cache entry
+    assert code == 0, err
+    assert distribution.REFERENCE_PASSES == passes + 2 and len(list((cache_dir / "fid-stats").glob("mjhq30k-*.npz"))) == 6
+
+    from bench.report import check, collect_runs
+
+    board = collect_runs(tmp_path / "runs")
+    assert {"fid@1024px", "fid@64px", "kid@1024px"} <= set(board.columns)  # FIDs at two resolutions never share a column
+    assert [r["ok"] for r in check(summary, {"sets.fid.value": {"min": 0.0}, "sets.fid.by_group.category.food.value": {"max": -1.0}})] == [True, False]
+
+
+def test_coco30k_loads_the_real_csv_with_its_image_ids_and_quoted_newlines():
+    s = suite("coco30k", f"suite.source={COCO_CSV}")
+    assert len(s.prompts) == 30000 and s.canonical is True and s.sha256 == COCO_SHA256
+    assert sum("\n" in p for p in s.prompts) == 97 and s.prompts[0] == "A bicycle replica with a clock as the front wheel."
+    real = s.real_images
+    assert real.names[0] == "COCO_val2014_000000203564.jpg" and len(set(real.names)) == 30000 and real.resolution == 256
+    assert real.folder is None and real.source == "http://images.cocodataset.org/zips/val2014.zip"
+    assert s.metrics == ["fid", "kid", "clip-b32"]
+    limited = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=3")
+    assert limited.real_images.names == real.names[:3] and limited.canonical is True
+
+
+def test_unpadded_coco_ids_are_padded_and_a_template_that_does_not_fit_is_one_line(tmp_path):
+    path = tmp_path / "coco.csv"
+    path.write_text("image_id,prompt\n42,a cat on a mat\n")
+    assert suite("coco30k", f"suite.source={path}").real_images.names == ["COCO_val2014_000000000042.jpg"]
+    path.write_text("id,prompt\n42,a cat on a mat\n")
+    with pytest.raises(DataError) as err:
+        suite("coco30k", f"suite.source={path}")
+    assert "reference_file" in str(err.value) and "image_id" in str(err.value) and "\n" not in str(err.value)
+
+
+def coco_references(folder, n: int, skip=()):
+    rows = read_prompt_rows(COCO_CSV)[:n]
+    folder.mkdir(parents=True)
+    for i, row in enumerate(rows):
+        if i not in skip:
+            photo(100 + i, [(64, 48), (48, 64), (80, 60), (50, 50)][i % 4]).save(folder / f"COCO_val2014_{row['image_id']}.jpg")
+    return rows
+
+
+def test_coco30k_eval_on_the_real_csv_equals_clean_fid_on_the_runs_own_images(cli, tmp_path, cache_dir):
+    """The run's FID against clean-fid's ``compute_fid`` over the same generated PNGs and real JPEGs,
+    with GigaGAN's 256 px center crop + Lanczos as its custom transform and our tiny extractor."""
+    from cleanfid.fid import compute_fid
+
+    from bench.metrics.fid import FID
+
+    refs = tmp_path / "val2014"
+    coco_references(refs, 6)
+    code, out, err = cli("eval", "suite=coco30k", "model=tiny", "suite.limit=6", f"suite.source={COCO_CSV}", f"suite.references={refs}", "scorers=tiny", "gen.steps=2")
+    assert code == 0, err
+    assert "| fid " in out and "| clip-b32 " in out and "by category" not in out
+    run_dir = run_dir_of(tmp_path, "coco30k-")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["published_prompt_set"] is True and manifest["n_prompts"] == 6 and manifest["prompts_sha256"] != COCO_SHA256  # the first 6
+    fid = summary["sets"]["fid"]
+    assert fid["n_images"] == 6 and fid["n_reference"] == 6 and fid["protocol"]["resolution"] == 256 and "by_group" not in fid
+
+    generated = tmp_path / "generated"
+    generated.mkdir()
+    for key in pd.read_parquet(run_dir / "scores.parquet")["image_key"]:
+        (generated / f"{key}.png").write_bytes((cache_dir / "images" / key[:2] / f"{key}.png").read_bytes())
+
+    def gigagan_256(pixels):
+        from torchvision.transforms.functional import center_crop
+
+        image = Image.fromarray(pixels)
+        return np.array(center_crop(image, min(image.size)).resize((256, 256), Image.Resampling.LANCZOS))
+
+    want = compute_fid(str(generated), str(refs), mode="clean", custom_feat_extractor=FID("tiny").embed, device=torch.device("cpu"),
+                       use_dataparallel=False, num_workers=0, verbose=False, custom_image_tranform=gigagan_256)
+    print(f"coco30k parity: run {fid['value']!r} clean-fid {want!r} rel {abs(fid['value'] - want) / want:.2e}")
+    assert fid["value"] == pytest.approx(want, rel=1e-6)
+
+
+def test_a_missing_reference_folder_is_one_line_before_anything_is_generated(cli, tmp_path):
+    fresh = tmp_path / "cache"
+    base = ["eval", "suite=coco30k", "model=tiny", "suite.limit=4", f"suite.source={COCO_CSV}", "scorers=tiny"]
+    code, out, err = cli(*base, f"suite.references={tmp_path / 'nowhere'}", cache=fresh)
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert "suite.references=" in err and "nowhere is not a folder" in err and "COCO_val2014_{image_id:0>12}.jpg" in err and "images.cocodataset.org/zips/val2014.zip" in err
+    assert not (fresh / "images").exists() and not (fresh / "models").exists()  # checked before the model was even built
+
+    code, out, err = cli(*base, cache=fresh)  # references: null and no prefetched copy
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert "suite.references=FOLDER" in err and "bench prefetch suite=coco30k" in err
+
+    rows = coco_references(tmp_path / "val2014", 4, skip={1, 3})
+    code, out, err = cli(*base, f"suite.references={tmp_path / 'val2014'}", cache=fresh)
+    assert code == 3 and len(err.strip().splitlines()) == 1
+    assert "2 of 4 reference images are missing" in err and f"(first: COCO_val2014_{rows[1]['image_id']}.jpg)" in err
+
+
+def test_prefetch_offline_names_the_archive_and_the_folder_key(cli, tmp_path):
+    code, out, err = cli("prefetch", "suite=coco30k", f"suite.source={COCO_CSV}", cache=tmp_path / "cache")
+    assert code == 3 and len(err.strip().splitlines()) == 1 and "val2014.zip" in err and "suite.references=FOLDER" in err
+
+
+def test_the_reference_archive_is_extracted_once_and_found_under_its_top_folder(tmp_path, monkeypatch):
+    """``bench prefetch``'s download-and-extract step on a local archive in COCO's layout (val2014/...)."""
+    rows = coco_references(tmp_path / "src" / "val2014", 4)
+    archive = tmp_path / "val2014.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for path in sorted((tmp_path / "src").rglob("*.jpg")):
+            zf.write(path, path.relative_to(tmp_path / "src").as_posix())
+    monkeypatch.setattr("bench.io.hub_offline", lambda: False)  # a file:// URL needs no network
+    s = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}")
+    cache = tmp_path / "cache"
+    folder = distribution.fetch_real_images(s, cache)
+    assert folder == distribution.extracted_folder(s, cache) and distribution.fetch_real_images(s, cache) == folder
+    real = distribution.real_set(s, cache)
+    assert real.folder == folder / "val2014" and [p.name for p in real.files] == [f"COCO_val2014_{r['image_id']}.jpg" for r in rows]
+
+
+def test_without_a_template_every_image_of_the_folder_is_the_real_set(tmp_path):
+    """``suite.reference_file=null``: an unpaired real set (GigaGAN compares with all 40,504 val2014 images), no per-group values."""
+    meta, refs = synth_mjhq(tmp_path, wrap="mjhq30k_imgs")
+    s = suite("mjhq30k", f"suite.source={meta}", f"suite.references={refs}", "suite.reference_file=null", "suite.limit=2")
+    real = distribution.real_set(s, tmp_path)
+    assert real.paired is False and len(real.files) == 5 and real.labels == {}
+    paired = distribution.real_set(suite("mjhq30k", f"suite.source={meta}", f"suite.references={refs}", "suite.limit=2"), tmp_path)
+    assert paired.folder == refs / "mjhq30k_imgs" and [p.relative_to(paired.folder).as_posix() for p in paired.files] == ["animals/a1f0.jpg", "food/f9c2.jpg"]
+    assert paired.labels == {"category": ["animals", "food"]} and paired.list_sha256() != real.list_sha256()
+
+
+def test_per_group_statistics_are_those_of_the_group_alone():
+    from bench.metrics.fid import FeatureStats
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(10, 6))
+    labels = ["a", "b", "a", "a", "b", "b", "a", "b", "a", "b"]
+    acc = distribution.Accumulator({"k": labels}, keep=True)
+    for start in range(0, 10, 3):
+        acc.add(torch.from_numpy(feats[start : start + 3]), list(range(start, min(start + 3, 10))))
+    for label in "ab":
+        rows = feats[[x == label for x in labels]]
+        group = acc.subset(("k", label))
+        assert np.allclose(group.stats.mean, rows.mean(0)) and np.allclose(group.stats.cov, np.cov(rows, rowvar=False))
+        assert np.array_equal(group.feats, rows.astype(np.float32))
+    assert np.allclose(acc.subset(None).stats.cov, FeatureStats(6).update(feats).cov)
+
+
+def test_the_table_shows_the_base_value_and_a_dash_where_a_group_is_too_small():
+    from bench.report import render_sets
+
+    protocol = {"library": "clean-fid", "mode": "clean", "resolution": 256, "feature_extractor": "Inception-v3 pool3, 2048-d"}
+    sets = {
+        "fid": {
+            "value": 12.345678, "baseline": 15.0, "n_images": 30, "n_reference": 30, "higher_is_better": False, "protocol": protocol,
+            "by_group": {"category": {"art": {"value": 20.5, "n_images": 29, "n_reference": 29}, "logo": {"value": None, "n_images": 1, "n_reference": 1, "note": "needs at least 2"}}},
+        }
+    }
+    text = render_sets(sets)
+    assert "| fid      | 12.35   | ↓           | 15     | 30       | 30                 | clean-fid clean, 256px center crop, Inception-v3 pool3, 2048-d |" in text
+    assert "set-level metrics by category:" in text and "| art        | 29       | 29                 | 20.5  |" in text and "| logo       | 1        | 1                  | -     |" in text
