@@ -366,7 +366,7 @@ class MidasDepth(LearnedMetric):
         predicted = model(pixel_values=pixels).predicted_depth.float()
         maps = []
         for depth, pil in zip(predicted, pils):
-            depth = (depth - depth.min()) / (depth.max() - depth.min())
+            depth = torch.nan_to_num((depth - depth.min()) / (depth.max() - depth.min()))  # a flat map is 0/0: black, as PIL writes NaN
             depth = torch.nn.functional.interpolate(depth[None, None], size=(pil.size[1], pil.size[0]), mode="bilinear", align_corners=True)[0, 0]
             png = Image.fromarray(np.clip(255 * depth.cpu().numpy(), 0, 255).astype(np.uint8))  # PIL's F -> L truncates
             resized = transforms.Resize(size=479, max_size=480)(png)

@@ -16,7 +16,7 @@ is the same checkpoint with its position embeddings interpolated to 384, so it c
 question's first token is ``[ENC]`` and the decoder attends to the question's padding mask.
 
 Images and (image, question) pairs are batched: the ViT runs once per image, the text encoder and
-decoder once per batch of questions.
+decoder once per batch of questions of one token count (see :meth:`BlipVqa.p_yes`).
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ class BlipVqa(LearnedMetric):
         scale="product over the prompt's noun chunks of BLIP-VQA P(yes) = p(yes)/(p(yes)+p(no)), in [0, 1]",
         model_id="Salesforce BLIP model_base_vqa_capfilt_large.pth (image 480)",
     )
-    weight_files = f"model_base_vqa_capfilt_large.pth ({BLIP_VQA_URL}) and the {BERT_TOKENIZER} tokenizer, plus spaCy's en_core_web_sm"
+    weight_files = f"model_base_vqa_capfilt_large.pth ({BLIP_VQA_URL}) and the {BERT_TOKENIZER} tokenizer"
     hub_files = ((BERT_TOKENIZER, ("vocab.txt", "tokenizer_config.json", "config.json")),)
     checkpoint_url = BLIP_VQA_URL
     tokenizer_id = BERT_TOKENIZER
@@ -159,6 +159,9 @@ class BlipVqa(LearnedMetric):
 
             folder = snapshot_download(self.tokenizer_id, allow_patterns=["vocab.txt", "tokenizer_config.json", "config.json"], **self.hub_kwargs())
         tokenizer = blip_tokenizer(folder)
+        ids = (tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("[ENC]"), *tokenizer.convert_tokens_to_ids(["yes", "no"]))
+        if ids != (30522, 30523, 2748, 2053):  # the ids T2I-CompBench's vqa_prob hard-codes
+            raise ValueError(f"{folder} is not bert-base-uncased's vocabulary ([DEC], [ENC], yes, no = {ids})")
         try:
             path = self.checkpoint_path() if self.checkpoint_path().is_file() else fetch_url(self.checkpoint_url, self.checkpoint_path(), "check the network")
         except DataError as err:
@@ -207,7 +210,11 @@ class BlipVqa(LearnedMetric):
 
     @torch.no_grad()
     def p_yes(self, images: torch.Tensor, questions: Sequence[str], owners: Sequence[int], batch_size: int = 64) -> torch.Tensor:
-        """``vqa_prob`` of every (image ``owners[k]``, ``questions[k]``) pair, float32 ``(len(questions),)``."""
+        """``vqa_prob`` of every (image ``owners[k]``, ``questions[k]``) pair, float32 ``(len(questions),)``.
+
+        Questions are batched by token count, so no batch holds padding: transformers' BLIP text
+        cross-attention ignores ``encoder_attention_mask`` (5.x passes it under another name), and the
+        decoder would attend to the padded question positions that BLIP masks out."""
         model, tokenizer = self.loaded()
         if not questions:
             return torch.zeros(0)
@@ -216,22 +223,23 @@ class BlipVqa(LearnedMetric):
         image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
         yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
         enc_id = tokenizer.convert_tokens_to_ids("[ENC]")
-        out = []
-        for start in range(0, len(questions), batch_size):
-            chunk = [pre_question(q) for q in questions[start : start + batch_size]]
-            states = image_embeds[torch.as_tensor(list(owners[start : start + batch_size]), device=self.device)]
-            text = tokenizer(chunk, padding="longest", truncation=True, max_length=MAX_QUESTION_TOKENS, return_tensors="pt").to(self.device)
-            ids = text.input_ids.clone()
-            ids[:, 0] = enc_id
-            question = model.text_encoder(
-                input_ids=ids, attention_mask=text.attention_mask, encoder_hidden_states=states,
-                encoder_attention_mask=torch.ones(states.shape[:-1], dtype=torch.long, device=self.device), return_dict=True,
-            ).last_hidden_state
-            start_ids = torch.full((len(chunk), 1), tokenizer.bos_token_id, dtype=torch.long, device=self.device)
-            logits = model.text_decoder(input_ids=start_ids, encoder_hidden_states=question, encoder_attention_mask=text.attention_mask, return_dict=True).logits
-            prob = logits[:, 0, :].float().softmax(-1)
-            out.append((prob[:, yes] / (prob[:, yes] + prob[:, no])).cpu())
-        return torch.cat(out)
+        ids = tokenizer([pre_question(q) for q in questions], truncation=True, max_length=MAX_QUESTION_TOKENS).input_ids
+        by_length: dict[int, list[int]] = {}
+        for k, row in enumerate(ids):
+            by_length.setdefault(len(row), []).append(k)
+        out = torch.zeros(len(questions))
+        for group in by_length.values():
+            for start in range(0, len(group), batch_size):
+                rows = group[start : start + batch_size]
+                tokens = torch.tensor([ids[k] for k in rows], device=self.device)
+                tokens[:, 0] = enc_id
+                states = image_embeds[torch.as_tensor([owners[k] for k in rows], device=self.device)]
+                question = model.text_encoder(input_ids=tokens, attention_mask=torch.ones_like(tokens), encoder_hidden_states=states, return_dict=True).last_hidden_state
+                start_ids = torch.full((len(rows), 1), tokenizer.bos_token_id, dtype=torch.long, device=self.device)
+                logits = model.text_decoder(input_ids=start_ids, encoder_hidden_states=question, return_dict=True).logits
+                prob = logits[:, 0, :].float().softmax(-1)
+                out[rows] = (prob[:, yes] / (prob[:, yes] + prob[:, no])).cpu()
+        return out
 
     def questions(self, prompt: str) -> list[str]:
         """One question per noun chunk, the chunk's text and "?" (the first ``NP_NUM``)."""

@@ -45,11 +45,13 @@ cfg = OmegaConf.load(Path(lavis.__path__[0]) / "configs/models/blip_vqav2.yaml")
 cfg.med_config_path = str(Path(lavis.__path__[0]) / cfg.med_config_path)
 torch.manual_seed(0)
 model = BlipVQA.from_config(cfg).eval()
-with torch.no_grad():  # random weights of a trained model's scale: the default init gives near-constant answers
-    for name, p in model.named_parameters():
+with torch.no_grad():
+    for name, p in model.named_parameters():  # N(0, 0.05): the default init answers every question alike
         if p.dim() > 1:
             p.normal_(0, 0.05)
-torch.save({"model": model.state_dict()}, work / "blip_vqa.pth")
+    for layer in model.text_encoder.encoder.layer:  # the image less loud in the question states: the questions matter too
+        layer.crossattention.output.dense.weight *= 0.3
+    model.text_decoder.cls.predictions.bias[[2748, 2053]] = 0
 
 
 def pre_question(question, max_ques_words=50):
@@ -66,7 +68,7 @@ transform_test = transforms.Compose([transforms.Resize((480, 480), interpolation
 
 
 @torch.no_grad()
-def vqa_prob(image, question):
+def vqa_prob(image, question, logit_gap=False):
     """BLIP_VQA.forward(train=False, inference='vqa_prob') of T2I-CompBench for one (image, question)."""
     image_embeds = model.visual_encoder.forward_features(image)
     image_atts = torch.ones(image_embeds.size()[:-1], dtype=torch.long)
@@ -77,14 +79,25 @@ def vqa_prob(image, question):
     start_ids = torch.tensor(30522).repeat(1, 1)
     start_output = model.text_decoder(start_ids, encoder_hidden_states=question_output.last_hidden_state,
                                       encoder_attention_mask=question.attention_mask, return_dict=True, reduction="none")
+    if logit_gap:
+        return (start_output.logits[:, 0, 2748] - start_output.logits[:, 0, 2053]).item()
     prob = torch.softmax(start_output.logits[:, 0, :], dim=1)
     return (prob[:, 2748] / (prob[:, 2748] + prob[:, 2053])).item()
 
 
 questions = json.loads((work / "questions.json").read_text())
+images = {name: transform_test(Image.open(work / "images" / name).convert("RGB")).unsqueeze(0) for name in questions}
+gaps = [vqa_prob(images[name], [pre_question(q)], logit_gap=True) for name, qs in questions.items() for q in qs]
+with torch.no_grad():  # read "yes"/"no" out louder and centred, so the answers spread over (0, 1)
+    gaps = torch.tensor(gaps, dtype=torch.float64)
+    scale = 2.0 / gaps.std().item()
+    head = model.text_decoder.cls.predictions
+    head.decoder.weight[[2748, 2053]] *= scale  # tied with the decoder's input embeddings of yes/no, never read here
+    head.bias[2748] = -scale * gaps.mean().item()
+torch.save({"model": model.state_dict()}, work / "blip_vqa.pth")
 out = {}
 for name, qs in questions.items():
-    image = transform_test(Image.open(work / "images" / name).convert("RGB")).unsqueeze(0)
+    image = images[name]
     p_yes = [vqa_prob(image, [pre_question(q)]) for q in qs]
     reward = torch.ones(())  # BLIP_vqa.py: the float32 product of the answers written with 4 decimals
     for p in p_yes:
