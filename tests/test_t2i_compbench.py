@@ -353,6 +353,52 @@ def test_midas_depth_map_is_the_official_8_bit_map_in_the_frame():
     assert torch.equal(maps[0] * 255, (maps[0] * 255).round())
 
 
+def test_owlv2_and_dpt_load_through_the_official_path_from_saved_files(tmp_path):
+    """Small OWLv2 and DPT models saved as the hub repositories hold them load through ``load_official``."""
+    from dataclasses import replace
+
+    from transformers import CLIPTokenizer, Owlv2ImageProcessor, Owlv2Processor
+
+    from bench.metrics.clip import clip_tokenizer_dir
+
+    tiny_owl, _, _ = cb.OwlDetector("tiny").load_tiny()
+    tiny_owl.save_pretrained(tmp_path / "owl")
+    Owlv2Processor(image_processor=Owlv2ImageProcessor(size={"height": 64, "width": 64}), tokenizer=CLIPTokenizer.from_pretrained(clip_tokenizer_dir())).save_pretrained(tmp_path / "owl")
+    detector = cb.OwlDetector()
+    detector.info = replace(detector.info, model_id=str(tmp_path / "owl"))
+    detector.threshold = 0.0
+    found = detector.detect(torch.rand(1, 3, 512, 512), [["dog"]])[0]
+    assert found and all(d.label == "dog" for d in found) and all(0 <= v <= 479 for d in found for v in d.box)
+    (tiny_dpt,) = cb.MidasDepth("tiny").load_tiny()
+    tiny_dpt.save_pretrained(tmp_path / "dpt")
+    depth = cb.MidasDepth()
+    depth.info = replace(depth.info, model_id=str(tmp_path / "dpt"))
+    depth.input_size = 64
+    assert depth.depth_maps(torch.rand(1, 3, 512, 512))[0].shape == (479, 479)
+
+
+def test_a_spacy_model_wheel_is_unpacked_once_into_the_cache(tmp_path, monkeypatch):
+    import zipfile
+
+    from bench.metrics.nlp import unpack_spacy_wheel
+
+    monkeypatch.setenv("BENCH_HOME", str(tmp_path / "home"))
+    wheel = tmp_path / "en_core_web_sm-any-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:  # the layout of spaCy's model wheels
+        z.writestr("en_core_web_sm/__init__.py", "")
+        z.writestr("en_core_web_sm/en_core_web_sm-3.8.0/config.cfg", "[nlp]\n")
+        z.writestr("en_core_web_sm/en_core_web_sm-3.8.0/parser/model", "weights")
+        z.writestr("en_core_web_sm-3.8.0.dist-info/METADATA", "")
+    folder = unpack_spacy_wheel(wheel)
+    assert folder == tmp_path / "home" / "weights" / "spacy" / "en_core_web_sm-3.8.0"
+    assert (folder / "config.cfg").read_text() == "[nlp]\n" and (folder / "parser" / "model").read_text() == "weights"
+    assert unpack_spacy_wheel(wheel) == folder
+    empty = tmp_path / "empty.whl"
+    zipfile.ZipFile(empty, "w").close()
+    with pytest.raises(WeightsMissingError, match="holds no spaCy pipeline"):
+        unpack_spacy_wheel(empty)
+
+
 # --------------------------------------------------------------------------- parity with the official code (slow)
 
 LAVIS_VENV = Path(os.environ.get("BENCH_LAVIS_PYTHON", "/tmp/venv-lavis/bin/python"))
