@@ -208,4 +208,28 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     ),
     "fid": ("bench.metrics.fid:FID", "FID (set-level) on the clean-fid 'clean' protocol: PIL bicubic to 299, TorchScript Inception-v3 inception-2015-12-05.pt"),
     "kid": ("bench.metrics.fid:KID", "KID (set-level, raw) on the clean-fid 'clean' protocol: cubic polynomial kernel, 100 subsets of at most 1,000 images, seeded"),
+    "blip-vqa": (
+        "bench.metrics.vqa:BlipVqa",
+        "T2I-CompBench BLIP-VQA: product over the prompt's noun chunks of P(yes), BLIP model_base_vqa_capfilt_large at 480 (color, shape, texture)",
+    ),
+    "attribute_binding": (
+        "bench.metrics.vqa:AttributeBinding",
+        "LaSRO Attribute Binding Score: fraction of yes answers of BLIP-VQA to 'is there X?' / 'is the X <attribute>?' per noun chunk",
+    ),
+    "t2i-spatial-owlv2": (
+        "bench.metrics.compbench:Spatial2D",
+        "T2I-CompBench 2D spatial rule (2D_spatial_eval.py) on OWLv2 boxes; NON-CANONICAL: UniDet unavailable",
+    ),
+    "t2i-3d-spatial-owlv2": (
+        "bench.metrics.compbench:Spatial3D",
+        "T2I-CompBench 3D spatial rule (3D_spatial_eval.py) on OWLv2 boxes and MiDaS DPT-Hybrid depth; NON-CANONICAL: UniDet unavailable",
+    ),
+    "t2i-numeracy-owlv2": (
+        "bench.metrics.compbench:Numeracy",
+        "T2I-CompBench numeracy rule (numeracy_eval.py) on OWLv2 boxes; NON-CANONICAL: UniDet unavailable",
+    ),
+    "t2i-complex-3in1-owlv2": (
+        "bench.metrics.compbench:Complex3in1",
+        "T2I-CompBench complex 3-in-1: BLIP-VQA, 2D spatial (OWLv2) and CLIP ViT-B/32 without adjectives per sub-list; NON-CANONICAL spatial part",
+    ),
 }
