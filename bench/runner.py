@@ -192,8 +192,11 @@ class Session:
             "published_prompt_set": self.suite.canonical,  # the suite's full prompt list equals the published one (count, sha256)
             "subjects": self.suite.subjects or None,
             "seeds": {"base_seed": int(self.cfg["seed"]), "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
-            "metrics": {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better} for n, m in metrics.items()}
-            | {n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better, "protocol": summary["sets"][n]["protocol"]} for n, m in set_metrics.items()},
+            "metrics": {
+                n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better}
+                | ({"protocol": summary["sets"][n]["protocol"]} if n in set_metrics else {})
+                for n, m in {**metrics, **set_metrics}.items()
+            },
             **({"set_metrics": sets.manifest()} if sets is not None else {}),
             "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
             "baseline": baseline.run_dir.name if baseline else None,
