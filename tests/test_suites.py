@@ -96,6 +96,20 @@ def test_parti_eval_end_to_end_prints_its_breakdowns_with_tiny_scorers(cli, tmp_
     assert [g["by"] for g in summary["by_group"]] == ["Category", "Challenge"]
 
 
+
+@pytest.mark.parametrize(
+    "name, source, limit, breakdown, n_empty",
+    [("pickapic", PICKAPIC, 88, None, 1), ("drawbench", DRAWBENCH, 4, "mean by Category:", 0)],  # Pick-a-Pic's empty prompt is number 87
+)
+def test_pickapic_and_drawbench_eval_end_to_end_with_tiny_scorers(cli, tmp_path, name, source, limit, breakdown, n_empty):
+    code, out, err = cli("eval", f"suite={name}", "model=tiny", f"suite.limit={limit}", f"suite.source={source}", "scorers=tiny", "gen.steps=1", "gen.batch_size=32")
+    assert code == 0, err
+    assert "scores NOT meaningful" in out and all(f"| {m}" in out for m in ["pickscore", "hpsv2.1", "imagereward", "aesthetic", "clip-h14"])
+    assert (breakdown in out) if breakdown else "mean by" not in out
+    manifest = json.loads((next((tmp_path / "runs").iterdir()) / "manifest.json").read_text())
+    assert manifest["n_prompts"] == limit and manifest["n_empty_prompts"] == n_empty and manifest["published_prompt_set"] is True
+
+
 # ---- the paper presets of issues 3 and 4 on the real suites, with tiny stand-ins for SDXL and the scorers
 
 def test_offline_pso_paper_preset_runs_on_parti(cli, pairs_parquet):

@@ -20,7 +20,7 @@ from bench.metrics.nlp import TinyDoc, TinyParser, Token
 from bench.metrics.vqa import AttributeBinding, BlipVqa, product_score
 from bench.registry import SUITES
 from bench.suite import load_suite
-from tests.conftest import SHARED_DATA
+from conftest import SHARED_DATA
 
 DATA = SHARED_DATA / "t2i-compbench"
 CATEGORIES = ["color", "shape", "texture", "spatial", "3d_spatial", "non_spatial", "numeracy", "complex"]
