@@ -157,16 +157,24 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def hub_prompt_rows(spec: dict, prefetch: str, local_key: str) -> tuple[list[dict], str]:
-    """Rows of a hub dataset split (``{hub, split, revision}``), through the datasets cache; offline
-    without a cached copy, one line naming ``bench prefetch PREFETCH`` and ``LOCAL_KEY=PATH``."""
-    repo, split, revision = spec["hub"], spec.get("split") or "train", spec.get("revision")
-    where = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + f" [{split}]"
+    """Rows of a hub dataset split (``{hub, split, revision}``, through the datasets cache) or of one
+    file of a hub dataset repository (``{hub, file, revision}``: HPSv2's benchmark/anime.json);
+    offline without a cached copy, one line naming ``bench prefetch PREFETCH`` and ``LOCAL_KEY=PATH``."""
+    repo, revision, file = spec["hub"], spec.get("revision"), spec.get("file")
+    split = spec.get("split") or "train"
+    where = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + (f"/{file}" if file else f" [{split}]")
     hub_offline()  # an unreachable hub is offline mode: a cached copy still loads, a missing one fails at once
     try:
+        if file:
+            from huggingface_hub import hf_hub_download
+
+            return read_prompt_rows(hf_hub_download(repo, file, repo_type=spec.get("repo_type") or "dataset", revision=revision)), where
         from datasets import load_dataset
 
         data = load_dataset(repo, split=split, revision=revision)
-    except Exception as err:  # datasets raises many types for "not cached" and "no network"
+    except DataError:
+        raise
+    except Exception as err:  # the hub libraries raise many types for "not cached", "no network" and "no such file"
         reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise DataError(
             f"cannot load the prompts {where} ({reason}): run `bench prefetch {prefetch}` where the hub is reachable, "
@@ -176,31 +184,13 @@ def hub_prompt_rows(spec: dict, prefetch: str, local_key: str) -> tuple[list[dic
     return data.select_columns(columns).to_list(), where
 
 
-def hub_file_rows(spec: dict, prefetch: str, local_key: str) -> tuple[list[dict], str]:
-    """Rows of one file of a hub dataset repository (``{hub, file, revision}``: HPSv2's benchmark/anime.json)."""
-    repo, revision = spec["hub"], spec.get("revision")
-    where = f"hf://datasets/{repo}" + (f"@{revision}" if revision else "") + f"/{spec['file']}"
-    hub_offline()
-    try:
-        from huggingface_hub import hf_hub_download
-
-        path = hf_hub_download(repo, spec["file"], repo_type=spec.get("repo_type") or "dataset", revision=revision)
-    except Exception as err:  # not cached offline, no network, no such file
-        reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-        raise DataError(
-            f"cannot load the prompts {where} ({reason}): run `bench prefetch {prefetch}` where the hub is reachable, "
-            f"or set {local_key}=PATH to a local copy"
-        ) from None
-    return read_prompt_rows(path), where
-
-
 def read_prompt_source(spec, base: Path, prefetch: str, local_key: str, cache: Path | None = None) -> tuple[list[dict], str]:
     """Rows from a prompt source: a file (relative to ``base``), an ``https://`` URL (downloaded once
     into the cache), a hub dataset split ``{hub, split, revision}`` or one file of a hub dataset
     ``{hub, file, revision}``. ``prefetch`` (the arguments of ``bench prefetch``) and ``local_key``
     (``suite.source``) go into the one-line error offline."""
     if isinstance(spec, dict):
-        return hub_file_rows(spec, prefetch, local_key) if spec.get("file") else hub_prompt_rows(spec, prefetch, local_key)
+        return hub_prompt_rows(spec, prefetch, local_key)
     spec = str(spec)
     if spec.startswith(("https://", "http://")):
         from bench.io import fetch_url

@@ -15,46 +15,11 @@ import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-
-
-def calibrate(net: torch.nn.Module) -> None:
-    """Random weights with untouched batch-norm statistics give (nearly) the same features for every
-    image; one pass over random images in training mode sets the statistics so that features differ."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # a plain average over the calibration batch
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(8, 3, 299, 299, generator=torch.Generator().manual_seed(1)) * 2 - 1)
-    net.eval()
-
-
-def stand_in(path: Path) -> None:
-    from torchvision.models import inception_v3
-
-    class Base(torch.nn.Module):
-        def __init__(self, layers):
-            super().__init__()
-            self.layers = layers
-
-        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-            return self.layers(x).reshape(x.shape[0], 2048)
-
-    torch.manual_seed(0)
-    net = inception_v3(weights=None, aux_logits=False, init_weights=False)
-    calibrate(net)
-    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
-             "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(Base(torch.nn.Sequential(*[getattr(net, n) for n in names]))).save(str(path))
 
 
 def images(folder: Path, n: int, size: int, seed: int, categories=10) -> dict:
@@ -76,7 +41,9 @@ def main(argv: list[str]) -> None:
     root = Path(tempfile.mkdtemp(prefix="bench-fid-"))
     os.environ["BENCH_HOME"] = str(root / "home")
     t0 = time.perf_counter()
-    stand_in(root / "home" / "weights" / "inception-2015-12-05.pt")
+    from bench.metrics.fid import random_inception_pool3, save_stand_in
+
+    save_stand_in(root / "home" / "weights" / "inception-2015-12-05.pt", random_inception_pool3(), 2048)
     meta = images(root / "real", n, size, 0)
     images(root / "fake", n, size, 1)
     (root / "meta_data.json").write_text(json.dumps(meta))

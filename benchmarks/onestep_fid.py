@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -65,7 +64,7 @@ def main(argv: list[str]) -> None:
     import os
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from bench.config import compose, to_dict
+    from bench.config import compose
     from bench.runner import Session
     from bench.trainer import apply_checkpoint
 

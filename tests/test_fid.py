@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from bench.errors import DataError
+from bench.metrics import fid as fid_module
 from bench.metrics.fid import FeatureStats, fid, frechet_distance
 
 
@@ -138,27 +139,8 @@ def test_folder_fid_equals_clean_fid_compute_fid_with_the_same_extractor(tmp_pat
     assert got["kid"] > 0  # KID's parity with clean-fid is the kernel test above (compute_kid takes no custom extractor)
 
 
-class StandIn(torch.nn.Module):
-    """A TorchScript file shaped like inception-2015-12-05.pt: ``base.layers(x)`` gives pool3 features
-    of (x - 128) / 128 and ``base(x, return_features=True)`` the network's own resize path."""
-
-    def __init__(self, layers: torch.nn.Module, dim: int):
-        super().__init__()
-        self.layers, self.dim = layers, dim
-
-    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
-        return self.layers(x).reshape(x.shape[0], self.dim)
-
-
 def save_stand_in(home: Path, layers: torch.nn.Module, dim: int) -> Path:
-    import warnings
-
-    path = home / "weights" / "inception-2015-12-05.pt"
-    path.parent.mkdir(parents=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.script(StandIn(layers.eval(), dim)).save(str(path))
-    return path
+    return fid_module.save_stand_in(home / "weights" / "inception-2015-12-05.pt", layers, dim)
 
 
 def check_official_path_equals_clean_fid(home: Path, monkeypatch, dim: int):
@@ -188,32 +170,12 @@ def test_the_official_torchscript_loading_path_equals_clean_fids_with_a_stand_in
     check_official_path_equals_clean_fid(tmp_path, monkeypatch, 2048)
 
 
-def calibrate(net: torch.nn.Module) -> None:
-    """Random weights with untouched batch-norm statistics give (nearly) the same features for every
-    image; one pass over random images in training mode sets the statistics so that features differ."""
-    for m in net.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = None  # a plain average over the calibration batch
-    net.train()
-    with torch.no_grad():
-        net(torch.rand(8, 3, 299, 299, generator=torch.Generator().manual_seed(1)) * 2 - 1)
-    net.eval()
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::FutureWarning")
 def test_the_official_path_with_a_scripted_full_size_inception_v3(tmp_path, monkeypatch):
     """The real architecture (torchvision Inception-v3 up to pool3, 2048-d, random weights) scripted
     into the official file name: TorchScript of that size loads and runs through our path."""
-    from torchvision.models import inception_v3
-
-    torch.manual_seed(0)
-    net = inception_v3(weights=None, aux_logits=False, init_weights=False)
-    calibrate(net)
-    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2",
-             "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]
-    save_stand_in(tmp_path, torch.nn.Sequential(*[getattr(net, n) for n in names]), 2048)
-    del net
+    save_stand_in(tmp_path, fid_module.random_inception_pool3(), 2048)
     check_official_path_equals_clean_fid(tmp_path, monkeypatch, 2048)
 
 

@@ -90,7 +90,7 @@ def saved_checkpoint(tmp_path, arch, seed, name):
     """Seeded random open_clip weights saved as HPS saves them: ``{'state_dict': ...}`` in a .pt file."""
     import open_clip
 
-    with torch.random.fork_rng(devices=[]), clip_metrics._quiet_root_logger():
+    with torch.random.fork_rng(devices=[]), clip_metrics.quiet_root_logger():
         torch.manual_seed(seed)
         model = open_clip.create_model(arch, pretrained=None)
     path = tmp_path / name

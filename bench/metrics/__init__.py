@@ -9,6 +9,7 @@ column.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -103,6 +104,24 @@ _LOADED: dict[tuple, tuple] = {}  # one copy of each scorer's weights per proces
 SCORERS = ("official", "tiny")
 
 
+def scorer_info(info: MetricInfo, scorers: str) -> MetricInfo:
+    """``info`` for the chosen weights: with ``scorers=tiny`` (random tiny models) its version, scale
+    and model id say the scores mean nothing, so they never share a column with real ones."""
+    if scorers not in SCORERS:
+        raise UsageError(f"unknown scorers={scorers}: use official (the canonical weights) or tiny (random tiny models, no download)")
+    if scorers == "official":
+        return info
+    return replace(info, version=f"{info.version}+tiny-random", scale="NOT MEANINGFUL: a random tiny scorer (scorers=tiny)", model_id="tiny-random", revision=None)
+
+
+@contextmanager
+def seeded(seed: int = 0):
+    """Build a ``scorers=tiny`` model from a fixed seed without touching the caller's random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
 class LearnedMetric(Metric):
     """A metric with weights, loaded on first use and shared by every metric on the same backbone.
 
@@ -116,12 +135,9 @@ class LearnedMetric(Metric):
     weight_files = ""  # what the weights are, for the one-line error when they are missing
 
     def __init__(self, scorers: str = "official"):
-        if scorers not in SCORERS:
-            raise UsageError(f"unknown scorers={scorers}: use official (the canonical weights) or tiny (random tiny models, no download)")
+        self.info = scorer_info(self.info, scorers)
         self.scorers = scorers
         self.device, self.dtype = torch.device("cpu"), torch.float32
-        if scorers == "tiny":
-            self.info = replace(self.info, version=f"{self.info.version}+tiny-random", scale="NOT MEANINGFUL: a random tiny scorer (scorers=tiny)", model_id="tiny-random", revision=None)
 
     def to(self, device) -> "LearnedMetric":
         self.device = torch.device(device)
@@ -160,6 +176,21 @@ class LearnedMetric(Metric):
             parts = tuple(p.to(self.device, self.dtype).eval() if isinstance(p, torch.nn.Module) else p for p in parts)
             _LOADED[key] = parts
         return _LOADED[key]
+
+    def url_weights(self, url: str) -> Path:
+        """A weights file published at a URL, not on the hub (the aesthetic head, clean-fid's Inception,
+        BLIP-VQA): ``url`` itself when it is a local file (tests), else downloaded once into
+        ``$BENCH_HOME/weights``; offline without it, one line naming the file and ``bench prefetch``."""
+        from bench.errors import DataError
+        from bench.io import cache_root, fetch_url
+
+        if Path(url).is_file():
+            return Path(url)
+        fix = f"run `bench prefetch metrics={self.name}` where the network is reachable (same BENCH_HOME), or save {url} there, or use scorers=tiny for a smoke test"
+        try:
+            return fetch_url(url, cache_root() / "weights" / Path(url).name, fix)
+        except DataError as err:
+            raise WeightsMissingError(f"metric {self.name}: {err}") from None
 
     def download(self) -> list[str]:
         """Fetch the weights into the hub cache (``bench prefetch``); returns the local folders."""

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import torch
 
-from bench.metrics import LearnedMetric, MetricInfo
+from bench.metrics import LearnedMetric, MetricInfo, seeded
 from bench.metrics.reference import ReferenceMetric
 
 # The preprocessing of laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json (OpenAI's CLIP constants).
@@ -96,8 +96,7 @@ class PickScore(LearnedMetric):
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=32),
             projection_dim=16,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             model = CLIPModel(config)
         return model, clip_image_processor(), CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
 
@@ -123,7 +122,7 @@ TINY_OPEN_CLIP = {
 
 
 @contextmanager
-def _quiet_root_logger():
+def quiet_root_logger():
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.CRITICAL)
@@ -158,7 +157,7 @@ class OpenClipScore(LearnedMetric):
     def load_official(self):
         import open_clip
 
-        with _quiet_root_logger():  # open_clip logs to the root logger, its download failure at ERROR before raising
+        with quiet_root_logger():  # open_clip logs to the root logger, its download failure at ERROR before raising
             model, _, preprocess = open_clip.create_model_and_transforms(self.arch, pretrained=self.tag)
             return model, preprocess, open_clip.get_tokenizer(self.arch)
 
@@ -166,8 +165,7 @@ class OpenClipScore(LearnedMetric):
         import open_clip
 
         name = _register_tiny_open_clip()
-        with torch.random.fork_rng(devices=[]), _quiet_root_logger():  # "no pretrained weights loaded" is the point here
-            torch.manual_seed(0)
+        with seeded(), quiet_root_logger():  # "no pretrained weights loaded" is the point here
             model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
             return model, preprocess, open_clip.get_tokenizer(name)
 
@@ -240,11 +238,6 @@ class Aesthetic(OpenClipScore):
     head_url = AESTHETIC_URL
     info = MetricInfo("aesthetic", "v2", True, "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on OpenAI CLIP ViT-L/14, about 1-10", "christophschuhmann/improved-aesthetic-predictor")
 
-    def head_path(self):
-        from bench.io import cache_root
-
-        return cache_root() / "weights" / Path(self.head_url).name
-
     def head(self) -> torch.nn.Module:
         from bench.metrics import _LOADED
 
@@ -252,27 +245,16 @@ class Aesthetic(OpenClipScore):
         if key not in _LOADED:
             width = self.loaded()[0].visual.output_dim  # 768 for ViT-L/14
             if self.scorers == "tiny":
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(0)
+                with seeded():
                     mlp = AestheticMLP(width)
             else:
-                from bench.errors import DataError, WeightsMissingError
-                from bench.io import fetch_url
-
-                fix = f"run `bench prefetch metrics={self.name}` where the network is reachable, or use scorers=tiny for a smoke test"
-                try:
-                    path = self.head_url if Path(self.head_url).is_file() else fetch_url(self.head_url, self.head_path(), fix)
-                except DataError as err:
-                    raise WeightsMissingError(f"metric {self.name}: {err}") from None
                 mlp = AestheticMLP(width)
-                mlp.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+                mlp.load_state_dict(torch.load(self.url_weights(self.head_url), map_location="cpu", weights_only=True))
             _LOADED[key] = mlp.to(self.device, self.dtype).eval()
         return _LOADED[key]
 
     def download(self) -> list[str]:
-        from bench.io import fetch_url
-
-        return super().download() + [str(fetch_url(self.head_url, self.head_path(), "check the network"))]
+        return super().download() + [str(self.url_weights(self.head_url))]
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
         emb = self.embed_images(images)

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from bench.metrics import LearnedMetric, Metric, MetricInfo
+from bench.metrics import LearnedMetric, Metric, MetricInfo, scorer_info, seeded
 from bench.metrics.clip import ClipB32, to_pil
 
 NON_CANONICAL = "NON-CANONICAL (UniDet unavailable; boxes from OWLv2)"
@@ -287,8 +287,7 @@ class OwlDetector(LearnedMetric):
             vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=64, patch_size=16),
             projection_dim=32,
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             model = Owlv2ForObjectDetection(config)
         return model, Owlv2ImageProcessor(size={"height": 64, "width": 64}), CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
 
@@ -349,8 +348,7 @@ class MidasDepth(LearnedMetric):
 
         config = DPTConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=4, intermediate_size=64, image_size=64, patch_size=16,
                            backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 32, 32], fusion_hidden_size=16, head_in_index=-1)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             return (DPTForDepthEstimation(config),)
 
     @torch.no_grad()
@@ -381,10 +379,9 @@ class _CompBenchMetric(Metric):
     """A metric built from several loaded parts, all moved together and prefetched together."""
 
     def __init__(self, scorers: str = "official"):
+        self.info = scorer_info(self.info, scorers)
         self.scorers = scorers
         self.parts: dict[str, LearnedMetric] = {}
-        if scorers == "tiny":
-            self.info = replace(self.info, version=f"{self.info.version}+tiny-random", scale="NOT MEANINGFUL: a random tiny scorer (scorers=tiny)", model_id="tiny-random")
 
     def to(self, device):
         for part in self.parts.values():
@@ -457,17 +454,22 @@ class Numeracy(_CompBenchMetric):
         return torch.tensor([numeracy_score(d, f) for d, f in zip(docs, found)], dtype=torch.float64)
 
 
+def _sublist_key(line: str) -> str:
+    return line.split(".")[0].lower()
+
+
+@lru_cache(maxsize=1)
+def complex_sublists() -> dict[str, set[str]]:
+    lists = official_lists()
+    return {kind: {_sublist_key(x) for x in lists[f"complex_val_{kind}.txt"]} for kind in ("spatial", "action")}
+
+
 def complex_kind(prompt: str) -> str:
     """Which 3_in_1.py branch a complex prompt takes: "spatial" (in complex_val_spatial.txt), "action"
     (in complex_val_action.txt) or "spatialaction" (anything else); lines are compared up to their
     first "." and in lower case, as there."""
-    lists = official_lists()
-    key = lambda line: line.split(".")[0].lower()  # noqa: E731
-    if key(prompt) in {key(x) for x in lists["complex_val_spatial.txt"]}:
-        return "spatial"
-    if key(prompt) in {key(x) for x in lists["complex_val_action.txt"]}:
-        return "action"
-    return "spatialaction"
+    key = _sublist_key(prompt)
+    return next((kind for kind, keys in complex_sublists().items() if key in keys), "spatialaction")
 
 
 def three_in_one(kind: str, attribute: float, spatial: float, action: float) -> float:

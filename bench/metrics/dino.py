@@ -25,7 +25,7 @@ from typing import Sequence
 
 import torch
 
-from bench.metrics import LearnedMetric, MetricInfo
+from bench.metrics import LearnedMetric, MetricInfo, seeded
 from bench.metrics.reference import ReferenceMetric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -68,8 +68,7 @@ class Dino(ReferenceMetric, LearnedMetric):
         config = ViTConfig(
             hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=224, patch_size=16, layer_norm_eps=DINO_LAYER_NORM_EPS
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             model = ViTModel(config, add_pooling_layer=False)
         return model, dino_transform()
 

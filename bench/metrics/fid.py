@@ -33,9 +33,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.errors import DataError, WeightsMissingError
+from bench.errors import DataError
 from bench.io import write_bytes
-from bench.metrics import DistributionMetric, LearnedMetric, MetricInfo
+from bench.metrics import DistributionMetric, LearnedMetric, MetricInfo, seeded
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
 INCEPTION_FILE = "inception-2015-12-05.pt"
@@ -222,42 +222,23 @@ class InceptionFeatures(LearnedMetric, DistributionMetric):
         return self
 
     def backbone(self) -> tuple:
-        return ("clean-fid-inception", str(self.weights_path()))
-
-    def weights_path(self) -> Path:
         from bench.io import cache_root
 
-        return cache_root() / "weights" / INCEPTION_FILE
+        return ("clean-fid-inception", self.weights_url, str(cache_root()))  # another BENCH_HOME may hold another file
 
     def load_official(self):
-        path = self.weights_path()
-        if not path.is_file():
-            from bench.io import fetch_url
-
-            try:
-                fetch_url(self.weights_url, path, self._fix())
-            except DataError as err:
-                raise WeightsMissingError(f"metric {self.name}: {err}") from None
+        path = self.url_weights(self.weights_url)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; the official weights are TorchScript
             base = torch.jit.load(str(path), map_location="cpu")
         return (base.layers,)  # what InceptionV3W calls when the resize is done outside the network
 
-    def _fix(self) -> str:
-        return f"run `bench prefetch metrics={self.name}` where the network is reachable (same BENCH_HOME), or save {self.weights_url} there, or use scorers=tiny for a smoke test"
-
     def load_tiny(self):
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             return (TinyInception(),)
 
     def download(self) -> list[str]:
-        from bench.io import fetch_url
-
-        try:
-            return [str(fetch_url(self.weights_url, self.weights_path(), self._fix()))]
-        except DataError as err:
-            raise WeightsMissingError(f"metric {self.name}: {err}") from None
+        return [str(self.url_weights(self.weights_url))]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features of images already resized to 299x299, float in [0, 255] (clean-fid's ``custom_feat_extractor`` input)."""
@@ -305,3 +286,48 @@ class KID(InceptionFeatures):
 
     def compute(self, gen: FeatureSet, ref: FeatureSet) -> float:
         return kernel_distance(gen.feats, ref.feats)
+
+
+# --------------------------------------------------------------------------- stand-ins for tests and benchmarks
+
+
+class TorchScriptStandIn(torch.nn.Module):
+    """A module shaped like ``inception-2015-12-05.pt`` (whose real weights are a download):
+    ``layers(x)`` gives the pool3 features of (x - 128) / 128, ``forward(x, return_features=True)``
+    the network's own path, reshaped to ``dim``."""
+
+    def __init__(self, layers: torch.nn.Module, dim: int):
+        super().__init__()
+        self.layers, self.dim = layers, dim
+
+    def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+        return self.layers(x).reshape(x.shape[0], self.dim)
+
+
+def save_stand_in(path: Path, layers: torch.nn.Module, dim: int) -> Path:
+    """Script ``layers`` into a TorchScript file at ``path`` (the official file name in tests)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, and still what the official file is
+        torch.jit.script(TorchScriptStandIn(layers.eval(), dim)).save(str(path))
+    return path
+
+
+def random_inception_pool3(seed: int = 0) -> torch.nn.Sequential:
+    """torchvision's Inception-v3 up to pool3 (2048-d) with random weights: the official extractor's
+    architecture and cost. Random weights with untouched batch-norm statistics give nearly the same
+    features for every image, so one pass over random images in training mode sets the statistics."""
+    from torchvision.models import inception_v3
+
+    with seeded(seed):
+        net = inception_v3(weights=None, aux_logits=False, init_weights=False)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # a plain average over the calibration batch
+    net.train()
+    with torch.no_grad():
+        net(torch.rand(8, 3, 299, 299, generator=torch.Generator().manual_seed(seed + 1)) * 2 - 1)
+    names = ["Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "maxpool1", "Conv2d_3b_1x1", "Conv2d_4a_3x3", "maxpool2", "Mixed_5b", "Mixed_5c",
+             "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e", "Mixed_7a", "Mixed_7b", "Mixed_7c", "avgpool"]
+    return torch.nn.Sequential(*[getattr(net, n) for n in names]).eval()

@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from bench.metrics import MetricInfo
-from bench.metrics.clip import CLIP_MEAN, CLIP_STD, OpenClipScore, _quiet_root_logger
+from bench.metrics.clip import CLIP_MEAN, CLIP_STD, OpenClipScore, quiet_root_logger
 
 HPS_REPO = "xswu/HPSv2"  # hpsv2/utils.py hps_version_map, downloaded with hf_hub_download
 SCALE = "100 * cos(image, text) of the HPS fine-tuned open_clip ViT-H-14 (HPSv2 benchmark convention; hpsv2.score() returns cos = this / 100)"
@@ -82,7 +82,7 @@ class HPSv2(OpenClipScore):
         import open_clip
 
         path = self.checkpoint_path()
-        with _quiet_root_logger():  # "no pretrained weights loaded": the checkpoint replaces every weight
+        with quiet_root_logger():  # "no pretrained weights loaded": the checkpoint replaces every weight
             model = open_clip.create_model(self.arch, pretrained=None)
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["state_dict"])
         return model, hps_preprocess, open_clip.get_tokenizer(self.arch)

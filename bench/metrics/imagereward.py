@@ -27,7 +27,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from bench.metrics import LearnedMetric, MetricInfo
+from bench.metrics import LearnedMetric, MetricInfo, seeded
 from bench.metrics.clip import AestheticMLP, to_pil
 
 # ImageReward.py: the standardization of the MLP output and ``_transform``'s Normalize (OpenAI CLIP's constants).
@@ -117,15 +117,16 @@ TINY_WORDS = (
 ).split()
 
 
-def write_wordpiece_vocab(directory) -> Path:
+def write_wordpiece_vocab(directory, extra: Sequence[str] = ()) -> Path:
     """A small uncased WordPiece vocabulary in bert-base-uncased's layout ([PAD] 0, [UNK] 100, [CLS] 101,
     [SEP] 102, [MASK] 103), with every ASCII character as a word and as a ``##`` piece, so any text
-    tokenizes: the no-download tokenizer of ``scorers=tiny`` and of the parity tests."""
+    tokenizes: the no-download tokenizer of ``scorers=tiny`` and of the parity tests. ``extra`` words
+    come last (BLIP-VQA's answers "yes" and "no" as single tokens)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     chars = string.ascii_lowercase + string.digits
     tokens = ["[PAD]", *(f"[unused{i}]" for i in range(99)), "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tokens += [*string.punctuation, *chars, *(f"##{c}" for c in chars), *TINY_WORDS, "##s", "##ing", "##ed"]
+    tokens += [*string.punctuation, *chars, *(f"##{c}" for c in chars), *TINY_WORDS, "##s", "##ing", "##ed", *extra]
     (directory / "vocab.txt").write_text("\n".join(dict.fromkeys(tokens)) + "\n")
     (directory / "tokenizer_config.json").write_text(json.dumps({"do_lower_case": True, "model_max_length": 512}))
     return directory
@@ -190,8 +191,7 @@ class ImageReward(LearnedMetric):
 
     def load_tiny(self):
         tokenizer = blip_tokenizer(str(tiny_tokenizer_dir()))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             net = build_net(TINY_VIT, TINY_MED_CONFIG, len(tokenizer))
             for layer in net.mlp.layers:  # unit-gain head: rewards of order 1 that vary with the image, not ~0
                 if isinstance(layer, nn.Linear):

@@ -28,8 +28,9 @@ from typing import Sequence
 
 import torch
 
-from bench.metrics import LearnedMetric, MetricInfo
+from bench.metrics import LearnedMetric, MetricInfo, seeded
 from bench.metrics.clip import CLIP_MEAN, CLIP_STD, to_pil
+from bench.metrics.imagereward import blip_tokenizer, write_wordpiece_vocab  # BLIP's tokenizer, as ImageReward's
 
 BLIP_VQA_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_vqa_capfilt_large.pth"
 BERT_TOKENIZER = "google-bert/bert-base-uncased"  # BLIP's init_tokenizer: BertTokenizer "bert-base-uncased" + [DEC], [ENC]
@@ -105,27 +106,6 @@ def blip_vqa_config(vision: dict | None = None, text: dict | None = None):
     return BlipConfig(vision_config=vision, text_config=text)
 
 
-def blip_tokenizer(folder):
-    """BLIP's tokenizer: BERT's uncased WordPiece with ``[DEC]`` (bos, 30522) and ``[ENC]`` (30523) added."""
-    from transformers import BertTokenizer
-
-    tokenizer = BertTokenizer.from_pretrained(str(folder))
-    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-    tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
-    return tokenizer
-
-
-def tiny_vocab(directory: Path) -> Path:
-    """A small uncased WordPiece vocabulary (special tokens, letters, digits, punctuation, their
-    ``##`` forms, "yes", "no"): any lower-case text tokenizes, offline."""
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789") + list("?.,'-!\"()*#:;~/&")
-    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "yes", "no"] + chars + ["##" + c for c in chars]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.txt").write_text("\n".join(tokens) + "\n")
-    (directory / "tokenizer_config.json").write_text('{"do_lower_case": true, "model_max_length": 512}')
-    return directory
-
-
 class BlipVqa(LearnedMetric):
     """T2I-CompBench's BLIP-VQA score (color, shape, texture; the attribute part of complex)."""
 
@@ -142,30 +122,19 @@ class BlipVqa(LearnedMetric):
     def backbone(self) -> tuple:
         return ("blip-vqa", self.checkpoint_url)  # blip-vqa and attribute_binding share one model
 
-    def checkpoint_path(self) -> Path:
-        from bench.io import cache_root
-
-        return Path(self.checkpoint_url) if Path(self.checkpoint_url).is_file() else cache_root() / "weights" / Path(self.checkpoint_url).name
-
     def load_official(self):
         from transformers import BlipForQuestionAnswering
-
-        from bench.errors import DataError
-        from bench.io import fetch_url
 
         folder = Path(self.tokenizer_id) if Path(self.tokenizer_id).is_dir() else None
         if folder is None:
             from huggingface_hub import snapshot_download
 
             folder = snapshot_download(self.tokenizer_id, allow_patterns=["vocab.txt", "tokenizer_config.json", "config.json"], **self.hub_kwargs())
-        tokenizer = blip_tokenizer(folder)
+        tokenizer = blip_tokenizer(str(folder))
         ids = (tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("[ENC]"), *tokenizer.convert_tokens_to_ids(["yes", "no"]))
         if ids != (30522, 30523, 2748, 2053):  # the ids T2I-CompBench's vqa_prob hard-codes
             raise ValueError(f"{folder} is not bert-base-uncased's vocabulary ([DEC], [ENC], yes, no = {ids})")
-        try:
-            path = self.checkpoint_path() if self.checkpoint_path().is_file() else fetch_url(self.checkpoint_url, self.checkpoint_path(), "check the network")
-        except DataError as err:
-            raise OSError(str(err)) from None
+        path = self.url_weights(self.checkpoint_url)
         model = BlipForQuestionAnswering(blip_vqa_config())
         state = blip_state_dict(load_checkpoint(path))
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -179,22 +148,20 @@ class BlipVqa(LearnedMetric):
 
         from transformers import BlipForQuestionAnswering
 
-        tokenizer = blip_tokenizer(tiny_vocab(Path(tempfile.mkdtemp(prefix="bench-blip-vocab-"))))
+        tokenizer = blip_tokenizer(str(write_wordpiece_vocab(Path(tempfile.mkdtemp(prefix="bench-blip-vocab-")), extra=("yes", "no"))))
         config = blip_vqa_config(
             vision=dict(image_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
             text=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       bos_token_id=tokenizer.bos_token_id, sep_token_id=tokenizer.sep_token_id, pad_token_id=tokenizer.pad_token_id),
         )
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
+        with seeded():
             model = BlipForQuestionAnswering(config)
         return model, tokenizer
 
     def download(self) -> list[str]:
-        from bench.io import fetch_url
         from bench.metrics.nlp import download_spacy
 
-        return super().download() + [str(fetch_url(self.checkpoint_url, self.checkpoint_path(), "check the network")), download_spacy()]
+        return super().download() + [str(self.url_weights(self.checkpoint_url)), download_spacy()]
 
     def parser(self):
         from bench.metrics.nlp import english
