@@ -36,6 +36,17 @@ def write_json(path, obj) -> Path:
     return write_text(path, json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n")
 
 
+_SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A temporary folder removed when the process exits: the tiny scorers write tokenizer and config
+    files once per process, and these must not pile up in /tmp run after run."""
+    folder = tempfile.TemporaryDirectory(prefix=prefix)
+    _SCRATCH.append(folder)  # kept alive until exit, when its finalizer removes it
+    return Path(folder.name)
+
+
 _HUB_REACHABLE: bool | None = None
 
 

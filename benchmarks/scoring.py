@@ -15,8 +15,11 @@ in one run on the same images and the same weights (random weights cost what tra
     python benchmarks/scoring.py                           # small configs, CPU (seconds)
     python benchmarks/scoring.py arch=real images=16       # the real architectures (ViT-H/14, BLIP ViT-L), random weights
     python benchmarks/scoring.py arch=real device=cuda images=256 batch=64
+    python benchmarks/scoring.py metrics=pickscore,imagereward   # some of the cases
+    python benchmarks/scoring.py threads=1                       # preprocessing on one thread, as before it had more
 
-"together" sums the four preference scorers of issue 6 (PickScore, HPS v2.1, ImageReward, aesthetic).
+"together" sums the four preference scorers of the suites (PickScore, HPS v2.1, ImageReward, aesthetic),
+those of them that ran.
 """
 
 from __future__ import annotations
@@ -57,13 +60,14 @@ def main(argv: list[str]) -> None:
     opts = dict(a.split("=", 1) for a in argv)
     arch, n, batch = opts.get("arch", "small"), int(opts.get("images", 32)), int(opts.get("batch", 32))
     device = torch.device(opts.get("device", "cuda" if torch.cuda.is_available() else "cpu"))
-    import open_clip
+    names = opts["metrics"].split(",") if "metrics" in opts else list(CASES)
     from PIL import Image
-    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    import bench.images
+
+    bench.images.PREPROCESS_THREADS = int(opts.get("threads", bench.images.PREPROCESS_THREADS))
 
     from bench.metrics import _LOADED
-    from bench.metrics import clip as clip_metrics
-    from bench.models.tiny import clip_tokenizer_files
 
     g = torch.Generator().manual_seed(0)
     pixels = torch.randint(0, 256, (n, 512, 512, 3), generator=g, dtype=torch.uint8)
@@ -71,9 +75,36 @@ def main(argv: list[str]) -> None:
     tensors = pixels.permute(0, 3, 1, 2).float() / 255
     prompts = [f"a photo of object number {i} on a table, high detail" for i in range(n)]
     tmp = Path(tempfile.mkdtemp())
-    rows = []
 
-    # PickScore
+    def batched(metric):
+        return torch.cat([metric.score(tensors[k : k + batch], prompts[k : k + batch]) for k in range(0, n, batch)])
+
+    rows = []
+    for name in names:
+        rows.append((name, *CASES[name](arch, tmp, pils, tensors, prompts, device, batched)))
+        _LOADED.clear()  # free each case's models before the next is built
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{n} images at 512 px, arch={arch}, device={device} ({where}, {torch.get_num_threads()} torch threads), batch={batch}, preprocessing threads={bench.images.PREPROCESS_THREADS}")
+    print("| metric | official per-call | this project, batched | speed-up | max abs difference |")
+    print("|---|---|---|---|---|")
+    total_official = total_ours = 0.0
+    for metric, t_off, s_off, t_ours, s_ours in rows:
+        if metric in TOGETHER:
+            total_official, total_ours = total_official + t_off, total_ours + t_ours
+        print(f"| {metric} | {n / t_off:.2f} img/s | {n / t_ours:.2f} img/s | {t_off / t_ours:.2f}x | {(s_off - s_ours).abs().max().item():.2e} |")
+    together = [name for name in names if name in TOGETHER]
+    if len(together) > 1:
+        print(f"| together ({', '.join(together)}) | {total_official:.1f} s | {total_ours:.1f} s | {total_official / total_ours:.2f}x | |")
+
+
+def pickscore_case(arch, tmp, pils, tensors, prompts, device, batched):
+    """PickScore: the README's ``calc_probs`` for each prompt with its one image, the model loaded once."""
+    from transformers import CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    from bench.metrics import clip as clip_metrics
+    from bench.models.tiny import clip_tokenizer_files
+
     model_dir = tmp / "pickscore"
     pickscore_model(arch).save_pretrained(model_dir)
     clip_tokenizer_files(tmp / "processor")
@@ -98,20 +129,20 @@ def main(argv: list[str]) -> None:
 
     ours = LocalPickScore().to(device)
     ours.loaded()  # loading is not scoring: both paths start with the weights in memory
+    return (*timed(pickscore_official, device), *timed(lambda: batched(ours), device))
 
-    def batched(metric):
-        return torch.cat([metric.score(tensors[k : k + batch], prompts[k : k + batch]) for k in range(0, n, batch)])
 
-    rows.append(("pickscore", *timed(pickscore_official, device), *timed(lambda: batched(ours), device)))
-    official = None  # free it before the next model is built
+def clip_case(arch, tmp, pils, tensors, prompts, device, batched):
+    """CLIP score (open_clip ViT-H-14, or a small ViT): open_clip's README recipe, one image and one text per call."""
+    import open_clip
+    from safetensors.torch import save_file
 
-    # CLIP score (open_clip ViT-H-14, or a small ViT)
+    from bench.metrics import clip as clip_metrics
+
     name = "ViT-H-14" if arch == "real" else clip_metrics._register_tiny_open_clip()
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     weights = tmp / "open_clip.safetensors"
-    from safetensors.torch import save_file
-
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
     model = model.eval().to(device)
     tokenizer = open_clip.get_tokenizer(name)
@@ -129,29 +160,9 @@ def main(argv: list[str]) -> None:
         info = replace(clip_metrics.ClipH14.info, model_id=str(weights))
 
     LocalClip.arch, LocalClip.tag = name, str(weights)
-    clip_ours = LocalClip().to(device)
-    clip_ours.loaded()
-    rows.append(("clip-h14", *timed(clip_official, device), *timed(lambda: batched(clip_ours), device)))
-
-    model = clip_ours = None
-    _LOADED.clear()
-
-    rows.append(("hpsv2.1", *hps_case(arch, tmp, pils, tensors, prompts, device, batched)))
-    _LOADED.clear()
-    rows.append(("imagereward", *imagereward_case(arch, tmp, pils, tensors, prompts, device, batched)))
-    _LOADED.clear()
-    rows.append(("aesthetic", *aesthetic_case(arch, tmp, pils, tensors, prompts, device, batched)))
-    _LOADED.clear()
-
-    print(f"{n} images at 512 px, arch={arch}, device={device} ({torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'}, {torch.get_num_threads()} threads), batch={batch}")
-    print("| metric | official per-call | this project, batched | speed-up | max abs difference |")
-    print("|---|---|---|---|---|")
-    total_official = total_ours = 0.0
-    for metric, t_off, s_off, t_ours, s_ours in rows:
-        if metric in TOGETHER:
-            total_official, total_ours = total_official + t_off, total_ours + t_ours
-        print(f"| {metric} | {n / t_off:.2f} img/s | {n / t_ours:.2f} img/s | {t_off / t_ours:.2f}x | {(s_off - s_ours).abs().max().item():.2e} |")
-    print(f"| together ({', '.join(TOGETHER)}) | {total_official:.1f} s | {total_ours:.1f} s | {total_official / total_ours:.2f}x | |")
+    ours = LocalClip().to(device)
+    ours.loaded()
+    return (*timed(clip_official, device), *timed(lambda: batched(ours), device))
 
 
 TOGETHER = ("pickscore", "hpsv2.1", "imagereward", "aesthetic")
@@ -199,7 +210,6 @@ def hps_case(arch, tmp, pils, tensors, prompts, device, batched):
 def imagereward_case(arch, tmp, pils, tensors, prompts, device, batched):
     """ImageReward: its one-image-per-call loop against whole batches, on the same network and weights."""
     import json
-    from dataclasses import replace
 
     from bench.metrics import imagereward as ir
 
@@ -249,6 +259,10 @@ def aesthetic_case(arch, tmp, pils, tensors, prompts, device, batched):
     ours = type("LocalAesthetic", (clip_metrics.Aesthetic,), {"arch": name, "tag": str(weights), "head_url": str(tmp / "aesthetic-head.pth")})().to(device)
     ours.loaded()
     return (*timed(official, device), *timed(lambda: batched(ours), device))
+
+
+
+CASES = {"pickscore": pickscore_case, "clip-h14": clip_case, "hpsv2.1": hps_case, "imagereward": imagereward_case, "aesthetic": aesthetic_case}
 
 
 if __name__ == "__main__":

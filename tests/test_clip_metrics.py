@@ -8,6 +8,9 @@ open_clip's README recipe, one image per call. Both are written out below and fe
 """
 
 import json
+import os
+import subprocess
+import sys
 from dataclasses import replace
 
 import pytest
@@ -162,6 +165,18 @@ def test_tiny_scorers_are_seeded_and_labelled():
     assert torch.equal(a, b)
     info = clip_metrics.ClipH14("tiny").info
     assert info.model_id == "tiny-random" and "NOT MEANINGFUL" in info.scale and info.version.endswith("+tiny-random")
+
+
+def test_tiny_scorers_leave_no_scratch_folders_behind(tmp_path):
+    """Tiny tokenizer and config files live in /tmp only while the process runs."""
+    code = (
+        "from bench.scoring import make_metric\n"
+        "for name in ('pickscore', 'clip-h14', 'imagereward', 'blip-vqa', 'text_alignment'): make_metric(name, 'tiny').loaded()\n"
+        "import tempfile, os; print(sum(n.startswith('bench-') for n in os.listdir(tempfile.gettempdir())))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TMPDIR": str(tmp_path)}, capture_output=True, text=True)
+    assert run.returncode == 0 and int(run.stdout) >= 5, run.stderr[-2000:]  # while it ran, they were there
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("bench-")] == []
 
 
 def test_shared_backbone_loads_once():

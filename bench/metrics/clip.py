@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import logging
-import tempfile
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -23,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from bench.images import open_rgb, thread_map
+from bench.io import scratch_dir
 from bench.metrics import LearnedMetric, MetricInfo, seeded
 from bench.metrics.reference import ReferenceMetric
 
@@ -48,7 +49,7 @@ def clip_tokenizer_dir() -> Path:
     """The real CLIP BPE vocabulary (shipped by open_clip) as a transformers tokenizer folder."""
     from bench.models.tiny import clip_tokenizer_files
 
-    directory = Path(tempfile.mkdtemp(prefix="bench-clip-tokenizer-"))
+    directory = scratch_dir("bench-clip-tokenizer-")
     clip_tokenizer_files(directory)
     return directory
 
@@ -57,8 +58,13 @@ def to_pil(images: torch.Tensor) -> list:
     """Float images in [0, 1] decoded from uint8 back to the exact uint8 PIL images."""
     from PIL import Image
 
-    pixels = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = images.detach().float().mul(255).clamp_(0, 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
+
+
+def preprocess_each(preprocess, items: Sequence) -> torch.Tensor:
+    """The official one-image preprocessing of each item, stacked; on threads (``thread_map``)."""
+    return torch.stack(thread_map(preprocess, items))
 
 
 def _features(output) -> torch.Tensor:
@@ -102,7 +108,7 @@ class PickScore(LearnedMetric):
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
         model, processor, tokenizer = self.loaded()
-        pixels = processor(images=to_pil(images), return_tensors="pt")["pixel_values"].to(self.device, self.dtype)
+        pixels = preprocess_each(lambda im: processor(images=im, return_tensors="pt")["pixel_values"][0], to_pil(images)).to(self.device, self.dtype)
         text = tokenizer(list(prompts), padding=True, truncation=True, max_length=77, return_tensors="pt").to(self.device)
         with torch.no_grad():
             image_emb = _features(model.get_image_features(pixel_values=pixels)).float()
@@ -136,7 +142,7 @@ def quiet_root_logger():
 def _register_tiny_open_clip() -> str:
     import open_clip
 
-    directory = Path(tempfile.mkdtemp(prefix="bench-open-clip-"))
+    directory = scratch_dir("bench-open-clip-")
     (directory / "bench-tiny-clip.json").write_text(json.dumps(TINY_OPEN_CLIP))
     open_clip.add_model_config(directory)
     return "bench-tiny-clip"
@@ -180,7 +186,7 @@ class OpenClipScore(LearnedMetric):
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         model, preprocess, _ = self.loaded()
-        pixels = torch.stack([preprocess(im) for im in to_pil(images)]).to(self.device, self.dtype)
+        pixels = preprocess_each(preprocess, to_pil(images)).to(self.device, self.dtype)
         with torch.no_grad():
             emb = model.encode_image(pixels).float()
         return emb / emb.norm(dim=-1, keepdim=True)
@@ -278,10 +284,8 @@ class ClipI(ReferenceMetric, OpenClipScore):
         return self.embed_images(images)
 
     def embed_references(self, paths) -> torch.Tensor:
-        from bench.images import open_rgb
-
         model, preprocess, _ = self.loaded()
-        pixels = torch.stack([preprocess(open_rgb(p)) for p in paths]).to(self.device, self.dtype)
+        pixels = preprocess_each(lambda p: preprocess(open_rgb(p)), paths).to(self.device, self.dtype)
         with torch.no_grad():
             emb = model.encode_image(pixels).float()
         return emb / emb.norm(dim=-1, keepdim=True)

@@ -28,7 +28,7 @@ from typing import Sequence
 import torch
 
 from bench.metrics import LearnedMetric, Metric, MetricInfo, scorer_info, seeded
-from bench.metrics.clip import ClipB32, to_pil
+from bench.metrics.clip import ClipB32, preprocess_each, to_pil
 
 NON_CANONICAL = "NON-CANONICAL (UniDet unavailable; boxes from OWLv2)"
 DATA = Path(__file__).parent / "data" / "t2i_compbench.json"
@@ -360,7 +360,7 @@ class MidasDepth(LearnedMetric):
         (model,) = self.loaded()
         pils = to_pil(images)
         prep = transforms.Compose([transforms.Resize([self.input_size, self.input_size]), transforms.ToTensor(), transforms.Normalize(mean=0.5, std=0.5)])
-        pixels = torch.stack([prep(p) for p in pils]).to(self.device, self.dtype)
+        pixels = preprocess_each(prep, pils).to(self.device, self.dtype)
         predicted = model(pixel_values=pixels).predicted_depth.float()
         maps = []
         for depth, pil in zip(predicted, pils):

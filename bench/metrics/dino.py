@@ -25,7 +25,9 @@ from typing import Sequence
 
 import torch
 
+from bench.images import open_rgb, thread_map
 from bench.metrics import LearnedMetric, MetricInfo, seeded
+from bench.metrics.clip import preprocess_each, to_pil
 from bench.metrics.reference import ReferenceMetric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -75,20 +77,16 @@ class Dino(ReferenceMetric, LearnedMetric):
     def embed_pil(self, images: Sequence) -> torch.Tensor:
         """L2-normalized CLS embeddings of PIL images, in one forward pass."""
         model, transform = self.loaded()
-        pixels = torch.stack([transform(im) for im in images]).to(self.device, self.dtype)
+        pixels = preprocess_each(transform, images).to(self.device, self.dtype)
         with torch.no_grad():
             emb = model(pixel_values=pixels).last_hidden_state[:, 0].float()
         return emb / emb.norm(dim=-1, keepdim=True)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        from bench.metrics.clip import to_pil
-
         return self.embed_pil(to_pil(images))
 
     def embed_references(self, paths) -> torch.Tensor:
-        from bench.images import open_rgb
-
-        return self.embed_pil([open_rgb(p) for p in paths])
+        return self.embed_pil(thread_map(open_rgb, paths))
 
     def similarity(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return a @ b.T

@@ -22,9 +22,7 @@ clean-fid draws from numpy's global one. ``tests/test_fid.py`` checks all three 
 from __future__ import annotations
 
 import io
-import os
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -34,6 +32,7 @@ import torch
 from PIL import Image
 
 from bench.errors import DataError
+from bench.images import thread_map
 from bench.io import write_bytes
 from bench.metrics import DistributionMetric, LearnedMetric, MetricInfo, seeded
 
@@ -185,13 +184,7 @@ def clean_resize(image: Image.Image) -> np.ndarray:
 
 def clean_batch(images: Sequence[Image.Image]) -> torch.Tensor:
     """(N, 3, 299, 299) float32 in [0, 255]; the resizes run on threads (PIL releases the GIL)."""
-    workers = min(8, os.cpu_count() or 1, len(images))
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            arrays = list(pool.map(clean_resize, images))
-    else:
-        arrays = [clean_resize(im) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
+    return torch.from_numpy(np.stack(thread_map(clean_resize, images))).permute(0, 3, 1, 2).contiguous()
 
 
 class TinyInception(torch.nn.Module):

@@ -19,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import string
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -27,8 +26,9 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from bench.io import scratch_dir
 from bench.metrics import LearnedMetric, MetricInfo, seeded
-from bench.metrics.clip import AestheticMLP, to_pil
+from bench.metrics.clip import AestheticMLP, preprocess_each, to_pil
 
 # ImageReward.py: the standardization of the MLP output and ``_transform``'s Normalize (OpenAI CLIP's constants).
 REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072
@@ -134,7 +134,7 @@ def write_wordpiece_vocab(directory, extra: Sequence[str] = ()) -> Path:
 
 @lru_cache(maxsize=1)
 def tiny_tokenizer_dir() -> Path:
-    return write_wordpiece_vocab(Path(tempfile.mkdtemp(prefix="bench-bert-tokenizer-")))
+    return write_wordpiece_vocab(scratch_dir("bench-bert-tokenizer-"))
 
 
 def pil_preprocess():
@@ -204,7 +204,7 @@ class ImageReward(LearnedMetric):
         if grad:  # reward back-propagation: differentiable tensor preprocessing
             pixels = tensor_preprocess(images.to(self.device, torch.float32)).to(self.dtype)
         else:  # the package's preprocessing of the stored uint8 pixels
-            pixels = torch.stack([preprocess(im) for im in to_pil(images)]).to(self.device, self.dtype)
+            pixels = preprocess_each(preprocess, to_pil(images)).to(self.device, self.dtype)
         text = tokenizer(list(prompts), padding="max_length", truncation=True, max_length=MAX_TOKENS, return_tensors="pt").to(self.device)
         with torch.set_grad_enabled(grad):
             rewards = net(pixels, text["input_ids"], text["attention_mask"]).double()

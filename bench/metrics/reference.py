@@ -18,7 +18,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from bench.images import open_rgb, square
+from bench.images import open_rgb, square, thread_map
 from bench.metrics import Metric, MetricInfo, ReferenceSet
 
 REFERENCE_SIZE = 64  # references are resized and center-cropped to this before embedding
@@ -38,7 +38,7 @@ class ReferenceMetric(Metric):
     def embed_references(self, paths: Sequence) -> torch.Tensor:
         """The reference photos' embeddings; here resized and center-cropped to ``REFERENCE_SIZE``
         (a learned metric overrides this with its own preprocessing of the full-size photos)."""
-        pixels = torch.stack([square(open_rgb(p), REFERENCE_SIZE) for p in paths])
+        pixels = torch.stack(thread_map(lambda p: square(open_rgb(p), REFERENCE_SIZE), paths))
         return self.embed(pixels.double() / 255)
 
     def references(self, refs: ReferenceSet) -> torch.Tensor:

@@ -29,7 +29,6 @@ BERTScore always in float32.
 from __future__ import annotations
 
 import json
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
@@ -37,6 +36,7 @@ from typing import Sequence
 import torch
 
 from bench.errors import UsageError
+from bench.io import scratch_dir
 from bench.metrics import LearnedMetric, MetricInfo
 
 FLORENCE_REPOS = {"large": "florence-community/Florence-2-large", "base": "florence-community/Florence-2-base"}
@@ -204,7 +204,7 @@ TINY_ROBERTA_LAYER, TINY_SEED = 3, 0
 
 @lru_cache(maxsize=1)
 def tiny_roberta_tokenizer_dir() -> Path:
-    return byte_bpe_files(Path(tempfile.mkdtemp(prefix="bench-tiny-roberta-")), config={"tokenizer_class": "RobertaTokenizer", "model_max_length": 64})
+    return byte_bpe_files(scratch_dir("bench-tiny-roberta-"), config={"tokenizer_class": "RobertaTokenizer", "model_max_length": 64})
 
 
 def tiny_roberta(seed: int = TINY_SEED):
@@ -228,7 +228,7 @@ TINY_IMAGE_SIZE, TINY_MAX_NEW_TOKENS = 64, 12  # 64 px: a 2x2 DaViT grid, 5 imag
 def tiny_florence_tokenizer_dir() -> Path:
     """Florence-2's tokenizer layout (BART's byte-level BPE plus the ``<image>`` token), tiny."""
     config = {"tokenizer_class": "BartTokenizer", "model_max_length": 1024, "extra_special_tokens": {"image_token": "<image>"}}
-    return byte_bpe_files(Path(tempfile.mkdtemp(prefix="bench-tiny-florence-")), extra_tokens=["<image>"], config=config)
+    return byte_bpe_files(scratch_dir("bench-tiny-florence-"), extra_tokens=["<image>"], config=config)
 
 
 def tiny_florence(seed: int = TINY_SEED):

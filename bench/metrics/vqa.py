@@ -28,8 +28,9 @@ from typing import Sequence
 
 import torch
 
+from bench.io import scratch_dir
 from bench.metrics import LearnedMetric, MetricInfo, seeded
-from bench.metrics.clip import CLIP_MEAN, CLIP_STD, to_pil
+from bench.metrics.clip import CLIP_MEAN, CLIP_STD, preprocess_each, to_pil
 from bench.metrics.imagereward import blip_tokenizer, write_wordpiece_vocab  # BLIP's tokenizer, as ImageReward's
 
 BLIP_VQA_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_vqa_capfilt_large.pth"
@@ -144,11 +145,9 @@ class BlipVqa(LearnedMetric):
         return model, tokenizer
 
     def load_tiny(self):
-        import tempfile
-
         from transformers import BlipForQuestionAnswering
 
-        tokenizer = blip_tokenizer(str(write_wordpiece_vocab(Path(tempfile.mkdtemp(prefix="bench-blip-vocab-")), extra=("yes", "no"))))
+        tokenizer = blip_tokenizer(str(write_wordpiece_vocab(scratch_dir("bench-blip-vocab-"), extra=("yes", "no"))))
         config = blip_vqa_config(
             vision=dict(image_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4),
             text=dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -186,7 +185,7 @@ class BlipVqa(LearnedMetric):
         if not questions:
             return torch.zeros(0)
         transform = self.transform(model.config.vision_config.image_size)
-        pixels = torch.stack([transform(im) for im in to_pil(images)]).to(self.device, self.dtype)
+        pixels = preprocess_each(transform, to_pil(images)).to(self.device, self.dtype)
         image_embeds = model.vision_model(pixel_values=pixels).last_hidden_state
         yes, no = tokenizer.convert_tokens_to_ids(["yes", "no"])
         enc_id = tokenizer.convert_tokens_to_ids("[ENC]")
