@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +27,7 @@ from PIL import Image
 
 from bench.config import stable_hash
 from bench.errors import DataError
-from bench.images import open_rgb
+from bench.images import open_rgb, thread_map
 from bench.io import progress as progress_bar
 from bench.metrics import DistributionMetric
 from bench.metrics.fid import FeatureSet, FeatureStats
@@ -180,14 +178,6 @@ def at_resolution(image: Image.Image, size: int | None) -> Image.Image:
     return image.resize((size, size), Image.Resampling.LANCZOS)
 
 
-def _threads(fn, items: list) -> list:
-    workers = min(8, os.cpu_count() or 1, len(items))
-    if workers <= 1:
-        return [fn(x) for x in items]
-    with ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(fn, items))
-
-
 def feature_protocol(metric: DistributionMetric, resolution: int | None) -> dict:
     """What determines a set's features: the metric's extractor and the suite's preparation."""
     return {**metric.feature_protocol(), "resolution": resolution, "preprocess": PREPROCESS.format(r=resolution) if resolution else "none"}
@@ -233,7 +223,7 @@ class Accumulator:
 def _feature_pass(files: list[Path], extractor: DistributionMetric, resolution, acc: Accumulator, batch_size: int, progress: bool, desc: str) -> None:
     for start in progress_bar(range(0, len(files), batch_size), progress, desc=desc, unit="batch"):
         batch = files[start : start + batch_size]
-        images = _threads(lambda p: at_resolution(open_rgb(p), resolution), batch)
+        images = thread_map(lambda p: at_resolution(open_rgb(p), resolution), batch)
         acc.add(extractor.features(images), list(range(start, start + len(batch))))
 
 
@@ -258,7 +248,7 @@ class SetScorer:
 
     def add(self, jobs, pixels: torch.Tensor) -> None:
         """A scored batch: its jobs and their uint8 ``(N, H, W, 3)`` pixels."""
-        images = _threads(lambda p: at_resolution(Image.fromarray(p), self.real.resolution), list(pixels.cpu().numpy()))
+        images = thread_map(lambda p: at_resolution(Image.fromarray(p), self.real.resolution), list(pixels.cpu().numpy()))
         owners = [j.prompt_index for j in jobs]
         for key, extractor in self.extractors.items():
             self.gen[key].add(extractor.features(images), owners)

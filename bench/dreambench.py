@@ -17,6 +17,7 @@ from bench.errors import DataError
 
 LIVE_CLASSES = ("cat", "dog")
 REPOSITORY = "https://github.com/google/dreambooth"
+COMMIT = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"  # the release the DreamBooth and PSO papers' numbers use
 TEMPLATE = re.compile(r"^'(.*)'\.format\(unique_token, class_token\),?$")
 
 

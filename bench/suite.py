@@ -21,6 +21,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.dreambench import COMMIT as DREAMBENCH_COMMIT
+from bench.dreambench import REPOSITORY as DREAMBENCH_REPO
 from bench.errors import DataError
 from bench.io import cache_root, hub_offline
 from bench.metrics import ReferenceSet
@@ -237,7 +239,7 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         rows, where = read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", "suite.source", cache)
     prompts = prompts_of(rows, where, cfg.get("prompt_column"))
     groups = {}
-    set_column = [cfg.get("prompt_set_column") or "set"] if cfg.get("prompt_sets") else []
+    set_column = [set_column_of(cfg)] if cfg.get("prompt_sets") else []
     for column in dict.fromkeys(set_column + list(cfg.get("group_columns") or [])):
         key = _find_column(rows[0], column)
         if key is None:
@@ -299,11 +301,16 @@ def _source_name(spec) -> str:
     return Path(spec["file"] if isinstance(spec, dict) else str(spec)).name
 
 
+def set_column_of(cfg: dict) -> str:
+    """The breakdown column that holds each prompt's set label (``prompt_set_column``, default "set")."""
+    return cfg.get("prompt_set_column") or "set"
+
+
 def read_prompt_sets(cfg: dict, base: Path, cache: Path | None) -> tuple[list[dict], str]:
     """Rows of a suite published as several prompt files, one per label (HPSv2's four styles,
     T2I-CompBench's eight categories), each row labelled in ``prompt_set_column``. With
     ``suite.source=FOLDER`` every file is read from that folder under its own file name."""
-    column = cfg.get("prompt_set_column") or "set"
+    column = set_column_of(cfg)
     folder = Path(cfg["source"]) if cfg.get("source") else None
     names = {label: _source_name(spec) for label, spec in cfg["prompt_sets"].items()}
     if folder is not None and not folder.is_dir():
@@ -322,7 +329,7 @@ def _metric_scope(cfg: dict, metrics: list[str], groups: dict[str, list[str]]) -
     scope = cfg.get("metric_scope") or {}
     if not scope:
         return {}
-    column = cfg.get("prompt_set_column") or "set"
+    column = set_column_of(cfg)
     labels = groups.get(column)
     unknown = [m for m in scope if m not in metrics]
     if labels is None or unknown:
@@ -332,10 +339,6 @@ def _metric_scope(cfg: dict, metrics: list[str], groups: dict[str, list[str]]) -
         if set(wanted) - known:
             raise DataError(f"suite '{cfg['name']}': metric_scope of {metric} names unknown sets {sorted(set(wanted) - known)} (sets: {', '.join(known)})")
     return {metric: [label in wanted for label in labels] for metric, wanted in scope.items()}
-
-
-DREAMBENCH_REPO = "https://github.com/google/dreambooth"
-DREAMBENCH_COMMIT = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"  # the release the DreamBooth and PSO papers' numbers use
 
 
 def fetch_dreambench(cache: Path) -> Path:

@@ -132,18 +132,26 @@ def pickscore_case(arch, tmp, pils, tensors, prompts, device, batched):
     return (*timed(pickscore_official, device), *timed(lambda: batched(ours), device))
 
 
+def saved_open_clip(name: str, seed: int, weights: Path):
+    """A seeded random open_clip model saved where a metric loads it from; the model and its preprocessing."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    return model, preprocess
+
+
 def clip_case(arch, tmp, pils, tensors, prompts, device, batched):
     """CLIP score (open_clip ViT-H-14, or a small ViT): open_clip's README recipe, one image and one text per call."""
     import open_clip
-    from safetensors.torch import save_file
 
     from bench.metrics import clip as clip_metrics
 
     name = "ViT-H-14" if arch == "real" else clip_metrics._register_tiny_open_clip()
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     weights = tmp / "open_clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    model, preprocess = saved_open_clip(name, 0, weights)
     model = model.eval().to(device)
     tokenizer = open_clip.get_tokenizer(name)
 
@@ -234,16 +242,11 @@ def imagereward_case(arch, tmp, pils, tensors, prompts, device, batched):
 
 def aesthetic_case(arch, tmp, pils, tensors, prompts, device, batched):
     """LAION aesthetic v2: ``simple_inference.py`` (one image per CLIP forward, normalize, MLP) against batches."""
-    import open_clip
-    from safetensors.torch import save_file
-
     from bench.metrics import clip as clip_metrics
 
     name = "ViT-L-14" if arch == "real" else clip_metrics._register_tiny_open_clip()
-    torch.manual_seed(3)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
     weights = tmp / "aesthetic-clip.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    model, preprocess = saved_open_clip(name, 3, weights)
     mlp = clip_metrics.AestheticMLP(model.visual.output_dim)
     torch.save(mlp.state_dict(), tmp / "aesthetic-head.pth")
     model, mlp = model.eval().to(device), mlp.eval().to(device)

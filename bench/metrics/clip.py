@@ -54,11 +54,16 @@ def clip_tokenizer_dir() -> Path:
     return directory
 
 
+def stored_pixels(images: torch.Tensor) -> torch.Tensor:
+    """The uint8 ``(N, 3, H, W)`` values that float images in [0, 1] were decoded from."""
+    return images.detach().float().mul(255).clamp_(0, 255).round_().to(torch.uint8)
+
+
 def to_pil(images: torch.Tensor) -> list:
     """Float images in [0, 1] decoded from uint8 back to the exact uint8 PIL images."""
     from PIL import Image
 
-    pixels = images.detach().float().mul(255).clamp_(0, 255).round_().to(torch.uint8).permute(0, 2, 3, 1).contiguous().cpu().numpy()
+    pixels = stored_pixels(images).permute(0, 2, 3, 1).contiguous().cpu().numpy()
     return [Image.fromarray(p) for p in pixels]
 
 

@@ -399,7 +399,20 @@ class _CompBenchMetric(Metric):
         return [p for part in self.parts.values() for p in part.download()] + [download_spacy()]
 
 
-class Spatial2D(_CompBenchMetric):
+class _DetectorMetric(_CompBenchMetric):
+    """A T2I-CompBench rule on detector boxes: each prompt parsed, its objects detected (OWLv2)."""
+
+    def __init__(self, scorers: str = "official"):
+        super().__init__(scorers)
+        self.parts = {"detector": OwlDetector(scorers, self.name)}
+
+    def detections(self, images: torch.Tensor, prompts: Sequence[str], objects) -> tuple[list, list[list[Detection]]]:
+        """The parsed prompts and, per image, the detections of ``objects(parsed prompt)``."""
+        docs = [self.parser()(p) for p in prompts]
+        return docs, self.parts["detector"].detect(images, [detector_queries(objects(d)) for d in docs])
+
+
+class Spatial2D(_DetectorMetric):
     info = MetricInfo(
         "t2i-spatial-owlv2", "t2i-compbench-1", True,
         f"2D_spatial_eval.py score in [0, 1] (0.25 * each object's detection score + position / 2; under 0.5 -> 0); {NON_CANONICAL}",
@@ -407,18 +420,12 @@ class Spatial2D(_CompBenchMetric):
     )
     complex_prompts = False
 
-    def __init__(self, scorers: str = "official"):
-        super().__init__(scorers)
-        self.parts = {"detector": OwlDetector(scorers, self.name)}
-
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
-        docs = [self.parser()(p) for p in prompts]
-        queries = [detector_queries(spatial_objects(d, self.complex_prompts)) for d in docs]
-        found = self.parts["detector"].detect(images, queries)
+        docs, found = self.detections(images, prompts, lambda d: spatial_objects(d, self.complex_prompts))
         return torch.tensor([spatial_score(p, d, f, self.complex_prompts) for p, d, f in zip(prompts, docs, found)], dtype=torch.float64)
 
 
-class Spatial3D(_CompBenchMetric):
+class Spatial3D(_DetectorMetric):
     info = MetricInfo(
         "t2i-3d-spatial-owlv2", "t2i-compbench-1", True,
         f"3D_spatial_eval.py score in [0, 1] (0.25 * each object's detection score + depth relation / 2, MiDaS DPT-Hybrid); {NON_CANONICAL}",
@@ -427,30 +434,23 @@ class Spatial3D(_CompBenchMetric):
 
     def __init__(self, scorers: str = "official"):
         super().__init__(scorers)
-        self.parts = {"detector": OwlDetector(scorers, self.name), "depth": MidasDepth(scorers, self.name)}
+        self.parts["depth"] = MidasDepth(scorers, self.name)
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
-        docs = [self.parser()(p) for p in prompts]
-        found = self.parts["detector"].detect(images, [detector_queries(spatial_objects(d)) for d in docs])
+        docs, found = self.detections(images, prompts, spatial_objects)
         depths = self.parts["depth"].depth_maps(images)
         return torch.tensor([spatial_3d_score(p, d, f, m) for p, d, f, m in zip(prompts, docs, found, depths)], dtype=torch.float64)
 
 
-class Numeracy(_CompBenchMetric):
+class Numeracy(_DetectorMetric):
     info = MetricInfo(
         "t2i-numeracy-owlv2", "t2i-compbench-1", True,
         f"numeracy_eval.py score in [0, 1] (per named object: 1/2 detected + 1/2 count equal); {NON_CANONICAL}",
         "google/owlv2-base-patch16-ensemble",
     )
 
-    def __init__(self, scorers: str = "official"):
-        super().__init__(scorers)
-        self.parts = {"detector": OwlDetector(scorers, self.name)}
-
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
-        docs = [self.parser()(p) for p in prompts]
-        queries = [detector_queries(NUMERACY_RENAMES.get(o, o) for o in numeracy_objects(d)[0]) for d in docs]
-        found = self.parts["detector"].detect(images, queries)
+        docs, found = self.detections(images, prompts, lambda d: [NUMERACY_RENAMES.get(o, o) for o in numeracy_objects(d)[0]])
         return torch.tensor([numeracy_score(d, f) for d, f in zip(docs, found)], dtype=torch.float64)
 
 

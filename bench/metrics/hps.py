@@ -23,7 +23,7 @@ from typing import Sequence
 import torch
 
 from bench.metrics import MetricInfo
-from bench.metrics.clip import CLIP_MEAN, CLIP_STD, OpenClipScore, quiet_root_logger
+from bench.metrics.clip import CLIP_MEAN, CLIP_STD, OpenClipScore, quiet_root_logger, stored_pixels
 
 HPS_REPO = "xswu/HPSv2"  # hpsv2/utils.py hps_version_map, downloaded with hf_hub_download
 SCALE = "100 * cos(image, text) of the HPS fine-tuned open_clip ViT-H-14 (HPSv2 benchmark convention; hpsv2.score() returns cos = this / 100)"
@@ -42,7 +42,7 @@ def hps_preprocess(images: torch.Tensor, size: int = 224) -> torch.Tensor:
     from torchvision.transforms import InterpolationMode
     from torchvision.transforms import functional as TF
 
-    x = (images.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).float().div(255)
+    x = stored_pixels(images).float().div(255)
     height, width = x.shape[-2:]
     scale = size / float(max(height, width))
     if scale != 1.0:

@@ -28,12 +28,11 @@ from torch import nn
 
 from bench.io import scratch_dir
 from bench.metrics import LearnedMetric, MetricInfo, seeded
-from bench.metrics.clip import AestheticMLP, preprocess_each, to_pil
+from bench.metrics.clip import CLIP_MEAN, CLIP_STD, AestheticMLP, preprocess_each, to_pil
 
-# ImageReward.py: the standardization of the MLP output and ``_transform``'s Normalize (OpenAI CLIP's constants).
+# ImageReward.py: the standardization of the MLP output; ``_transform`` normalizes with OpenAI CLIP's constants.
 REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072
-IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
-IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+BERT_TOKENIZER = "google-bert/bert-base-uncased"  # BLIP's init_tokenizer: BertTokenizer "bert-base-uncased" + [DEC], [ENC]
 IMAGE_SIZE, MAX_TOKENS = 224, 35
 # BLIP's create_vit('large'): ViT-L/16, qkv bias, LayerNorm eps 1e-6, no pre-logits; its width (1024)
 # replaces med_config.json's encoder_width for the text encoder's cross-attention.
@@ -142,7 +141,7 @@ def pil_preprocess():
     from torchvision import transforms as T
 
     return T.Compose([
-        T.Resize(IMAGE_SIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(IMAGE_SIZE), T.ToTensor(), T.Normalize(IMAGE_MEAN, IMAGE_STD),
+        T.Resize(IMAGE_SIZE, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(IMAGE_SIZE), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD),
     ])
 
 
@@ -153,7 +152,7 @@ def tensor_preprocess(images: torch.Tensor) -> torch.Tensor:
     from torchvision.transforms import functional as F
 
     x = F.resize(images, IMAGE_SIZE, interpolation=InterpolationMode.BICUBIC, antialias=True)
-    return F.normalize(F.center_crop(x, IMAGE_SIZE), IMAGE_MEAN, IMAGE_STD)
+    return F.normalize(F.center_crop(x, IMAGE_SIZE), CLIP_MEAN, CLIP_STD)
 
 
 class ImageReward(LearnedMetric):
@@ -164,11 +163,11 @@ class ImageReward(LearnedMetric):
         model_id="THUDM/ImageReward", revision=None,
     )
     differentiable = True
-    tokenizer_id = "google-bert/bert-base-uncased"  # the package's 'bert-base-uncased'
+    tokenizer_id = BERT_TOKENIZER
     vit = BLIP_VIT_LARGE  # the package always builds BLIP's 'large' ViT
     files = ("ImageReward.pt", "med_config.json")
     weight_files = "THUDM/ImageReward (ImageReward.pt, med_config.json) and the bert-base-uncased tokenizer (vocab.txt)"
-    hub_files = (("THUDM/ImageReward", files), ("google-bert/bert-base-uncased", ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "config.json")))
+    hub_files = (("THUDM/ImageReward", files), (BERT_TOKENIZER, ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "config.json")))
 
     def weights_file(self, name: str) -> Path:
         """``name`` from the hub repo, or from ``model_id`` when that is a local folder."""

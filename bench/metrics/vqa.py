@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import replace
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -31,10 +30,9 @@ import torch
 from bench.io import scratch_dir
 from bench.metrics import LearnedMetric, MetricInfo, seeded
 from bench.metrics.clip import CLIP_MEAN, CLIP_STD, preprocess_each, to_pil
-from bench.metrics.imagereward import blip_tokenizer, write_wordpiece_vocab  # BLIP's tokenizer, as ImageReward's
+from bench.metrics.imagereward import BERT_TOKENIZER, blip_tokenizer, write_wordpiece_vocab  # BLIP's tokenizer, as ImageReward's
 
 BLIP_VQA_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_vqa_capfilt_large.pth"
-BERT_TOKENIZER = "google-bert/bert-base-uncased"  # BLIP's init_tokenizer: BertTokenizer "bert-base-uncased" + [DEC], [ENC]
 IMAGE_SIZE = 480
 MAX_QUESTION_TOKENS = 35
 NP_NUM = 8  # BLIP_vqa.py --np_num: questions about the first 8 noun chunks at most
@@ -126,15 +124,10 @@ class BlipVqa(LearnedMetric):
     def load_official(self):
         from transformers import BlipForQuestionAnswering
 
-        folder = Path(self.tokenizer_id) if Path(self.tokenizer_id).is_dir() else None
-        if folder is None:
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(self.tokenizer_id, allow_patterns=["vocab.txt", "tokenizer_config.json", "config.json"], **self.hub_kwargs())
-        tokenizer = blip_tokenizer(str(folder))
+        tokenizer = blip_tokenizer(self.tokenizer_id, **self.hub_kwargs())
         ids = (tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("[ENC]"), *tokenizer.convert_tokens_to_ids(["yes", "no"]))
         if ids != (30522, 30523, 2748, 2053):  # the ids T2I-CompBench's vqa_prob hard-codes
-            raise ValueError(f"{folder} is not bert-base-uncased's vocabulary ([DEC], [ENC], yes, no = {ids})")
+            raise ValueError(f"{self.tokenizer_id} is not bert-base-uncased's vocabulary ([DEC], [ENC], yes, no = {ids})")
         path = self.url_weights(self.checkpoint_url)
         model = BlipForQuestionAnswering(blip_vqa_config())
         state = blip_state_dict(load_checkpoint(path))
