@@ -128,16 +128,17 @@ def cmd_score(args):
 
     from bench.report import _markdown
     from bench.runner import resolve_device
-    from bench.scoring import folder_images, load_metrics, score_files, write_scores
+    from bench.scoring import folder_images, load_metrics, reference_folder, score_files, write_scores
     from bench.stats import bootstrap_mean_ci
 
-    kv = _kv(args, {"images", "prompts", "metrics", "scorers", "device", "batch_size", "out"}, "score")
+    kv = _kv(args, {"images", "prompts", "metrics", "refs", "scorers", "device", "batch_size", "out"}, "score")
     if "images" not in kv or "metrics" not in kv:
-        raise UsageError("usage: bench score images=DIR [prompts=FILE] metrics=pickscore,clip-h14 [scorers=tiny] [out=scores.parquet]")
+        raise UsageError("usage: bench score images=DIR [prompts=FILE] metrics=pickscore,clip-h14 [refs=PHOTOS_DIR] [scorers=tiny] [out=scores.parquet]")
     device = resolve_device(kv.get("device", "auto"))
     metrics = load_metrics([m for m in kv["metrics"].split(",") if m], device, kv.get("scorers", "official"))
     files, prompts = folder_images(kv["images"], kv.get("prompts"))
-    frame = score_files(files, prompts, metrics, int(kv.get("batch_size", 32)), device)
+    refs = reference_folder(kv["refs"]) if kv.get("refs") else None
+    frame = score_files(files, prompts, metrics, int(kv.get("batch_size", 32)), device, refs=refs)
     rows = []
     for name, metric in metrics.items():
         mean, (lo, hi) = bootstrap_mean_ci(frame[name].to_numpy(), 1000, 0.95, 0)

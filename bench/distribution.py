@@ -27,14 +27,13 @@ from PIL import Image
 
 from bench.config import stable_hash
 from bench.errors import DataError
-from bench.images import open_rgb, thread_map
+from bench.images import IMAGE_SUFFIXES, open_rgb, thread_map
 from bench.io import progress as progress_bar
 from bench.metrics import DistributionMetric
 from bench.metrics.fid import FeatureSet, FeatureStats
 from bench.suite import RealImages, Suite
 
 log = logging.getLogger(__name__)
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 PREPROCESS = "center crop to the short side (torchvision center_crop), then PIL Lanczos to {r}x{r}, uint8 (GigaGAN's COCO evaluation)"
 REFERENCE_PASSES = 0  # feature passes over real images in this process (the cache's tests count them)
 

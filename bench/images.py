@@ -27,6 +27,7 @@ from PIL import Image, UnidentifiedImageError
 from bench.errors import DataError
 
 CAPTION_COLUMNS = ("text", "caption", "prompt")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # the image files a folder is read for
 PREPROCESS_THREADS = 8  # thread_map's most threads
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 
+from bench.errors import DataError, UsageError
 from bench.generate import ImageJob, ImageStore, load_images
+from bench.images import IMAGE_SUFFIXES, open_rgb
 from bench.io import progress as progress_bar
 from bench.io import write_bytes
 from bench.metrics import Metric, ReferenceSet
@@ -86,16 +90,25 @@ def write_scores(frame: pd.DataFrame, path) -> None:
     write_bytes(path, buf.getvalue())
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+def image_files(folder) -> list:
+    """The image files of a folder, sorted by name."""
+    return sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def reference_folder(folder) -> ReferenceSet:
+    """``bench score refs=FOLDER``: the photos every image is compared with (one DreamBench subject)."""
+    root = Path(folder)
+    paths = image_files(root) if root.is_dir() else []
+    if not paths:
+        raise DataError(f"refs={folder} is not a folder of images ({', '.join(IMAGE_SUFFIXES)}): give the folder of the reference photos")
+    return ReferenceSet(str(root.resolve()), tuple(paths))
 
 
 def folder_images(images_dir, prompts_file=None) -> tuple[list, list[str]]:
     """The images of a folder (sorted by name) and one prompt each: ``prompts_file`` line i for image
     i, or the folder's ``metadata.jsonl`` (``file_name``, ``text``/``prompt``, the imagefolder layout)."""
     import json
-    from pathlib import Path
 
-    from bench.errors import DataError
     from bench.suite import prompts_of, read_prompt_rows
 
     root = Path(images_dir)
@@ -109,7 +122,7 @@ def folder_images(images_dir, prompts_file=None) -> tuple[list, list[str]]:
         files = [root / r["file_name"] for r in rows]
         prompts = prompts_of(rows, str(meta))
     else:
-        files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        files = image_files(root)
         prompts = prompts_of(read_prompt_rows(prompts_file), str(prompts_file))
         if len(prompts) != len(files):
             raise DataError(f"{prompts_file} holds {len(prompts)} prompts for {len(files)} images in {root}: give one prompt per image, in file-name order")
@@ -119,11 +132,12 @@ def folder_images(images_dir, prompts_file=None) -> tuple[list, list[str]]:
 
 
 @torch.no_grad()
-def score_files(files: list, prompts: list[str], metrics: dict[str, Metric], batch_size: int, device="cpu", progress=True) -> pd.DataFrame:
-    """Score image files: images of one size are batched together, rows come back in file order."""
-    import numpy as np
-
-    from bench.images import open_rgb
+def score_files(files: list, prompts: list[str], metrics: dict[str, Metric], batch_size: int, device="cpu", progress=True, refs: ReferenceSet | None = None) -> pd.DataFrame:
+    """Score image files: images of one size are batched together, rows come back in file order.
+    Metrics that compare with reference photos compare every image with ``refs``."""
+    missing = [name for name, metric in metrics.items() if metric.needs_refs and refs is None]
+    if missing:
+        raise UsageError(f"metric {missing[0]} compares each image with reference photos: add refs=FOLDER (e.g. the DreamBench subject's photos), or run it in a dreambench suite")
 
     pictures = [open_rgb(f) for f in files]
     by_size: dict[tuple, list[int]] = {}
@@ -134,7 +148,8 @@ def score_files(files: list, prompts: list[str], metrics: dict[str, Metric], bat
     for batch in progress_bar(batches, progress, desc="score", unit="batch"):
         images = from_uint8(torch.from_numpy(np.stack([np.asarray(pictures[i]) for i in batch]))).to(device)
         for name, metric in metrics.items():
-            for i, value in zip(batch, metric.score(images, [prompts[i] for i in batch]).double().cpu().tolist()):
+            kw = {"refs": [refs] * len(batch)} if metric.needs_refs else {}
+            for i, value in zip(batch, metric.score(images, [prompts[i] for i in batch], **kw).double().cpu().tolist()):
                 columns[name][i] = value
     frame = pd.DataFrame({"file": [str(f) for f in files], "prompt": prompts})
     for name, values in columns.items():

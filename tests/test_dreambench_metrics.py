@@ -292,3 +292,30 @@ def test_clip_t_shares_the_clip_i_backbone_and_equals_clip_b32():
     t = clip_metrics.ClipT("tiny").score(tensors, ["a sks dog", "a sks cat"])
     b32 = clip_metrics.ClipB32("tiny").score(tensors, ["a sks dog", "a sks cat"])
     assert torch.equal(t, b32) and len(_LOADED) == 1
+
+
+def test_bench_score_compares_a_folder_with_reference_photos(cli, tmp_path):
+    """``bench score refs=FOLDER``: every image against the same photos, as the metric scores them."""
+    folder, photos = tmp_path / "images", tmp_path / "photos"
+    folder.mkdir()
+    photos.mkdir()
+    tensors, pils = images(n=3, seed=3)
+    for i, pil in enumerate(pils):
+        pil.save(folder / f"{i}.png")
+    for i, pil in enumerate(images(n=2, size=120, seed=4)[1]):
+        pil.save(photos / f"{i:02d}.jpg")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a sks dog\na sks dog on a beach\na sks dog in the snow\n")
+    out = tmp_path / "scores.parquet"
+    code, stdout, err = cli("score", f"images={folder}", f"prompts={prompts}", "metrics=dino,clip-i", f"refs={photos}", "scorers=tiny", f"out={out}")
+    assert code == 0, err
+    scores = pd.read_parquet(out)
+    refs = [ReferenceSet(str(photos.resolve()), tuple(sorted(photos.glob("*.jpg"))))] * 3
+    for name, metric in (("dino", dino_metrics.Dino("tiny")), ("clip-i", clip_metrics.ClipI("tiny"))):
+        direct = metric.score(tensors, ["a sks dog"] * 3, refs)
+        assert np.allclose(scores[name].to_numpy(), direct.numpy(), atol=1e-6), name
+
+    code, _, err = cli("score", f"images={folder}", f"prompts={prompts}", "metrics=pickscore,dino", "scorers=tiny")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "metric dino compares each image with reference photos: add refs=FOLDER" in err
+    code, _, err = cli("score", f"images={folder}", f"prompts={prompts}", "metrics=dino", f"refs={tmp_path / 'nowhere'}", "scorers=tiny")
+    assert code != 0 and len(err.strip().splitlines()) == 1 and "is not a folder of images" in err
