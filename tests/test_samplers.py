@@ -78,3 +78,42 @@ def test_guidance_distilled_unet_takes_the_scale_as_an_embedding(model):
         plain = m.predict_eps(x, 500, cond, m.unconditional(2), guidance=1.0)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # diffusers takes log(10000) in float32
     assert float((got - plain).abs().max()) > 1e-4
+
+
+def test_guidance_distilled_unet_trains_on_the_conditioning_it_samples_with(model):
+    """Every forward pass of an LCM-style UNet gets the w embedding of the sampler's guidance: the
+    training forward (a method's noised latents, the frozen reference) on x_t equals the sampler's
+    forward on the same x_t; without the embedding diffusers would skip ``cond_proj`` silently."""
+    import copy
+    import dataclasses
+
+    from diffusers import UNet2DConditionModel
+
+    from bench.config import compose, to_dict
+    from bench.method import TrainContext
+    from bench.methods.preference_data import predict
+
+    m = copy.deepcopy(model).to(dtype=torch.float64)
+    spec = to_dict(compose(["model=tiny"]))["model"]["build"]["unet"]
+    torch.manual_seed(0)
+    m.unet = UNet2DConditionModel(**spec, time_cond_proj_dim=16).double().eval()
+    torch.nn.init.normal_(m.unet.time_embedding.cond_proj.weight, std=0.5)  # make w matter visibly
+    m.sampler = dataclasses.replace(m.sampler, kind="renoise", guidance=8.0, eta=0.0)
+    ctx = TrainContext(m, [], None, 0, torch.device("cpu"), 2, progress=False, frozen_unet=copy.deepcopy(m.unet))
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([759, 259])
+    prompts = ["a red cat", "a dog"]
+    with torch.no_grad():
+        trained = predict(ctx, x0, prompts, t, noise)
+        x_t = m.add_noise(x0, noise, t)
+        cond = m.encode_prompts(prompts)
+        sampled = torch.cat([m.predict_eps(x_t[i : i + 1], int(t[i]), m.encode_prompts(prompts[i : i + 1]), None, 8.0) for i in range(2)])
+        bare = m.unet(x_t, t, encoder_hidden_states=cond.hidden).sample  # what the training forward used to be
+    torch.testing.assert_close(trained.pred, sampled, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(trained.ref, sampled, rtol=1e-10, atol=1e-12)
+    assert float((bare - sampled).abs().max()) > 1e-3
+    # a conditioning made without the model (as a method might) still gets the sampler's w
+    bare_cond = dataclasses.replace(cond, guidance_embedding=None)
+    torch.testing.assert_close(m.denoise(x_t, t, bare_cond).detach(), sampled, rtol=1e-10, atol=1e-12)

@@ -68,22 +68,37 @@ def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) ->
 @dataclass
 class Conditioning:
     """What a UNet call is conditioned on: the text encoder's token states and, for SDXL-layout
-    models, the pooled text embedding and the size/crop ids (``added_cond_kwargs``)."""
+    models, the pooled text embedding and the size/crop ids (``added_cond_kwargs``); for a
+    guidance-distilled UNet (LCM's ``time_cond_proj_dim``), the embedding of the guidance scale w
+    it was distilled to take (``timestep_cond``)."""
 
     hidden: torch.Tensor
     pooled: torch.Tensor | None = None
     time_ids: torch.Tensor | None = None
+    guidance_embedding: torch.Tensor | None = None
 
     @staticmethod
     def cat(items: Sequence["Conditioning"]) -> "Conditioning":
         join = lambda xs: None if xs[0] is None else torch.cat(xs)
-        return Conditioning(join([c.hidden for c in items]), join([c.pooled for c in items]), join([c.time_ids for c in items]))
+        fields = ("hidden", "pooled", "time_ids", "guidance_embedding")
+        return Conditioning(*(join([getattr(c, f) for c in items]) for f in fields))
 
     def unet_kwargs(self) -> dict:
         kwargs = {"encoder_hidden_states": self.hidden}
         if self.pooled is not None:
             kwargs["added_cond_kwargs"] = {"text_embeds": self.pooled, "time_ids": self.time_ids}
+        if self.guidance_embedding is not None:
+            kwargs["timestep_cond"] = self.guidance_embedding
         return kwargs
+
+
+def guidance_embedding(guidance: float, n: int, dim: int, dtype) -> torch.Tensor:
+    """diffusers' sinusoidal embedding of w = guidance - 1 (LCM's w: its teacher's CFG is
+    cond + w (cond - uncond)), the input of an LCM UNet's ``cond_proj``, as the pipelines make it."""
+    from diffusers import StableDiffusionXLPipeline
+
+    w = torch.full((n,), float(guidance) - 1.0)
+    return StableDiffusionXLPipeline.get_guidance_scale_embedding(None, w, embedding_dim=dim, dtype=dtype)
 
 
 def encode_text(prompts: Sequence[str], tokenizers, encoders, resolution: int, device, dtype) -> Conditioning:
@@ -167,23 +182,40 @@ class DiffusionModel:
         side = self.resolution // self.latent_scale
         return (self.latent_channels, side, side)
 
-    def encode_prompts(self, prompts: Sequence[str]) -> Conditioning:
+    def encode_prompts(self, prompts: Sequence[str], guidance: float | None = None) -> Conditioning:
+        """The prompts' conditioning; a guidance-distilled UNet also gets the embedding of the
+        guidance scale (the sampler's unless given), so that every forward pass (sampling,
+        training, the reference, reward back-propagation) sees the conditioning of inference."""
         tokenizers = [t for t in (self.tokenizer, self.tokenizer_2) if t is not None]
         encoders = [e for e in (self.text_encoder, self.text_encoder_2) if e is not None]
-        return encode_text(prompts, tokenizers, encoders, self.resolution, self.device, self.dtype)
+        cond = encode_text(prompts, tokenizers, encoders, self.resolution, self.device, self.dtype)
+        return self.with_guidance(cond, self.sampler.guidance if guidance is None else guidance)
+
+    def with_guidance(self, cond: Conditioning, guidance: float) -> Conditioning:
+        """``cond`` carrying the embedding of ``guidance`` when the UNet is guidance-distilled."""
+        dim = self.unet.config.get("time_cond_proj_dim")
+        if not dim:
+            return cond
+        emb = guidance_embedding(guidance, cond.hidden.shape[0], dim, self.dtype).to(cond.hidden.device)
+        return Conditioning(cond.hidden, cond.pooled, cond.time_ids, emb)
 
     def unconditional(self, n: int) -> Conditioning:
         """CFG's unconditional input: the empty prompt, or zeros where the pipeline says so (SDXL)."""
         empty = self.encode_prompts([""] * n)
         if not self.zero_uncond:
             return empty
-        return Conditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled), empty.time_ids)
+        return Conditioning(torch.zeros_like(empty.hidden), torch.zeros_like(empty.pooled), empty.time_ids, empty.guidance_embedding)
 
-    def denoise(self, x_t, t, cond: Conditioning, unet=None, timestep_cond=None) -> torch.Tensor:
-        """The UNet's epsilon prediction at per-sample (or one shared) timestep t."""
+    def denoise(self, x_t, t, cond: Conditioning, unet=None) -> torch.Tensor:
+        """The UNet's epsilon prediction at per-sample (or one shared) timestep t. A guidance-distilled
+        UNet given a conditioning without its guidance embedding gets the sampler's: diffusers would
+        otherwise skip ``cond_proj`` silently and predict for a conditioning inference never uses."""
+        net = unet or self.unet
+        if net.config.get("time_cond_proj_dim") and cond.guidance_embedding is None:
+            cond = self.with_guidance(cond, self.sampler.guidance)
         t = torch.as_tensor(t, device=x_t.device)
         t = t.expand(x_t.shape[0]) if t.dim() == 0 else t
-        return (unet or self.unet)(x_t, t, timestep_cond=timestep_cond, **cond.unet_kwargs()).sample
+        return net(x_t, t, **cond.unet_kwargs()).sample
 
     # ---- the MDP ---------------------------------------------------------------------------
     def timesteps(self, sampler: Sampler | None = None) -> list[int]:
@@ -203,13 +235,8 @@ class DiffusionModel:
         """Epsilon with classifier-free guidance, or, for a guidance-distilled UNet (LCM's
         ``time_cond_proj_dim``), with the scale fed in as an embedding of w = guidance - 1 in one
         pass, as diffusers' pipelines do."""
-        embed_dim = (unet or self.unet).config.get("time_cond_proj_dim")
-        if embed_dim:
-            from diffusers import StableDiffusionXLPipeline
-
-            w = torch.full((x_t.shape[0],), guidance - 1.0)
-            w_embedding = StableDiffusionXLPipeline.get_guidance_scale_embedding(None, w, embedding_dim=embed_dim, dtype=x_t.dtype)
-            return self.denoise(x_t, t, cond, unet, timestep_cond=w_embedding.to(x_t.device))
+        if (unet or self.unet).config.get("time_cond_proj_dim"):
+            return self.denoise(x_t, t, self.with_guidance(cond, guidance), unet)
         if uncond is None or guidance <= 1.0:
             return self.denoise(x_t, t, cond, unet)
         eps_u, eps_c = self.denoise(torch.cat([x_t, x_t]), t, Conditioning.cat([uncond, cond]), unet).chunk(2)
@@ -282,7 +309,7 @@ class DiffusionModel:
         draw = lambda: torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for g in generators]).to(
             self.device, self.dtype
         )
-        cond = self.encode_prompts(prompts)
+        cond = self.encode_prompts(prompts, sampler.guidance)
         uncond = self.unconditional(len(prompts)) if self.uses_cfg(sampler.guidance) else None
         steps = self.timesteps(sampler)
         x = draw() * self.initial_scale(steps[0], sampler)
