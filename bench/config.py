@@ -57,6 +57,7 @@ train:
   warmup_steps: 0
   scale_lr: false       # true: lr *= batch_size * grad_accum (the Salesforce/DSPO --scale_lr)
   gradient_checkpointing: false
+  sampler: null         # the sampler trajectory methods train through: null is the model's own; a mapping overrides its keys (steps, timesteps)
 score:
   batch_size: 32
 stats:

@@ -233,13 +233,18 @@ class Session:
         return cls(method_cfg), reward
 
     def train(self) -> Checkpoint:
-        """Train with the model's own sampler: gen.steps and gen.guidance change evaluation only,
+        """Train with the training sampler: gen.steps and gen.guidance change evaluation only,
         so a model tuned at its 4 steps is evaluated at 1 step from the same checkpoint."""
         method, reward = self.resolve_method()
-        model = self.model(sampler=make_sampler(self.cfg["model"]["sampler"])).to(self.device, torch.float32)
+        model = self.model(sampler=self.train_sampler()).to(self.device, torch.float32)
         images = self.target_images(model.resolution)
         prompts = images.captions if images is not None else self.train_prompts()
         return Trainer(self.cfg, model, method, prompts, reward, self.device, self.cache, self.progress, images).run()
+
+    def train_sampler(self):
+        """The sampler a method trains through: the model's own (its card's steps), with the keys a
+        preset names in ``train.sampler`` on top (PSO trains SDXL-Turbo at 4 steps; its card samples at 1)."""
+        return make_sampler({**self.cfg["model"]["sampler"], **(self.cfg["train"].get("sampler") or {})})
 
     def train_prompts(self) -> list[str]:
         """The prompts a method samples its own training data for: the method's ``train_prompts``
