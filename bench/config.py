@@ -42,6 +42,7 @@ train:
   lr: 1.0e-4
   batch_size: 8
   grad_accum: 1
+  micro_batch_size: null # cut each batch into micro-batches of this size (gradients accumulate): memory, not the recipe
   lora_rank: 4          # 0 or null with full_finetune: true trains every UNet weight
   lora_alpha: 4
   full_finetune: false

@@ -47,6 +47,7 @@ class TrainContext:
     step: int = 0  # set by the trainer before each micro-batch: streamed data reads by position
     micro: int = 0
     images: TargetImages | None = None  # given target images (a DreamBench subject, a style set); prompts are their captions
+    sample_batch_size: int | None = None  # how many images a method samples in one batch while training (gen.batch_size)
 
     @contextmanager
     def reference(self):
@@ -85,6 +86,8 @@ def image_generators(n: int, generator: torch.Generator) -> list[torch.Generator
 
 class Method:
     """Base class for training recipes; ``cfg`` is the method's config section."""
+
+    splits_micro_batches = True  # False: the loss steps an optimizer of its own, so a batch cannot be cut into micro-batches
 
     def __init__(self, cfg: dict):
         self.cfg = cfg

@@ -202,10 +202,12 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         self.trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
         params = [p for p in unet.parameters() if p.requires_grad]
-        steps, accum = int(tc["steps"]), int(tc["grad_accum"])
+        steps = int(tc["steps"])
+        micro_batch, accum = self._micro_batches()
         ctx = TrainContext(
-            self.model, self.prompts, self.reward, int(tc["seed"]), self.device, int(tc["batch_size"]), self.progress, frozen,
+            self.model, self.prompts, self.reward, int(tc["seed"]), self.device, micro_batch, self.progress, frozen,
             data_cfg=self.pair_data, grad_accum=accum, workdir=self.root, save_every=int(tc["save_every"]), images=self.images,
+            sample_batch_size=int(self.cfg["gen"]["batch_size"]),
         )
         opt = make_optimizer(params, tc)
         lr_factor(tc["lr_schedule"], 0, 0, steps)  # a mistyped schedule fails before data is made
@@ -257,6 +259,24 @@ class Trainer:
         return self._finish(unet, ema, history, lora, self.method.data_manifest(ctx, data))
 
     # ---- pieces ------------------------------------------------------------------------------
+    def _micro_batches(self) -> tuple[int, int]:
+        """(micro-batch size, micro-batches per optimizer step): ``train.batch_size`` is cut into
+        ``train.micro_batch_size`` pieces whose gradients accumulate, times ``train.grad_accum``, so a
+        paper's batch fits in memory without changing what one optimizer step averages over."""
+        tc = self.train_cfg
+        batch, micro, accum = int(tc["batch_size"]), tc.get("micro_batch_size"), int(tc["grad_accum"])
+        if not micro or int(micro) >= batch:
+            return batch, accum
+        micro = int(micro)
+        if batch % micro:
+            raise TrainingError(f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}: pick a divisor of {batch}")
+        if not self.method.splits_micro_batches:
+            raise TrainingError(
+                f"method '{self.cfg['method']['name']}' steps a network of its own inside each loss call, so its batch cannot be cut "
+                f"into micro-batches: set train.micro_batch_size=null and lower train.batch_size instead"
+            )
+        return micro, accum * (batch // micro)
+
     def _precision(self) -> str:
         mp = self.train_cfg["mixed_precision"]
         if mp != "auto":

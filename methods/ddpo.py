@@ -10,6 +10,9 @@ a unit; with ratio = p_theta / p_old,
     L = max( -A * ratio, -A * clip(ratio, 1 - clip_range, 1 + clip_range) )
 
 No reference model: the clip range (1e-4 in DDPO) keeps each update near the sampling policy.
+The public code (kvablack/ddpo-pytorch) means log-probabilities over latent elements
+(``logprob_reduction: mean``, the preset's default); summed (the paper's densities), a ratio moves by
+thousands of times more per update and a 1e-4 clip range stops almost every unit's gradient.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from bench.method import TrainContext
-from bench.methods.online import OnlineMethod, unit_log_probs
+from bench.methods.online import OnlineMethod, reduce_log_prob, unit_log_probs
 
 
 def advantages(rewards: torch.Tensor, clip_max: float) -> torch.Tensor:
@@ -41,17 +44,21 @@ class DDPO(OnlineMethod):
     def units_per_prompt(self, ctx: TrainContext) -> int:
         return self.samples_per_prompt() * len(ctx.model.stochastic_timesteps())  # a trajectory at each step
 
+    def unit_group(self, ctx: TrainContext) -> int:
+        return len(ctx.model.stochastic_timesteps())  # a trajectory's steps travel together, as ddpo-pytorch batches them
+
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
         r, batch, units = self.next_units(ctx)
         s, k = self.samples_per_prompt(), len(ctx.model.stochastic_timesteps())
         traj, step = units // k, units % k
         states = batch["states"].flatten(0, 1)[traj]
-        old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)
+        old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)  # summed over elements when sampled
         adv = advantages(batch["rewards"], float(self.cfg["adv_clip_max"])).flatten()[traj].to(ctx.device)
         prompts = [ctx.prompts[int(batch["prompt_index"][int(i) // s])] for i in traj]
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         rows = torch.arange(len(units))
         x_t, x_prev = states[rows, step].to(**to), states[rows, step + 1].to(**to)
-        log_prob = unit_log_probs(ctx, x_t, x_prev, step, prompts)
+        log_prob = unit_log_probs(ctx, x_t, x_prev, step, prompts, reduction=self.logprob_reduction)
+        old = reduce_log_prob(old, x_prev, self.logprob_reduction)
         losses = ppo_loss(log_prob, old, adv, float(self.cfg["clip_range"]))
         return losses.mean(), {"round": r}

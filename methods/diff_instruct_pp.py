@@ -156,6 +156,8 @@ def generator_loss(x_t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, reward: 
 
 # ---- the recipe ---------------------------------------------------------------------------------
 class DiffInstructPP(Method):
+    splits_micro_batches = False  # the loss steps an optimizer of its own
+
     def _opt(self, key: str, default=None):
         value = self.cfg.get(key, default)
         return default if value is None else value

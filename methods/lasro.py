@@ -243,6 +243,8 @@ def source_hash() -> str:
 
 # ---- the recipe ------------------------------------------------------------------------------------
 class LaSRO(Method):
+    splits_micro_batches = False  # the loss steps an optimizer of its own
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         c = cfg

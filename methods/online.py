@@ -21,7 +21,18 @@ from bench.method import Method, TrainContext
 from bench.models.diffusion import gaussian_log_prob
 
 
-def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Tensor, i: int, prompts: list[str], cond=None) -> torch.Tensor:
+def reduce_log_prob(log_prob: torch.Tensor, x: torch.Tensor, reduction: str) -> torch.Tensor:
+    """A transition's log-density summed over latent elements (the papers' Gaussian likelihood), or
+    meaned over them as the public codes of DDPO, D3PO and online PSO do (``log_prob.mean(dim=1..)``):
+    the mean divides every log-ratio, and so beta, by the number of latent elements (65,536 at 1024 px)."""
+    if reduction == "sum":
+        return log_prob
+    if reduction == "mean":
+        return log_prob / x[0].numel()
+    raise ValueError(f"logprob_reduction must be sum or mean, not {reduction!r}")
+
+
+def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Tensor, i: int, prompts: list[str], cond=None, reduction: str = "sum") -> torch.Tensor:
     """log p(x_prev | x_t) of the sampler's i-th transition under the model as it is now (per sample)."""
     model = ctx.model
     steps = model.timesteps()
@@ -31,23 +42,33 @@ def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Ten
     uncond = model.unconditional(len(prompts)) if model.uses_cfg(guidance) else None
     eps = model.predict_eps(x_t, t, cond, uncond, guidance)
     step = model.transition(x_t, model.x0_from_eps(x_t, eps, t), eps, t, t_prev)
-    return gaussian_log_prob(x_prev.double(), step.mean.double(), step.std.double())
+    return reduce_log_prob(gaussian_log_prob(x_prev.double(), step.mean.double(), step.std.double()), x_prev, reduction)
 
 
-def unit_log_probs(ctx: TrainContext, x_t, x_prev, step: torch.Tensor, prompts: list[str], reference: bool = False) -> torch.Tensor:
+def unit_log_probs(ctx: TrainContext, x_t, x_prev, step: torch.Tensor, prompts: list[str], reference: bool = False, reduction: str = "sum") -> torch.Tensor:
     """log p_theta(x_prev | x_t) of training units that each sit at their own sampler step
     ``step`` (one batched pass per distinct step); minus log p_ref with ``reference``."""
     out = torch.zeros(len(step), dtype=torch.float64, device=ctx.device)
     for i in step.unique().tolist():
         rows = (step == i).to(ctx.device)
         sub = [p for p, keep in zip(prompts, rows.tolist()) if keep]
-        lp = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub)
+        lp = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub, reduction=reduction)
         if reference:
             with torch.no_grad(), ctx.reference():
-                ref = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub)
+                ref = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub, reduction=reduction)
             lp = lp - ref
         out = out.index_put((rows.nonzero().squeeze(1),), lp)
     return out
+
+
+def preference(reward_0: torch.Tensor, reward_1: torch.Tensor, ties: str) -> torch.Tensor:
+    """+1 where the first sample is preferred, -1 where the second is. A tie goes to the second
+    (``ties: second``; PSO's Alg. 2 and its Turbo script's ``sample_compare``: ``a <= b`` makes b the
+    target) or is skipped with 0 (``ties: skip``; D3PO's and the PSO DMD2 script's ``compare``)."""
+    if ties not in ("second", "skip"):
+        raise ValueError(f"ties must be second or skip, not {ties!r}")
+    sign = (reward_0 > reward_1).double() - (reward_0 < reward_1).double()
+    return torch.where(sign == 0, torch.full_like(sign, -1.0 if ties == "second" else 0.0), sign)
 
 
 class OnlineRounds:
@@ -84,28 +105,32 @@ class OnlineRounds:
 
     @torch.no_grad()
     def sample(self, ctx: TrainContext, r: int) -> dict[str, torch.Tensor]:
+        """Round r: every trajectory with its own generator, sampled and scored ``gen.batch_size`` at
+        a time (a round of 256 SDXL trajectories does not fit one batch; chunks change no image)."""
         n, s = self.prompts_per_round, self.samples_per_prompt
         g = torch.Generator().manual_seed(image_seed(f"{self.name}-prompts", r, 0, self.seed))
         index = torch.randint(0, len(ctx.prompts), (n,), generator=g)
         prompts = [ctx.prompts[int(i)] for i in index for _ in range(s)]
         gens = [torch.Generator().manual_seed(image_seed(self.name, r, i, self.seed)) for i in range(n * s)]
-        x0, states, steps = ctx.model.sample(prompts, gens, trajectory=True)
-        rewards = ctx.rewards(x0, prompts)
-        # log p of each stochastic transition, read off the Gaussians the sampler just drew from
         k = len(ctx.model.stochastic_timesteps())
-        log_probs = torch.stack([gaussian_log_prob(states[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1)
-        states = torch.stack(states, dim=1)  # (n s, N + 1, C, h, w)
-        shape = lambda x: x.reshape(n, s, *x.shape[1:]).contiguous()
-        return {
-            "states": shape(states.float().cpu()),
-            "log_probs": shape(log_probs.cpu()),
-            "rewards": shape(rewards),
-            "prompt_index": index,
-        }
+        chunk = ctx.sample_batch_size or len(prompts)
+        states, log_probs, rewards = [], [], []
+        for lo in range(0, len(prompts), chunk):
+            x0, traj, steps = ctx.model.sample(prompts[lo : lo + chunk], gens[lo : lo + chunk], trajectory=True)
+            rewards.append(ctx.rewards(x0, prompts[lo : lo + chunk]))
+            # log p of each stochastic transition (summed over elements), read off the Gaussians the sampler just drew from
+            log_probs.append(torch.stack([gaussian_log_prob(traj[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1).cpu())
+            states.append(torch.stack(traj, dim=1).float().cpu())  # (chunk, N + 1, C, h, w)
+        shape = lambda x: torch.cat(x).reshape(n, s, *x[0].shape[1:]).contiguous()
+        return {"states": shape(states), "log_probs": shape(log_probs), "rewards": shape(rewards), "prompt_index": index}
 
-    def order(self, r: int, epoch: int, count: int) -> torch.Tensor:
-        """The seeded order in which an epoch of round r visits its ``count`` units."""
-        return torch.randperm(count, generator=torch.Generator().manual_seed(image_seed(f"{self.name}-order", r, epoch, self.seed)))
+    def order(self, r: int, epoch: int, count: int, group: int = 1) -> torch.Tensor:
+        """The seeded order in which an epoch of round r visits its ``count`` units. Units come in
+        groups of ``group`` consecutive ids (a trajectory or pair at each of its steps), kept
+        together as the public DDPO/D3PO/PSO loops batch whole trajectories over all their steps."""
+        g = torch.Generator().manual_seed(image_seed(f"{self.name}-order", r, epoch, self.seed))
+        groups = torch.randperm(count // group, generator=g)
+        return (groups[:, None] * group + torch.arange(group)).flatten()
 
 
 class OnlineMethod(Method):
@@ -123,11 +148,21 @@ class OnlineMethod(Method):
     def units_per_prompt(self, ctx: TrainContext) -> int:
         return 1
 
+    def unit_group(self, ctx: TrainContext) -> int:
+        """How many consecutive units belong to one trajectory (or pair): 1, or its trained steps."""
+        return 1
+
+    @property
+    def logprob_reduction(self) -> str:
+        return str(self.cfg.get("logprob_reduction") or "sum")
+
     def rounds(self) -> OnlineRounds:
         return OnlineRounds({**self.cfg, "samples_per_prompt": self.samples_per_prompt()}, self.name)
 
     def steps_per_round(self, ctx: TrainContext) -> int:
-        return self.rounds().batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx)) * int(self.cfg["epochs_per_round"])
+        """Optimizer steps per round: its micro-batches over all epochs, ``grad_accum`` per step."""
+        micro_batches = self.rounds().batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx)) * int(self.cfg["epochs_per_round"])
+        return math.ceil(micro_batches / ctx.grad_accum)
 
     def prepare(self, ctx: TrainContext) -> dict:
         ctx.model.stochastic_timesteps()  # fail now, not after the first round, on a 1-step sampler
@@ -140,7 +175,7 @@ class OnlineMethod(Method):
         batch = rounds.get(ctx, r, spr)
         per_epoch = rounds.batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx))
         epoch, b = divmod((within * ctx.grad_accum + ctx.micro) % (per_epoch * rounds.epochs), per_epoch)
-        order = rounds.order(r, epoch, rounds.prompts_per_round * self.units_per_prompt(ctx))
+        order = rounds.order(r, epoch, rounds.prompts_per_round * self.units_per_prompt(ctx), self.unit_group(ctx))
         return r, batch, order[b * ctx.batch_size : (b + 1) * ctx.batch_size]
 
     def data_manifest(self, ctx: TrainContext, data) -> dict:

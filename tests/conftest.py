@@ -15,8 +15,15 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One cache per test session: the tiny models are built (and pre-trained) once."""
-    return tmp_path_factory.mktemp("bench-cache")
+    """One cache per test session: the tiny models are built (and pre-trained) once. During
+    development ``BENCH_TEST_CACHE=DIR`` keeps the built models (only they) across sessions; a build
+    is keyed by the hash of its spec and builder source, so a stale one is never reused. CI leaves it unset."""
+    cache = tmp_path_factory.mktemp("bench-cache")
+    keep = os.environ.get("BENCH_TEST_CACHE")
+    if keep:
+        (Path(keep) / "models").mkdir(parents=True, exist_ok=True)
+        (cache / "models").symlink_to(Path(keep) / "models")
+    return cache
 
 
 @pytest.fixture

@@ -221,3 +221,19 @@ def test_a_subject_needs_no_reward_but_an_online_method_may_name_one():
 
     assert resolve("method=pso-dreambooth")[1] is None
     assert resolve("method=pso-online", "method.reward=brightness")[1].name == "brightness"
+
+
+@needs_dreambench
+def test_the_official_pso_customization_trains_on_class_prompt_negatives(cli, cache_dir):
+    """pso-dreambooth-official (the authors' script): the subject's photos against negatives of the class prompt."""
+    code, out, err = cli("train", "suite=dreambench-micro", "model=tiny-fewstep", "method=pso-dreambooth-official", "subject=dog",
+                         f"suite.source={DREAMBENCH}", "train.steps=2", "train.grad_accum=2", "method.num_negatives=2",
+                         "train.mixed_precision=no")
+    assert code == 0, err
+    meta = json.loads(next((cache_dir / "checkpoints").glob("pso-dreambooth-official-*/final/train.json")).read_text())
+    assert meta["steps"] == 2 and meta["lora_rank"] == 16 and meta["data"]["images"] == 5
+    negatives = list((cache_dir / "data").glob("pso-dreambooth-official-*.safetensors"))
+    assert len(negatives) == 1
+    from safetensors.torch import load_file
+
+    assert load_file(negatives[0])["latents_neg"].shape[0] == 2

@@ -20,20 +20,23 @@ sig = lambda x: 1 / (1 + math.exp(-x))
 
 
 def test_d3po_loss_by_hand():
-    lr0 = torch.tensor([0.05, -0.3, 0.01], dtype=torch.float64)
-    lr1 = torch.tensor([-0.02, 0.02, 0.5], dtype=torch.float64)
-    first = torch.tensor([True, False, True])
+    lr0 = torch.tensor([0.05, -0.3, 0.01, 0.02], dtype=torch.float64)
+    lr1 = torch.tensor([-0.02, 0.02, 0.5, 0.04], dtype=torch.float64)
+    prefer = torch.tensor([1.0, -1.0, 1.0, 0.0])  # the last pair is a reward tie: weight 0
     beta, eps = 2.0, 0.1
-    got = d3po_loss(lr0, lr1, first, beta, eps)
-    for i in range(3):
+    got = d3po_loss(lr0, lr1, prefer, beta, eps)
+    for i in range(4):
         clip = lambda v: math.log(min(max(math.exp(v), 1 - eps), 1 + eps))
-        pref = 1 if first[i] else -1
-        want = -math.log(sig(beta * (pref * clip(lr0[i].item()) - pref * clip(lr1[i].item()))))
+        h = prefer[i].item()
+        want = -math.log(sig(beta * (h * clip(lr0[i].item()) - h * clip(lr1[i].item()))))
         assert got[i].item() == pytest.approx(want, rel=1e-12)
-    # a ratio beyond the clip carries no gradient
+    assert got[3].item() == pytest.approx(math.log(2))
+    # a ratio beyond the clip carries no gradient; without a clip (eps None) it does
     x = torch.tensor([0.5], dtype=torch.float64, requires_grad=True)
-    d3po_loss(x, torch.zeros(1, dtype=torch.float64), torch.tensor([True]), beta, eps).sum().backward()
+    d3po_loss(x, torch.zeros(1, dtype=torch.float64), torch.tensor([1.0]), beta, eps).sum().backward()
     assert x.grad.item() == 0
+    d3po_loss(x, torch.zeros(1, dtype=torch.float64), torch.tensor([1.0]), beta, None).sum().backward()
+    assert x.grad.item() == pytest.approx(-beta * (1 - sig(beta * 0.5)))
 
 
 def test_ppo_loss_and_advantages_by_hand():

@@ -119,3 +119,14 @@ def test_optimizer_state_round_trips_through_a_checkpoint(name, tmp_path):
 def test_missing_data_file_is_named(cli, tmp_path):
     code, _, err = cli("train", "method=dspo", f"data={tmp_path / 'missing.parquet'}")
     assert code == 2 and "no such file or folder" in err and "missing.parquet" in err
+
+
+@pytest.mark.parametrize("name", ["diffusion-dpo-sd15", "diffusion-dpo-sdxl", "dspo-sd15", "dspo-sdxl", "sft-sd15", "diffusion-kto-sd15", "mapo-sdxl",
+                                  "pso-offline-dmd2", "pso-offline-turbo", "pso-offline-lcm"])
+def test_offline_paper_presets_name_their_data_and_base(name):
+    """`bench run suite=pickapic method=<preset>` streams Pick-a-Pic v2 (ties dropped) into the paper's base
+    model, instead of stopping to ask for data=."""
+    cfg = compose([f"method={name}"])
+    assert cfg.data.source == "yuvalkirstain/pickapic_v2" and cfg.data.split == "train" and cfg.data.drop_ties
+    assert cfg.model.name == cfg.method.base_model and cfg.model.name in {"sd15", "sdxl", "sdxl-dmd2", "sdxl-turbo", "sdxl-lcm"}
+    assert compose([f"method={name}", "data=pokemon-blip-captions"]).data.name == "pokemon-blip-captions"  # data= still wins
