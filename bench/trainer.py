@@ -279,6 +279,8 @@ class Trainer:
 
     def _precision(self) -> str:
         mp = self.train_cfg["mixed_precision"]
+        if mp in (False, None):  # `train.mixed_precision=no` on the command line reads as YAML's false
+            return "no"
         if mp != "auto":
             return mp
         if self.device.type == "cuda":

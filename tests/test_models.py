@@ -271,3 +271,23 @@ def test_x0_from_eps_inverts_add_noise(model):
     same = model.add_noise(x0, noise, 480)
     torch.testing.assert_close(same[1], x_t[1], rtol=0, atol=1e-12)
     assert float((model.x0_from_eps(same, noise, 480) - x0).abs().max()) < 1e-6
+
+
+def test_a_build_is_the_same_on_any_thread_count(tmp_path):
+    """Two builds of one spec, from processes set to 2 threads and to 1, give the same bytes: the builder
+    runs on one thread (float32 CPU reductions otherwise depend on how many threads split them)."""
+    from bench.models.tiny import build_tiny_pipeline
+
+    spec = to_dict(compose(["model=tiny-fewstep"]))["model"]["build"]
+    spec = {**spec, "pretrain": {**spec["pretrain"], "steps": 3}, "pretrain_vae": {**spec["pretrain_vae"], "steps": 3}}
+    before = torch.get_num_threads()
+    files = []
+    for threads, folder in ((2, tmp_path / "a"), (1, tmp_path / "b")):
+        torch.set_num_threads(threads)
+        try:
+            build_tiny_pipeline(spec, folder)
+        finally:
+            torch.set_num_threads(before)
+        files.append({p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))})
+    assert len(files[0]) == 3 and files[0] == files[1]  # unet, vae, text encoder
+    assert torch.get_num_threads() == before

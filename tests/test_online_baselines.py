@@ -104,3 +104,25 @@ def test_online_baselines_end_to_end(cli, method):
                          "train.batch_size=4", "method.prompts_per_round=2")
     assert code == 0, err
     assert f"micro / tiny-fewstep / {method} vs" in out
+
+
+def test_micro_batches_accumulate_to_the_batch_they_cut(cli, cache_dir):
+    """train.micro_batch_size is memory only: a d3po step over 6 units in two micro-batches of 3 lands where
+    one batch of 6 does (to float32 summation), and a size that does not divide the batch is one line."""
+    from safetensors.torch import load_file
+
+    args = ["suite=micro", "model=tiny-fewstep", "method=d3po", "suite.limit=2", "train.steps=2", "train.batch_size=6", "method.prompts_per_round=2"]
+    finals = []
+    for extra in ([], ["train.micro_batch_size=3"]):
+        code, out, err = cli("train", *args, *extra)
+        assert code == 0, err
+        finals.append(load_file(out.split("checkpoint: ")[1].strip() + "/weights.safetensors"))
+    assert finals[0].keys() == finals[1].keys()
+    moved = 0.0
+    for name, w in finals[0].items():
+        torch.testing.assert_close(finals[1][name], w, rtol=1e-4, atol=1e-6)
+        moved = max(moved, float(w.abs().max()))
+    assert moved > 0  # the LoRA B matrices left zero: the step did something
+    code, out, err = cli("train", *args, "train.micro_batch_size=4")
+    assert code != 0 and out == "" and len(err.strip().splitlines()) == 1
+    assert "train.batch_size=6 is not a multiple of train.micro_batch_size=4" in err

@@ -8,6 +8,8 @@ real loading code without a download.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import gzip
 import json
 import shutil
@@ -141,9 +143,24 @@ def pretrain_on_synthetic_latents(unet, encode, scheduler, cfg: dict, seed: int,
     unet.eval()
 
 
+@contextmanager
+def one_thread():
+    """Run on one CPU thread: float32 CPU kernels split their reductions by thread count, so a build
+    on 2 threads and one on 16 would differ in the last bits (and a model named twice, as
+    ``tiny-onestep`` names ``tiny``'s weights, would not be the same model)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@one_thread()
 def build_tiny_pipeline(spec: dict, directory: Path) -> None:
     """Build a tiny Stable-Diffusion-layout (or, with ``layout: sdxl``, SDXL-layout: two text
-    encoders, pooled-text and size conditioning) pipeline from ``spec`` and save it to ``directory``.
+    encoders, pooled-text and size conditioning) pipeline from ``spec`` and save it to ``directory``,
+    on one thread so that every machine builds the same bits.
 
     Written to a temporary sibling folder first and renamed, so a killed build
     never leaves a half-written model behind.
