@@ -12,10 +12,10 @@ fill any row field. ``paper_suite``, ``paper_model`` and ``paper_method`` give t
 where ours are null.
 
 A run matches a cell when its manifest's ``protocol`` record has the cell's protocol, suite,
-variant and model, and its method is one of the cell's. Runs of the same method, model and scorers
-form one row: their seeds (and subjects) are pooled per prompt (the mean over images and seeds, or
-the win against the base image of the same seed, ties one half, averaged over seeds), and the
-interval resamples prompts.
+variant and model, and its method is one of the cell's. Runs of the same method, model, scorers and
+command-line overrides (``train.steps=2``, shown beside the row) form one row: their seeds (and
+subjects) are pooled per prompt (the mean over images and seeds, or the win against the base image
+of the same seed, ties one half, averaged over seeds), and the interval resamples prompts.
 """
 
 from __future__ import annotations
@@ -244,7 +244,7 @@ def compare(cells: list[dict], runs: list[dict], folders: dict[str, Path]) -> li
         }
         groups: dict[tuple, dict] = {}
         for run in (r for r in runs if matches(cell, r)):
-            key = (run["method"], run["model"], run["scorers"])
+            key = (run["method"], run["model"], run["scorers"], tuple(run["protocol"].get("overrides") or []))
             slot = (run["protocol"].get("seed"), run["protocol"].get("subject"))
             group = groups.setdefault(key, {})
             if slot not in group or run["mtime"] > group[slot]["mtime"]:  # a cell re-run: its newest run
@@ -253,7 +253,7 @@ def compare(cells: list[dict], runs: list[dict], folders: dict[str, Path]) -> li
             methods = "/".join(cell["methods"]) if cell["methods"] else f"({cell['paper_method']})"
             records.append(base | {"method": methods, "status": "reported"})
             continue
-        for (method, model, scorers), group in sorted(groups.items()):
+        for (method, model, scorers, overrides), group in sorted(groups.items()):
             got = ours(cell, list(group.values()), folders)
             scale = cell["scale"]
             value = None if got["value"] is None else got["value"] * scale
@@ -265,6 +265,10 @@ def compare(cells: list[dict], runs: list[dict], folders: dict[str, Path]) -> li
                 notes.append(f"scorers={scorers}: scores NOT meaningful")
             if len(got["seeds"]) < got["n_seeds_protocol"]:
                 notes.append(f"{len(got['seeds'])} of {got['n_seeds_protocol']} seeds")
+            if any(r["manifest"].get("published_prompt_set") is False for r in group.values()):
+                notes.append("not the published prompt set")
+            if overrides:
+                notes.append("overrides: " + " ".join(overrides))
             records.append(
                 base
                 | {

@@ -34,6 +34,23 @@ from bench.errors import UsageError
 log = logging.getLogger(__name__)
 SELECT = ("final", "lowest", "highest")
 EXPRESSIBLE = (True, "partly", False)
+# What a protocol fixes: overriding it on the command line would make a run's recorded cell untrue.
+FIXED = ("suite", "seed", "gen.steps", "gen.guidance", "suite.images_per_prompt", "suite.metrics")
+# Arguments that say where things are or how fast they go, not what is measured: left out of a run's recorded overrides.
+PLACE = ("protocol", "method", "model", "out", "cache_dir", "device", "scorers", "gen.batch_size", "score.batch_size", "suite.source")
+
+
+def overrides_of(args: list[str]) -> list[str]:
+    """The command-line settings a protocol run adds to its preset (``train.steps=2``, ``suite.limit=2``):
+    recorded in each manifest and shown beside the paper's numbers, so a smoke run never passes for the preset."""
+    from bench.config import parse_overrides
+
+    out = []
+    for key, value in parse_overrides(args):
+        if key in PLACE or key.startswith("protocol.suites.") and key.endswith(".source") or key == "protocol.model":
+            continue
+        out.append(f"{key}={value}")
+    return out
 
 
 def validate(p: dict) -> dict:
@@ -124,6 +141,14 @@ def expand(cfg: dict, args: list[str]) -> list[dict]:
     p = validate(cfg["protocol"])
     if p["expressible"] is False:
         raise UsageError(f"protocol '{p['name']}' cannot run in this harness: {'; '.join(p['limits'])}")
+    from bench.config import parse_overrides
+
+    fixed = [k for k, _ in parse_overrides(args) if k in FIXED or any(k.startswith(f + ".") for f in FIXED if f != "suite")]
+    if fixed:
+        raise UsageError(
+            f"protocol '{p['name']}' fixes {', '.join(fixed)}: change the protocol instead (protocol.seeds=[0], "
+            "protocol.suites.NAME.KEY=VALUE), or evaluate without protocol="
+        )
     model = p.get("model") or cfg["model"]["name"]
     variants = variants_for(p, model)
     if not variants:
@@ -148,7 +173,7 @@ def expand(cfg: dict, args: list[str]) -> list[dict]:
                     record = {
                         "name": p["name"], "paper": p.get("paper"), "tables": list(p.get("tables") or []), "suite": suite,
                         "variant": variant["name"], "seed": int(seed), "subject": subject, "model": model,
-                        "seeds": [int(s) for s in p["seeds"]], "checkpoint_select": select,
+                        "seeds": [int(s) for s in p["seeds"]], "checkpoint_select": select, "overrides": overrides_of(args),
                     }
                     cells.append({"suite": suite, "set": settings, "record": record})
     return cells

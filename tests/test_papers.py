@@ -148,6 +148,8 @@ def test_protocol_refusals_are_one_line(cli):
     assert code != 0 and "PixArt-alpha" in err and len(err.strip().splitlines()) == 1
     code, _, err = cli("run", "protocol=pso-tabel1", "method=sft")
     assert code != 0 and "unknown protocol 'pso-tabel1'; did you mean pso-table1" in err
+    code, _, err = cli("run", "protocol=pso-table2", "method=pso-offline-turbo", "seed=3", "gen.steps=2")
+    assert code != 0 and "fixes seed, gen.steps" in err and "protocol.seeds=[0]" in err
 
 
 # ---- the leaderboard -----------------------------------------------------------------------------
@@ -327,8 +329,12 @@ def test_protocol_run_keeps_the_best_checkpoint_and_sits_beside_its_paper_cell(c
     assert code == 0, err
     rows = {r["row"]: r for r in csv.DictReader(io.StringIO((runs / "papers.csv").read_text())) if r["table"] == "Table 1"}
     assert rows["Tuned"]["status"] == "compared" and float(rows["Tuned"]["ours"]) == pytest.approx(values[chosen])
+    kept = next(k for k, m in tuned.items() if m["protocol"]["selection"]["selected"])
+    ci = json.loads((runs / kept / "summary.json").read_text())["metrics"]["brightness"]["ci"]  # one image per prompt, one seed:
+    assert [float(rows["Tuned"]["ci_low"]), float(rows["Tuned"]["ci_high"])] == pytest.approx(ci)  # the run's own interval
     assert rows["Tuned"]["inside"] in ("True", "False") and rows["Tuned"]["difference"] != ""
-    assert rows["Base"]["status"] == "compared" and "stand-in model tiny-onestep" in rows["Base"]["note"]
+    assert rows["Base"]["status"] == "compared" and rows["Base"]["note"].startswith("stand-in model tiny-onestep; overrides: model.build.pretrain.steps=0 suite.limit=2")
+    assert "train.steps=2" in rows["Tuned"]["note"] and "train.steps=2" not in rows["Base"]["note"]
     assert rows["Not run"]["status"] == "reported"
 
 
