@@ -331,7 +331,7 @@ def render(df: pd.DataFrame) -> str:
     n_cells = len(df[["paper", "table", "row", "variant", "column"]].drop_duplicates())
     n_compared = int((df["status"] == "compared").sum())
     head = (
-        f"# Paper numbers beside ours\n\n{n_cells} reported cells from {df['paper'].nunique()} papers; {n_compared} rows of ours "
+        f"# Paper numbers beside ours\n\n{n_cells} reported cells from {df['paper'].nunique()} paper(s); {n_compared} rows of ours "
         "(mean over prompts of the per-prompt mean over images and seeds, or of the win against the base image of the same seed, "
         "ties one half; intervals resample prompts; values in the paper's units)\n\n"
     )

@@ -152,6 +152,16 @@ def test_protocol_refusals_are_one_line(cli):
     assert code != 0 and "fixes seed, gen.steps" in err and "protocol.seeds=[0]" in err
 
 
+def test_keeping_checkpoints_changes_no_other_checkpoints_key():
+    from bench.trainer import train_identity
+
+    tc = to_dict(compose(["method=sft"]))["train"]
+    assert tc["keep_checkpoints"] is False
+    assert train_identity(tc) == {k: v for k, v in tc.items() if k not in ("save_every", "keep_checkpoints")}  # as before the flag
+    kept = train_identity(tc | {"keep_checkpoints": True})
+    assert kept["keep_checkpoints"] is True and kept["save_every"] == tc["save_every"]  # which steps are kept is part of it
+
+
 # ---- the leaderboard -----------------------------------------------------------------------------
 
 
