@@ -142,6 +142,11 @@ def test_protocol_cells_fix_suite_seeds_sampler_and_metrics():
     cells = expand(to_dict(compose(args)), args)
     assert all(c["set"]["train.keep_checkpoints"] is True for c in cells)
 
+    args = ["protocol=pso-table3", "method=pso-dreambooth-turbo", f"suite.source={SHARED_DATA / 'dreambench'}"]
+    cells = expand(to_dict(compose(args)), args)  # one training and evaluation per DreamBench subject
+    assert len(cells) == 30 and cells[0]["set"]["subject"] == cells[0]["record"]["subject"] and cells[0]["set"]["suite.images_per_prompt"] == 4
+    assert [c["record"]["subject"] for c in expand(to_dict(compose([*args, "subject=dog"])), [*args, "subject=dog"])] == ["dog"]
+
 
 def test_protocol_refusals_are_one_line(cli):
     code, _, err = cli("run", "protocol=di-pp-table1", "method=di-pp-cfg4.5-rew10")
