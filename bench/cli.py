@@ -20,8 +20,8 @@ commands:
   run          train a method (or reuse its checkpoint), generate, score, compare with the base model
   eval         evaluate a model without training
   train        train a method only and print the checkpoint folder
-  ls           list registered methods | suites | models | metrics | datasets
-  leaderboard  one table over every run under out= (markdown + CSV)
+  ls           list registered methods | suites | models | metrics | datasets | protocols
+  leaderboard  one table over every run under out= (markdown + CSV); papers=true: the papers' numbers beside ours
   check        compare run=DIR with baseline=FILE; non-zero exit outside tolerance
   score        score a folder of images with named metrics (images=DIR prompts=FILE metrics=a,b)
   perf         measure harness overhead, cached re-run time and batched generation speed
@@ -29,6 +29,7 @@ commands:
 
 examples:
   bench run suite=micro method=sft
+  bench run protocol=pso-table1 method=pso-online-dmd2
   bench eval suite=micro model=tiny gen.batch_size=1
   bench ls methods
 """
@@ -48,6 +49,8 @@ def cmd_run(args):
     from bench.config import compose
     from bench.runner import run
 
+    if any(a.startswith("protocol=") for a in args):
+        return _run_protocol(args, train=True)
     cfg = compose(args, require=("method",))
     if cfg.gen.shard:
         raise UsageError("gen.shard applies to `bench eval` (base-model generation by parallel workers), not `bench run`")
@@ -56,10 +59,22 @@ def cmd_run(args):
     print(f"\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
 
 
+def _run_protocol(args, train: bool):
+    from bench.protocol import render, run_protocol
+
+    entries = run_protocol(args, train=train)
+    print(render(entries))
+    out = next((a.split("=", 1)[1] for a in args if a.startswith("out=")), "runs")
+    print(f"\n{len(entries)} evaluations of protocol {entries[0]['cell']['name'] if entries else '?'}; "
+          f"`bench leaderboard papers=true out={out}` puts them beside the paper's numbers")
+
+
 def cmd_eval(args):
     from bench.config import compose
     from bench.runner import evaluate, generate_shard
 
+    if any(a.startswith("protocol=") for a in args):
+        return _run_protocol(args, train=False)
     cfg = compose(args)
     if cfg.gen.shard:
         generated, cached, total = generate_shard(cfg)
@@ -87,6 +102,10 @@ def cmd_ls(args):
         if kind not in REGISTRIES:
             raise UsageError(f"unknown listing '{kind}': use one of {', '.join(REGISTRIES)}")
         rows = REGISTRIES[kind].describe()
+        if kind == "protocols":  # the description, and why a protocol is not (fully) expressible
+            from bench.protocol import describe_rows
+
+            rows = describe_rows(rows)
         print(f"{kind}:")
         width = max((len(n) for n, _ in rows), default=0)
         for name, description in rows:
@@ -96,8 +115,12 @@ def cmd_ls(args):
 def cmd_leaderboard(args):
     from bench import report
 
-    kv = _kv(args, {"out", "dest"}, "leaderboard")
-    md_path, csv_path, text = report.leaderboard(kv.get("out", "runs"), kv.get("dest"))
+    kv = _kv(args, {"out", "dest", "papers"}, "leaderboard")
+    papers = kv.get("papers", "false")
+    if papers.lower() not in ("false", "0", "no", ""):
+        md_path, csv_path, text = report.papers_leaderboard(kv.get("out", "runs"), kv.get("dest"), papers)
+    else:
+        md_path, csv_path, text = report.leaderboard(kv.get("out", "runs"), kv.get("dest"))
     print(text)
     print(f"\nwritten: {md_path}  {csv_path}")
 

@@ -1,7 +1,7 @@
 """Configuration: defaults + the selected model, method and suite YAMLs + ``key=value`` overrides.
 
 Composition order, later wins: ``DEFAULTS`` < suite's ``gen`` < method's ``train``/``gen`` <
-command-line overrides. A method preset's ``base_model`` picks the model when ``model=`` is not
+a protocol cell's settings (``bench.protocol``: suite, seed, sampler, metrics) < command-line overrides. A method preset's ``base_model`` picks the model when ``model=`` is not
 given, and its ``base_data`` the dataset; ``data=`` names a pair dataset or a captioned image set (or
 a local parquet file, or a folder of either). The tree is in OmegaConf struct mode, so a mistyped key
 is an error that names the closest existing key, not a silently ignored value.
@@ -29,6 +29,7 @@ model: tiny             # a method preset's `base_model` is used when model= is 
 method: null
 suite: micro
 data: null              # a pair dataset (pickapic-v2, FILE.parquet) or a captioned image set (FOLDER, pokemon-blip-captions) in place of self-generated data
+protocol: null          # a paper's evaluation protocol (`bench ls protocols`): `bench run protocol=NAME method=M` runs every evaluation it names
 scorers: official       # official: each metric's canonical weights; tiny: random tiny scorers of the same families (smoke tests, scores NOT meaningful)
 subject: null           # a DreamBench subject (dreambench suites): evaluate on it, and customization methods train on its photos
 gen:
@@ -51,6 +52,7 @@ train:
   mixed_precision: auto # auto: bf16 on CUDA when supported, else no
   ema_decay: null       # e.g. 0.999 keeps an EMA of the trained weights, used for evaluation
   save_every: 50
+  keep_checkpoints: false # true: keep the weights of every save_every step for evaluation (a protocol's checkpoint selection)
   seed: 0
   optimizer: adamw      # adamw | adafactor (transformers; the DSPO/DPO SDXL scripts) | adamw8bit (bitsandbytes)
   adam_betas: [0.9, 0.999] # (beta1, beta2) of adamw / adamw8bit
@@ -67,7 +69,7 @@ stats:
   seed: 0
 """
 
-GROUPS = ("model", "method", "suite", "data")
+GROUPS = ("model", "method", "suite", "data", "protocol")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*=.*$", re.S)
 
 
@@ -110,20 +112,27 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def compose(args: list[str], require: tuple[str, ...] = ()) -> DictConfig:
-    """Build the resolved config for a command from its ``key=value`` arguments."""
-    from bench.registry import DATASETS, METHODS, MODELS, SUITES
+def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = None) -> DictConfig:
+    """Build the resolved config for a command from its ``key=value`` arguments.
+
+    ``cell`` is one evaluation of a protocol (``bench.protocol.expand``): its suite, unless the
+    arguments name one, and its settings (``{"seed": 0, "gen.steps": 4, ...}``) go on top of the
+    suite and method and under the arguments; ``cell["record"]`` lands in ``protocol.cell``.
+    """
+    from bench.registry import DATASETS, METHODS, MODELS, PROTOCOLS, SUITES
 
     pairs = parse_overrides(args)
     cfg = OmegaConf.create(DEFAULTS)
     choices = {k: v for k, v in pairs if k in GROUPS}
+    if cell is not None and "suite" not in choices:
+        choices["suite"] = cell["suite"]
     for group in GROUPS:
         if group in choices:
             cfg[group] = choices[group] or None
     for group in require:
         if cfg[group] is None:
             raise UsageError(f"`{group}=NAME` is required here (`bench ls {group}s` lists them)")
-    registries = {"model": MODELS, "method": METHODS, "suite": SUITES, "data": DATASETS}
+    registries = {"model": MODELS, "method": METHODS, "suite": SUITES, "data": DATASETS, "protocol": PROTOCOLS}
     if cfg.method is not None:
         cfg.method = load_entry_config(METHODS, str(cfg.method))
         if "model" not in choices and cfg.method.get("base_model"):
@@ -150,7 +159,17 @@ def compose(args: list[str], require: tuple[str, ...] = ()) -> DictConfig:
         for section in ("train", "gen"):
             if section in cfg.method:
                 cfg[section] = OmegaConf.merge(cfg[section], cfg.method[section])
+    if cfg.protocol is not None:
+        cfg.protocol.cell = (cell or {}).get("record")
     OmegaConf.set_struct(cfg, True)
+    if cfg.protocol is not None and cfg.protocol.get("suites"):
+        for name in cfg.protocol.suites:  # protocol.suites.NAME.KEY=VALUE: a suite key for that suite's cells only (its source)
+            OmegaConf.set_struct(cfg.protocol.suites[name], False)
+    for key, value in (cell or {}).get("set", {}).items():
+        try:
+            OmegaConf.update(cfg, key, value, merge=True)
+        except OmegaConfBaseException:
+            raise UsageError(f"protocol '{cfg.protocol.name}' sets unknown config key '{key}'{_close_keys(cfg, key)}") from None
     for key, value in pairs:
         if key in GROUPS:
             continue

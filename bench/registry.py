@@ -4,8 +4,8 @@ An entry is a name, a one-line description and a *target*: an object, a
 ``"module:Object"`` string imported on first use, or a path to a YAML config.
 Built-in entries are declared without importing anything heavy; third-party
 packages add entries through the entry-point groups ``bench.models``,
-``bench.methods``, ``bench.suites``, ``bench.metrics`` and ``bench.datasets`` (the entry point's
-value is loaded and must be a YAML path, a config dict or a class).
+``bench.methods``, ``bench.suites``, ``bench.metrics``, ``bench.datasets`` and ``bench.protocols`` (the
+entry point's value is loaded and must be a YAML path, a config dict or a class).
 """
 
 from __future__ import annotations
@@ -105,8 +105,9 @@ METHODS = Registry("method", "bench.methods")
 SUITES = Registry("suite", "bench.suites")
 METRICS = Registry("metric", "bench.metrics")
 DATASETS = Registry("dataset", "bench.datasets")
+PROTOCOLS = Registry("protocol", "bench.protocols")  # a paper's evaluation protocol: suites, seeds, samplers, metrics, checkpoint choice
 
-REGISTRIES = {"models": MODELS, "methods": METHODS, "suites": SUITES, "metrics": METRICS, "datasets": DATASETS}
+REGISTRIES = {"models": MODELS, "methods": METHODS, "suites": SUITES, "metrics": METRICS, "datasets": DATASETS, "protocols": PROTOCOLS}
 
 
 def _builtins() -> None:
@@ -118,6 +119,7 @@ def _builtins() -> None:
     DATASETS.add_yaml_dir(Path(__file__).parent / "datasets")
     METHODS.add_yaml_dir(Path(bench.methods.__file__).parent)
     SUITES.add_yaml_dir(Path(bench.suites.__file__).parent)
+    PROTOCOLS.add_yaml_dir(Path(bench.suites.__file__).parent / "protocols")
     from bench.metrics import BUILTIN_METRICS
 
     for name, (target, description) in BUILTIN_METRICS.items():

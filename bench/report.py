@@ -241,6 +241,28 @@ def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
     return md_path, csv_path, md
 
 
+def papers_leaderboard(root, out_dir=None, papers: str = "true") -> tuple[Path, Path, str]:
+    """Write papers.md and papers.csv: every cell of the papers' tables (``results/papers``), with
+    our protocol runs under ``root`` beside it (``bench.papers``). ``papers`` is true (every paper),
+    a comma-separated list of paper ids, or a folder of paper files."""
+    from bench import papers as paper_tables
+
+    directory, only = None, None
+    if papers.lower() not in ("true", "1", "yes"):
+        if Path(papers).is_dir():
+            directory = papers
+        else:
+            only = [p for p in papers.split(",") if p]
+    cells = paper_tables.load_papers(directory, only)
+    runs, folders = paper_tables.protocol_runs(root)
+    df = paper_tables.frame(paper_tables.compare(cells, runs, folders))
+    out = Path(out_dir) if out_dir is not None else Path(root)
+    md = paper_tables.render(df)
+    md_path = write_text(out / "papers.md", md)
+    csv_path = write_text(out / "papers.csv", df.to_csv(index=False, lineterminator="\n"))
+    return md_path, csv_path, md
+
+
 # --------------------------------------------------------------------------- regression gate
 
 _SPEC_KEYS = {"value", "abs_tol", "min", "max"}

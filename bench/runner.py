@@ -115,8 +115,20 @@ class Session:
         return plan_images(self.suite.name, self.suite.prompts, self.suite.images_per_prompt, int(self.cfg["seed"]), model, self.sampler, ckpt_id, self.dtype_name)
 
     # ---- evaluation --------------------------------------------------------------------------
-    def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None) -> RunResult:
+    def protocol_record(self, trained: bool) -> dict | None:
+        """The protocol cell this evaluation belongs to (``bench.protocol``), or None outside a protocol;
+        the base model's record leaves out the training's overrides (``bench eval`` makes the same run)."""
+        protocol = self.cfg.get("protocol")
+        if not protocol or not protocol.get("cell"):
+            return None
+        record = dict(protocol["cell"])
+        if not trained:
+            record["overrides"] = [o for o in record.get("overrides") or [] if not o.startswith(("train.", "method.", "data"))]
+        return record
+
+    def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None, protocol_extra: dict | None = None) -> RunResult:
         t_start = time.perf_counter()
+        protocol = self.protocol_record(checkpoint is not None)
         if self.set_metrics and self.real is None:
             self.real = real_set(self.suite, self.cache)  # missing real images fail before anything is built or generated
         model = self.model(checkpoint).to(self.device, self.dtype)
@@ -137,6 +149,9 @@ class Session:
             "dtype": self.dtype_name,
             "stats": self.cfg["stats"],
             "baseline": baseline.run_dir.name if baseline else None,
+            # the same images under two protocols are two runs, each matched to its paper (the overrides that change
+            # images or scores are in this identity already: model, sampler, prompts, metrics, checkpoint)
+            **({"protocol": {k: v for k, v in protocol.items() if k != "overrides"}} if protocol else {}),
         }
         config_hash = stable_hash(identity)
         run_id = f"{self.suite.name}-{self.cfg['model']['name']}-{label}-{config_hash[:8]}"
@@ -200,6 +215,7 @@ class Session:
             **({"set_metrics": sets.manifest()} if sets is not None else {}),
             "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
             "baseline": baseline.run_dir.name if baseline else None,
+            **({"protocol": protocol | (protocol_extra or {})} if protocol else {}),
             "scorers": self.cfg["scorers"],
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),

@@ -70,6 +70,26 @@ def recipe_source_hash(method: Method) -> str | None:
     return h.hexdigest()[:16]
 
 
+def train_identity(tc: dict) -> dict:
+    """The training settings that determine the checkpoint: ``save_every`` (when it saves) only where
+    ``keep_checkpoints`` keeps a snapshot at every save, and the flag only when it is set, so every
+    checkpoint trained without it keeps its key."""
+    ident = {k: v for k, v in tc.items() if k not in ("save_every", "keep_checkpoints")}
+    return ident | ({"keep_checkpoints": True, "save_every": int(tc["save_every"])} if tc.get("keep_checkpoints") else {})
+
+
+def kept_checkpoints(final: Checkpoint) -> list[tuple[int, Checkpoint]]:
+    """(step, checkpoint) for every snapshot ``train.keep_checkpoints`` kept beside a finished
+    checkpoint, oldest first, then the final one; each has its own id, so its images are its own."""
+    meta = json.loads((final.path / "train.json").read_text())
+    out = []
+    for folder in sorted((final.path.parent / "kept").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
+        if (folder / "weights.safetensors").exists():
+            step = int(folder.name.split("-")[1])
+            out.append((step, Checkpoint(folder, f"{final.train_id}-step{step}")))
+    return out + [(int(meta["steps"]), final)]
+
+
 def micro_seed(seed: int, step: int, micro: int) -> int:
     return derived_seed("train", seed, step, micro)
 
@@ -172,7 +192,7 @@ class Trainer:
                 "model": model.identity,
                 "sampler": str(model.sampler),
                 "method": {k: v for k, v in cfg["method"].items() if not k.startswith("_") and k not in ("description", "train", "gen")},
-                "train": {k: v for k, v in self.train_cfg.items() if k != "save_every"},
+                "train": train_identity(self.train_cfg),
                 "prompts": prompts_sha256(prompts),
                 "reward": f"{reward.info.name}@{reward.info.version}" if reward is not None else None,  # scorers=tiny is another version
                 "recipe_source": recipe_source_hash(method),
@@ -251,6 +271,8 @@ class Trainer:
             history.append(total)
             bar.set_postfix(loss=f"{total:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
             if (step + 1) % int(tc["save_every"]) == 0 and step + 1 < steps:
+                if tc.get("keep_checkpoints"):  # before the resumable state: a kill between the two redoes this step's snapshot
+                    self._keep(unet, ema, step + 1, history, lora)
                 self._save(unet, opt, ema, step + 1, history)
         bar.close()
         unet.eval().requires_grad_(False)
@@ -348,15 +370,14 @@ class Trainer:
         log.info("resuming training from %s (step %d)", last, state["step"])
         return int(state["step"]), list(state["history"])
 
-    def _finish(self, unet, ema, history, lora: bool, data_manifest: dict) -> Checkpoint:
+    def _eval_weights(self, unet, ema) -> dict[str, torch.Tensor]:
+        """The weights a checkpoint is evaluated with: the EMA where there is one."""
+        return {k: v.detach().clone().contiguous() for k, v in ema.items()} if ema is not None else trainable_state(unet, self.trainable)
+
+    def _write_weights(self, folder: Path, weights: dict, steps: int, history: list[float], lora: bool, data_manifest: dict | None) -> None:
+        """An evaluable checkpoint folder (weights.safetensors + train.json), written atomically."""
         tc = self.train_cfg
-        weights = {k: v.contiguous() for k, v in ema.items()} if ema is not None else trainable_state(unet, self.trainable)
-        if ema is not None:
-            params = dict(unet.named_parameters())
-            with torch.no_grad():
-                for name, tensor in ema.items():
-                    params[name].copy_(tensor)
-        tmp = self.root / ".tmp-final"
+        tmp = folder.with_name(f".tmp-{folder.name}")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_file(weights, tmp / "weights.safetensors")
@@ -369,16 +390,31 @@ class Trainer:
                 "lora_rank": int(tc["lora_rank"]) if lora else 0,
                 "lora_alpha": float(tc["lora_alpha"]) if lora else 0.0,
                 "lora_targets": LORA_TARGETS if lora else None,
-                "steps": int(tc["steps"]),
+                "steps": int(steps),
                 "data": data_manifest,
                 "loss_first": first,
                 "loss_last": last,
                 "history": history,
             },
         )
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+
+    def _keep(self, unet, ema, step: int, history: list[float], lora: bool) -> None:
+        """Keep this step's evaluation weights beside the run (``train.keep_checkpoints``): a protocol
+        that chooses a checkpoint by a metric (LaSRO: the lowest FID) evaluates every one of them."""
+        self._write_weights(self.root / "kept" / f"step-{step:07d}", self._eval_weights(unet, ema), step, list(history), lora, None)
+
+    def _finish(self, unet, ema, history, lora: bool, data_manifest: dict) -> Checkpoint:
+        tc = self.train_cfg
+        weights = self._eval_weights(unet, ema)
+        if ema is not None:
+            params = dict(unet.named_parameters())
+            with torch.no_grad():
+                for name, tensor in ema.items():
+                    params[name].copy_(tensor)
         final = self.root / "final"
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
+        self._write_weights(final, weights, int(tc["steps"]), history, lora, data_manifest)
         for old in self._step_dirs():
             shutil.rmtree(old, ignore_errors=True)
         return Checkpoint(final, self.train_id)
