@@ -187,15 +187,13 @@ def test_resampling_continues_from_a_random_candidate(fewstep_lora):
     xw, pw, xl, pl = out["x_t_win"], out["x_prev_win"], out["x_t_lose"], out["x_prev_lose"]
     assert torch.equal(xw, xl)  # SD1.5 mode: both candidates leave the same shared x_t
     # the recorded scores: the win candidate is the best, the lose the worst of its K
+    cond = model.encode_prompts(PROMPTS * 2)
     with torch.no_grad():
-        for unit in range(12):
-            t = model.timesteps()[int(out["step"][unit]) + 1]
-            cond = model.encode_prompts([PROMPTS[int(out["prompt"][unit])]])
-            for state, which in ((pw, 0), (pl, 1)):
-                x0 = model.x0_from_eps(state[unit : unit + 1], model.predict_eps(state[unit : unit + 1], t, cond), t)
-                got = float(x0.double().mean())
-                best = out["scores"][:, unit // 4, unit % 4]
-                assert got == pytest.approx(float(best.max() if which == 0 else best.min()), rel=1e-9)
+        for j in range(3):  # transition j's candidates, scored at t_{j+1}
+            t, units = model.timesteps()[j + 1], slice(4 * j, 4 * j + 4)
+            x = torch.cat([pw[units], pl[units]])
+            got = model.x0_from_eps(x, model.predict_eps(x, t, cond), t).double().flatten(1).mean(1)
+            torch.testing.assert_close(got, torch.cat([out["scores"][:, j].max(0).values, out["scores"][:, j].min(0).values]), rtol=1e-9, atol=1e-12)
     # with K = 2 the next shared state is one of the two candidates: sometimes the worse one (random, not greedy)
     went = []
     for p in range(4):
@@ -257,17 +255,17 @@ def test_one_step_raises_the_win_margin(fewstep_lora, tmp_path):
 
 
 def test_bench_train_spo_end_to_end(cli):
-    args = ["suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=6", "train.batch_size=4", "method.prompts_per_round=2",
-            "method.num_candidates=2", "train.save_every=4", "suite.limit=2"]
+    args = ["suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
+            "method.num_candidates=2", "train.save_every=2", "suite.limit=2"]
     code, out, err = cli("train", *args)
     assert code == 0, err
     ckpt = Path(out.split("checkpoint: ")[1].strip())
     data = json.loads((ckpt / "train.json").read_text())["data"]
     # a round: 2 prompts x 3 stochastic transitions = 6 pairs, ceil(6 / 4) = 2 optimizer steps
-    assert data["source"] == "online, step-wise resampling" and data["rounds"] == 3 and data["pairs"] == 18 and data["pairs_per_round"] == [6, 6, 6]
-    assert json.loads((ckpt.parent / "rounds" / "index.json").read_text())["pairs"] == [6, 6, 6]
-    # rounds before the last checkpoint's (step 4: round 2) are deleted when they cannot be needed
-    assert sorted(p.name for p in (ckpt.parent / "rounds").glob("*.safetensors")) == ["round-000002.safetensors"]
+    assert data["source"] == "online, step-wise resampling" and data["rounds"] == 2 and data["pairs"] == 12 and data["pairs_per_round"] == [6, 6]
+    assert json.loads((ckpt.parent / "rounds" / "index.json").read_text())["pairs"] == [6, 6]
+    # rounds before the last checkpoint's (step 2: round 1) are deleted when they cannot be needed
+    assert sorted(p.name for p in (ckpt.parent / "rounds").glob("*.safetensors")) == ["round-000001.safetensors"]
     code, again, err = cli("train", *args)
     assert code == 0 and again == out, err  # cached
 
@@ -435,3 +433,50 @@ def test_spo_scores_chains_with_the_step_aware_model(fewstep_lora):
     assert out["scores"].shape == (2, 3, 2) and out["scores"].dtype == torch.float64
     images = calls[0][0]
     assert images.shape == (4, 3, 32, 32) and (images.min() < 0 or images.max() > 1)  # in the decoder's range, not [0, 1] pixels
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_the_same_weights(cli, cache_dir, tmp_path, monkeypatch):
+    """A run killed after its checkpoint at step 2 (round 1 already sampled) resumes from the kept
+    round and its index, and ends with the weights of an uninterrupted run."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    args = ["suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
+            "method.num_candidates=2", "train.save_every=2"]
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    (other / "models").symlink_to(Path(cache_dir) / "models")
+    code, out, err = cli("train", *args, cache=other)
+    assert code == 0, err
+    want = load_file(Path(out.split("checkpoint: ")[1].strip()) / "weights.safetensors")
+    shutil.rmtree(Path(cache_dir) / "checkpoints", ignore_errors=True)
+
+    real = SPO.loss
+
+    def killed(self, ctx, data, generator):
+        if ctx.step == 3:
+            raise KeyboardInterrupt
+        return real(self, ctx, data, generator)
+
+    monkeypatch.setattr(SPO, "loss", killed)
+    code, _, err = cli("train", *args)
+    assert code == 130, err  # "interrupted; finished work is kept"
+    rounds = Path(cache_dir) / "checkpoints"
+    assert [p.name for p in rounds.glob("spo-*/step-*")] == ["step-0000002"] and len(list(rounds.glob("spo-*/rounds/round-000001.safetensors"))) == 1
+    monkeypatch.setattr(SPO, "loss", real)
+    code, out, err = cli("train", *args)
+    assert code == 0, err
+    got = load_file(Path(out.split("checkpoint: ")[1].strip()) / "weights.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.slow
+def test_spo_raises_brightness_on_micro(cli, tmp_path):
+    """A short run on the micro suite (brightness reward) beats the base model on most prompts."""
+    code, out, err = cli("run", "suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=60")
+    assert code == 0, err
+    run = Path(out.split("run folder: ")[1].split()[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["winrate"]["brightness"]["value"] >= 0.8
