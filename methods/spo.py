@@ -195,6 +195,12 @@ class StepwiseRounds:
                     raise TrainingError(f"spo: round {r} should start at step {start}, not {ctx.step}; the rounds index in {self.folder(ctx)} is inconsistent: delete the checkpoint folder and retrain")
                 self.save(ctx, r, sample(r), counts, start)
                 counts = self.counts(ctx)
+                empty = next((q for q, c in enumerate(reversed(counts)) if c), len(counts))  # rounds in a row with no pair
+                if empty >= math.ceil(len(ctx.prompts) / self.prompts_per_round):
+                    raise TrainingError(
+                        f"spo: no pair passed method.threshold={self.cfg['threshold']} in {empty} rounds in a row (a whole epoch of prompts): "
+                        "the preference model's scores differ too little for it; lower method.threshold"
+                    )
             n = self.steps_of(counts[r], ctx)
             if ctx.step < start + n:
                 return r, start, self.load(ctx, r)

@@ -254,6 +254,22 @@ def test_one_step_raises_the_win_margin(fewstep_lora, tmp_path):
     assert len(json.loads((tmp_path / "rounds" / "index.json").read_text())["pairs"]) == 2
 
 
+def test_rounds_without_pairs_are_skipped_then_refused(fewstep_lora, tmp_path):
+    """A round whose pairs all fail the threshold takes no step (the code skips it); an epoch of them is an error."""
+    from bench.errors import TrainingError
+
+    class Flat(Brightness):
+        def score(self, images, prompts, refs=None):
+            return torch.zeros(len(images), dtype=torch.float64)
+
+    ctx = TrainContext(copy.deepcopy(fewstep_lora), PROMPTS, Flat(), 0, torch.device("cpu"), 4, progress=False, workdir=tmp_path)
+    method = SPO(dict(CFG, prompts_per_round=2))  # 2 rounds an epoch
+    method.prepare(ctx)
+    with pytest.raises(TrainingError, match="no pair passed method.threshold=0.0 in 2 rounds"):
+        method.next_units(ctx)
+    assert json.loads((tmp_path / "rounds" / "index.json").read_text()) == {"pairs": [0, 0]}
+
+
 def test_bench_train_spo_end_to_end(cli):
     args = ["suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
             "method.num_candidates=2", "train.save_every=2", "suite.limit=2"]

@@ -279,7 +279,8 @@ class StepAwarePreference(LearnedMetric):
         """Scores of images in [-1, 1] (the VAE decoder's output, unclamped) at per-image timesteps."""
         model = self.loaded()[0]
         t = torch.as_tensor(timesteps, device=self.device).reshape(-1).expand(images.shape[0])
-        scores = model.preference_score(images.to(self.device, self.dtype), self.tokenize(prompts).to(self.device), t)
+        with torch.autocast(self.device.type, enabled=False):  # float32 also inside a training step's autocast (the official runs it outside)
+            scores = model.preference_score(images.to(self.device, self.dtype), self.tokenize(prompts).to(self.device), t)
         return scores.double().cpu()
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
