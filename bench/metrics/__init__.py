@@ -237,6 +237,14 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
         "bench.metrics.text_alignment:TextAlignment",
         "LaSRO's Text Alignment Score: BERTScore F1 (roberta-large L17) of the Florence-2-large <DETAILED_CAPTION> caption vs the prompt (not differentiable)",
     ),
+    "spm-sd15": (
+        "bench.metrics.step_aware:StepAwarePreference",
+        "SPO's step-aware preference model for SD1.5 (timestep-conditioned PickScore ViT-H/14; SPO-Diffusion-Models/Step-Aware_Preference_Models): logit_scale * cos at t = 0",
+    ),
+    "spm-sdxl": (
+        "bench.metrics.step_aware:StepAwarePreferenceSDXL",
+        "SPO's step-aware preference model for SDXL (sdxl_step-aware_preference_model.bin): logit_scale * cos at t = 0",
+    ),
     "fid": ("bench.metrics.fid:FID", "FID (set-level) on the clean-fid 'clean' protocol: PIL bicubic to 299, TorchScript Inception-v3 inception-2015-12-05.pt"),
     "kid": ("bench.metrics.fid:KID", "KID (set-level, raw) on the clean-fid 'clean' protocol: cubic polynomial kernel, 100 subsets of at most 1,000 images, seeded"),
     "blip-vqa": (

@@ -1,0 +1,342 @@
+"""SPO: step-by-step preference optimization (Liang et al., CVPR 2025; code RockeyCoss/SPO at 27a8642).
+
+Training alternates rounds of sampling with step-wise resampling and fitting, as
+``train_scripts/train_spo.py`` with ``spo/custom_diffusers/multi_sample_pipeline.py`` (SD1.5) and
+``multi_sample_pipeline_sdxl.py`` (SDXL) do:
+
+1. **Sampling a round** (no gradient, the current weights). For each prompt of the round, the
+   sampler runs its first ``divert_start_step`` transitions one sample at a time. From then on, at
+   each *branch* transition the shared state x_t gives ``num_candidates`` = K candidates
+   x_{t-1}^1..K (K draws of the same Gaussian). Each candidate continues alone for
+   ``num_inner_step`` more transitions (0 for SD1.5: every transition branches; 3 for SDXL). The
+   chains are then scored by the preference model on the x0 the model predicts from them, decoded,
+   at their current timestep (``preference_model_fn(decode(x0_hat), t)``). The best and the worst
+   chain form a pair for every transition of the segment, kept only when
+   softmax(best, worst)[0] - softmax[1] > ``threshold`` (``preference_score_compare``). Then one
+   chain, drawn uniformly at random (not the best), continues: its state and its x0 / eps
+   prediction start the next branch. This is the step-wise resampler: the next pair again differs
+   only in that step's noise.
+2. **Fitting**. The round's kept pairs are shuffled and walked in batches. With
+   r = clip(p_theta(x_{t-1} | x_t) / p_ref(x_{t-1} | x_t), 1 - eps, 1 + eps) for the win (w) and the
+   lose (l) transition of a pair,
+
+       L = -log sigmoid( beta * log r_w - beta * log r_l ),   averaged over the batch
+
+   The log-probabilities are the sampler's Gaussian log-densities with classifier-free guidance at
+   the sampling scale, averaged over latent elements (``ddim_step_with_logprob``'s
+   ``log_prob.mean(dim=(1, 2, 3))``; ``logprob_reduction: sum`` is the harness's other convention).
+   The reference is the model with its LoRA adapters off (the code's frozen copy of the UNet).
+
+The preference model is the reward: with SPO's step-aware preference model (``reward: spm-sd15`` /
+``spm-sdxl``, ``bench/metrics/step_aware.py``) a chain is scored on its x0 prediction decoded
+unclamped, at its timestep, as the official pipelines do; any other reward (brightness on the micro
+suite) scores the same decoded x0 prediction as an image, ignoring the timestep.
+
+Where this harness necessarily differs (each also in ``methods/spo*.yaml``):
+
+* The last transition of every sampler here returns x0_hat deterministically, so it is not trained.
+  The official DDIM's last step (t = 1 -> alpha_0) is stochastic and its K clean outputs are scored at
+  t = 0; here the last segment ends one transition earlier and its chains are scored on their x0
+  prediction at the last timestep (which is exactly the image the sampler returns).
+* A round's kept pairs vary in number; the official loop trains ceil(pairs / batch) batches on them.
+  Here a round gets ceil(pairs / (batch_size x grad_accum)) optimizer steps (0 for a round with no
+  pair, as the code skips it), and the last batch is filled up by wrapping around to the start of
+  the round's shuffled order (the code's last batch is smaller; with 4 GPUs it also drops the
+  remainder of pairs / 4). ``train.steps`` counts optimizer steps, not epochs: ``train.json``
+  reports the rounds, pairs and epochs over the prompts that a run covered.
+* Prompts are taken in a fresh random order each epoch, ``prompts_per_round`` at a time (the
+  code's shuffled DataLoader of ``sample_batch_size`` per GPU).
+
+Rounds are saved next to the checkpoints with an index of their pair counts, so a resumed run
+trains on exactly what the interrupted one sampled; a round is a pure function of the weights at
+its start and the seed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from bench.errors import TrainingError, UsageError
+from bench.generate import image_seed
+from bench.method import Method, TrainContext
+from bench.methods.online import unit_log_probs
+from bench.models.diffusion import Conditioning
+
+
+# ---- the loss -----------------------------------------------------------------------------------
+def spo_loss(logratio_win: torch.Tensor, logratio_lose: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
+    """Per-pair SPO loss from log p_theta - log p_ref of the win and the lose transition."""
+    clipped = lambda lr: torch.log(torch.clamp(torch.exp(lr), 1 - eps, 1 + eps))
+    return -F.logsigmoid(beta * clipped(logratio_win) - beta * clipped(logratio_lose))
+
+
+# ---- the pair selection -------------------------------------------------------------------------
+def best_and_worst(scores: torch.Tensor, threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(K, B) scores of K candidates for B prompts -> (2, B) indices of the best and the worst, and
+    which prompts keep their pair: softmax over (best, worst) differs by more than ``threshold``."""
+    ranked, order = torch.sort(scores, dim=0, descending=True)
+    prob = torch.softmax(ranked[[0, -1]], dim=0)
+    return order[[0, -1]], prob[0] - prob[1] > threshold
+
+
+# ---- step-wise resampling -----------------------------------------------------------------------
+def draw(gens: list[torch.Generator], k: int, shape, like: torch.Tensor) -> torch.Tensor:
+    """(k, B, *shape) standard normal noise; prompt b draws its k samples from its own generator."""
+    noise = [torch.stack([torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(k)]) for g in gens]
+    return torch.stack(noise, 1).to(like.device, like.dtype)
+
+
+@torch.no_grad()
+def stepwise_resample(model, prompts: list[str], gens: list[torch.Generator], score, k: int, divert: int, inner: int, threshold: float) -> dict:
+    """Sample ``prompts`` with step-wise resampling; ``score(x0_latents, prompts, t)`` scores decoded
+    x0 predictions. Returns the kept pairs (states as x_t and x_{t-1} of the win and the lose chain,
+    the transition index, the prompt's position) and every candidate score."""
+    steps, sampler = model.timesteps(), model.sampler
+    last = len(model.stochastic_timesteps()) - 1  # the last stochastic transition (the final one returns x0_hat)
+    if not 0 <= divert <= last:
+        raise UsageError(f"spo: divert_start_step={divert} leaves no stochastic transition of the {len(steps)}-step sampler to train (at most {last})")
+    b, shape = len(prompts), model.latent_shape()
+    guidance = sampler.guidance
+    cond = model.encode_prompts(prompts)
+    uncond = model.unconditional(b) if model.uses_cfg(guidance) else None
+    cond_k = Conditioning.cat([cond] * k)
+    uncond_k = Conditioning.cat([uncond] * k) if uncond is not None else None
+
+    def predict(x, t, c, u):
+        eps = model.predict_eps(x, t, c, u, guidance)
+        return model.x0_from_eps(x, eps, t), eps
+
+    x = draw(gens, 1, shape, torch.empty((), device=model.device, dtype=model.dtype))[0] * model.initial_scale(steps[0], sampler)
+    for i in range(divert):  # the shared prefix: one sample per prompt
+        x0, eps = predict(x, steps[i], cond, uncond)
+        step = model.transition(x, x0, eps, steps[i], steps[i + 1])
+        x = step.mean + step.std * draw(gens, 1, shape, x)[0]
+    x0, eps = predict(x, steps[divert], cond, uncond)
+    kept = {"x_t_win": [], "x_prev_win": [], "x_t_lose": [], "x_prev_lose": [], "step": [], "prompt": []}
+    all_scores, i, rows = [], divert, torch.arange(b)
+    while i <= last:
+        end = min(i + inner, last)
+        step = model.transition(x, x0, eps, steps[i], steps[i + 1])  # branch: K candidates from the shared x_t
+        chains = step.mean + step.std * draw(gens, k, shape, x)
+        segment = [(i, x.expand(k, *x.shape), chains)]
+        for j in range(i + 1, end + 1):  # inner transitions: each chain alone
+            flat = chains.flatten(0, 1)
+            x0c, epsc = predict(flat, steps[j], cond_k, uncond_k)
+            step = model.transition(flat, x0c, epsc, steps[j], steps[j + 1])
+            nxt = step.mean.view_as(chains) + step.std * draw(gens, k, shape, x)
+            segment.append((j, chains, nxt))
+            chains = nxt
+        t = steps[end + 1]
+        x0c, epsc = predict(chains.flatten(0, 1), t, cond_k, uncond_k)
+        scores = score(x0c, list(prompts) * k, t).view(k, b)
+        all_scores.append(scores)
+        (win, lose), keep = best_and_worst(scores, threshold)
+        for j, cur, nxt in segment:
+            kept["x_t_win"].append(cur[win, rows][keep])
+            kept["x_prev_win"].append(nxt[win, rows][keep])
+            kept["x_t_lose"].append(cur[lose, rows][keep])
+            kept["x_prev_lose"].append(nxt[lose, rows][keep])
+            kept["step"].append(torch.full((int(keep.sum()),), j))
+            kept["prompt"].append(rows[keep])
+        i = end + 1
+        if i <= last:  # the resampler: a uniformly random chain starts the next branch
+            pick = torch.cat([torch.randint(0, k, (1,), generator=g) for g in gens])
+            x = chains[pick, rows]
+            x0, eps = x0c.view_as(chains)[pick, rows], epsc.view_as(chains)[pick, rows]
+    out = {key: torch.cat(v) for key, v in kept.items()}
+    out["scores"] = torch.stack(all_scores, 1)  # (K, segments, B)
+    return out
+
+
+# ---- rounds of variable length ------------------------------------------------------------------
+class StepwiseRounds:
+    """Rounds of ``prompts_per_round`` prompts, each kept pair a training unit; a round of V pairs
+    takes ceil(V / (batch_size x grad_accum)) x ``epochs_per_round`` optimizer steps. The pair counts
+    of every round sampled so far are kept in ``rounds/index.json``; round files are kept back to
+    the round of the last checkpoint."""
+
+    def __init__(self, cfg: dict, name: str):
+        self.cfg, self.name = cfg, name
+        self.prompts_per_round = int(cfg["prompts_per_round"])
+        self.epochs = int(cfg.get("epochs_per_round", 1))
+        self.seed = int(cfg["seed"])
+        self._cache: tuple[Path, dict] | None = None
+
+    def folder(self, ctx: TrainContext) -> Path:
+        return Path(ctx.workdir) / "rounds"
+
+    def counts(self, ctx: TrainContext) -> list[int]:
+        path = self.folder(ctx) / "index.json"
+        return json.loads(path.read_text())["pairs"] if path.exists() else []
+
+    def steps_of(self, pairs: int, ctx: TrainContext) -> int:
+        return math.ceil(pairs / (ctx.batch_size * ctx.grad_accum)) * self.epochs
+
+    def prompt_indices(self, n: int, r: int) -> torch.Tensor:
+        """Round r's prompts: each epoch a fresh permutation of the n prompts, taken in slices."""
+        per_epoch = math.ceil(n / self.prompts_per_round)
+        epoch, k = divmod(r, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(image_seed(f"{self.name}-prompts", epoch, 0, self.seed)))
+        return perm[k * self.prompts_per_round : (k + 1) * self.prompts_per_round]
+
+    def locate(self, ctx: TrainContext, sample) -> tuple[int, int, dict]:
+        """The round the current step trains on, the step it started at, and its data; sampled with
+        the current weights when this step starts it."""
+        counts, start, r = self.counts(ctx), 0, 0
+        while True:
+            if r == len(counts):
+                if ctx.step != start:
+                    raise TrainingError(f"spo: round {r} should start at step {start}, not {ctx.step}; the rounds index in {self.folder(ctx)} is inconsistent: delete the checkpoint folder and retrain")
+                self.save(ctx, r, sample(r), counts, start)
+                counts = self.counts(ctx)
+                empty = next((q for q, c in enumerate(reversed(counts)) if c), len(counts))  # rounds in a row with no pair
+                if empty >= math.ceil(len(ctx.prompts) / self.prompts_per_round):
+                    raise TrainingError(
+                        f"spo: no pair passed method.threshold={self.cfg['threshold']} in {empty} rounds in a row (a whole epoch of prompts): "
+                        "the preference model's scores differ too little for it; lower method.threshold"
+                    )
+            n = self.steps_of(counts[r], ctx)
+            if ctx.step < start + n:
+                return r, start, self.load(ctx, r)
+            start, r = start + n, r + 1
+
+    def path(self, ctx: TrainContext, r: int) -> Path:
+        return self.folder(ctx) / f"round-{r:06d}.safetensors"
+
+    def save(self, ctx: TrainContext, r: int, data: dict, counts: list[int], start: int) -> None:
+        folder = self.folder(ctx)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.path(ctx, r).with_suffix(".tmp")
+        save_file({k: v.contiguous() for k, v in data.items()}, tmp)
+        tmp.replace(self.path(ctx, r))
+        index = folder / "index.json.tmp"
+        index.write_text(json.dumps({"pairs": counts + [int(data["step"].numel())]}))
+        index.replace(folder / "index.json")
+        # a resume restarts at the last checkpoint: rounds before the one it falls in are never read again
+        resume_step = ctx.step // ctx.save_every * ctx.save_every
+        first_needed, s = 0, 0
+        for q, v in enumerate(counts):
+            if s + self.steps_of(v, ctx) > resume_step:
+                break
+            s, first_needed = s + self.steps_of(v, ctx), q + 1
+        for old in folder.glob("round-*.safetensors"):
+            if int(old.stem.split("-")[1]) < first_needed:
+                old.unlink()
+
+    def load(self, ctx: TrainContext, r: int) -> dict:
+        path = self.path(ctx, r)
+        if self._cache is None or self._cache[0] != path:
+            if not path.exists():
+                raise TrainingError(f"spo: round file {path} is missing; delete the checkpoint folder and retrain")
+            self._cache = (path, load_file(path))
+        return self._cache[1]
+
+    def order(self, r: int, epoch: int, count: int) -> torch.Tensor:
+        return torch.randperm(count, generator=torch.Generator().manual_seed(image_seed(f"{self.name}-order", r, epoch, self.seed)))
+
+
+class SPO(Method):
+    name = "spo"
+
+    def rounds(self) -> StepwiseRounds:
+        return StepwiseRounds(self.cfg, self.name)
+
+    def prepare(self, ctx: TrainContext) -> dict:
+        last = len(ctx.model.stochastic_timesteps()) - 1
+        if int(self.cfg["divert_start_step"]) > last:
+            raise UsageError(f"spo: divert_start_step={self.cfg['divert_start_step']} but the training sampler has stochastic transitions 0..{last}: lower it or set train.sampler.steps")
+        if self.cfg.get("logprob_reduction", "mean") not in ("mean", "sum"):
+            raise UsageError(f"spo: logprob_reduction={self.cfg['logprob_reduction']}: use mean (the official code) or sum")
+        self._rounds = self.rounds()
+        return {}
+
+    # ---- sampling ------------------------------------------------------------------------------
+    def score_fn(self, ctx: TrainContext):
+        """How chains are scored: the step-aware model on the unclamped decoded x0 at t, or the reward
+        of the decoded x0 (as evaluation sees it) for a reward without timesteps."""
+        reward = ctx.reward
+        if reward is None:
+            raise UsageError("spo needs a preference model: set method.reward=NAME (spm-sd15, spm-sdxl, or a suite metric)")
+        if hasattr(reward, "score_at"):
+            model = ctx.model
+
+            def step_aware(latents, prompts, t):
+                images = model.vae.decode(latents.to(model.vae.dtype) / model.scaling_factor).sample
+                return reward.score_at(images, prompts, torch.full((len(prompts),), float(t)))
+
+            return step_aware
+        return lambda latents, prompts, t: ctx.rewards(latents, prompts)
+
+    def sample_round(self, ctx: TrainContext, r: int) -> dict:
+        cfg, rounds = self.cfg, self._rounds
+        index = rounds.prompt_indices(len(ctx.prompts), r)
+        chunk = int(cfg.get("sample_batch_size") or len(index))
+        score = self.score_fn(ctx)
+        parts = []
+        for lo in range(0, len(index), chunk):
+            sub = index[lo : lo + chunk]
+            gens = [torch.Generator().manual_seed(image_seed(self.name, r, lo + n, rounds.seed)) for n in range(len(sub))]
+            out = stepwise_resample(
+                ctx.model, [ctx.prompts[int(i)] for i in sub], gens, score, int(cfg["num_candidates"]),
+                int(cfg["divert_start_step"]), int(cfg.get("num_inner_step", 0)), float(cfg["threshold"]),
+            )
+            out["prompt"] = sub[out["prompt"]]
+            parts.append(out)
+        states = [torch.stack([p["x_t_win"], p["x_prev_win"], p["x_t_lose"], p["x_prev_lose"]], 1) for p in parts]
+        return {
+            "states": torch.cat(states).float().cpu(),  # (V, 4, C, h, w): x_t and x_{t-1} of the win, then of the lose chain
+            "step": torch.cat([p["step"] for p in parts]),
+            "prompt_index": torch.cat([p["prompt"] for p in parts]),
+            "scores": torch.cat([p["scores"] for p in parts], 2).double().cpu(),  # (K, segments, prompts): every candidate's score
+        }
+
+    # ---- training ------------------------------------------------------------------------------
+    def next_units(self, ctx: TrainContext) -> tuple[int, dict, torch.Tensor]:
+        rounds = self._rounds
+        r, start, data = rounds.locate(ctx, lambda q: self.sample_round(ctx, q))
+        pairs = int(data["step"].numel())
+        per_epoch = rounds.steps_of(pairs, ctx) // rounds.epochs * ctx.grad_accum  # micro-batches per epoch
+        epoch, b = divmod((ctx.step - start) * ctx.grad_accum + ctx.micro, per_epoch)
+        slots = torch.arange(b * ctx.batch_size, (b + 1) * ctx.batch_size) % pairs  # the last batch wraps around
+        return r, data, rounds.order(r, epoch, pairs)[slots]
+
+    def loss(self, ctx: TrainContext, data, generator: torch.Generator):
+        r, batch, units = self.next_units(ctx)
+        to = dict(device=ctx.device, dtype=ctx.model.dtype)
+        states = batch["states"][units]
+        step = batch["step"][units]
+        prompts = [ctx.prompts[int(i)] for i in batch["prompt_index"][units]] * 2
+        x_t = torch.cat([states[:, 0], states[:, 2]]).to(**to)
+        x_prev = torch.cat([states[:, 1], states[:, 3]]).to(**to)
+        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True)
+        if self.cfg.get("logprob_reduction", "mean") == "mean":
+            logratio = logratio / states[0, 0].numel()
+        win, lose = logratio.chunk(2)
+        beta, eps = float(self.cfg["beta"]), float(self.cfg["eps"])
+        losses = spo_loss(win, lose, beta, eps)
+        ratio = lambda lr: torch.clamp(torch.exp(lr.detach()), 1 - eps, 1 + eps).mean().item()
+        return losses.mean(), {"round": r, "ratio_win": ratio(win), "ratio_lose": ratio(lose)}
+
+    def data_manifest(self, ctx: TrainContext, data) -> dict:
+        rounds = self._rounds
+        counts, s, covered = rounds.counts(ctx), 0, 0
+        for v in counts:  # the rounds that started at or before the last step trained
+            if s > ctx.step:
+                break
+            s, covered = s + rounds.steps_of(v, ctx), covered + 1
+        per_epoch = math.ceil(len(ctx.prompts) / rounds.prompts_per_round)
+        return {
+            "source": "online, step-wise resampling",
+            "rounds": covered,
+            "epochs": round(covered / per_epoch, 4),
+            "prompts_per_round": rounds.prompts_per_round,
+            "candidates": int(self.cfg["num_candidates"]),
+            "pairs": int(sum(counts[:covered])),
+            "pairs_per_round": [int(v) for v in counts[:covered]][:1000],
+        }
