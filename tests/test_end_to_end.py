@@ -32,8 +32,9 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from bench.cli import main
-from bench.config import stable_hash
+from bench.config import compose, stable_hash, to_dict
 from bench.generate import image_seed
+from bench.models import pipeline_location
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_PROMPTS = (REPO / "suites" / "micro" / "eval.txt").read_text(encoding="utf-8").splitlines()
@@ -127,7 +128,8 @@ def kill_when(proc: subprocess.Popen, ready, log: Path, what: str, timeout: floa
 def built(cache_dir) -> Path:
     """Build the tiny model into the session cache (once); returns the cache."""
     assert bench_main("prefetch", "model=tiny", f"cache_dir={cache_dir}") == 0
-    assert len(list((cache_dir / "models").glob("tiny-????????????/model_index.json"))) == 1  # tiny-<hash>, not tiny-fewstep-<hash>
+    folder = Path(pipeline_location(to_dict(compose(["model=tiny"]))["model"], cache_dir)[0])
+    assert folder.parent == cache_dir / "models" and folder.name.startswith("tiny-") and (folder / "model_index.json").is_file()
     return cache_dir
 
 
@@ -177,7 +179,7 @@ def test_batch_size_does_not_change_any_image(cli, built, tmp_path):
 # ---- 2a. a local folder in place of a hub id ------------------------------------------------------
 def test_local_pipeline_folder_loads_like_a_hub_id(cli, built, tmp_path):
     """`model.source=DIR` goes through the same from_pretrained path and gives the same images."""
-    (folder,) = (built / "models").glob("tiny-????????????")
+    folder = Path(pipeline_location(to_dict(compose(["model=tiny"]))["model"], built)[0])
     assert cli("eval", *SMALL, f"out={tmp_path / 'built'}")[0] == 0
     assert cli("eval", *SMALL, f"model.source={folder}", f"out={tmp_path / 'folder'}")[0] == 0
     a = pd.read_parquet(run_dir(tmp_path / "built", "base") / "scores.parquet")

@@ -21,7 +21,6 @@ from conftest import SHARED_DATA
 REPO = Path(__file__).resolve().parents[1]
 PAPERS = ["di-pp", "dspo", "lasro", "pso"]
 # Presets of the authors' released code, added on a parallel branch; the paper cells may name them before they arrive.
-ARRIVING = {"pso-online-turbo-official", "pso-online-dmd2-official", "pso-dreambooth-official"}
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +57,7 @@ def test_every_reference_exists_or_is_null_with_the_papers_name(cells):
             assert c["paper_method"], where
         else:
             for m in c["methods"]:
-                assert m == "base" or m in METHODS.names() or m in ARRIVING, f"{where}: unknown method preset {m}"
+                assert m == "base" or m in METHODS.names(), f"{where}: unknown method preset {m}"
         p = protocol(c["protocol"])
         assert p.get("paper") == c["paper"], where
         if c["suite"]:
