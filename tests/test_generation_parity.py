@@ -85,6 +85,16 @@ TINY = ("tiny", "tiny-fewstep", "tiny-sdxl-fewstep", "tiny-onestep")
 CASES = [(name, None) for name in CARDS] + [(name, card.alt_steps) for name, card in CARDS.items() if card.alt_steps]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tensors of 8 x 8 latents: one intra-op thread does the work of two, without the two spin-waiting
+    on each other (on a shared 2-core machine the 50-step runs took 30x longer with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ---- tiny pipelines in the hub layouts -----------------------------------------------------------------------------
 UNET = dict(
     sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=[32, 64],
