@@ -207,12 +207,13 @@ class DiffInstructPP(Method):
                 model.name, len(steps), model.sampler.kind, self.sigma_init, self.t_init,
             )
             return
-        if model.sampler.kind != "euler_ancestral" or steps[0] != self.t_init or self.prior != "std" or model.sampler.guidance > 1.0:
+        starts_at_sigma = abs(model.initial_scale() - math.sqrt(1 - model.alpha(steps[0]))) < 1e-12  # x_T = sigma z in sigma space
+        if model.sampler.kind not in ("euler", "euler_ancestral") or not starts_at_sigma or steps[0] != self.t_init or self.prior != "std" or model.sampler.guidance > 1.0:
             raise UsageError(
                 f"model '{model.name}' samples one {model.sampler.kind} step at t = {steps[0]} (guidance {model.sampler.guidance}), but the "
                 f"generator trained here is D(z; {self.sigma_init:.4f}) at t = {self.t_init} with z ~ N(0, sigma^2 I)"
                 + ("" if self.prior == "std" else " scaled by the prior 'variance' (no sampler draws it)")
-                + ": give the model a one-step euler_ancestral sampler at that timestep without guidance, or change method.sigma_init"
+                + ": give the model a one-step euler sampler (trailing spacing) at that timestep without guidance, or change method.sigma_init"
             )
 
     def _load_init(self, ctx, path: Path) -> None:

@@ -196,7 +196,8 @@ def generator_loss(s1: torch.Tensor, s2: torch.Tensor, f, lambda_1: float, lambd
 def two_step_sampler(model: DiffusionModel, t_mid: int | None) -> Sampler:
     """The model's sampler at 2 steps: its own 2-step schedule (LCM: 999, 499), or (T, t_mid)."""
     if t_mid is None:
-        return dataclasses.replace(model.sampler, steps=2)
+        listed = model.sampler.timesteps if model.sampler.timesteps and len(model.sampler.timesteps) == 2 else None
+        return dataclasses.replace(model.sampler, steps=2, timesteps=listed)
     first = model.timesteps()[0]
     if not 0 <= int(t_mid) < first:
         raise UsageError(f"method.t_mid={t_mid} must lie in [0, {first}): the second step starts below the first ({first})")
@@ -217,21 +218,23 @@ def draw_noise(model: DiffusionModel, gens: list[torch.Generator], sampler: Samp
 
 
 def first_step(model: DiffusionModel, x_T: torch.Tensor, cond: Conditioning, sampler: Sampler) -> tuple[torch.Tensor, torch.Tensor]:
-    """x1 = f_theta(x_T, T, c) and the model's epsilon there."""
+    """x1 = f_theta(x_T, T, c) (the sampler's 1-step output: LCM's boundary condition included) and
+    the model's epsilon there."""
     T = model.timesteps(sampler)[0]
     uncond = model.unconditional(x_T.shape[0]) if model.uses_cfg(sampler.guidance) else None
     eps = model.predict_eps(x_T, T, cond, uncond, sampler.guidance)
-    return model.x0_from_eps(x_T, eps, T), eps
+    return model.denoised(x_T, model.x0_from_eps(x_T, eps, T), T, sampler), eps
 
 
 def second_step(model: DiffusionModel, x_T, x1, eps, z, cond: Conditioning, sampler: Sampler) -> torch.Tensor:
-    """x2 = f_theta(x_{t_mid}, t_mid, c), x_{t_mid} the sampler's transition from x_T with x1 (renoise:
-    sqrt(a) x1 + sqrt(1 - a) z; Eq. 6)."""
+    """x2 = f_theta(x_{t_mid}, t_mid, c), x_{t_mid} the sampler's transition from x_T (LCM: sqrt(a) x1 +
+    sqrt(1 - a) z; Eq. 6); x1 enters through the epsilon it was made from."""
     T, t_mid = model.timesteps(sampler)
-    step = model.transition(x_T, x1, eps, T, t_mid, sampler)
+    step = model.transition(x_T, model.x0_from_eps(x_T, eps, T), eps, T, t_mid, sampler)
     x_mid = step.mean + step.std * z
     uncond = model.unconditional(x_T.shape[0]) if model.uses_cfg(sampler.guidance) else None
-    return model.x0_from_eps(x_mid, model.predict_eps(x_mid, t_mid, cond, uncond, sampler.guidance), t_mid)
+    x0 = model.x0_from_eps(x_mid, model.predict_eps(x_mid, t_mid, cond, uncond, sampler.guidance), t_mid)
+    return model.denoised(x_mid, x0, t_mid, sampler)
 
 
 def source_hash() -> str:

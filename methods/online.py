@@ -36,7 +36,7 @@ def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Ten
     """log p(x_prev | x_t) of the sampler's i-th transition under the model as it is now (per sample)."""
     model = ctx.model
     steps = model.timesteps()
-    t, t_prev = steps[i], steps[i + 1]
+    t, t_prev = steps[i], steps[i + 1] if i + 1 < len(steps) else -1  # a DDIM eta > 0 sampler may draw noise on its last step too
     cond = cond if cond is not None else model.encode_prompts(prompts)
     guidance = model.sampler.guidance
     uncond = model.unconditional(len(prompts)) if model.uses_cfg(guidance) else None

@@ -54,7 +54,7 @@ def test_fewstep_model_extends_tiny():
     assert few["build"]["vae"] == tiny["build"]["vae"]
     assert few["build"]["pretrain"] == tiny["build"]["pretrain"]
     assert (tiny["build"]["seed"], few["build"]["seed"]) == (0, 1)
-    assert (tiny["sampler"]["kind"], few["sampler"]["kind"]) == ("ddim", "renoise")
+    assert (tiny["sampler"]["kind"], few["sampler"]["kind"]) == ("ddim", "lcm")
     assert few["sampler"]["timesteps"] == [999, 749, 499, 249] and few["sampler"]["guidance"] == 1.0
     assert few["resolution"] == tiny["resolution"] == 32
     assert "extends" not in few

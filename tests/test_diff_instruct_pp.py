@@ -270,7 +270,7 @@ def test_options_and_rewards_are_checked_before_training(tiny64, model_cfg, cach
     DiffInstructPP({**CFG, "alpha_rew": 0.0}).prepare(ctx)  # Diff-Instruct needs no reward
     onestep = full_finetune_ctx(load_model(model_cfg("tiny-onestep"), cache_dir), Brightness())
     DiffInstructPP(CFG).prepare(onestep)
-    with pytest.raises(UsageError, match="samples one euler_ancestral step at t = 625"):
+    with pytest.raises(UsageError, match="samples one euler step at t = 625"):
         DiffInstructPP({**CFG, "sigma_init": 1.0}).prepare(onestep)  # evaluation would sample another generator
     with pytest.raises(UsageError, match="prior 'variance'"):
         DiffInstructPP({**CFG, "prior": "variance"}).prepare(onestep)

@@ -36,32 +36,34 @@ def seeded(*seeds):
 
 
 # ---- schedules -------------------------------------------------------------------------------
-def test_tiny_ddim_schedule_is_leading_spacing(tiny_cfg):
+def test_tiny_ddim_schedule_is_diffusers_leading_spacing(tiny_cfg, model):
     sampler = make_sampler(tiny_cfg["sampler"])
     assert (sampler.kind, sampler.steps, sampler.eta, sampler.guidance) == ("ddim", 4, 1.0, 3.0)
-    assert sampler.schedule(1000) == [750, 500, 250, 0]
-    assert Sampler("ddim", 2, 1.0).schedule(1000) == [500, 0]
-    assert Sampler("ddim", 10, 1.0).schedule(1000) == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    # DDIMScheduler on tiny's config: leading spacing plus steps_offset 1, as on SD1.5's and SDXL's configs
+    assert model.timesteps(sampler) == [751, 501, 251, 1]
+    assert model.timesteps(Sampler("ddim", 2, 1.0)) == [501, 1]
+    assert model.timesteps(Sampler("ddim", 10, 1.0)) == [901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+    assert model.timesteps(Sampler("ddim", 3, 1.0, scheduler_config=(("timestep_spacing", "trailing"),))) == [999, 666, 332]
 
 
-def test_explicit_timesteps_and_their_subsets():
-    listed = (999, 749, 499, 249)
-    s = lambda steps: Sampler("renoise", steps, 1.0, timesteps=listed).schedule(1000)  # noqa: E731
-    assert s(4) == [999, 749, 499, 249]
-    # Fewer steps: the first is kept, the rest spread evenly (indices round(i * 4 / steps)).
+def test_explicit_timesteps_hold_at_their_length_and_the_scheduler_gives_the_rest(model):
+    listed = [999, 749, 499, 249]
+    s = lambda steps: model.timesteps(make_sampler({"kind": "lcm", "steps": 4, "guidance": 1.0, "timesteps": listed}, steps))  # noqa: E731
+    assert s(4) == listed
+    # another step count: LCMScheduler's own pick from its 50 original steps, floor(linspace(0, 50, N))
     assert s(2) == [999, 499]
     assert s(1) == [999]
-    assert s(3) == [999, 749, 249]  # indices 0, round(1.33)=1, round(2.67)=3
-    with pytest.raises(ValueError, match="cannot take 5 steps"):
-        s(5)
+    assert s(3) == [999, 679, 339]
+    assert s(5) == [999, 799, 599, 399, 199]
+    assert make_sampler({"kind": "lcm", "steps": 4, "guidance": 1.0, "timesteps": listed}, 2).timesteps is None
 
 
-def test_few_step_model_uses_its_listed_timesteps():
+def test_few_step_model_uses_its_listed_timesteps(model):
     cfg = to_dict(compose(["model=tiny-fewstep"]))["model"]
     sampler = make_sampler(cfg["sampler"])
-    assert sampler.kind == "renoise" and sampler.timesteps == (999, 749, 499, 249)
-    assert sampler.schedule(1000) == [999, 749, 499, 249]
-    assert make_sampler(cfg["sampler"], steps=2).schedule(1000) == [999, 499]
+    assert sampler.kind == "lcm" and sampler.timesteps == (999, 749, 499, 249)
+    assert model.timesteps(sampler) == [999, 749, 499, 249]
+    assert model.timesteps(make_sampler(cfg["sampler"], steps=2)) == [999, 499]
 
 
 # ---- transitions -----------------------------------------------------------------------------
@@ -109,19 +111,23 @@ def test_ddim_transition_agrees_with_diffusers_ddim_scheduler(model, tiny_cfg, e
     torch.testing.assert_close(ours, theirs.to(torch.float64), rtol=1e-5, atol=1e-5)
 
 
-def test_renoise_transition_and_final_step(model):
+def test_lcm_transition_and_final_step(model):
     g = torch.Generator().manual_seed(3)
     x_t, x0, eps = (torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64) for _ in range(3))
-    renoise = Sampler("renoise", 4, 1.0, timesteps=(999, 749, 499, 249))
+    lcm = Sampler("lcm", 4, 1.0, timesteps=(999, 749, 499, 249))
     a_prev = float(model.alphas_cumprod[499])
-    step = model.transition(x_t, x0, eps, 749, 499, renoise)
-    torch.testing.assert_close(step.mean, math.sqrt(a_prev) * x0, rtol=1e-12, atol=1e-12)
+    # LCMScheduler's boundary condition at t: c_skip = 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25)
+    denoised = lambda t: (10 * t / math.sqrt((10 * t) ** 2 + 0.25)) * x0 + 0.25 / ((10 * t) ** 2 + 0.25) * x_t  # noqa: E731
+    step = model.transition(x_t, x0, eps, 749, 499, lcm)
+    torch.testing.assert_close(step.mean, math.sqrt(a_prev) * denoised(749), rtol=1e-12, atol=1e-12)
     assert float(step.std) == pytest.approx(math.sqrt(1 - a_prev), rel=1e-12)
-    for sampler in (renoise, Sampler("ddim", 4, 1.0, eta=1.0)):
-        last = model.transition(x_t, x0, eps, 249, -1, sampler)
-        assert torch.equal(last.mean, x0) and float(last.std) == 0.0
+    last = model.transition(x_t, x0, eps, 249, -1, lcm)
+    torch.testing.assert_close(last.mean, denoised(249), rtol=1e-12, atol=1e-12)
+    assert float(last.std) == 0.0 and float((last.mean - x0).abs().max()) < 1e-6  # within 1e-7 of x0 this late
+    last = model.transition(x_t, x0, eps, 1, -1, Sampler("ddim", 4, 1.0, eta=1.0))  # set_alpha_to_one (DDIM's default): x0
+    assert torch.equal(last.mean, x0) and float(last.std) == 0.0
     with pytest.raises(ValueError, match="unknown sampler kind"):
-        model.transition(x_t, x0, eps, 749, 499, Sampler("euler", 4, 1.0))
+        model.transition(x_t, x0, eps, 749, 499, Sampler("heun", 4, 1.0))
 
 
 def test_gaussian_log_prob_matches_torch_normal():

@@ -60,7 +60,9 @@ def test_trajectory_logratio_equals_the_gaussian_closed_form(fewstep_lora):
                 eps = model.unet(x_t, torch.tensor([t, t]), encoder_hidden_states=cond.hidden).sample
                 model.unet.enable_adapters()
                 x0 = (x_t - math.sqrt(1 - model.alpha(t)) * eps) / math.sqrt(model.alpha(t))
-                mu[which] = math.sqrt(a_prev) * x0  # renoise: N(sqrt(a_prev) x0_hat, (1 - a_prev) I)
+                # LCMScheduler: N(sqrt(a_prev) (c_out x0_hat + c_skip x_t), (1 - a_prev) I), sigma_data 0.5, timestep scaling 10
+                c_skip, c_out = 0.25 / ((10 * t) ** 2 + 0.25), 10 * t / math.sqrt((10 * t) ** 2 + 0.25)
+                mu[which] = math.sqrt(a_prev) * (c_out * x0 + c_skip * x_t)
             sq = lambda m: ((x_prev - m) ** 2).flatten(1).sum(1)
             want += -(sq(mu["theta"]) - sq(mu["pre"])) / (2 * (1 - a_prev))
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)

@@ -36,10 +36,12 @@ def lora_grads(model):
 
 
 def x0_by_hand(model, x, t, prompts):
-    """x0 = (x_t - sqrt(1 - a_t) eps_theta(x_t, t, c)) / sqrt(a_t)."""
+    """The LCM sampler's clean estimate at t: c_out x0 + c_skip x_t with x0 = (x_t - sqrt(1 - a_t) eps_theta(x_t, t, c)) / sqrt(a_t),
+    c_skip = 0.25 / ((10 t)^2 + 0.25), c_out = 10 t / sqrt((10 t)^2 + 0.25) (LCMScheduler's boundary condition)."""
     eps = model.unet(x, torch.tensor([t] * x.shape[0]), encoder_hidden_states=model.encode_prompts(prompts).hidden).sample
     a = model.alpha(t)
-    return (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    x0 = (x - math.sqrt(1 - a) * eps) / math.sqrt(a)
+    return 10 * t / math.sqrt((10 * t) ** 2 + 0.25) * x0 + 0.25 / ((10 * t) ** 2 + 0.25) * x
 
 
 def test_draft_1_differentiates_only_the_last_step(fewstep_lora):

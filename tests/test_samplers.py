@@ -10,7 +10,8 @@ import torch
 
 from bench.models.diffusion import Sampler
 
-TURBO = Sampler("euler_ancestral", 4, 1.0, timesteps=(999, 749, 499, 249))
+TRAILING = (("timestep_spacing", "trailing"),)  # SDXL-Turbo's scheduler config on tiny's betas (the same as SDXL's)
+TURBO = Sampler("euler_ancestral", 4, 1.0, scheduler_config=TRAILING)
 
 
 def test_euler_ancestral_sigmas_are_the_schedulers(model):
@@ -32,7 +33,7 @@ def test_euler_ancestral_trajectory_equals_diffusers(model, steps):
     from diffusers import EulerAncestralDiscreteScheduler
 
     model.to(dtype=torch.float64)
-    sampler = Sampler("euler_ancestral", steps, 1.0, timesteps=(999, 749, 499, 249))
+    sampler = Sampler("euler_ancestral", steps, 1.0, scheduler_config=TRAILING)
     sched = EulerAncestralDiscreteScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, timestep_spacing="trailing"
     )
@@ -98,7 +99,7 @@ def test_guidance_distilled_unet_trains_on_the_conditioning_it_samples_with(mode
     torch.manual_seed(0)
     m.unet = UNet2DConditionModel(**spec, time_cond_proj_dim=16).double().eval()
     torch.nn.init.normal_(m.unet.time_embedding.cond_proj.weight, std=0.5)  # make w matter visibly
-    m.sampler = dataclasses.replace(m.sampler, kind="renoise", guidance=8.0, eta=0.0)
+    m.sampler = dataclasses.replace(m.sampler, kind="lcm", guidance=8.0, eta=0.0)
     ctx = TrainContext(m, [], None, 0, torch.device("cpu"), 2, progress=False, frozen_unet=copy.deepcopy(m.unet))
     g = torch.Generator().manual_seed(1)
     x0 = torch.randn(2, 4, 8, 8, generator=g, dtype=torch.float64)

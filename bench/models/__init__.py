@@ -14,14 +14,19 @@ __all__ = ["DiffusionModel", "Sampler", "load_model", "make_sampler", "pipeline_
 
 
 def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
-    """The model's sampler, with the suite's or the user's step count and guidance on top."""
-    ts = sampler_cfg.get("timesteps")
+    """The model's sampler, with the suite's or the user's step count and guidance on top. A card's
+    explicit ``timesteps`` hold at their own length; another step count takes the scheduler's own
+    ``set_timesteps`` (DMD2 at 1 step: LCMScheduler's [999]), as the pipeline would."""
+    steps = int(steps or sampler_cfg["steps"])
+    ts = tuple(int(t) for t in sampler_cfg.get("timesteps") or ())
+    overrides = sampler_cfg.get("scheduler_config") or {}
     return Sampler(
         kind=sampler_cfg["kind"],
-        steps=int(steps or sampler_cfg["steps"]),
+        steps=steps,
         guidance=float(sampler_cfg["guidance"] if guidance is None else guidance),
         eta=float(sampler_cfg.get("eta") or 0.0),
-        timesteps=tuple(int(t) for t in ts) if ts else None,
+        timesteps=ts if len(ts) == steps else None,
+        scheduler_config=tuple(sorted(dict(overrides).items())),
     )
 
 
@@ -120,7 +125,7 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         else:
             setattr(pipe, part, loaded)
         identity = {**identity, part: {k: spec.get(k) for k in ("repo", "file", "revision")}}
-    return DiffusionModel(
+    model = DiffusionModel(
         name=model_cfg["name"],
         unet=pipe.unet,
         vae=pipe.vae,
@@ -134,3 +139,5 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
         zero_uncond=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
     )
+    model.timesteps()  # an unsupported scheduler config fails here, in one line, before any work
+    return model

@@ -1,30 +1,51 @@
 """A text-to-image latent diffusion model whose sampler is an explicit Markov decision process.
 
-Every sampler here is "predict x0, then move to the next timestep":
+A sampler is the model card's diffusers scheduler, named by ``kind``, on the pipeline's own
+scheduler config (plus the overrides the card makes, e.g. ``timestep_spacing: trailing``):
 
-* ``ddim``: the DDIM posterior q(x_prev | x_t, x0_hat) with stochasticity eta
-  (eta = 1 is DDPM-like and is the MDP DDPO and D3PO train through);
-* ``renoise``: few-step distilled models (DMD2, LCM) forward-noise the x0
-  estimate to the next timestep, x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) z;
-* ``euler_ancestral``: SDXL-Turbo's Euler-ancestral step in sigma space (sigma_up, sigma_down).
+* ``ddim``: ``DDIMScheduler``, the posterior q(x_prev | x_t, x0_hat) with stochasticity eta
+  (eta = 1 is the MDP DDPO and D3PO train through);
+* ``euler``: ``EulerDiscreteScheduler`` (SDXL base's card), deterministic: in the UNet's
+  (variance-preserving) space it is DDIM with eta 0 that ends on sigma = 0, the clean estimate;
+* ``euler_ancestral``: ``EulerAncestralDiscreteScheduler`` (SDXL-Turbo's card), sigma_up / sigma_down;
+* ``lcm``: ``LCMScheduler`` (LCM's and DMD2's cards): the consistency output
+  c_skip(t) x_t + c_out(t) x0_hat, forward-noised to the next timestep;
+* ``pndm``: ``PNDMScheduler`` with ``skip_prk_steps`` (SD1.5's card, PLMS): deterministic and
+  multistep (it combines the last four epsilons), so it samples but is no MDP.
 
-Each transition is a Gaussian with an explicit mean and standard deviation, so
-methods (PSO, DDPO, LaSRO) read log-probabilities off the same code that
-samples. The last step returns x0_hat deterministically. Which sampler a model
-uses is data in its config, never a branch in a method.
+Which timesteps a step count visits is the scheduler's own ``set_timesteps`` (or the card's listed
+``timesteps``, at their own length), so ``gen.steps=N`` gives what the pipeline gives. The step
+math is ours, each transition a Gaussian with an explicit mean and standard deviation, so methods
+(PSO, DDPO, LaSRO) read log-probabilities off the same code that samples; ``tests/test_generation_parity.py``
+checks whole trajectories against the diffusers pipelines. Which sampler a model uses is data in
+its config, never a branch in a method.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from bench.errors import UsageError
 
-SAMPLER_KINDS = ("ddim", "renoise", "euler_ancestral")
+# kind -> the diffusers scheduler class it reproduces
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "lcm": "LCMScheduler",
+    "pndm": "PNDMScheduler",
+}
+SAMPLER_KINDS = tuple(SCHEDULERS)
+MULTISTEP_KINDS = ("pndm",)  # samplers whose step depends on earlier epsilons: not an MDP in x
+
+
+class SamplerError(UsageError, ValueError):
+    """A sampler that cannot do what a method asks (no stochastic step, no MDP): one line, naming the fix."""
 
 
 @dataclass(frozen=True)
@@ -33,21 +54,72 @@ class Sampler:
     steps: int
     guidance: float
     eta: float = 0.0
-    timesteps: tuple[int, ...] | None = None
+    timesteps: tuple[int, ...] | None = None  # the card's explicit list, used when steps == len(timesteps)
+    scheduler_config: tuple[tuple[str, Any], ...] = ()  # overrides of the pipeline's scheduler config, sorted (key, value)
 
-    def schedule(self, num_train_timesteps: int) -> list[int]:
-        """Timesteps visited, from noisiest to cleanest."""
-        if self.timesteps:
-            full = list(self.timesteps)
-            if self.steps == len(full):
-                return full
-            if self.steps > len(full):
-                raise ValueError(f"sampler has {len(full)} timesteps, cannot take {self.steps} steps")
-            # Fewer steps than listed: keep the first and spread the rest evenly, as DMD2/LCM do.
-            idx = [round(i * len(full) / self.steps) for i in range(self.steps)]
-            return [full[i] for i in idx]
-        stride = num_train_timesteps // self.steps
-        return [i * stride for i in reversed(range(self.steps))]  # "leading" spacing, as DDIM
+    @property
+    def scheduler_class(self) -> str:
+        return SCHEDULERS[self.kind]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """What the sampler's diffusers scheduler makes of a step count on the pipeline's scheduler config."""
+
+    timesteps: tuple[int, ...]  # one per step, noisiest first
+    evaluations: tuple[int, ...]  # the UNet's timesteps in order (PNDM evaluates its first step twice)
+    stride: int | None  # DDIM / PNDM: a step from t lands on t - stride, as diffusers computes it; None: on the next listed timestep
+    final_alpha: float  # alpha_bar the last step lands on (1: the clean estimate)
+    initial_scale: float  # std of the initial latent as UNet input (Euler with trailing spacing starts at sigma_max, not sqrt(sigma_max^2 + 1))
+    timestep_scaling: float  # LCM's boundary condition: c_skip, c_out of timestep * timestep_scaling
+
+
+def build_schedule(sampler: Sampler, scheduler_config: dict, alphas_cumprod: torch.Tensor) -> Schedule:
+    """Instantiate the sampler's diffusers scheduler on the pipeline's config and read its schedule."""
+    import diffusers
+
+    if sampler.kind not in SCHEDULERS:
+        raise ValueError(f"unknown sampler kind '{sampler.kind}' (expected {', '.join(SAMPLER_KINDS)})")
+    # as a model card does it: Scheduler.from_config(pipe.scheduler.config, **overrides), so keys the pipeline's
+    # config file leaves out take the new class's defaults (diffusers' _use_default_values)
+    level = diffusers.utils.logging.get_verbosity()
+    diffusers.utils.logging.set_verbosity_error()  # the notices of a class change (unused keys, DMD2's off-schedule timesteps) are expected
+    try:
+        sched = getattr(diffusers, sampler.scheduler_class).from_config(dict(scheduler_config), **dict(sampler.scheduler_config))
+        listed = list(sampler.timesteps) if sampler.timesteps and len(sampler.timesteps) == sampler.steps else None
+        if listed is None:
+            sched.set_timesteps(sampler.steps)
+        elif sampler.kind in ("euler", "lcm"):  # the schedulers whose set_timesteps takes a list
+            sched.set_timesteps(timesteps=listed)
+    finally:
+        diffusers.utils.logging.set_verbosity(level)
+    cfg = sched.config
+    unsupported = [
+        f"{key}={cfg.get(key)}" for key, ok in (("prediction_type", "epsilon"), ("clip_sample", False), ("thresholding", False),
+                                                ("use_karras_sigmas", False), ("rescale_betas_zero_snr", False))
+        if cfg.get(key, ok) != ok
+    ]
+    if unsupported:
+        raise UsageError(f"sampler {sampler.scheduler_class} with {', '.join(unsupported)} is not implemented (epsilon prediction, no clipping, no Karras sigmas)")
+    if listed is None or sampler.kind in ("euler", "lcm"):
+        evaluations = [float(t) for t in sched.timesteps]
+    elif sampler.kind == "pndm":
+        raise UsageError("PNDM (PLMS) takes no explicit timesteps: set the sampler's timesteps to null")
+    else:  # DDIM's and Euler-ancestral's set_timesteps take no list: the steps are the list as given
+        evaluations = [float(t) for t in listed]
+    if any(t != int(t) for t in evaluations):
+        raise UsageError(f"{sampler.scheduler_class} with timestep_spacing={cfg.get('timestep_spacing')} visits fractional timesteps; use leading or trailing")
+    evaluations = [int(t) for t in evaluations]
+    timesteps = [t for i, t in enumerate(evaluations) if i == 0 or t != evaluations[i - 1]]
+    stride = cfg.num_train_timesteps // sampler.steps if sampler.kind in ("ddim", "pndm") and listed is None else None
+    if sampler.kind in ("euler", "euler_ancestral"):
+        sigma_last = float(sched.sigmas[-1]) if listed is None or sampler.kind == "euler" else 0.0
+        final_alpha = 1.0 / (1.0 + sigma_last**2)
+        a_T = float(alphas_cumprod[timesteps[0]])
+        initial_scale = math.sqrt(1 - a_T) if cfg.timestep_spacing in ("linspace", "trailing") else 1.0
+    else:
+        final_alpha, initial_scale = float(sched.final_alpha_cumprod), float(sched.init_noise_sigma)
+    return Schedule(tuple(timesteps), tuple(evaluations), stride, final_alpha, initial_scale, float(cfg.get("timestep_scaling", 10.0)))
 
 
 @dataclass
@@ -122,11 +194,11 @@ def encode_text(prompts: Sequence[str], tokenizers, encoders, resolution: int, d
 
 def trained_timesteps(sampler_timesteps: Sequence[int]) -> list[int]:
     """t_N .. t_2: the timesteps whose transitions are stochastic (every one but the last, which
-    returns x0 deterministically); trajectory methods (PSO, D3PO, DDPO) train on these."""
+    returns the clean estimate deterministically); trajectory methods (PSO, D3PO, DDPO) train on these."""
     if len(sampler_timesteps) < 2:
-        raise ValueError(
+        raise SamplerError(
             f"trajectory methods train on the stochastic steps of the sampler, and {len(sampler_timesteps)} step(s) have none: "
-            "train with the model's multi-step sampler (e.g. its 4 steps) and evaluate at 1 step with gen.steps=1"
+            "train through a multi-step sampler (train.sampler: {steps: 4} in the preset) and evaluate at 1 step with gen.steps=1"
         )
     return list(sampler_timesteps[:-1])
 
@@ -155,9 +227,11 @@ class DiffusionModel:
         self.identity = identity  # what determines the weights: hub id + revision, or the build-spec hash
         from diffusers import DDPMScheduler
 
-        sched = DDPMScheduler.from_config(scheduler_config)
+        self.scheduler_config = dict(scheduler_config)  # the pipeline's; a sampler's scheduler is made from it
+        sched = DDPMScheduler.from_config(self.scheduler_config)
         self.num_train_timesteps = sched.config.num_train_timesteps
         self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
+        self._schedules: dict[Sampler, Schedule] = {}
         self.latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = vae.config.scaling_factor
         self.latent_channels = unet.config.in_channels
@@ -218,14 +292,44 @@ class DiffusionModel:
         return net(x_t, t, **cond.unet_kwargs()).sample
 
     # ---- the MDP ---------------------------------------------------------------------------
-    def timesteps(self, sampler: Sampler | None = None) -> list[int]:
-        return (sampler or self.sampler).schedule(self.num_train_timesteps)
+    def schedule(self, sampler: Sampler | None = None) -> Schedule:
+        sampler = sampler or self.sampler
+        if sampler not in self._schedules:
+            self._schedules[sampler] = build_schedule(sampler, self.scheduler_config, self.alphas_cumprod)
+        return self._schedules[sampler]
 
-    def stochastic_timesteps(self) -> list[int]:
-        return trained_timesteps(self.timesteps())
+    def timesteps(self, sampler: Sampler | None = None) -> list[int]:
+        """The timesteps the sampler's steps start from, noisiest first."""
+        return list(self.schedule(sampler).timesteps)
+
+    def stochastic_timesteps(self, sampler: Sampler | None = None) -> list[int]:
+        """The timesteps whose transitions draw noise, the steps trajectory methods train on: every
+        step but the last (which returns the clean estimate), and the last too where it draws noise
+        (DDIM with eta > 0 on a schedule that ends at alphas_cumprod[0], set_alpha_to_one: false).
+        A deterministic or multistep sampler has none: one line naming the fix."""
+        sampler = sampler or self.sampler
+        deterministic = sampler.kind in ("euler", "pndm") or (sampler.kind == "ddim" and not sampler.eta)
+        if deterministic:
+            raise SamplerError(
+                f"trajectory methods train through the sampler's Gaussian transitions, and model '{self.name}' samples with "
+                f"{sampler.scheduler_class}{' (eta 0)' if sampler.kind == 'ddim' else ''}, which draws no noise per step"
+                f"{' and keeps an epsilon history (no MDP)' if sampler.kind in MULTISTEP_KINDS else ''}: "
+                "train through a stochastic sampler, e.g. train.sampler: {kind: ddim, eta: 1.0} in the preset (DDPO's)"
+            )
+        steps = self.timesteps(sampler)
+        last = self.transition_std(steps[-1], -1, sampler)
+        return steps if last > 0 else trained_timesteps(steps)
 
     def alpha(self, t: int) -> float:
         return float(self.alphas_cumprod[t]) if t >= 0 else 1.0
+
+    def alpha_prev(self, t: int, t_prev: int, sampler: Sampler | None = None) -> float:
+        """alpha_bar of the point a step from t lands on: the next timestep t_prev (-1: the end), or, for
+        DDIM and PNDM on their own schedules, t - T // steps as diffusers computes it; past the end, the
+        scheduler's final alpha (1, or alphas_cumprod[0] where set_alpha_to_one is false)."""
+        sch = self.schedule(sampler)
+        prev = t - sch.stride if sch.stride is not None else t_prev
+        return self.alpha(prev) if prev >= 0 else sch.final_alpha
 
     def uses_cfg(self, guidance: float) -> bool:
         """Whether a guidance scale means a second, unconditional pass (not for guidance-embedded UNets)."""
@@ -246,43 +350,67 @@ class DiffusionModel:
         a = self.alpha(t)
         return (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
 
+    def denoised(self, x_t, x0_hat, t: int, sampler: Sampler | None = None) -> torch.Tensor:
+        """The sampler's clean estimate at t: x0_hat, or for LCM the consistency function
+        c_skip(t) x_t + c_out(t) x0_hat (LCMScheduler's boundary condition, sigma_data 0.5)."""
+        sampler = sampler or self.sampler
+        if sampler.kind != "lcm":
+            return x0_hat
+        scaled = t * self.schedule(sampler).timestep_scaling
+        c_skip, c_out = 0.25 / (scaled**2 + 0.25), scaled / math.sqrt(scaled**2 + 0.25)
+        return c_out * x0_hat + c_skip * x_t
+
     def add_noise(self, x0, noise, t: torch.Tensor | int) -> torch.Tensor:
         """Forward process q(x_t | x0) at per-sample timesteps t."""
         a = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device)].to(x0.dtype)
         a = a.reshape(-1, *([1] * (x0.dim() - 1))) if a.dim() else a
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def transition(self, x_t, x0_hat, eps_hat, t: int, t_prev: int, sampler: Sampler | None = None) -> Transition:
-        """Gaussian p(x_prev | x_t) of the configured sampler; t_prev < 0 means the final step."""
+    def transition_std(self, t: int, t_prev: int, sampler: Sampler | None = None) -> float:
+        """The standard deviation of the step t -> t_prev (0: deterministic)."""
         sampler = sampler or self.sampler
-        zero = torch.zeros((), device=x_t.device, dtype=x_t.dtype)
-        if t_prev < 0:
-            return Transition(x0_hat, zero)
-        a_prev = self.alpha(t_prev)
-        if sampler.kind == "renoise":
-            return Transition(math.sqrt(a_prev) * x0_hat, zero + math.sqrt(1 - a_prev))
+        a_prev = self.alpha_prev(t, t_prev, sampler)
         if sampler.kind == "ddim":
             a_t = self.alpha(t)
-            var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-            std = sampler.eta * math.sqrt(var)
+            return sampler.eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+        if sampler.kind == "lcm":
+            return math.sqrt(1 - a_prev) if t_prev >= 0 else 0.0
+        if sampler.kind == "euler_ancestral":
+            s_t, s_prev = math.sqrt((1 - self.alpha(t)) / self.alpha(t)), math.sqrt((1 - a_prev) / a_prev)
+            return math.sqrt(a_prev) * math.sqrt(s_prev**2 * (s_t**2 - s_prev**2) / s_t**2)
+        return 0.0
+
+    def transition(self, x_t, x0_hat, eps_hat, t: int, t_prev: int, sampler: Sampler | None = None) -> Transition:
+        """Gaussian p(x_prev | x_t) of the configured sampler from the step's x0 and epsilon estimates;
+        t_prev is the next timestep, -1 on the last step."""
+        sampler = sampler or self.sampler
+        if sampler.kind in MULTISTEP_KINDS:
+            raise SamplerError(f"{sampler.scheduler_class} is a multistep sampler (it keeps an epsilon history): its steps are no Gaussian transitions of x alone")
+        zero = torch.zeros((), device=x_t.device, dtype=x_t.dtype)
+        a_prev = self.alpha_prev(t, t_prev, sampler)
+        std = self.transition_std(t, t_prev, sampler)
+        if sampler.kind == "lcm":  # the consistency output, forward-noised to t_prev; on the last step the output itself
+            out = self.denoised(x_t, x0_hat, t, sampler)
+            return Transition(math.sqrt(a_prev) * out if t_prev >= 0 else out, zero + std)
+        if sampler.kind in ("ddim", "euler"):
+            # Euler in sigma space, x_sigma = x0 + sigma eps, is x_vp = sqrt(a) x_sigma in the UNet's space:
+            # x_sigma + eps (sigma_prev - sigma) there is DDIM's deterministic step, ending at sigma 0 (a_prev = 1).
             mean = math.sqrt(a_prev) * x0_hat + math.sqrt(max(1 - a_prev - std**2, 0.0)) * eps_hat
             return Transition(mean, zero + std)
         if sampler.kind == "euler_ancestral":
-            # k-diffusion / diffusers EulerAncestralDiscreteScheduler in sigma space, x_sigma = x0 + sigma eps
-            # = x_t / sqrt(a_t); the state here is the UNet's (variance-preserving) input, x_t = x_sigma * sqrt(a_t).
-            # The PSO paper prints sigma_up and sigma_down garbled (a negative variance); these are the scheduler's.
+            # k-diffusion / diffusers EulerAncestralDiscreteScheduler in sigma space, the state here being the
+            # UNet's input x_t = x_sigma * sqrt(a_t). The PSO paper prints sigma_up and sigma_down garbled (a
+            # negative variance); these are the scheduler's: x_sigma + d (sigma_down - sigma) + sigma_up z.
             s_t, s_prev = math.sqrt((1 - self.alpha(t)) / self.alpha(t)), math.sqrt((1 - a_prev) / a_prev)
-            sigma_up = math.sqrt(s_prev**2 * (s_t**2 - s_prev**2) / s_t**2)
-            sigma_down = math.sqrt(s_prev**2 - sigma_up**2)
-            mean_sigma = x0_hat + eps_hat * sigma_down  # x_sigma + d (sigma_down - sigma), d = (x_sigma - x0_hat) / sigma
-            return Transition(math.sqrt(a_prev) * mean_sigma, zero + math.sqrt(a_prev) * sigma_up)
+            sigma_down = math.sqrt(max(s_prev**2 - s_prev**2 * (s_t**2 - s_prev**2) / s_t**2, 0.0))
+            return Transition(math.sqrt(a_prev) * (x0_hat + eps_hat * sigma_down), zero + std)
         raise ValueError(f"unknown sampler kind '{sampler.kind}' (expected {', '.join(SAMPLER_KINDS)})")
 
-    def initial_scale(self, t: int, sampler: Sampler) -> float:
-        """Scale of the initial noise. diffusers' Euler-ancestral scheduler with trailing spacing starts
-        from sigma_max * noise in sigma space (not sqrt(sigma_max^2 + 1) * noise), which as UNet input
-        is sqrt(1 - a_T) * noise; every other sampler starts from unit noise."""
-        return math.sqrt(1 - self.alpha(t)) if sampler.kind == "euler_ancestral" else 1.0
+    def initial_scale(self, t: int | None = None, sampler: Sampler | None = None) -> float:
+        """Scale of the initial noise as UNet input: diffusers' Euler schedulers with trailing (or linspace)
+        spacing start from sigma_max * noise in sigma space, sqrt(1 - a_T) * noise here; leading spacing
+        and every other scheduler start from unit noise."""
+        return self.schedule(sampler).initial_scale
 
     def sample(
         self,
@@ -302,7 +430,7 @@ class DiffusionModel:
         of states [x_T, ..., x_0] and the Transition of each step.
 
         Reward back-propagation: with ``grad_last=K`` only the last K steps are differentiated
-        (DRaFT-K); with ``stop_at=n`` the x0 prediction of step n is returned at once (ReFL).
+        (DRaFT-K); with ``stop_at=n`` the clean estimate of step n is returned at once (ReFL).
         """
         sampler = sampler or self.sampler
         shape = self.latent_shape()
@@ -313,20 +441,51 @@ class DiffusionModel:
         uncond = self.unconditional(len(prompts)) if self.uses_cfg(sampler.guidance) else None
         steps = self.timesteps(sampler)
         x = draw() * self.initial_scale(steps[0], sampler)
-        states, transitions = [x], []
         grad = torch.is_grad_enabled()
+        differentiate = lambda i: torch.set_grad_enabled(grad and (not grad_last or i >= len(steps) - grad_last))  # noqa: E731
+        if sampler.kind in MULTISTEP_KINDS:
+            if trajectory:
+                raise SamplerError(f"{sampler.scheduler_class} keeps an epsilon history: its trajectory is no MDP (sample with trajectory=False)")
+            return self._sample_plms(x, cond, uncond, sampler, unet, differentiate, stop_at)
+        states, transitions = [x], []
         for i, t in enumerate(steps):
             t_prev = steps[i + 1] if i + 1 < len(steps) else -1
-            with torch.set_grad_enabled(grad and (not grad_last or i >= len(steps) - grad_last)):
+            with differentiate(i):
                 eps = self.predict_eps(x, t, cond, uncond, sampler.guidance, unet=unet)
                 x0 = self.x0_from_eps(x, eps, t)
                 if i == stop_at:
-                    return x0
+                    return self.denoised(x, x0, t, sampler)
                 step = self.transition(x, x0, eps, t, t_prev, sampler)
-                x = step.mean + step.std * draw() if t_prev >= 0 and float(step.std) > 0 else step.mean
+                x = step.mean + step.std * draw() if float(step.std) > 0 else step.mean
             states.append(x)
             transitions.append(step)
         return (x, states, transitions) if trajectory else x
+
+    def _sample_plms(self, x, cond, uncond, sampler: Sampler, unet, differentiate, stop_at):
+        """PNDMScheduler with skip_prk_steps (pseudo linear multistep): the first step is evaluated twice
+        (an improved-Euler start from the mean of both slopes), each later one combines the last epsilons
+        with the Adams-Bashforth weights (3, -1) / 2, (23, -16, 5) / 12, (55, -59, 37, -9) / 24; every
+        step moves as deterministic DDIM does. The eps history is PNDM's own: the warm-up's second
+        evaluation is not kept."""
+        sch = self.schedule(sampler)
+        history, x_start = [], None
+        weights = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+        for n, t in enumerate(sch.evaluations):
+            i = max(n - 1, 0)  # the step this evaluation belongs to
+            with differentiate(i):
+                eps = self.predict_eps(x, t, cond, uncond, sampler.guidance, unet=unet)
+                if i == stop_at and n != 1:
+                    return self.x0_from_eps(x, eps, t)
+                if n == 1:  # the warm-up: step 0 again, from its start, with the mean of its two slopes
+                    t_from, t_to, e, x_from = t + sch.stride, t, (eps + history[-1]) / 2, x_start
+                else:
+                    history = history[-3:] + [eps]
+                    t_from, t_to, x_from = t, t - sch.stride, x
+                    e = sum(w * h for w, h in zip(weights[len(history)], reversed(history)))
+                    x_start = x if n == 0 else x_start
+                a_to = self.alpha(t_to) if t_to >= 0 else sch.final_alpha
+                x = math.sqrt(a_to) * self.x0_from_eps(x_from, e, t_from) + math.sqrt(1 - a_to) * e
+        return x
 
     # ---- pixels ----------------------------------------------------------------------------
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
