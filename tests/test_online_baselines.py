@@ -120,7 +120,7 @@ def test_micro_batches_accumulate_to_the_batch_they_cut(cli, cache_dir):
     assert finals[0].keys() == finals[1].keys()
     moved = 0.0
     for name, w in finals[0].items():
-        torch.testing.assert_close(finals[1][name], w, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(finals[1][name], w, rtol=0, atol=1e-5)  # 1% of an Adam step (lr 1e-3): a near-zero gradient's sign may flip
         moved = max(moved, float(w.abs().max()))
     assert moved > 0  # the LoRA B matrices left zero: the step did something
     code, out, err = cli("train", *args, "train.micro_batch_size=4")

@@ -109,8 +109,9 @@ def test_online_official_loss_equals_the_authors_code(name, sdxl_lora, tmp_path)
     assert (method_cfg["beta"], method_cfg["eps"], method_cfg["logprob_reduction"]) == (50, 0.1, "mean")
     model = copy.deepcopy(sdxl_lora)
     turbo = name.startswith("pso-online-turbo")
-    if turbo:  # SDXL-Turbo's sampler on the SDXL-layout tiny model, as the preset trains it
-        model.sampler = make_sampler({"kind": "euler_ancestral", "steps": 4, "timesteps": [999, 749, 499, 249], "guidance": 1.0, "eta": None})
+    if turbo:  # SDXL-Turbo's sampler (the card's Euler-ancestral, trailing) on the SDXL-layout tiny model, at the preset's 4 steps
+        turbo_sampler = to_dict(compose(["model=sdxl-turbo"]))["model"]["sampler"]
+        model.sampler = make_sampler({**turbo_sampler, "scheduler_config": {"timestep_spacing": "trailing"}, **cfg["train"]["sampler"]})
     else:
         model.sampler = make_sampler({**cfg["model"]["sampler"], **cfg["train"]["sampler"]})
     steps = model.timesteps()
