@@ -101,6 +101,10 @@ class Method:
     def loss(self, ctx: TrainContext, data: dict[str, torch.Tensor], generator: torch.Generator) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def check_evaluation(self, model: DiffusionModel) -> None:
+        """Raise (one line) if ``model``, loaded with the evaluation sampler, would not sample what this
+        recipe trains (a one-step generator evaluated at 4 steps); called before any work of a run."""
+
     def extra_state(self) -> dict[str, torch.Tensor]:
         """Tensors of what the method trains besides the UNet (a fake-score model, a surrogate reward,
         their optimizers' moments), saved with every checkpoint so a resume repeats an uninterrupted run."""

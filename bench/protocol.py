@@ -213,7 +213,7 @@ def run_protocol(args: list[str], train: bool = True, progress: bool = True) -> 
         log.info("protocol %s: cell %d/%d (suite %s, %s, seed %d%s)", p["name"], i + 1, len(cells), rec["suite"], rec["variant"], rec["seed"], f", subject {rec['subject']}" if rec["subject"] else "")
         session = Session(compose(args, cell=cell), progress)
         if train:
-            session.resolve_method()
+            session.check_run()
         base = session.evaluate(None, "base")
         entry = {"cell": rec, "base": base, "runs": [], "selected": None}
         out.append(entry)

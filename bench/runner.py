@@ -16,16 +16,18 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 
 from bench import report
 from bench.distribution import SetScorer, real_set
-from bench.config import stable_hash, to_dict
+from bench.config import compose, stable_hash, to_dict
 from bench.errors import UsageError
 from bench.generate import ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
 from bench.metrics import DistributionMetric
+from bench.method import Method
 from bench.registry import METHODS, METRICS
 from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_images, write_scores
 from bench.suite import Suite, load_suite, prompts_of, read_prompt_source
@@ -248,14 +250,37 @@ class Session:
             raise UsageError(f"suite '{self.suite.name}' has no training prompts for method '{recipe.name}': set method.train_prompts=FILE (a prompt file, or a URL)")
         return cls(method_cfg), reward
 
+    def check_run(self) -> None:
+        """Before any work of a run: the recipe resolves, and the model as evaluated samples what the
+        recipe trains (a method that trains a one-step generator refuses a 4-step evaluation)."""
+        method, _ = self.resolve_method()
+        if type(method).check_evaluation is not Method.check_evaluation:  # only a recipe that checks pays for a model load
+            method.check_evaluation(self.model())
+
     def train(self) -> Checkpoint:
         """Train with the training sampler: gen.steps and gen.guidance change evaluation only,
-        so a model tuned at its 4 steps is evaluated at 1 step from the same checkpoint."""
+        so a model tuned at its 4 steps is evaluated at 1 step from the same checkpoint. A recipe
+        that starts from another preset's checkpoint (``init_from``) trains that one first."""
+        self.train_init_preset()
         method, reward = self.resolve_method()
         model = self.model(sampler=self.train_sampler()).to(self.device, torch.float32)
         images = self.target_images(model.resolution)
         prompts = images.captions if images is not None else self.train_prompts()
         return Trainer(self.cfg, model, method, prompts, reward, self.device, self.cache, self.progress, images).run()
+
+    def train_init_preset(self) -> None:
+        """``method.init_from: NAME``: train preset NAME on the same model, suite, data and cache (with
+        ``method.init_overrides``, key=value strings) and start this recipe from its checkpoint
+        (``method.init``): Diff-Instruct++ aligns the generator its Diff-Instruct stage pre-trained."""
+        method = self.cfg["method"]
+        name = method.get("init_from")
+        if not name or method.get("init"):
+            return
+        cfg = to_dict(compose([f"method={name}", *(method.get("init_overrides") or [])]))
+        for key in ("model", "suite", "data", "subject", "device", "cache_dir", "scorers", "seed", "gen"):
+            cfg[key] = self.cfg[key]
+        log.info("method %s starts from a %s checkpoint: training it first", method["name"], name)
+        method["init"] = str(Session(OmegaConf.create(cfg), self.progress).train().path)
 
     def train_sampler(self):
         """The sampler a method trains through: the model's own (its card's steps), with the keys a
@@ -293,7 +318,7 @@ def _import_recipe(target: str | None, name: str):
 def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:
     """Evaluate the base model, train the method (or reuse its checkpoint), evaluate, compare."""
     session = Session(cfg, progress)
-    session.resolve_method()
+    session.check_run()
     base = session.evaluate(None, "base")
     checkpoint = session.train()
     tuned = session.evaluate(checkpoint, session.cfg["method"]["name"], baseline=base)

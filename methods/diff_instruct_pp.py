@@ -107,6 +107,12 @@ def cfg_denoise(model, unet, x, sigma, cond: Conditioning, uncond: Conditioning 
     return d_u + scale * (d_c - d_u)
 
 
+def snapped_sigma_init(model, sigma_init: float) -> tuple[int, float]:
+    """The timestep whose sigma is nearest to ``sigma_init``, and that sigma (2.5 -> t 625, 2.5017 on SD's schedule)."""
+    t = int(nearest_timestep(model, torch.tensor([sigma_init])))
+    return t, float(model_sigmas(model)[t])
+
+
 def draw_latents(model, generators: Sequence[torch.Generator]) -> torch.Tensor:
     """One standard-normal latent per image from its own generator (as ``DiffusionModel.sample`` draws)."""
     shape = model.latent_shape()
@@ -184,8 +190,7 @@ class DiffInstructPP(Method):
         sigmas = model_sigmas(model)
         self.lo = float(self._opt("sigma_min", float(sigmas[0])))
         self.hi = float(self._opt("sigma_max", float(sigmas[-1])))
-        self.t_init = int(nearest_timestep(model, torch.tensor([float(self._opt("sigma_init", 2.5))])))
-        self.sigma_init = float(sigmas[self.t_init])
+        self.t_init, self.sigma_init = snapped_sigma_init(model, float(self._opt("sigma_init", 2.5)))
         self.prior = self._opt("prior", "std")
         self._check_sampler(model)
         if self._opt("init"):
@@ -197,24 +202,36 @@ class DiffInstructPP(Method):
         return {}
 
     def _check_sampler(self, model) -> None:
-        """A model that samples in one step must sample the generator trained here, or evaluation
-        would score another map; a multi-step teacher (``model=tiny``) only trains."""
-        steps = model.timesteps()
-        if len(steps) > 1:
-            log.warning(
-                "model '%s' samples with %d %s steps; the generator trained here is a one-step map at sigma_init = %.4f "
-                "(t = %d): evaluate it as a one-step model (e.g. model=tiny-onestep)",
-                model.name, len(steps), model.sampler.kind, self.sigma_init, self.t_init,
-            )
+        """Training: a model that samples in one step must sample the generator trained here; a
+        multi-step teacher (``bench train ... model=tiny``) only trains (evaluation is checked by
+        :meth:`check_evaluation`)."""
+        if len(model.timesteps()) > 1:
             return
+        problem = self._generator_mismatch(model)
+        if problem:
+            raise UsageError(problem)
+
+    def check_evaluation(self, model) -> None:
+        """Evaluating the trained generator with any sampler but one step of it would score another map."""
+        self.t_init, self.sigma_init = snapped_sigma_init(model, float(self._opt("sigma_init", 2.5)))
+        self.prior = self._opt("prior", "std")
+        problem = self._generator_mismatch(model)
+        if problem:
+            raise UsageError(problem)
+
+    def _generator_mismatch(self, model) -> str | None:
+        steps = model.timesteps()
         starts_at_sigma = abs(model.initial_scale() - math.sqrt(1 - model.alpha(steps[0]))) < 1e-12  # x_T = sigma z in sigma space
-        if model.sampler.kind not in ("euler", "euler_ancestral") or not starts_at_sigma or steps[0] != self.t_init or self.prior != "std" or model.sampler.guidance > 1.0:
-            raise UsageError(
-                f"model '{model.name}' samples one {model.sampler.kind} step at t = {steps[0]} (guidance {model.sampler.guidance}), but the "
-                f"generator trained here is D(z; {self.sigma_init:.4f}) at t = {self.t_init} with z ~ N(0, sigma^2 I)"
-                + ("" if self.prior == "std" else " scaled by the prior 'variance' (no sampler draws it)")
-                + ": give the model a one-step euler sampler (trailing spacing) at that timestep without guidance, or change method.sigma_init"
-            )
+        one_step = len(steps) == 1 and model.sampler.kind in ("euler", "euler_ancestral") and starts_at_sigma
+        if one_step and steps[0] == self.t_init and self.prior == "std" and model.sampler.guidance <= 1.0:
+            return None
+        return (
+            f"method '{self.cfg['name']}' trains a one-step generator D(z; {self.sigma_init:.4f}) at t = {self.t_init} with "
+            f"z ~ N(0, sigma^2 I){'' if self.prior == 'std' else ' scaled by the prior variance (no sampler draws it)'}, and model "
+            f"'{model.name}' samples {len(steps)} {model.sampler.kind} step(s) from t = {steps[0]} (guidance {model.sampler.guidance}): "
+            f"evaluate it with its one-step config (model=<teacher>-onestep, e.g. tiny-onestep, sd15-onestep: one euler step, "
+            f"trailing spacing, at that timestep, no guidance), or change method.sigma_init"
+        )
 
     def _load_init(self, ctx, path: Path) -> None:
         """Start the generator from a finished Diff-Instruct checkpoint (the paper's two stages); the

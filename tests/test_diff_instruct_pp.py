@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
 import math
 from pathlib import Path
 
@@ -270,12 +271,34 @@ def test_options_and_rewards_are_checked_before_training(tiny64, model_cfg, cach
     DiffInstructPP({**CFG, "alpha_rew": 0.0}).prepare(ctx)  # Diff-Instruct needs no reward
     onestep = full_finetune_ctx(load_model(model_cfg("tiny-onestep"), cache_dir), Brightness())
     DiffInstructPP(CFG).prepare(onestep)
-    with pytest.raises(UsageError, match="samples one euler step at t = 625"):
+    with pytest.raises(UsageError, match=r"samples 1 euler step\(s\) from t = 625"):
         DiffInstructPP({**CFG, "sigma_init": 1.0}).prepare(onestep)  # evaluation would sample another generator
-    with pytest.raises(UsageError, match="prior 'variance'"):
+    with pytest.raises(UsageError, match="prior variance"):
         DiffInstructPP({**CFG, "prior": "variance"}).prepare(onestep)
     with pytest.raises(UsageError, match="not a finished checkpoint"):
         DiffInstructPP({**CFG, "init": str(cache_dir / "nowhere")}).prepare(onestep)
+
+
+def test_a_one_step_generator_is_only_evaluated_as_one(cli, tmp_path):
+    """Evaluating the generator with the teacher's multi-step sampler (or more steps) is an error before any work."""
+    for args in (["model=tiny"], ["model=tiny-onestep", "gen.steps=2"]):
+        code, out, err = cli("run", "suite=micro", "method=di-pp", "suite.limit=2", "train.steps=2", *args)
+        assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
+        assert "trains a one-step generator D(z; 2.5017) at t = 625" in err and "model=<teacher>-onestep" in err
+    assert not (tmp_path / "runs").exists()  # nothing was evaluated
+    code, out, err = cli("train", "method=diff-instruct", "model=tiny", "train.steps=1", "train.batch_size=2")
+    assert code == 0, err  # distilling from a multi-step teacher is fine: only evaluation needs the one-step sampler
+
+
+def test_di_pp_trains_its_diff_instruct_stage_first(cli, tmp_path):
+    """init_from: the alignment starts from the checkpoint of the Diff-Instruct preset, trained first on the same model."""
+    code, out, err = cli("run", "suite=micro", "model=tiny-onestep", "method=di-pp", "suite.limit=2", "train.steps=2", "train.batch_size=2",
+                         "method.init_from=diff-instruct", "method.init_overrides=[train.steps=1,train.batch_size=2]")
+    assert code == 0, err
+    (run,) = (tmp_path / "runs").glob("micro-tiny-onestep-di-pp-*")
+    init = Path(json.loads((run / "manifest.json").read_text())["config"]["method"]["init"])
+    assert init.parent.name.startswith("diff-instruct-") and (init / "weights.safetensors").exists()
+    assert json.loads((init / "train.json").read_text())["steps"] == 1
 
 
 def test_paper_presets_carry_the_five_settings():
@@ -290,6 +313,12 @@ def test_paper_presets_carry_the_five_settings():
     assert sorted(settings.values()) == [(1.0, 0.0), (1.0, 1.0), (4.5, 0.0), (4.5, 1.0), (4.5, 10.0)]
     pre = to_dict(compose(["method=diff-instruct-paper"]))
     assert (pre["method"]["alpha_cfg"], pre["method"]["alpha_rew"], pre["train"]["batch_size"], pre["train"]["steps"]) == (4.5, 0.0, 1024, 16000)
+    # the alignment starts from that pre-training, on the stand-in teacher's one-step config
+    for name in settings:
+        cfg = to_dict(compose([f"method={name}"]))
+        assert cfg["method"]["init_from"] == "diff-instruct-paper" and cfg["model"]["name"] == pre["model"]["name"] == "sd15-onestep"
+    onestep = pre["model"]["sampler"]
+    assert (onestep["kind"], onestep["steps"], onestep["timesteps"], onestep["guidance"], onestep["scheduler_config"]) == ("euler", 1, [625], 1.0, {"timestep_spacing": "trailing"})
 
 
 def test_di_pp_runs_end_to_end_and_starts_from_a_diff_instruct_checkpoint(cli):

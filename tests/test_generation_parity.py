@@ -80,6 +80,9 @@ CARDS = {
     "tiny-fewstep": Card("LCMScheduler", dict(num_inference_steps=4, guidance_scale=1.0, timesteps=[999, 749, 499, 249]), 32, alt_steps=2),
     "tiny-sdxl-fewstep": Card("LCMScheduler", dict(num_inference_steps=4, guidance_scale=1.0, timesteps=[999, 749, 499, 249]), 32),
     "tiny-onestep": Card("EulerDiscreteScheduler", dict(guidance_scale=1.0, timesteps=[625]), 32, {"timestep_spacing": "trailing"}, alt_steps=2),
+    # the Diff-Instruct++ teachers' one-step generators: the teacher's weights, one Euler step at t = 625 (trailing), no CFG
+    "sd15-onestep": Card("EulerDiscreteScheduler", dict(guidance_scale=1.0, timesteps=[625]), 512, {"timestep_spacing": "trailing"}),
+    "sdxl-onestep": Card("EulerDiscreteScheduler", dict(guidance_scale=1.0, timesteps=[625]), 1024, {"timestep_spacing": "trailing"}),
 }
 TINY = ("tiny", "tiny-fewstep", "tiny-sdxl-fewstep", "tiny-onestep")
 CASES = [(name, None) for name in CARDS] + [(name, card.alt_steps) for name, card in CARDS.items() if card.alt_steps]
@@ -201,7 +204,8 @@ def config_for(name: str, model_cfg, layouts) -> dict:
     cfg = model_cfg(name)
     if name in TINY:  # built (and pre-trained) into the session cache, shared with the other tests
         return cfg
-    source = {"sd15": "sd15", "sdxl": "sdxl", "sdxl-turbo": "sdxl-turbo", "sdxl-dmd2": "sdxl", "sdxl-lcm": "sdxl", "ssd-1b-lcm": "ssd-1b"}[name]
+    source = {"sd15": "sd15", "sdxl": "sdxl", "sdxl-turbo": "sdxl-turbo", "sdxl-dmd2": "sdxl", "sdxl-lcm": "sdxl", "ssd-1b-lcm": "ssd-1b",
+              "sd15-onestep": "sd15", "sdxl-onestep": "sdxl"}[name]
     cfg = {**cfg, "source": str(layouts[source]), "revision": None, "resolution": 32}
     if cfg.get("vae"):
         cfg["vae"] = {**cfg["vae"], "repo": str(layouts["vae"])}
@@ -227,7 +231,7 @@ def card_pipeline(name: str, cfg: dict, layouts, cache_dir):
         unet = UNet2DConditionModel.from_pretrained(layouts["lcm-sdxl" if name == "sdxl-lcm" else "lcm-ssd-1b"])
         pipe = DiffusionPipeline.from_pretrained(layouts["sdxl" if name == "sdxl-lcm" else "ssd-1b"], unet=unet)
     else:
-        pipe = DiffusionPipeline.from_pretrained(layouts[name])
+        pipe = DiffusionPipeline.from_pretrained(layouts[name.removesuffix("-onestep")])
     card = CARDS[name]
     if type(pipe.scheduler).__name__ != card.scheduler or card.overrides:  # the card swaps the scheduler
         pipe.scheduler = getattr(diffusers, card.scheduler).from_config(pipe.scheduler.config, **card.overrides)
