@@ -15,6 +15,7 @@ from bench.config import compose, to_dict
 from bench.method import TrainContext
 from bench.metrics.weightfree import Brightness
 from bench.models import make_sampler
+from test_pso_online import perturbed
 
 PROMPTS = ["a red apple", "a dark forest", "a white boat", "a small bird"]
 
@@ -33,12 +34,7 @@ def sdxl_lora(model_cfg, cache_dir):
 
     model = load_model(model_cfg("tiny-sdxl-fewstep"), cache_dir).to(dtype=torch.float64)
     add_lora(model.unet, 4, 4, seed=0)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.unet.named_parameters():
-            if "lora_B" in name:
-                p.copy_(0.2 * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+    return perturbed(model, 0.2)
 
 
 # ---- the authors' expressions, written out from their code ----------------------------------------

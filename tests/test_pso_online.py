@@ -29,14 +29,14 @@ def test_loss_equals_eq7_by_hand():
         assert losses[i].item() == pytest.approx(-math.log(1 / (1 + math.exp(-5.0 * m))), rel=1e-12)
 
 
-def perturbed(model):
+def perturbed(model, scale: float = 0.05):
     """A copy whose LoRA B matrices are non-zero, so the model differs from its reference."""
     model = copy.deepcopy(model)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, p in model.unet.named_parameters():
             if "lora_B" in name:
-                p.copy_(0.05 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+                p.copy_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
     return model
 
 
