@@ -59,21 +59,21 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from bench.errors import TrainingError, UsageError
 from bench.generate import image_seed
 from bench.method import Method, TrainContext
+from bench.methods.d3po import d3po_loss
 from bench.methods.online import unit_log_probs
 from bench.models.diffusion import Conditioning
 
 
 # ---- the loss -----------------------------------------------------------------------------------
 def spo_loss(logratio_win: torch.Tensor, logratio_lose: torch.Tensor, beta: float, eps: float) -> torch.Tensor:
-    """Per-pair SPO loss from log p_theta - log p_ref of the win and the lose transition."""
-    clipped = lambda lr: torch.log(torch.clamp(torch.exp(lr), 1 - eps, 1 + eps))
-    return -F.logsigmoid(beta * clipped(logratio_win) - beta * clipped(logratio_lose))
+    """Per-pair SPO loss from log p_theta - log p_ref of the win and the lose transition: D3PO's
+    clipped-ratio loss with the win transition preferred."""
+    return d3po_loss(logratio_win, logratio_lose, torch.ones_like(logratio_win), beta, eps)
 
 
 # ---- the pair selection -------------------------------------------------------------------------
@@ -314,9 +314,7 @@ class SPO(Method):
         prompts = [ctx.prompts[int(i)] for i in batch["prompt_index"][units]] * 2
         x_t = torch.cat([states[:, 0], states[:, 2]]).to(**to)
         x_prev = torch.cat([states[:, 1], states[:, 3]]).to(**to)
-        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True)
-        if self.cfg.get("logprob_reduction", "mean") == "mean":
-            logratio = logratio / states[0, 0].numel()
+        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True, reduction=self.cfg.get("logprob_reduction", "mean"))
         win, lose = logratio.chunk(2)
         beta, eps = float(self.cfg["beta"]), float(self.cfg["eps"])
         losses = spo_loss(win, lose, beta, eps)
