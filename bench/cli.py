@@ -49,6 +49,7 @@ def cmd_run(args):
     from bench.config import compose
     from bench.runner import run
 
+    args = with_base_protocol(args)
     if any(a.startswith("protocol=") for a in args):
         return _run_protocol(args, train=True)
     cfg = compose(args, require=("method",))
@@ -57,6 +58,20 @@ def cmd_run(args):
     base, tuned = run(cfg)
     print(tuned.table)
     print(f"\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
+
+
+def with_base_protocol(args: list[str]) -> list[str]:
+    """A paper preset names the protocol of its paper's table (``base_protocol``, as ``base_model``
+    names its model): `bench run method=P` without suite= or protocol= runs that protocol."""
+    from bench.config import load_entry_config
+    from bench.registry import METHODS
+
+    keys = {a.split("=", 1)[0] for a in args}
+    method = next((a.split("=", 1)[1] for a in args if a.startswith("method=")), None)
+    if not method or keys & {"suite", "protocol"} or method not in METHODS.names():
+        return args
+    base = load_entry_config(METHODS, method).get("base_protocol")
+    return [*args, f"protocol={base}"] if base else args
 
 
 def _run_protocol(args, train: bool):

@@ -20,7 +20,6 @@ from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 PAPERS = ["di-pp", "dspo", "lasro", "pso"]
-# Presets of the authors' released code, added on a parallel branch; the paper cells may name them before they arrive.
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +33,25 @@ def protocol(name):
 
 
 # ---- the transcriptions --------------------------------------------------------------------------
+def test_paper_presets_run_their_papers_protocol(cells, cli):
+    """A preset a paper cell names names that cell's protocol (``base_protocol``), so `bench run method=P`
+    without suite= runs the paper's evaluation; an explicit suite= or protocol= wins."""
+    from bench.cli import with_base_protocol
+
+    presets = {n: load_entry_config(METHODS, n) for n in METHODS.names()}
+    named = {n: p.get("base_protocol") for n, p in presets.items()}
+    in_cells = {m for c in cells for m in c["methods"] or [] if m != "base" and presets[m].get("base_model")}  # paper presets (tiny ones stand in for baselines)
+    assert in_cells and all(named[m] for m in in_cells), sorted(m for m in in_cells if not named[m])
+    for m, proto in named.items():
+        if proto:  # the protocol exists and one of its cells is this preset's (a preset may also sit in another paper's table)
+            assert any(c["protocol"] == proto and m in (c["methods"] or []) for c in cells), f"{m} names {proto}, which has no cell of it"
+    assert with_base_protocol(["method=pso-online-dmd2-official"]) == ["method=pso-online-dmd2-official", "protocol=pso-table1"]
+    assert with_base_protocol(["method=dspo-sd15", "suite=micro"]) == ["method=dspo-sd15", "suite=micro"]
+    assert with_base_protocol(["method=sft"]) == ["method=sft"]  # the tiny-scale presets name none
+    code, out, err = cli("run", "method=di-pp-cfg4.5-rew1")
+    assert code == 2 and out == "" and "protocol 'di-pp-table1' cannot run in this harness" in err and len(err.strip().splitlines()) == 1
+
+
 
 
 def test_every_paper_file_parses_with_its_tables(cells):
