@@ -33,8 +33,9 @@ def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
 def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None, dict]:
     """Where the pipeline lives (hub id or folder), its revision, and what identifies its weights.
 
-    Embedded models are built on first use into ``<cache>/models/<name>-<hash>``;
-    the hash covers the whole build spec and the builder's source, so editing either rebuilds.
+    Embedded models are built on first use into ``<cache>/models/tiny-<hash>``; the hash covers the
+    whole build spec and the builder's source, so editing either rebuilds, and two names for one
+    spec (``tiny`` and ``tiny-onestep``, the same weights with another sampler) share one build.
     """
     source = model_cfg["source"]
     if source == "tiny":
@@ -42,7 +43,7 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
 
         spec = model_cfg["build"]
         digest = stable_hash({"spec": spec, "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
-        path = Path(cache_dir) / "models" / f"{model_cfg['name']}-{digest}"
+        path = Path(cache_dir) / "models" / f"tiny-{digest}"
         if not (path / "model_index.json").exists():
             from bench.models.tiny import build_tiny_pipeline
 
