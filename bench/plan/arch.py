@@ -265,18 +265,21 @@ def shared_metric_bytes(names, device: str) -> tuple[int, list[str]]:
     return total, unknown
 
 
-@lru_cache(maxsize=64)
-def _lora_shapes(config_json: str, rank: int, targets: tuple[str, ...]) -> tuple[tuple[int, ...], ...]:
-    from bench.plan.profile import build_unet
-
-    unet = build_unet(json.loads(config_json), rank, list(targets), False)
-    return tuple(tuple(p.shape) for p in unet.parameters() if p.requires_grad)
+def lora_shapes(component: Component, rank: int, targets) -> tuple[tuple[int, ...], ...]:
+    """The LoRA matrices ``bench.trainer.add_lora`` adds (peft's ``LoraConfig(target_modules=...)``: every
+    linear layer whose name ends in a target): A (rank, in) and B (out, rank) per layer."""
+    out = []
+    for name, shape in parameter_shapes(component):
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and len(shape) == 2 and any(module == t or module.endswith("." + t) for t in targets):
+            out += [(int(rank), shape[1]), (shape[0], int(rank))]
+    return tuple(out)
 
 
 def trainable_shapes(component: Component, lora_rank: int | None, targets) -> tuple[tuple[int, ...], ...]:
     """Shapes of the parameters the trainer trains: the LoRA adapters' (``bench.trainer.add_lora``), or every UNet weight."""
     if lora_rank:
-        return _lora_shapes(json.dumps(component.config, sort_keys=True), int(lora_rank), tuple(targets))
+        return lora_shapes(component, int(lora_rank), tuple(targets))
     return tuple(shape for _, shape in parameter_shapes(component))
 
 

@@ -232,39 +232,26 @@ class _Planner:
         self.params = {role: parameter_count(c) for role, c in self.arch.components.items()}
 
     # ---- profiles ----
-    def _profile(self, kind: str, component, measure, **settings) -> dict:
-        from bench.plan.store import profile_key
-
-        key, record = profile_key(kind, component.name, {"cls": component.cls, "config": component.config}, **settings)
-        return self.profiles.get(key, record, measure)
-
     def grad_profile(self, setting, lora: int | None, checkpointing: bool) -> dict:
-        from bench.plan import profile
+        from bench.plan import store
         from bench.trainer import LORA_TARGETS
 
-        unet, side = self.arch.unet, self.arch.latent_side
-        return self._profile(
-            "unet-train", unet, lambda: profile.unet_training(unet.config, side, setting, lora, LORA_TARGETS, checkpointing),
-            side=side, weights=setting.weights, autocast=setting.autocast, lora=int(lora or 0), targets=LORA_TARGETS if lora else None, checkpointing=bool(checkpointing),
-        )
+        return store.unet_training(self.profiles, self.arch.unet, self.arch.latent_side, setting, lora, LORA_TARGETS, checkpointing)
 
     def forward_profile(self, setting) -> dict:
-        from bench.plan import profile
+        from bench.plan import store
 
-        unet, side = self.arch.unet, self.arch.latent_side
-        return self._profile("unet-forward", unet, lambda: profile.unet_forward(unet.config, side, setting), side=side, weights=setting.weights, autocast=setting.autocast)
+        return store.unet_forward(self.profiles, self.arch.unet, self.arch.latent_side, setting)
 
     def decode_profile(self, setting) -> dict:
-        from bench.plan import profile
+        from bench.plan import store
 
-        vae, side = self.arch.components["vae"], self.arch.latent_side
-        return self._profile("vae-decode", vae, lambda: profile.vae_decode(vae.config, side, setting), side=side, weights=setting.weights, autocast=setting.autocast)
+        return store.vae_decode(self.profiles, self.arch.components["vae"], self.arch.latent_side, setting)
 
     def encode_profile(self, setting) -> dict:
-        from bench.plan import profile
+        from bench.plan import store
 
-        vae, res = self.arch.components["vae"], self.arch.resolution
-        return self._profile("vae-encode", vae, lambda: profile.vae_encode(vae.config, res, setting), resolution=res, weights=setting.weights, autocast=setting.autocast)
+        return store.vae_encode(self.profiles, self.arch.components["vae"], self.arch.resolution, setting)
 
     def transient(self, stage: Passes | None, setting) -> tuple[int, str]:
         """The larger of the peaks of the stage's largest pass without gradient and largest decode / encode."""
@@ -376,7 +363,7 @@ class _Planner:
 
     def training(self, resident_metrics: list[str]) -> None:
         from bench.models import make_sampler
-        from bench.plan import arch, profile
+        from bench.plan import arch, profile, store
         from bench.registry import METHODS
         from bench.runner import _import_recipe
         from bench.trainer import LORA_TARGETS, micro_batches, mixed_precision
@@ -489,11 +476,7 @@ class _Planner:
             alone.append((f"working memory: {why} (before the micro-batch's gradient-carrying passes)", t))
         for label, backbone, n, kept in work.trained_encoders:
             enc = arch.backbone_unet(backbone, unet)
-            ckpt = bool(tc["gradient_checkpointing"])
-            g = self._profile(
-                "unet-encoder-train", enc, lambda enc=enc, ckpt=ckpt: profile.unet_encoder_training(enc.config, self.arch.latent_side, train_setting, ckpt),
-                side=self.arch.latent_side, weights=train_setting.weights, autocast=train_setting.autocast, checkpointing=ckpt,
-            )
+            g = store.unet_encoder_training(self.profiles, enc, self.arch.latent_side, train_setting, bool(tc["gradient_checkpointing"]))
             b = g["per_region"] + g["per_pass"] + g["per_sample"] * n + g["backward_const"] + g["backward_per_sample"] * n
             term = (f"{label}: {enc.name}'s encoder on {n} samples with gradient", b)
             (during if kept else alone).append(term)

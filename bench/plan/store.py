@@ -62,6 +62,49 @@ class Profiles:
         return entry["result"]
 
 
+# ---- the profiles a plan reads, by what they measure ---------------------------------------------
+def _lookup(profiles: Profiles, kind: str, component, measure, **settings) -> dict:
+    key, record = profile_key(kind, component.name, {"cls": component.cls, "config": component.config}, **settings)
+    return profiles.get(key, record, measure)
+
+
+def unet_training(profiles: Profiles, unet, side: int, setting, lora: int | None, targets, checkpointing: bool) -> dict:
+    """``bench.plan.profile.unet_training`` of a model's UNet (an ``arch.Component``) as the trainer runs it."""
+    from bench.plan import profile
+
+    return _lookup(
+        profiles, "unet-train", unet, lambda: profile.unet_training(unet.config, side, setting, lora, targets, checkpointing),
+        side=side, weights=setting.weights, autocast=setting.autocast, lora=int(lora or 0), targets=list(targets) if lora else None, checkpointing=bool(checkpointing),
+    )
+
+
+def unet_encoder_training(profiles: Profiles, unet, side: int, setting, checkpointing: bool) -> dict:
+    from bench.plan import profile
+
+    return _lookup(
+        profiles, "unet-encoder-train", unet, lambda: profile.unet_encoder_training(unet.config, side, setting, checkpointing),
+        side=side, weights=setting.weights, autocast=setting.autocast, checkpointing=bool(checkpointing),
+    )
+
+
+def unet_forward(profiles: Profiles, unet, side: int, setting) -> dict:
+    from bench.plan import profile
+
+    return _lookup(profiles, "unet-forward", unet, lambda: profile.unet_forward(unet.config, side, setting), side=side, weights=setting.weights, autocast=setting.autocast)
+
+
+def vae_decode(profiles: Profiles, vae, side: int, setting) -> dict:
+    from bench.plan import profile
+
+    return _lookup(profiles, "vae-decode", vae, lambda: profile.vae_decode(vae.config, side, setting), side=side, weights=setting.weights, autocast=setting.autocast)
+
+
+def vae_encode(profiles: Profiles, vae, resolution: int, setting) -> dict:
+    from bench.plan import profile
+
+    return _lookup(profiles, "vae-encode", vae, lambda: profile.vae_encode(vae.config, resolution, setting), resolution=resolution, weights=setting.weights, autocast=setting.autocast)
+
+
 def write(path: Path, profiles: dict) -> None:
     import diffusers
     import torch
