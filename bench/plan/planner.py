@@ -193,11 +193,11 @@ def suite_prompts(suite: dict, subject: str | None, cache: Path) -> tuple[int | 
         where = f"suite.source {suite['source']}"
     else:
         n = prompt_rows(suite.get("prompts"), base, cache) if not sets else None
-        where = "the suite's prompt file"
+        where = "prompt file"
     if n is None:
         canonical = (suite.get("canonical") or {}).get("count")
         n = int(canonical) if canonical else None
-        where = "the published count (suite canonical)" if canonical else "unknown offline"
+        where = "published count" if canonical else "count unknown offline"
     if n is not None and limit:
         n = min(n, int(limit) * (len(sets) if sets else 1))
         where += f", suite.limit={limit}" + (" per set" if sets else "")
@@ -400,9 +400,10 @@ class _Planner:
         train_setting = profile.Setting("float32", autocast)
 
         # ---- the work ----
+        per_step = f"{accum} micro-batches of {micro}" if accum > 1 else f"one micro-batch of {micro}"
         lines = [
-            f"{optimizer_steps:,} optimizer steps of {int(tc['batch_size']) * int(tc['grad_accum']):,} units (train.batch_size {tc['batch_size']} x grad_accum {tc['grad_accum']}): "
-            f"{accum} micro-batch(es) of {micro} per step, {optimizer_steps * accum:,} in all",
+            f"{optimizer_steps:,} optimizer steps of {int(tc['batch_size']) * int(tc['grad_accum']):,} units (train.batch_size {tc['batch_size']} x grad_accum {tc['grad_accum']}"
+            + (f", train.micro_batch_size {tc['micro_batch_size']}" if tc.get("micro_batch_size") else "") + f"): {per_step} per step, {optimizer_steps * accum:,} micro-batches in all",
             f"training sampler: {sampler.kind}, {steps} steps ({max(steps - 1, 0)} stochastic), guidance {sampler.guidance:g}" + (" with CFG" if cfg_pass == 2 else ""),
             f"{'LoRA rank ' + str(lora) + ' on ' + '/'.join(LORA_TARGETS) if lora else 'full fine-tuning (a frozen copy of the UNet is the reference)'}; "
             f"optimizer {tc['optimizer']}; mixed precision {mp}; gradient checkpointing {'on' if tc['gradient_checkpointing'] else 'off'}"
@@ -494,19 +495,22 @@ class _Planner:
 
     def describe(self, what: str, stage: Passes) -> str:
         parts = []
+        if stage.samples:
+            parts.append(f"{stage.samples:,} samples")
+        passes = []
         if stage.grad:
-            parts.append(f"{Passes.total(stage.grad):,} UNet sample-passes with gradient ({_calls(stage.grad)})")
+            passes.append(f"{Passes.total(stage.grad):,} with gradient ({_calls(stage.grad)})")
         if stage.nograd:
-            parts.append(f"{Passes.total(stage.nograd):,} without gradient ({_calls(stage.nograd)})")
+            passes.append(f"{Passes.total(stage.nograd):,} without ({_calls(stage.nograd)})")
+        if passes:
+            parts.append("UNet sample-passes " + ", ".join(passes))
         if stage.decode or stage.grad_decode:
             parts.append(f"{Passes.total(stage.decode) + stage.grad_decode:,} VAE decodes")
         if stage.encode:
             parts.append(f"{Passes.total(stage.encode):,} VAE encodes")
         if stage.rewards:
             parts.append(f"{stage.rewards:,} reward evaluations")
-        if stage.samples:
-            parts.insert(0, f"{stage.samples:,} samples")
-        return f"{what}: " + (", ".join(parts) if parts else "nothing")
+        return f"{what}: " + ("; ".join(parts) if parts else "nothing")
 
     def targets_and_reward(self, method_cfg: dict) -> tuple[int | None, str | None]:
         """(target images or None, the reward) as ``Session.resolve_method`` decides them."""
@@ -538,6 +542,7 @@ class _Planner:
 
 
 def _calls(calls: list) -> str:
+    """(samples per call, calls) as "calls x samples", equal call sizes merged."""
     merged: dict[int, int] = {}
     for n, c in calls:
         if c:
