@@ -131,6 +131,15 @@ def make_plan(command: str, args: list[str], profiles=None) -> Plan:
     profiles = profiles or Profiles(cache_root(base_cfg))
     plan = Plan(command, list(args), _device(base_cfg))
     planner = _Planner(plan, base_cfg, profiles)
+    p = base_cfg.get("protocol") or {}
+    if p.get("per_subject") and not base_cfg.get("subject"):
+        planner.one_subject = True  # a per-subject protocol trains once per subject: one subject's training is planned
+        plan.notes.append("a per-subject protocol trains once per subject: the training planned here is one subject's, and every subject repeats it")
+    select = (p.get("checkpoint") or {}).get("select", "final") if p else "final"
+    if select != "final" and command == "run":
+        every = int((p.get("checkpoint") or {}).get("every") or base_cfg["train"]["save_every"])
+        planner.tuned_models = int(base_cfg["train"]["steps"]) // every + (1 if int(base_cfg["train"]["steps"]) % every else 0)
+        plan.notes.append(f"protocol {p['name']} evaluates every kept checkpoint (one per {every} steps and the final one): {planner.tuned_models} tuned models")
     planner.header(cell_cfgs)
     resident_metrics: list[str] = []
     if command in ("run", "eval"):
@@ -230,6 +239,8 @@ class _Planner:
         from bench.plan.arch import parameter_count
 
         self.params = {role: parameter_count(c) for role, c in self.arch.components.items()}
+        self.one_subject = False
+        self.tuned_models = 1
 
     # ---- profiles ----
     def grad_profile(self, setting, lora: int | None, checkpointing: bool) -> dict:
@@ -317,7 +328,7 @@ class _Planner:
         from bench.plan import profile
 
         lines, metrics = [], []
-        models = 2 if trained else 1
+        models = 1 + self.tuned_models if trained else 1
         total_images = total_forwards = 0
         worst = None
         for cfg in cells:
@@ -342,7 +353,7 @@ class _Planner:
             total_forwards += forwards or 0
             if worst is None or batch * cfg_pass > worst[0]:
                 worst = (batch * cfg_pass, batch, cfg)
-        evaluated = f"{models} models (base and tuned)" if trained else "the base model"
+        evaluated = f"{models} models (the base and {self.tuned_models} tuned)" if trained else "the base model"
         lines.append(f"in all: {total_images * models:,} images and {total_forwards * models:,} UNet sample-passes for {evaluated}; metrics {', '.join(dict.fromkeys(metrics))}")
         self.plan.sections.append(("evaluation", lines))
 
@@ -517,7 +528,7 @@ class _Planner:
         cfg, suite = self.cfg, self.cfg["suite"]
         data = cfg.get("data") or {}
         dreambench = suite.get("kind") == "dreambench"
-        if dreambench and not cfg.get("subject"):
+        if dreambench and not cfg.get("subject") and not self.one_subject:
             raise UsageError(f"suite '{suite['name']}' covers several subjects: set subject=NAME to fine-tune on one")
         has_targets = data.get("kind") == "images" or dreambench
         targets = None
