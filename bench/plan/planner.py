@@ -393,6 +393,8 @@ class _Planner:
         lora = int(tc["lora_rank"] or 0) if tc["lora_rank"] and not tc["full_finetune"] else 0
         data = cfg.get("data") or {}
         unet = self.arch.unet
+        if targets == 0:  # not known without reading them: one micro-batch of them stands for the data made from them
+            targets = micro
         prompts = targets if targets is not None else self.train_prompt_count(method_cfg)
         p = PlanContext(
             batch_size=micro, grad_accum=accum, steps=int(tc["steps"]), sampler_steps=steps, cfg=cfg_pass,
@@ -533,7 +535,7 @@ class _Planner:
         has_targets = data.get("kind") == "images" or dreambench
         targets = None
         if has_targets:
-            self.plan.notes.append("the number of target images is not known without reading them: data preparation is counted per micro-batch")
+            self.plan.notes.append("the number of target images is not known without reading them: data preparation is counted for one micro-batch of them")
             targets = 0
         reward = method_cfg.get("reward") if "reward" in method_cfg else None
         if "reward" in method_cfg and reward is None and not has_targets:
