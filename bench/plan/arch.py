@@ -60,6 +60,9 @@ METRICS = {  # `shares`: metrics on one loaded copy (bench.metrics.LearnedMetric
     "blip-vqa": {"parts": ["blip-vqa"], "dtype": "float16", "shares": "blip-vqa"},
     "attribute_binding": {"parts": ["blip-vqa"], "dtype": "float16", "shares": "blip-vqa"},
     "text_alignment": {"parts": ["florence-2-large", "roberta-large"], "dtype": "float16"},
+    "t2i-spatial-owlv2": {"parts": ["owlv2-base-patch16-ensemble"], "dtype": "float16", "shares": "owlv2"},
+    "t2i-numeracy-owlv2": {"parts": ["owlv2-base-patch16-ensemble"], "dtype": "float16", "shares": "owlv2"},
+    "t2i-complex-3in1-owlv2": {"parts": ["owlv2-base-patch16-ensemble"], "dtype": "float16", "shares": "owlv2"},  # with blip-vqa's and clip-b32's, loaded as those metrics
     "fid": {"parts": ["inception-v3"], "dtype": "float32", "shares": "inception"},  # FID's Inception runs in float32 on every device
     "kid": {"parts": ["inception-v3"], "dtype": "float32", "shares": "inception"},
 }

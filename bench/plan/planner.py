@@ -301,7 +301,7 @@ class _Planner:
             return None
         total, unknown = shared_metric_bytes(names, self.device)
         if unknown:
-            self.plan.notes.append(f"no architecture on file for {', '.join(unknown)}: their weights are not in the estimate")
+            self.plan.notes.append(f"no architecture on file for the weights of {', '.join(unknown)}: not in the estimate")
         return (f"{label} ({', '.join(names)})", total) if total else None
 
     # ---- sections ----
