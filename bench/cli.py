@@ -26,12 +26,14 @@ commands:
   score        score a folder of images with named metrics (images=DIR prompts=FILE metrics=a,b)
   perf         measure harness overhead, cached re-run time and batched generation speed
   prefetch     download a model, a suite's prompts and its metrics' weights ahead of an offline run
+  plan         [run|train|eval] ARGS: what the command will do and its estimated peak GPU memory, loading no weights
 
 examples:
   bench run suite=micro method=sft
   bench run protocol=pso-table1 method=pso-online-dmd2
   bench eval suite=micro model=tiny gen.batch_size=1
   bench ls methods
+  bench plan method=pso-online-dmd2 suite=parti
 """
 
 
@@ -265,6 +267,17 @@ def _prefetch_model(cfg: dict) -> None:
             print(f"model {model['name']} {part}: {path}")
 
 
+def cmd_plan(args):
+    """``bench plan [run|train|eval] key=value ...``: the images to generate, the UNet passes to train, the
+    estimated peak GPU memory and where the preset differs from its authors' code (``bench.plan``)."""
+    from bench.plan.planner import make_plan
+
+    command = "run" if any(a.startswith("method=") for a in args) else "eval"
+    if args and args[0] in ("run", "train", "eval"):
+        command, args = args[0], args[1:]
+    print(make_plan(command, args).text())
+
+
 COMMANDS = {
     "run": cmd_run,
     "eval": cmd_eval,
@@ -275,6 +288,7 @@ COMMANDS = {
     "perf": cmd_perf,
     "score": cmd_score,
     "prefetch": cmd_prefetch,
+    "plan": cmd_plan,
 }
 
 

@@ -14,6 +14,10 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 * ``extra_state()`` / ``load_extra_state()``: a method that trains a second
   network of its own (stepping its optimizer inside ``loss``) hands its state to
   the trainer, which checkpoints it beside the UNet's.
+* ``plan(p)``: what the method will do, for ``bench plan`` (no weights, no data): the UNet
+  passes with and without gradient of one micro-batch, of the data it prepares and of each round
+  it samples, as a ``Work`` built from the ``PlanContext`` it is given. Hooks named ``plan`` or
+  ``plan_*`` do not determine a checkpoint (``bench.trainer.recipe_source_hash`` leaves them out).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -28,6 +33,9 @@ from bench.images import TargetImages
 from bench.io import progress
 from bench.metrics import Metric
 from bench.models.diffusion import DiffusionModel, from_uint8, to_uint8
+
+if TYPE_CHECKING:  # the planner's view of a method (`bench plan`)
+    from bench.plan.work import PlanContext, Work
 
 
 @dataclass
@@ -39,7 +47,7 @@ class TrainContext:
     device: torch.device
     batch_size: int
     progress: bool = True
-    frozen_unet: torch.nn.Module | None = None  # full fine-tuning keeps a frozen copy as reference
+    frozen_unet: torch.nn.Module | None = None  # full fine-tuning keeps a frozen copy as reference (where the method uses one)
     data_cfg: dict | None = None  # a pair dataset (``data=``) in place of self-generated data
     grad_accum: int = 1
     workdir: Path | None = None  # the run's checkpoint folder: online methods keep their sampled rounds here
@@ -53,6 +61,8 @@ class TrainContext:
     def reference(self):
         """Predictions of the frozen base model: LoRA adapters off, or the frozen copy."""
         unet = self.model.unet
+        if self.frozen_unet is None and not getattr(unet, "peft_config", None):
+            raise RuntimeError("this method reads the frozen reference model: set its `uses_reference` (a full fine-tuning keeps a frozen copy only then)")
         if self.frozen_unet is not None:
             self.model.unet = self.frozen_unet
             try:
@@ -88,6 +98,7 @@ class Method:
     """Base class for training recipes; ``cfg`` is the method's config section."""
 
     splits_micro_batches = True  # False: the loss steps an optimizer of its own, so a batch cannot be cut into micro-batches
+    uses_reference = True  # False: the loss never reads the frozen base model, so full fine-tuning keeps no frozen copy of the UNet
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
@@ -116,3 +127,7 @@ class Method:
     def data_manifest(self, ctx: TrainContext, data) -> dict:
         """What the training data was (source, counts, ties dropped), for the run's manifest."""
         return {}
+
+    def plan(self, p: PlanContext) -> Work | None:
+        """What training will do (``bench plan``): None where the method gives no plan."""
+        return None

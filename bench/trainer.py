@@ -37,6 +37,9 @@ from bench.models.diffusion import DiffusionModel
 
 log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Keys of a method's config that document it and determine no checkpoint (``train`` and ``gen`` enter
+# through the training config): where a preset differs from the authors' code is read by `bench plan`.
+METHOD_NOTES = ("description", "train", "gen", "code_differences")
 
 
 @dataclass
@@ -53,9 +56,31 @@ class Checkpoint:
         return json.loads(meta.read_text()).get("data") if meta.exists() else None
 
 
+def without_plan_hooks(source: str) -> str:
+    """``source`` without its planner hooks (functions named ``plan`` or ``plan_*``, with the blank
+    lines before each): they say what a recipe will cost (``bench plan``), not what it computes, so
+    adding or editing one keeps every checkpoint key. A source without hooks is returned unchanged."""
+    import ast
+
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return source
+    lines = source.splitlines(keepends=True)
+    drop: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and (node.name == "plan" or node.name.startswith("plan_")):
+            start = min([node.lineno, *(d.lineno for d in node.decorator_list)]) - 1
+            while start > 0 and not lines[start - 1].strip():
+                start -= 1
+            drop.update(range(start, node.end_lineno))
+    return "".join(line for i, line in enumerate(lines) if i not in drop) if drop else source
+
+
 def recipe_source_hash(method: Method) -> str | None:
     """sha256 of the method's module and of the shared recipe code in ``bench.methods`` (pair data,
-    online rounds): editing either retrains instead of reusing a stale checkpoint."""
+    online rounds): editing either retrains instead of reusing a stale checkpoint. The planner hooks
+    (``Method.plan``) are left out."""
     import inspect
 
     import bench.methods
@@ -64,9 +89,9 @@ def recipe_source_hash(method: Method) -> str | None:
         own = inspect.getsource(inspect.getmodule(type(method)))
     except (OSError, TypeError):  # defined where no source is kept (an interactive session)
         return None
-    h = hashlib.sha256(own.encode())
+    h = hashlib.sha256(without_plan_hooks(own).encode())
     for path in sorted(Path(bench.methods.__file__).parent.glob("*.py")):
-        h.update(path.read_bytes())
+        h.update(without_plan_hooks(path.read_bytes().decode()).encode())
     return h.hexdigest()[:16]
 
 
@@ -88,6 +113,39 @@ def kept_checkpoints(final: Checkpoint) -> list[tuple[int, Checkpoint]]:
             step = int(folder.name.split("-")[1])
             out.append((step, Checkpoint(folder, f"{final.train_id}-step{step}")))
     return out + [(int(meta["steps"]), final)]
+
+
+def micro_batches(tc: dict, splits: bool, name: str) -> tuple[int, int]:
+    """(micro-batch size, micro-batches per optimizer step): ``train.batch_size`` is cut into
+    ``train.micro_batch_size`` pieces whose gradients accumulate, times ``train.grad_accum``, so a
+    paper's batch fits in memory without changing what one optimizer step averages over. ``splits``:
+    whether the method allows it (``Method.splits_micro_batches``)."""
+    batch, micro, accum = int(tc["batch_size"]), tc.get("micro_batch_size"), int(tc["grad_accum"])
+    if not micro or int(micro) >= batch:
+        return batch, accum
+    micro = int(micro)
+    if batch % micro:
+        raise TrainingError(f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}: pick a divisor of {batch}")
+    if not splits:
+        raise TrainingError(
+            f"method '{name}' steps a network of its own inside each loss call, so its batch cannot be cut "
+            f"into micro-batches: set train.micro_batch_size=null and lower train.batch_size instead"
+        )
+    return micro, accum * (batch // micro)
+
+
+def mixed_precision(mp, device_type: str, bf16_supported: bool | None = None) -> str:
+    """accelerate's ``mixed_precision`` for ``train.mixed_precision``: auto is bf16 on CUDA where the GPU
+    supports it (else fp16) and no elsewhere."""
+    if mp in (False, None):  # `train.mixed_precision=no` on the command line reads as YAML's false
+        return "no"
+    if mp != "auto":
+        return str(mp)
+    if device_type == "cuda":
+        if bf16_supported is None:
+            bf16_supported = torch.cuda.is_bf16_supported()
+        return "bf16" if bf16_supported else "fp16"
+    return "no"
 
 
 def micro_seed(seed: int, step: int, micro: int) -> int:
@@ -191,7 +249,7 @@ class Trainer:
             {
                 "model": model.identity,
                 "sampler": str(model.sampler),
-                "method": {k: v for k, v in cfg["method"].items() if not k.startswith("_") and k not in ("description", "train", "gen")},
+                "method": {k: v for k, v in cfg["method"].items() if not k.startswith("_") and k not in METHOD_NOTES},
                 "train": train_identity(self.train_cfg),
                 "prompts": prompts_sha256(prompts),
                 "reward": f"{reward.info.name}@{reward.info.version}" if reward is not None else None,  # scorers=tiny is another version
@@ -215,7 +273,8 @@ class Trainer:
         if lora:
             add_lora(unet, int(tc["lora_rank"]), float(tc["lora_alpha"]), int(tc["seed"]))
         else:
-            frozen = copy.deepcopy(unet).requires_grad_(False)
+            # the reference of full fine-tuning: a frozen copy, kept only where the method reads one (memory: a UNet in float32)
+            frozen = copy.deepcopy(unet).requires_grad_(False) if self.method.uses_reference else None
             unet.requires_grad_(True)
         unet.train()
         if tc["gradient_checkpointing"]:
@@ -282,32 +341,10 @@ class Trainer:
 
     # ---- pieces ------------------------------------------------------------------------------
     def _micro_batches(self) -> tuple[int, int]:
-        """(micro-batch size, micro-batches per optimizer step): ``train.batch_size`` is cut into
-        ``train.micro_batch_size`` pieces whose gradients accumulate, times ``train.grad_accum``, so a
-        paper's batch fits in memory without changing what one optimizer step averages over."""
-        tc = self.train_cfg
-        batch, micro, accum = int(tc["batch_size"]), tc.get("micro_batch_size"), int(tc["grad_accum"])
-        if not micro or int(micro) >= batch:
-            return batch, accum
-        micro = int(micro)
-        if batch % micro:
-            raise TrainingError(f"train.batch_size={batch} is not a multiple of train.micro_batch_size={micro}: pick a divisor of {batch}")
-        if not self.method.splits_micro_batches:
-            raise TrainingError(
-                f"method '{self.cfg['method']['name']}' steps a network of its own inside each loss call, so its batch cannot be cut "
-                f"into micro-batches: set train.micro_batch_size=null and lower train.batch_size instead"
-            )
-        return micro, accum * (batch // micro)
+        return micro_batches(self.train_cfg, self.method.splits_micro_batches, self.cfg["method"]["name"])
 
     def _precision(self) -> str:
-        mp = self.train_cfg["mixed_precision"]
-        if mp in (False, None):  # `train.mixed_precision=no` on the command line reads as YAML's false
-            return "no"
-        if mp != "auto":
-            return mp
-        if self.device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return "no"
+        return mixed_precision(self.train_cfg["mixed_precision"], self.device.type)
 
     def _data(self, ctx: TrainContext):
         spec = self.method.data_spec()

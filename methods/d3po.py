@@ -61,3 +61,11 @@ class D3PO(OnlineMethod):
         eps = self.cfg.get("eps")
         losses = d3po_loss(lr0, lr1, h, float(self.cfg["beta"]), float(eps) if eps else None)
         return losses.mean(), {"round": r}
+
+    def plan_units(self, p):
+        return p.stochastic_steps
+
+    def plan_micro(self, p):
+        # both samples of each unit's pair at its step: one pass per distinct step (at most one per unit)
+        passes = p.split(2 * p.batch_size * p.cfg, min(p.batch_size, p.stochastic_steps))
+        return p.work(p.passes(grad=passes, nograd=passes))

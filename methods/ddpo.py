@@ -40,6 +40,7 @@ def ppo_loss(log_prob, old_log_prob, advantage, clip_range: float) -> torch.Tens
 
 class DDPO(OnlineMethod):
     name = "ddpo"
+    uses_reference = False  # PPO's clip keeps it near the sampling policy: no reference model
 
     def units_per_prompt(self, ctx: TrainContext) -> int:
         return self.samples_per_prompt() * len(ctx.model.stochastic_timesteps())  # a trajectory at each step
@@ -62,3 +63,9 @@ class DDPO(OnlineMethod):
         old = reduce_log_prob(old, x_prev, self.logprob_reduction)
         losses = ppo_loss(log_prob, old, adv, float(self.cfg["clip_range"]))
         return losses.mean(), {"round": r}
+
+    def plan_units(self, p):
+        return self.samples_per_prompt() * p.stochastic_steps
+
+    def plan_micro(self, p):
+        return p.work(p.passes(grad=p.split(p.batch_size * p.cfg, min(p.batch_size, p.stochastic_steps))))  # no reference model

@@ -342,3 +342,15 @@ class DiffInstructPP(Method):
                     idx, _, name = rest.partition(".")
                     opt_state.setdefault(int(idx), {})[name] = value
         self.ta_opt.load_state_dict({"state": opt_state, "param_groups": self.ta_opt.state_dict()["param_groups"]})
+
+    def plan(self, p):
+        """``bench plan``: per generator step, ``k_ta`` TA updates on fresh one-step samples, then the
+        generator's sample with gradient, the teacher with CFG and the TA without."""
+        n = p.batch_size
+        cfg = 2 if float(self._opt("alpha_cfg", 1.0)) != 1.0 else 1
+        ta = p.passes(nograd=[(n, 1)], grad=[(n, 1)]).times(int(self._opt("k_ta", 1)))
+        generator = p.passes(grad=[(n, 1)], nograd=[(n * cfg, 1), (n, 1)], grad_decode=n if float(self._opt("alpha_rew", 0.0)) else 0)
+        return p.work(
+            ta + generator, networks=[("TA (a trainable copy of the UNet, float32, Adam)", p.unet_parameters, 16)],
+            notes=["the TA's backward runs inside each loss call, before the generator's passes: counting both together over-estimates"],
+        )

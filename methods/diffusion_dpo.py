@@ -63,3 +63,7 @@ class DiffusionDPO(PairMethod):
         (model_w, ref_w), (model_l, ref_l) = win.errors(), lose.errors()
         losses, margin = dpo_loss(model_w, model_l, ref_w, ref_l, self.beta())
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}
+
+    def plan_micro(self, p):
+        both = 2 * p.batch_size  # preferred and dispreferred in one pass, then the frozen reference
+        return p.work(p.passes(grad=[(both, 1)], nograd=[(both, 1)]))

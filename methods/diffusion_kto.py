@@ -41,3 +41,7 @@ class DiffusionKTO(PairMethod):
         model_err, ref_err = out.errors()
         losses, g = kto_loss(model_err, ref_err, desirable.to(ctx.device), float(self.cfg["beta"]), float(self.cfg["lambda_d"]), float(self.cfg["lambda_u"]))
         return losses.mean(), {"desirable": float(desirable.float().mean())}
+
+    def plan_micro(self, p):
+        n = p.batch_size  # one image of each pair (desirable or not), and the frozen reference
+        return p.work(p.passes(grad=[(n, 1)], nograd=[(n, 1)]))

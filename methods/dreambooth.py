@@ -20,6 +20,8 @@ from bench.methods.preference_data import PairMethod, image_pairs, seeded_sample
 
 
 class DreamBooth(PairMethod):
+    uses_reference = False
+
     def data_spec(self) -> dict:
         return {k: self.cfg[k] for k in ("seed", "prior_loss_weight", "num_class_images")}
 
@@ -53,3 +55,14 @@ class DreamBooth(PairMethod):
         x_class = data["latents_class"][idx].to(ctx.device, model.dtype)
         prior = model.diffusion_loss(x_class, model.encode_prompts([ctx.images.prior_prompt] * ctx.batch_size), generator).mean()
         return instance + self.prior_weight * prior, {"instance": instance.detach().item(), "prior": prior.detach().item()}
+
+    def plan_prepare(self, p):
+        n, images = p.batch_size, p.images or 0
+        encode = p.passes(encode=[(n, -(-images // n))] if images else [])
+        if not float(self.cfg["prior_loss_weight"] or 0.0):
+            return encode
+        return encode + p.sampling(int(self.cfg["num_class_images"]), n, decode=False, rewards=False)  # class images, once
+
+    def plan_micro(self, p):
+        prior = float(self.cfg["prior_loss_weight"] or 0.0)
+        return p.work(p.passes(grad=[(p.batch_size, 2 if prior else 1)]))  # the photos, and the class images

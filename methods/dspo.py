@@ -71,3 +71,7 @@ class DSPO(PairMethod):
         else:
             raise ValueError(f"DSPO form must be sd15 (Eq. 13/14) or sdxl (Eq. 47), not {form!r}")
         return losses.mean(), {"implicit_acc": float((gap > 0).float().mean())}
+
+    def plan_micro(self, p):
+        both = 2 * p.batch_size  # preferred and dispreferred in one pass, then the frozen reference
+        return p.work(p.passes(grad=[(both, 1)], nograd=[(both, 1)]))

@@ -17,6 +17,7 @@ from bench.methods.online import OnlineMethod
 
 class GORS(OnlineMethod):
     name = "gors"
+    uses_reference = False
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
         r, batch, units = self.next_units(ctx)  # a unit is a prompt of the round
@@ -26,3 +27,6 @@ class GORS(OnlineMethod):
         steps = ctx.model.timesteps() if self.cfg["timesteps"] == "sampler" else None
         loss = ctx.model.diffusion_loss(x0, ctx.model.encode_prompts(prompts), generator, timesteps=steps).mean()
         return loss, {"round": r, "kept_reward": float(batch["rewards"][units, best].mean())}
+
+    def plan_micro(self, p):
+        return p.work(p.passes(grad=[(p.batch_size, 1)]))  # the epsilon loss on the kept samples

@@ -127,6 +127,17 @@ def load_backbone(location: str) -> torch.nn.Module:
         raise UsageError(f"method.rm_backbone={location} has no loadable UNet ({type(err).__name__}): give a local pipeline or UNet folder, or `bench prefetch` it while online") from None
 
 
+def chunks(n: int, size: int | None) -> list[slice]:
+    """Rows 0..n in slices of ``size`` (``gen.batch_size``; None: one slice): no-gradient work at real scale
+    (the held-out set, the regularizer's samples, K samples of a batch of prompts) runs a batch at a time."""
+    size = max(1, int(size or n or 1))
+    return [slice(lo, lo + size) for lo in range(0, n, size)]
+
+
+def cond_rows(cond: Conditioning, rows: slice) -> Conditioning:
+    return Conditioning(*(None if t is None else t[rows] for t in (cond.hidden, cond.pooled, cond.time_ids, cond.guidance_embedding)))
+
+
 def repeat_cond(cond: Conditioning, k: int) -> Conditioning:
     """Each prompt's conditioning repeated for its k samples (prompt-major order)."""
     rep = lambda t: None if t is None else t.repeat_interleave(k, dim=0)
@@ -248,6 +259,10 @@ def source_hash() -> str:
 class LaSRO(Method):
     splits_micro_batches = False  # the loss steps an optimizer of its own
 
+    @property
+    def uses_reference(self) -> bool:
+        return self.cfg["reg"] == "reference"  # the frozen base model's x0 predictions are the regularizer's targets
+
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         c = cfg
@@ -313,6 +328,11 @@ class LaSRO(Method):
         if self.cfg.get("rm_backbone"):
             unet = load_backbone(str(self.cfg["rm_backbone"])).to(ctx.device, ctx.model.dtype)
         self.surrogate = LatentSurrogate(unet, int(self.cfg["rm_timestep"]), int(self.cfg["rm_head_layers"]), int(self.cfg["rm_head_groups"]), int(self.cfg["seed"]))
+        checkpointing = next((m for m in ctx.model.unet.modules() if getattr(m, "gradient_checkpointing", False)), None)
+        for block in self.surrogate.modules():  # train.gradient_checkpointing holds for the surrogate's blocks too (memory only)
+            if hasattr(block, "gradient_checkpointing"):
+                block.gradient_checkpointing = checkpointing is not None
+                block._gradient_checkpointing_func = getattr(checkpointing, "_gradient_checkpointing_func", None)
         side = ctx.model.latent_shape()[1] // 2 ** sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
         for i in range(int(self.cfg["rm_head_layers"])):
             side = (side + 2 - 4) // 2 + 1
@@ -349,15 +369,20 @@ class LaSRO(Method):
 
     @torch.no_grad()
     def samples(self, ctx: TrainContext, prompts: list[str], x_T: torch.Tensor, z: torch.Tensor) -> dict:
-        """The K samples of each prompt from given noise (prompt-major rows of ``x_T`` and ``z``)."""
+        """The K samples of each prompt from given noise (prompt-major rows of ``x_T`` and ``z``), made,
+        decoded and scored ``gen.batch_size`` at a time (every sample has its own noise: chunks change none)."""
         model, k, n = ctx.model, self.k, len(prompts)
         sampler = two_step_sampler(model, self.cfg["t_mid"])
         cond = repeat_cond(model.encode_prompts(prompts), k)
-        x1, eps = first_step(model, x_T, cond, sampler)
-        x2 = second_step(model, x_T, x1, eps, z, cond, sampler)
         every = [p for p in prompts for _ in range(k)]
-        shape = lambda t: t.reshape(n, k, *t.shape[1:])
-        return {"prompts": prompts, "x1": shape(x1), "x2": shape(x2), "r1": shape(ctx.rewards(x1, every)), "r2": shape(ctx.rewards(x2, every))}
+        parts = []
+        for rows in chunks(len(every), ctx.sample_batch_size):
+            c = cond_rows(cond, rows)
+            x1, eps = first_step(model, x_T[rows], c, sampler)
+            x2 = second_step(model, x_T[rows], x1, eps, z[rows], c, sampler)
+            parts.append((x1, x2, ctx.rewards(x1, every[rows]), ctx.rewards(x2, every[rows])))
+        shape = lambda i: torch.cat([part[i] for part in parts]).reshape(n, k, *parts[0][i].shape[1:])
+        return {"prompts": prompts, "x1": shape(0), "x2": shape(1), "r1": shape(2), "r2": shape(3)}
 
     # ---- the surrogate's steps --------------------------------------------------------------------
     def surrogate_loss(self, batch: dict, cond: Conditioning) -> tuple[torch.Tensor, dict]:
@@ -402,7 +427,9 @@ class LaSRO(Method):
         cond = repeat_cond(ctx.model.encode_prompts(held["prompts"]), self.k)
         got = []
         for x, r in (("x1", "r1"), ("x2", "r2")):
-            s = self.surrogate(held[x].flatten(0, 1), cond).double().cpu().reshape(held[r].shape)
+            latents = held[x].flatten(0, 1)
+            rows = chunks(len(latents), ctx.sample_batch_size)
+            s = torch.cat([self.surrogate(latents[c], cond_rows(cond, c)) for c in rows]).double().cpu().reshape(held[r].shape)
             got.append(pair_agreement(s, held[r]))
         correct, total = sum(c for c, _ in got), sum(t for _, t in got)
         return [c / max(t, 1) for c, t in got] + [correct / max(total, 1)]
@@ -455,8 +482,9 @@ class LaSRO(Method):
         seed = int(self.cfg["seed"])
         index = torch.arange(len(prompts)).repeat_interleave(per)
         gens = [torch.Generator().manual_seed(derived_seed("lasro-reg", int(p), i % per, seed)) for i, p in enumerate(index)]
-        latents = ctx.model.sample([prompts[int(p)] for p in index], gens)
-        return {"reg_latents": latents.float().cpu(), "reg_prompt_index": index}
+        every = [prompts[int(p)] for p in index]
+        latents = torch.cat([ctx.model.sample(every[rows], gens[rows]).float().cpu() for rows in chunks(len(every), ctx.sample_batch_size)])
+        return {"reg_latents": latents, "reg_prompt_index": index}
 
     # ---- checkpoint state ------------------------------------------------------------------------
     def extra_state(self) -> dict[str, torch.Tensor]:
@@ -496,6 +524,39 @@ class LaSRO(Method):
                     "heldout_accuracy_curve": [{"step": int(s), "1-step": a1, "2-step": a2, "both": a} for s, a1, a2, a in curve]}
         return out
 
+    def plan(self, p):
+        """``bench plan``: the prepared data (the regularizer's base-model samples, the held-out set, the
+        surrogate's pre-training on K off-policy samples per prompt) and one generator step (the 1-step
+        and 2-step outputs with gradient, the regularizer, and the surrogate's adaptation samples); every
+        no-gradient batch runs ``gen.batch_size`` samples at a time."""
+        cfg, n, k, c = self.cfg, p.batch_size, self.k, p.cfg
+        held = int(cfg["heldout_prompts"])
+        train = max((p.prompts or 0) - held, 0)
+
+        def two_step(m):  # x1 and x2 of m samples, each decoded and scored
+            work = p.sampling(m, p.sample_batch_size, steps=2, decode=False, rewards=False)
+            return work + p.passes(decode=[(b, 2 * calls) for b, calls in p.sampling(m, p.sample_batch_size).decode], rewards=2 * m)
+
+        prepare = two_step(int(cfg["rm_batch_size"]) * k).times(int(cfg["pretrain_steps"])) + (two_step(held * k) if held else p.passes())
+        if cfg["reg"] == "reference":
+            prepare = prepare + p.sampling(train * int(cfg["reg_samples_per_prompt"]), p.sample_batch_size, decode=False, rewards=False)
+        adapt = p.passes()
+        if int(cfg["adapt_steps"]):
+            adapt = two_step(n * k) + two_step(int(cfg["rm_batch_size"]) * k).times(int(cfg["adapt_steps"]) - 1)
+        generator = p.passes(grad=[(n * c, 3)])  # x1, the 2-step sample's first step (detached after), x2
+        if cfg["reg"] == "reference" and float(cfg["reg_weight"]):
+            generator = generator + p.passes(grad=[(n * c, 1)], nograd=[(n * c, 1)])
+        parts = ["conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks", "mid_block"]
+        surrogate = p.part_parameters(parts, cfg.get("rm_backbone")) if p.part_parameters else 0
+        backbone = cfg.get("rm_backbone")
+        return p.work(
+            generator, before=adapt, prepare=prepare,
+            networks=[("surrogate reward (UNet encoder, float32, AdamW)", surrogate, 16)],
+            trained_encoders=[
+                ("the surrogate's training step", backbone, 4 * int(cfg["rm_batch_size"]), False),  # its own backward, before the generator's passes
+                ("the surrogate on the generator's x1 and x2", backbone, 2 * n, True),
+            ],
+        )
 
 def ranked_pairs(rewards: torch.Tensor) -> torch.Tensor:
     """(n, K, K) mask of the pairs a < b whose rewards differ."""

@@ -28,8 +28,13 @@ def mapo_loss(err_w, err_l, beta: float, snr_value: float, num_train_timesteps: 
 
 
 class MaPO(PairMethod):
+    uses_reference = False  # reference-free: a full fine-tuning keeps no frozen copy of the UNet
+
     def loss(self, ctx, data, generator: torch.Generator):
         win, lose = predict_pairs(ctx, self.pairs(ctx, data, generator), generator, reference=False)
         (err_w, _), (err_l, _) = win.errors(), lose.errors()
         losses, log_odds = mapo_loss(err_w, err_l, float(self.cfg["beta"]), float(self.cfg["snr_value"]), ctx.model.num_train_timesteps)
         return losses.mean(), {"implicit_acc": float((log_odds > 0).float().mean())}
+
+    def plan_micro(self, p):
+        return p.work(p.passes(grad=[(2 * p.batch_size, 1)]))  # reference-free: no frozen model's pass

@@ -185,3 +185,19 @@ class OnlineMethod(Method):
             "prompts_per_round": int(self.cfg["prompts_per_round"]),
             "samples_per_prompt": self.samples_per_prompt(),
         }
+
+    def plan(self, p):
+        """``bench plan``: one round (``gen.batch_size`` trajectories at a time through the training sampler,
+        each decoded and scored), how many optimizer steps it lasts, and one micro-batch (``plan_micro``)."""
+        rounds = self.rounds()
+        per_epoch = -(-(rounds.prompts_per_round * self.plan_units(p)) // p.batch_size)
+        work = self.plan_micro(p)
+        work.round = p.sampling(rounds.prompts_per_round * self.samples_per_prompt(), p.sample_batch_size)
+        work.steps_per_round = -(-(per_epoch * rounds.epochs) // p.grad_accum)
+        return work
+
+    def plan_units(self, p):
+        return 1  # training units per prompt, as units_per_prompt
+
+    def plan_micro(self, p):
+        return p.work(p.passes())

@@ -243,3 +243,25 @@ class PairMethod(Method):
         if ctx.images is not None and not isinstance(data, StreamedPairs):
             return {**ctx.images.manifest(), "base_references": "latents_l" in data}
         return self.source(ctx, data).manifest()
+
+    def plan(self, p):
+        """``bench plan``: the data made before training and one micro-batch (``plan_micro``)."""
+        work = self.plan_micro(p)
+        if p.dataset:  # streamed pairs: both images of every pair VAE-encoded in each micro-batch, first
+            work.before = p.passes(encode=[(2 * p.batch_size, 1)])
+        else:
+            work.prepare = self.plan_prepare(p)
+        return work
+
+    def plan_prepare(self, p):
+        """Self-generated pairs: K samples of each training prompt in one batch, decoded and scored; target
+        images: encoded a micro-batch at a time, with one base-model sample per image as its reference."""
+        n = p.batch_size
+        if p.images is not None:
+            encode = p.passes(encode=[(n, -(-p.images // n))])
+            return encode + p.sampling(p.images, n, decode=False, rewards=False) if self.image_references else encode
+        k = int(self.cfg["samples_per_prompt"])
+        return p.sampling(k, k).times(p.prompts or 0)
+
+    def plan_micro(self, p):
+        return p.work(p.passes())

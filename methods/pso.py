@@ -57,3 +57,11 @@ class PSO(PairMethod):
         logratio = trajectory_logratio(ctx, torch.stack(states, 1), pairs.prompts)
         losses, margin = pso_loss(eps_gap, logratio, float(self.cfg["beta"]))
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}
+
+    def plan_micro(self, p):
+        n, k, cfg = p.batch_size, p.stochastic_steps, p.cfg
+        # the targets at every trained timestep (model and pre-trained), a reference trajectory sampled now,
+        # and its log-ratio: each trained transition under the model (gradient) and the pre-trained model
+        target = p.passes(grad=[(n * k, 1)], nograd=[(n * k, 1)])
+        reference = p.sampling(n, decode=False, rewards=False)
+        return p.work(target + reference + p.passes(grad=[(n * cfg, k)], nograd=[(n * cfg, k)]))

@@ -50,6 +50,10 @@ def pso_dreambooth_loss(err_w, err_l, beta: float, neg_defactor: float, prior_we
 class PSODreamBoothOfficial(PairMethod):
     image_references = False  # the references are class-prompt samples, made in prepare()
 
+    @property
+    def uses_reference(self) -> bool:
+        return self.cfg["loss_type"] == "pso"  # pso_db reads no reference model
+
     def data_spec(self) -> dict:
         return {k: self.cfg[k] for k in ("seed", "num_negatives")}
 
@@ -79,3 +83,12 @@ class PSODreamBoothOfficial(PairMethod):
         ref_w, ref_l = ref.chunk(2) if reference else (None, None)
         losses = pso_dreambooth_loss(err_w, err_l, float(cfg["beta"]), float(cfg["neg_defactor"]), float(cfg["prior_loss_weight"]), cfg["loss_type"], ref_w, ref_l)
         return losses.mean(), {"err_w": float(err_w.mean()), "err_l": float(err_l.mean())}
+
+    def plan_prepare(self, p):
+        n, images = p.batch_size, p.images or 0
+        negatives = p.sampling(int(self.cfg["num_negatives"]), n, decode=False, rewards=False)  # class-prompt samples, once
+        return p.passes(encode=[(n, -(-images // n))] if images else []) + negatives
+
+    def plan_micro(self, p):
+        both = 2 * p.batch_size  # photo and negative in one pass (and the adapter-off model with loss_type pso)
+        return p.work(p.passes(grad=[(both, 1)], nograd=[(both, 1)] if self.cfg["loss_type"] == "pso" else []))

@@ -42,3 +42,7 @@ class OfflinePSO(PairMethod):
         per_pair = lambda e: e.reshape(n, k)
         losses, margin = pso_offline_loss(*map(per_pair, (err_tau, pre_tau, err_rho, pre_rho)), float(self.cfg["beta"]))
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}
+
+    def plan_micro(self, p):
+        rows = 2 * p.batch_size * p.stochastic_steps  # both images of every pair at every trained timestep, one pass
+        return p.work(p.passes(grad=[(rows, 1)], nograd=[(rows, 1)]))

@@ -64,6 +64,10 @@ class OnlinePSO(OnlineMethod):
         losses, margin = pso_online_loss(tau, rho, float(self.cfg["beta"]))
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean()), "round": r}
 
+    def plan_micro(self, p):
+        rows = 2 * p.batch_size * p.cfg  # target and reference trajectories of every pair, at each trained transition
+        return p.work(p.passes(grad=[(rows, p.stochastic_steps)], nograd=[(rows, p.stochastic_steps)]))
+
 
 def as_pairs(data: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Two samples per prompt as (target, reference): the higher reward first; on a tie the second

@@ -24,6 +24,8 @@ from bench.method import Method, image_generators
 
 
 class RewardBackprop(Method):
+    uses_reference = False
+
     def prepare(self, ctx):
         if ctx.reward is None or not ctx.reward.differentiable:
             name = ctx.reward.name if ctx.reward is not None else None
@@ -47,3 +49,16 @@ class RewardBackprop(Method):
         margin = self.cfg.get("margin")
         per_image = torch.relu(float(margin) - reward) if margin is not None else -reward
         return float(self.cfg["grad_scale"]) * per_image.mean(), {"reward": float(reward.detach().mean())}
+
+    def plan(self, p):
+        """``bench plan``: each micro-batch samples its images through the model being tuned, the last
+        ``k`` steps with gradient (DRaFT) or up to a random step whose x0 prediction is scored (ReFL)."""
+        n, steps = p.batch_size, p.sampler_steps
+        if self.cfg["mode"] == "draft":
+            grad = min(int(self.cfg["k"]), steps)
+            nograd, note = steps - grad, f"DRaFT-{grad}: the last {grad} sampler step(s) with gradient"
+        else:
+            last = min(steps, int(self.cfg["refl_last_steps"] or steps))
+            grad, nograd, note = 1, steps - 1, f"ReFL: stops at a step drawn from the last {last} (counted at the latest, {steps})"
+        micro = p.passes(grad=[(n * p.cfg, grad)], nograd=[(n * p.cfg, nograd)] if nograd else [], grad_decode=n, rewards=n, samples=n)
+        return p.work(micro, notes=[note, "the VAE decoder and the reward run with gradient: their activations are not in the estimate"])

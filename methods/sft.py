@@ -19,8 +19,12 @@ from bench.methods.preference_data import PairMethod
 
 class SFT(PairMethod):
     image_references = False
+    uses_reference = False  # no frozen model: a full fine-tuning keeps no copy of the UNet
     def loss(self, ctx, data, generator: torch.Generator):
         pairs = self.pairs(ctx, data, generator)
         cond = ctx.model.encode_prompts(pairs.prompts)
         steps = ctx.model.timesteps() if self.cfg["timesteps"] == "sampler" else None
         return ctx.model.diffusion_loss(pairs.x_w, cond, generator, timesteps=steps).mean(), {}
+
+    def plan_micro(self, p):
+        return p.work(p.passes(grad=[(p.batch_size, 1)]))  # the epsilon loss on the preferred images

@@ -338,3 +338,30 @@ class SPO(Method):
             "pairs": int(sum(counts[:covered])),
             "pairs_per_round": [int(v) for v in counts[:covered]][:1000],
         }
+
+    def plan(self, p):
+        """``bench plan``: a round of step-wise resampling (``sample_batch_size`` prompts at a time, K
+        candidates each from the branch on), at most every trained transition of every prompt kept as a
+        pair, and one micro-batch of pairs (win and lose transition, model and reference)."""
+        cfg, n, k = self.cfg, p.batch_size, int(self.cfg["num_candidates"])
+        prompts = int(cfg["prompts_per_round"])
+        chunk = int(cfg.get("sample_batch_size") or prompts)
+        last, divert, inner = p.stochastic_steps - 1, int(cfg["divert_start_step"]), int(cfg.get("num_inner_step", 0))
+
+        def one(b):  # the round's work for b prompts
+            work = p.passes(nograd=[(b * p.cfg, divert + 1)], samples=b)  # the shared prefix and the first branch's prediction
+            i = divert
+            while i <= last:
+                end = min(i + inner, last)
+                work = work + p.passes(nograd=[(k * b * p.cfg, end - i + 1)], decode=[(k * b, 1)], rewards=k * b)  # inner steps, then scoring
+                i = end + 1
+            return work
+
+        full, rest = divmod(prompts, chunk)
+        round_ = one(chunk).times(full) + (one(rest) if rest else p.passes())
+        pairs = prompts * (last - divert + 1)
+        passes = p.split(2 * n * p.cfg, min(n, last - divert + 1))
+        return p.work(
+            p.passes(grad=passes, nograd=passes), round=round_, steps_per_round=-(-pairs // (n * p.grad_accum)) * int(cfg.get("epochs_per_round", 1)),
+            notes=[f"a round keeps at most {pairs} pairs (those past method.threshold): at most {-(-pairs // (n * p.grad_accum))} optimizer steps per epoch of it"],
+        )

@@ -33,7 +33,7 @@ def cli(cache_dir, tmp_path, capsys):
 
     def run(*args: str, cache: Path | None = None):
         argv = list(args)
-        if argv and argv[0] in ("run", "eval", "train", "prefetch", "perf"):
+        if argv and argv[0] in ("run", "eval", "train", "prefetch", "perf", "plan"):
             keys = {a.split("=", 1)[0] for a in argv[1:]}
             if "cache_dir" not in keys:
                 argv.append(f"cache_dir={cache or cache_dir}")
