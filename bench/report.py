@@ -15,7 +15,7 @@ import pandas as pd
 
 from bench.errors import DataError
 from bench.io import write_text
-from bench.stats import bootstrap_mean_ci, paired_winrate
+from bench import stats
 
 RUN_COLUMNS = ["run_id", "suite", "model", "method"]
 
@@ -32,67 +32,87 @@ def summarize(
     seed: int = 0,
     baseline_id: str | None = None,
     group_by: list[str] | tuple[str, ...] = (),
+    n_permutations: int = 9999,
 ) -> dict:
-    """Per-metric mean with bootstrap CI, plus per-prompt win rate vs a baseline, and for each
-    column of ``group_by`` (``subject``, a PartiPrompts ``Category``) the mean of every metric per group.
-
-    The mean CI resamples images; the win rate compares per-prompt means, since
-    prompts (not images) are the paired unit shared by run and baseline.
-    """
+    """Per metric: the mean with an interval that resamples prompts, the smallest shift this many
+    prompts could detect, and against a baseline the paired difference, its test (Holm-corrected
+    over the table's metrics) and the win rate; for each column of ``group_by`` (``subject``, a
+    PartiPrompts ``Category``) the same mean and interval per group (``bench.stats``)."""
     _require_columns(scores, metrics, "scores")
     if baseline is not None:
         _require_columns(baseline, metrics, "baseline scores")
     if scores.empty:
         raise DataError("scores are empty; the run produced no images, re-run `bench run ...`")
-
     out: dict = {
         "n_images": int(len(scores)),
         "n_prompts": int(scores["prompt_index"].nunique()),
         "level": float(level),
-        "metrics": {},
+        "unit": "prompt",  # intervals resample prompts with all their images; tests pair prompts
+        "metrics": {name: _metric_summary(_scored(scores, spec), name, spec, n_boot, level, seed) for name, spec in metrics.items()},
         "winrate": {},
     }
-    def scored(df: pd.DataFrame, spec: dict) -> pd.DataFrame:
-        """The rows a metric scored: all, or those of its prompts (``spec["prompts"]``, a scoped metric)."""
-        return df if "prompts" not in spec else df[df["prompt_index"].isin(spec["prompts"])]
-
-    for name, spec in metrics.items():
-        rows = scored(scores, spec)
-        try:
-            mean, (lo, hi) = bootstrap_mean_ci(rows[name].to_numpy(), n_boot, level, seed)
-        except ValueError as err:
-            raise DataError(f"metric {name!r}: {err}") from err
-        out["metrics"][name] = {
-            "mean": mean,
-            "ci": [lo, hi],
-            "higher_is_better": bool(spec["higher_is_better"]),
-            "version": str(spec["version"]),
-            "scale": str(spec["scale"]),
-            **({"n_images": int(len(rows))} if "prompts" in spec else {}),
-        }
-        if baseline is None:
-            continue
-        run_pp = rows.groupby("prompt_index")[name].mean()
-        base_pp = scored(baseline, spec).groupby("prompt_index")[name].mean()
-        try:
-            value, (wlo, whi), n = paired_winrate(
-                run_pp, base_pp, bool(spec["higher_is_better"]), n_boot, level, seed
-            )
-        except ValueError as err:
-            raise DataError(
-                f"win rate for {name!r}: {err}; evaluate the baseline on the same suite"
-            ) from err
-        out["winrate"][name] = {"value": value, "ci": [wlo, whi], "n_prompts": n, "baseline": baseline_id}
+    if baseline is not None:
+        out["delta"] = {}
+        for name, spec in metrics.items():
+            run_pp = _scored(scores, spec).groupby("prompt_index")[name].mean()
+            base_pp = _scored(baseline, spec).groupby("prompt_index")[name].mean()
+            try:
+                out["winrate"][name] = stats.winrate(run_pp, base_pp, bool(spec["higher_is_better"]), level) | {"baseline": baseline_id}
+                out["delta"][name] = stats.paired_difference(run_pp, base_pp, level, n_permutations, seed) | {"baseline": baseline_id}
+            except ValueError as err:
+                raise DataError(f"win rate for {name!r}: {err}; evaluate the baseline on the same suite") from err
+        _mark_significant(out["delta"], metrics, level, n_permutations)
     for column in group_by:
-        groups = scores.groupby(column, sort=True)
-        out.setdefault("by_group", []).append(
-            {
-                "by": column,
-                "n_prompts": {str(g): int(n) for g, n in groups["prompt_index"].nunique().items()},
-                "means": {name: {str(g): float(v) for g, v in groups[name].mean().items() if not math.isnan(v)} for name in metrics},  # a scoped metric: only its groups
-            }
-        )
+        out.setdefault("by_group", []).append(_group_summary(scores, metrics, column, n_boot, level, seed))
     return out
+
+
+def _scored(df: pd.DataFrame, spec: dict) -> pd.DataFrame:
+    """The rows a metric scored: all, or those of its prompts (``spec["prompts"]``, a scoped metric)."""
+    return df if "prompts" not in spec else df[df["prompt_index"].isin(spec["prompts"])]
+
+
+def _metric_summary(rows: pd.DataFrame, name: str, spec: dict, n_boot: int, level: float, seed: int) -> dict:
+    try:
+        mean, (lo, hi) = stats.cluster_bootstrap_mean_ci(rows[name].to_numpy(), rows["prompt_index"].to_numpy(), n_boot, level, seed)
+    except ValueError as err:
+        raise DataError(f"metric {name!r}: {err}") from err
+    per_prompt = rows.groupby("prompt_index")[name].mean()
+    return {
+        "mean": mean,
+        "ci": [lo, hi],
+        "higher_is_better": bool(spec["higher_is_better"]),
+        "version": str(spec["version"]),
+        "scale": str(spec["scale"]),
+        # the smallest shift of the mean this many prompts detects (80% power) against a known value
+        "detectable": stats.detectable_difference(float(per_prompt.std(ddof=1)) if len(per_prompt) > 1 else 0.0, len(per_prompt), level),
+        **({"n_images": int(len(rows))} if "prompts" in spec else {}),
+    }
+
+
+def _mark_significant(delta: dict, metrics: dict, level: float, n_permutations: int) -> None:
+    """Holm's correction over the table's metrics; a gain is a significant difference in the metric's better direction."""
+    adjusted = stats.holm({name: d["p_value"] for name, d in delta.items()})
+    for name, d in delta.items():
+        d["p_holm"] = adjusted[name]
+        d["significant"] = bool(adjusted[name] < 1 - level)
+        better = d["value"] > 0 if metrics[name]["higher_is_better"] else d["value"] < 0
+        d["verdict"] = ("gain" if better else "loss") if d["significant"] else "no detected change"
+        d["test"] = f"{stats.PERMUTATION_TEST}, {n_permutations} resamples; Holm over {len(delta)} metric(s)"
+
+
+def _group_summary(scores: pd.DataFrame, metrics: dict, column: str, n_boot: int, level: float, seed: int) -> dict:
+    groups = scores.groupby(column, sort=True)
+    means, cis = {}, {}
+    for name, spec in metrics.items():
+        means[name], cis[name] = {}, {}
+        for g, rows in groups:
+            rows = _scored(rows, spec)
+            if rows.empty:  # a scoped metric: only its groups
+                continue
+            mean, ci = stats.cluster_bootstrap_mean_ci(rows[name].to_numpy(), rows["prompt_index"].to_numpy(), n_boot, level, seed)
+            means[name][str(g)], cis[name][str(g)] = mean, list(ci)
+    return {"by": column, "n_prompts": {str(g): int(n) for g, n in groups["prompt_index"].nunique().items()}, "means": means, "ci": cis}
 
 
 def _require_columns(df: pd.DataFrame, metrics: dict, what: str) -> None:
@@ -108,28 +128,51 @@ def _fmt(x) -> str:
     return f"{x:.4g}"
 
 
+def _interval(ci) -> str:
+    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _signed(x) -> str:
+    return "-" if x is None else f"{x:+.4g}"
+
+
 def render_table(summary: dict, title: str) -> str:
-    """Markdown table, one row per metric, under a ``# title`` heading."""
+    """Markdown table, one row per metric, under a ``# title`` heading: the mean and its interval,
+    and against a base the paired difference (``*``: a gain that survives Holm's correction, ``!``: a
+    significant loss), the win rate, and the smallest difference the run could detect."""
     pct = f"{summary.get('level', 0.95) * 100:g}% CI"
+    deltas = summary.get("delta") or {}
     rows = []
     for name, m in summary["metrics"].items():
-        w = summary.get("winrate", {}).get(name)
-        win = f"{_fmt(w['value'])} [{_fmt(w['ci'][0])}, {_fmt(w['ci'][1])}]" if w else "-"
-        rows.append(
-            {
-                "metric": name,
-                "mean": _fmt(m["mean"]),
-                pct: f"[{_fmt(m['ci'][0])}, {_fmt(m['ci'][1])}]",
-                "direction": "↑" if m["higher_is_better"] else "↓",
-                "win rate vs base": win,
+        w, d = summary.get("winrate", {}).get(name), deltas.get(name)
+        row = {"metric": name, "mean": _fmt(m["mean"]), pct: _interval(m["ci"]), "direction": "↑" if m["higher_is_better"] else "↓"}
+        if deltas:
+            mark = {"gain": "*", "loss": "!"}.get(d["verdict"], "") if d else ""
+            row |= {
+                "Δ vs base": f"{_signed(d['value'])}{mark} {_interval(d['ci'])}" if d else "-",
+                "p (Holm)": _fmt(d["p_holm"]) if d else "-",
+                "win rate vs base": f"{_fmt(w['value'])} {_interval(w['ci'])}" if w else "-",
             }
+        detectable = (d or m).get("detectable")
+        row["detectable Δ"] = "-" if detectable is None else f"±{detectable:.2g}"
+        rows.append(row)
+    table = f"# {title}\n\n{_markdown(pd.DataFrame(rows))}\n"
+    if deltas:
+        table += (
+            f"\nΔ: mean per-prompt difference with its paired t-interval; p: sign-flip permutation test, Holm-corrected over "
+            f"the {len(deltas)} metrics (* a gain, ! a loss at alpha {1 - summary.get('level', 0.95):.2g}). Win rate: ties count one half, Wilson interval. "
         )
-    df = pd.DataFrame(rows, columns=["metric", "mean", pct, "direction", "win rate vs base"])
-    table = f"# {title}\n\n{_markdown(df)}\n"
+    else:
+        table += "\n"
+    table += f"Intervals resample the {summary['n_prompts']} prompts with their images; detectable Δ: the smallest difference found with 80% power at this many prompts.\n"
     for groups in summary.get("by_group", []):
         by = groups["by"]
-        rows = [{by: g, "prompts": str(n), **{m: _fmt(groups["means"][m].get(g)) for m in groups["means"]}} for g, n in groups["n_prompts"].items()]
-        table += f"\nmean by {by}:\n\n{_markdown(pd.DataFrame(rows))}\n"
+        cis = groups.get("ci") or {}
+        rows = [
+            {by: g, "prompts": str(n), **{m: _fmt(groups["means"][m].get(g)) + (f" {_interval(cis[m][g])}" if g in cis.get(m, {}) else "") for m in groups["means"]}}
+            for g, n in groups["n_prompts"].items()
+        ]
+        table += f"\nmean by {by} ({pct}):\n\n{_markdown(pd.DataFrame(rows))}\n"
     if summary.get("sets"):
         table += render_sets(summary["sets"])
     return table
