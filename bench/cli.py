@@ -1,4 +1,4 @@
-"""``bench``: run, eval, train, ls, leaderboard, check, perf, prefetch.
+"""``bench``: run, eval, train, ls, leaderboard, check, perf, prefetch, plan.
 
 Arguments are ``key=value`` overrides (``suite=micro method=sft train.steps=50``).
 Every user-facing failure prints one line ``bench: error: ...`` and exits
@@ -28,8 +28,15 @@ commands:
   prefetch     download a model, a suite's prompts and its metrics' weights ahead of an offline run
   plan         [run|train|eval] ARGS: what the command will do and its estimated peak GPU memory, loading no weights
 
+several seeds (run, eval):
+  seeds=0,1,2        evaluate under each base seed (images cached per seed); a run trains once, the base seed sets no checkpoint
+  method.seed=0,1,2  train once per value (sets method.seed and train.seed: all the training's randomness) and evaluate each
+                     both lists combine into a grid; each evaluation is a run folder, and <suite>-<model>-<label>-seeds-<hash>/
+                     reports per metric the mean over runs, the sd across seeds and the pooled interval (all runs' images)
+
 examples:
   bench run suite=micro method=sft
+  bench run suite=micro method=sft seeds=0,1,2
   bench run protocol=pso-table1 method=pso-online-dmd2
   bench eval suite=micro model=tiny gen.batch_size=1
   bench ls methods
@@ -50,8 +57,12 @@ def _kv(args: list[str], allowed: set[str], command: str) -> dict[str, str]:
 def cmd_run(args):
     from bench.config import compose
     from bench.runner import run
+    from bench.seeds import split_sweep
 
+    args, seeds, train_seeds = split_sweep(args)
     args = with_base_protocol(args)
+    if seeds is not None or train_seeds is not None:
+        return _run_sweep(args, seeds, train_seeds, train=True)
     if any(a.startswith("protocol=") for a in args):
         return _run_protocol(args, train=True)
     cfg = compose(args, require=("method",))
@@ -76,6 +87,14 @@ def with_base_protocol(args: list[str]) -> list[str]:
     return [*args, f"protocol={base}"] if base else args
 
 
+def _run_sweep(args, seeds, train_seeds, train: bool):
+    from bench.seeds import run_sweep
+
+    base, sweep = run_sweep(args, seeds, train_seeds, train)
+    print(sweep.table)
+    print(f"\nsweep folder: {sweep.folder}" + (f"   (base model: {base.folder})" if base is not None else ""))
+
+
 def _run_protocol(args, train: bool):
     from bench.protocol import render, run_protocol
 
@@ -89,7 +108,11 @@ def _run_protocol(args, train: bool):
 def cmd_eval(args):
     from bench.config import compose
     from bench.runner import evaluate, generate_shard
+    from bench.seeds import split_sweep
 
+    args, seeds, train_seeds = split_sweep(args)
+    if seeds is not None or train_seeds is not None:
+        return _run_sweep(args, seeds, train_seeds, train=False)
     if any(a.startswith("protocol=") for a in args):
         return _run_protocol(args, train=False)
     cfg = compose(args)
@@ -107,6 +130,10 @@ def cmd_train(args):
     from bench.config import compose
     from bench.runner import Session
 
+    from bench.seeds import split_sweep
+
+    if split_sweep(args)[1:] != (None, None):
+        raise UsageError("`bench train` trains one seed (the base seed determines no checkpoint): run `bench run ... method.seed=0,1,2` to train and evaluate several")
     checkpoint = Session(compose(args, require=("method",))).train()
     print(f"checkpoint: {checkpoint.path}")
 
@@ -271,7 +298,10 @@ def cmd_plan(args):
     """``bench plan [run|train|eval] key=value ...``: the images to generate, the UNet passes to train, the
     estimated peak GPU memory and where the preset differs from its authors' code (``bench.plan``)."""
     from bench.plan.planner import make_plan
+    from bench.seeds import split_sweep
 
+    if split_sweep(args)[1:] != (None, None):
+        raise UsageError("bench plan plans one seed: drop seeds= and method.seed=0,1,2 (each base seed repeats the evaluation, each training seed the training and evaluation)")
     command = "run" if any(a.startswith("method=") for a in args) else "eval"
     if args and args[0] in ("run", "train", "eval"):
         command, args = args[0], args[1:]

@@ -16,6 +16,7 @@ import pandas as pd
 from bench.errors import DataError
 from bench.io import write_text
 from bench import stats
+from bench.seeds import axes_text
 
 RUN_COLUMNS = ["run_id", "suite", "model", "method"]
 
@@ -232,9 +233,11 @@ def _read_json(path: Path, what: str) -> dict:
 
 
 def collect_runs(root) -> pd.DataFrame:
-    """One row per run folder (manifest.json + summary.json) under ``root``, recursively."""
+    """One row per run folder (manifest.json + summary.json) under ``root``, recursively. A seed sweep
+    (``bench.seeds``) is one row in place of its runs, each value the mean over them with a ``sd`` column
+    beside it, so no evaluation counts twice."""
     root = Path(root)
-    records, names, set_names = [], set(), set()
+    records, names, set_names, members = [], set(), set(), set()
     for manifest_path in sorted(root.rglob("manifest.json")):
         summary_path = manifest_path.with_name("summary.json")
         if not summary_path.exists():
@@ -247,23 +250,36 @@ def collect_runs(root) -> pd.DataFrame:
         if not isinstance(summary.get("metrics"), dict):
             raise DataError(f"summary {summary_path} has no 'metrics'; re-run `bench run ...` for that run")
         rec = {k: manifest[k] for k in RUN_COLUMNS}
+        sweep = manifest.get("sweep")  # a seed sweep: its runs' mean and sd (bench.seeds)
         try:
+            if sweep:
+                rec["seeds"] = axes_text(sweep["axes"])
+                members.update(sweep["runs"])
+
+            def put(column, entry, stat):
+                rec[column] = float("nan") if entry[stat] is None else float(entry[stat])
+                if sweep:
+                    rec[f"{column} sd"] = float("nan") if entry["sd"] is None else float(entry["sd"])
+
             for name, m in summary["metrics"].items():
-                rec[name] = float(m["mean"])
+                put(name, m, "mean")
                 names.add(name)
             for name, w in (summary.get("winrate") or {}).items():
-                rec[f"{name} win"] = float(w["value"])
+                put(f"{name} win", w, "value")
                 names.add(name)
             for name, e in (summary.get("sets") or {}).items():  # the resolution is in the column: FIDs at 256 and 1024 px never share one
                 resolution = e["protocol"].get("resolution")
                 column = f"{name}@{resolution}px" if resolution else name
-                rec[column] = float("nan") if e["value"] is None else float(e["value"])
+                put(column, e, "value")
                 set_names.add(column)
         except (TypeError, KeyError, ValueError) as err:
-            raise DataError(f"summary {summary_path} is malformed ({err!r}); re-run `bench run ...` for that run")
+            raise DataError(f"summary {summary_path} or its manifest is malformed ({err!r}); re-run `bench run ...` for that run")
         records.append(rec)
-    metric_cols = [c for name in sorted(names) for c in (name, f"{name} win")] + sorted(set_names)
-    df = pd.DataFrame(records, columns=RUN_COLUMNS + metric_cols)
+    records = [r for r in records if r["run_id"] not in members]
+    sweeps = any("seeds" in r for r in records)
+    values = [c for name in sorted(names) for c in (name, f"{name} win")] + sorted(set_names)
+    metric_cols = [c for v in values for c in ((v, f"{v} sd") if sweeps else (v,))]
+    df = pd.DataFrame(records, columns=RUN_COLUMNS + (["seeds"] if sweeps else []) + metric_cols)
     return df.sort_values(["suite", "model", "method", "run_id"], ignore_index=True)
 
 
@@ -274,9 +290,13 @@ def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
     if df.empty:
         raise DataError(f"no runs with summary.json under {root}; run `bench run ...` first")
     out = Path(out_dir) if out_dir is not None else root
-    shown = df.copy()
+    shown = df.drop(columns=[c for c in df.columns if c.endswith(" sd")])
     for col in shown.columns[len(RUN_COLUMNS):]:
-        shown[col] = [_fmt(v) for v in shown[col]]
+        if col == "seeds":
+            shown[col] = shown[col].fillna("-")
+            continue
+        sd = df[f"{col} sd"] if f"{col} sd" in df else pd.Series(float("nan"), index=df.index)
+        shown[col] = [_fmt(v) + ("" if pd.isna(s) else f" ± {_fmt(s)}") for v, s in zip(shown[col], sd)]  # a sweep: mean ± sd over its runs
     shown = shown.astype(str)
     md = f"# Leaderboard\n\n{_markdown(shown)}\n"
     md_path = write_text(out / "leaderboard.md", md)

@@ -162,7 +162,10 @@ def generator_loss(x_t: torch.Tensor, y: torch.Tensor, w: torch.Tensor, reward: 
 
 # ---- the recipe ---------------------------------------------------------------------------------
 class DiffInstructPP(Method):
-    splits_micro_batches = False  # the loss steps an optimizer of its own
+    """The TA takes its ``k_ta`` updates at the first micro-batch of every optimizer step, on as many
+    fresh samples as the step averages (``batch_size x grad_accum``, in micro-batch-sized chunks whose
+    gradients accumulate): Algorithm 1's alternation of one TA and one generator update, whatever
+    ``train.micro_batch_size`` cuts the generator's batch into."""
 
     def _opt(self, key: str, default=None):
         value = self.cfg.get(key, default)
@@ -281,28 +284,35 @@ class DiffInstructPP(Method):
         n = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device, x0.dtype)
         return sigma, x0 + _col(sigma, x0) * n
 
-    def _draw(self, ctx, generator):
-        n = ctx.batch_size
+    def _draw(self, ctx, generator, n: int | None = None):
+        n = n or ctx.batch_size
         prompts = [ctx.prompts[int(i)] for i in torch.randint(0, len(ctx.prompts), (n,), generator=generator)]
         return prompts, image_generators(n, generator)
 
     def ta_step(self, ctx, generator: torch.Generator) -> float:
-        """One denoising-score-matching update of the TA on fresh generator samples (theta fixed)."""
-        prompts, gens = self._draw(ctx, generator)
-        cond = ctx.model.encode_prompts(prompts)
+        """One denoising-score-matching update of the TA on fresh generator samples (theta fixed): the
+        samples of a whole optimizer step, drawn at once and run a micro-batch at a time."""
+        n, chunk = ctx.batch_size * ctx.grad_accum, ctx.batch_size
+        prompts, gens = self._draw(ctx, generator, n)
         with torch.no_grad():
-            x0 = self.generate(ctx, prompts, gens, cond)
+            x0 = torch.cat([self.generate(ctx, prompts[i : i + chunk], gens[i : i + chunk]) for i in range(0, n, chunk)])
         sigma, x_t = self._noise(x0, generator)
+        weight = ta_weight(sigma, self._opt("ta_weighting", "edm"), float(self._opt("sigma_data", 0.5)))
+        self.ta_opt.zero_grad(set_to_none=True)
+        total = 0.0
         with torch.enable_grad():
-            d = edm_denoise(ctx.model, self.ta, x_t, sigma, cond)
-            loss = ta_loss(d, x0, ta_weight(sigma, self._opt("ta_weighting", "edm"), float(self._opt("sigma_data", 0.5))))
-            self.ta_opt.zero_grad(set_to_none=True)
-            loss.backward()
+            for i in range(0, n, chunk):
+                part = slice(i, i + chunk)
+                d = edm_denoise(ctx.model, self.ta, x_t[part], sigma[part], ctx.model.encode_prompts(prompts[part]))
+                loss = ta_loss(d, x0[part], weight[part]) * (d.shape[0] / n)  # the mean over the step's samples
+                loss.backward()
+                total += float(loss.detach())
         self.ta_opt.step()
-        return float(loss.detach())
+        return total
 
     def loss(self, ctx, data, generator: torch.Generator):
-        ta_losses = [self.ta_step(ctx, generator) for _ in range(self.k_ta)]
+        if ctx.micro == 0:
+            self._ta_loss = sum(self.ta_step(ctx, generator) for _ in range(self.k_ta)) / self.k_ta
         model = ctx.model
         prompts, gens = self._draw(ctx, generator)
         cond = model.encode_prompts(prompts)
@@ -316,7 +326,7 @@ class DiffInstructPP(Method):
             y = edm_denoise(model, self.ta, x_in, sigma, cond) - d_ref
             w = generator_weight(y, self._opt("gen_weighting", "inv_norm"))
         reward = None
-        logs = {"ta_loss": sum(ta_losses) / len(ta_losses), "y_norm": float(y.flatten(1).norm(dim=1).mean())}
+        logs = {"ta_loss": self._ta_loss, "y_norm": float(y.flatten(1).norm(dim=1).mean())}
         if self.alpha_rew:
             reward = ctx.reward.score(model.decode(x0).float(), prompts)
             logs["reward"] = float(reward.detach().mean())
@@ -352,5 +362,5 @@ class DiffInstructPP(Method):
         generator = p.passes(grad=[(n, 1)], nograd=[(n * cfg, 1), (n, 1)], grad_decode=n if float(self._opt("alpha_rew", 0.0)) else 0)
         return p.work(
             ta + generator, networks=[("TA (a trainable copy of the UNet, float32, Adam)", p.unet_parameters, 16)],
-            notes=["the TA's backward runs inside each loss call, before the generator's passes: counting both together over-estimates"],
+            notes=["the TA's k_ta updates run at each step's first micro-batch, a micro-batch-sized chunk at a time, before the generator's passes: the plan spreads them over the step's micro-batches and counts a chunk with the generator's passes (an over-estimate of the peak)"],
         )

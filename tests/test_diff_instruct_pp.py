@@ -206,6 +206,28 @@ def test_the_ta_goes_to_checkpoints_and_back(tiny64):
 
 
 # ---- Theorem 3.3 on the tiny teacher -------------------------------------------------------------------
+def test_micro_batches_update_the_ta_once_a_step_on_the_steps_samples(tiny64):
+    """train.micro_batch_size cuts the generator's batch; the TA still takes one update per optimizer step
+    on the whole step's samples (chunk by chunk): the same update as an uncut batch of that size."""
+    cfg = {**CFG, "alpha_rew": 0.0}
+    whole, cut = full_finetune_ctx(tiny64, batch=4), full_finetune_ctx(tiny64, batch=2)
+    cut.grad_accum = 2
+    methods = []
+    for ctx in (whole, cut):
+        method = DiffInstructPP(cfg)
+        method.prepare(ctx)
+        _, logs = method.loss(ctx, {}, torch.Generator().manual_seed(5))
+        methods.append((method, logs))
+    (a, logs_a), (b, logs_b) = methods
+    assert logs_b["ta_loss"] == pytest.approx(logs_a["ta_loss"], rel=1e-9)
+    for (n, p), q in zip(a.ta.named_parameters(), b.ta.parameters()):
+        assert torch.allclose(p, q, rtol=1e-9, atol=1e-12), n
+    before = [p.clone() for p in b.ta.parameters()]
+    cut.micro = 1  # the step's second micro-batch: the generator's loss only
+    _, logs = b.loss(cut, {}, torch.Generator().manual_seed(6))
+    assert all(torch.equal(p, q) for p, q in zip(before, b.ta.parameters())) and logs["ta_loss"] == logs_b["ta_loss"]
+
+
 @pytest.mark.parametrize("beta", [1.0, 1 / 3.5])
 def test_cfg_is_the_score_of_the_implicit_reward_optimum(tiny64, beta):
     """Thm 3.3: with the implicit reward r = w log p_ref(x_t | c) / p_ref(x_t), the minimiser of

@@ -1,7 +1,7 @@
 """``bench plan``: what a command will do and the GPU memory it will need, without loading a weight.
 
 The config is composed exactly as ``bench run`` / ``train`` / ``eval`` compose it (protocol cells
-included). The work is counted from the config and the method's ``plan`` hook (``bench.method.Work``:
+included). The work is counted from the config and the method's ``plan`` hook (``bench.plan.work.Work``:
 UNet passes with and without gradient per micro-batch, per round of on-policy sampling and for the
 data made before training). The memory is a sum of terms, each from the real architectures
 (``bench.plan.arch``: parameter counts of the networks built on the meta device) and measured
@@ -388,7 +388,7 @@ class _Planner:
         method = cls(method_cfg)
         micro, accum = micro_batches(tc, method.splits_micro_batches, method_cfg["name"])
         sampler = make_sampler({**cfg["model"]["sampler"], **(tc.get("sampler") or {})})
-        steps = len(sampler.schedule(1000))
+        steps = int(sampler.steps)
         cfg_pass = 2 if sampler.guidance > 1.0 and not self.arch.guidance_embedded() else 1
         lora = int(tc["lora_rank"] or 0) if tc["lora_rank"] and not tc["full_finetune"] else 0
         data = cfg.get("data") or {}
