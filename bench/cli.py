@@ -196,7 +196,7 @@ def cmd_score(args):
     from bench.report import _markdown
     from bench.runner import resolve_device
     from bench.scoring import folder_images, load_metrics, reference_folder, score_files, write_scores
-    from bench.stats import bootstrap_mean_ci
+    from bench.stats import cluster_bootstrap_mean_ci
 
     kv = _kv(args, {"images", "prompts", "metrics", "refs", "scorers", "device", "batch_size", "out"}, "score")
     if "images" not in kv or "metrics" not in kv:
@@ -206,9 +206,10 @@ def cmd_score(args):
     files, prompts = folder_images(kv["images"], kv.get("prompts"))
     refs = reference_folder(kv["refs"]) if kv.get("refs") else None
     frame = score_files(files, prompts, metrics, int(kv.get("batch_size", 32)), device, refs=refs)
+    clusters = frame["prompt"].to_numpy() if kv.get("prompts") else None  # images of one prompt resample together
     rows = []
     for name, metric in metrics.items():
-        mean, (lo, hi) = bootstrap_mean_ci(frame[name].to_numpy(), 1000, 0.95, 0)
+        mean, (lo, hi) = cluster_bootstrap_mean_ci(frame[name].to_numpy(), clusters, 1000, 0.95, 0)
         rows.append({"metric": name, "mean": f"{mean:.4g}", "95% CI": f"[{lo:.4g}, {hi:.4g}]", "images": str(len(frame)), "scale": metric.info.scale})
     print(_markdown(pd.DataFrame(rows)))
     if kv.get("out"):

@@ -64,7 +64,8 @@ train:
 score:
   batch_size: 32
 stats:
-  n_boot: 1000
+  n_boot: 1000          # bootstrap resamples of the prompts for a mean's interval
+  n_permutations: 9999  # sign flips of the per-prompt differences for a paired test (all of them when 2^prompts is fewer)
   level: 0.95
   seed: 0
 """

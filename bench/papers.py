@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from bench.errors import DataError
-from bench.stats import bootstrap_mean_ci
+from bench.stats import bootstrap_mean_ci, wilson_interval
 
 STATISTICS = ("mean", "winrate", "set")
 ROW_FIELDS = {"row", "dataset", "suite", "paper_suite", "model", "paper_model", "methods", "paper_method", "variant", "values", "note"}
@@ -227,7 +227,10 @@ def ours(cell: dict, runs: list[dict], folders: dict[str, Path]) -> dict:
             run_pp = pd.Series(values, index=run_pp.index)[base_pp.notna()]
         units.append(pd.DataFrame({"subject": subject, "prompt_index": run_pp.index, "v": run_pp.to_numpy()}))
     per_prompt = pd.concat(units).groupby(["subject", "prompt_index"])["v"].mean()  # seeds pooled per prompt
-    mean, (lo, hi) = bootstrap_mean_ci(per_prompt.to_numpy(), int(stats["n_boot"]), float(stats["level"]), int(stats["seed"]))
+    if cell["statistic"] == "winrate":  # Wilson's interval on the prompts' (seed-averaged) wins: never [1, 1] when every prompt wins
+        mean, (lo, hi) = float(per_prompt.mean()), wilson_interval(float(per_prompt.sum()), len(per_prompt), float(stats["level"]))
+    else:
+        mean, (lo, hi) = bootstrap_mean_ci(per_prompt.to_numpy(), int(stats["n_boot"]), float(stats["level"]), int(stats["seed"]))
     return out | {"value": mean, "ci": (lo, hi) if len(per_prompt) > 1 else None, "n_prompts": int(len(per_prompt))}
 
 

@@ -19,6 +19,7 @@ from bench import stats
 from bench.seeds import axes_text
 
 RUN_COLUMNS = ["run_id", "suite", "model", "method"]
+VERDICT_MARKS = {"gain": "*", "loss": "!"}  # a metric's paired difference from the base, Holm-corrected (summary["delta"])
 
 
 # --------------------------------------------------------------------------- summary
@@ -61,7 +62,7 @@ def summarize(
                 out["winrate"][name] = stats.winrate(run_pp, base_pp, bool(spec["higher_is_better"]), level) | {"baseline": baseline_id}
                 out["delta"][name] = stats.paired_difference(run_pp, base_pp, level, n_permutations, seed) | {"baseline": baseline_id}
             except ValueError as err:
-                raise DataError(f"win rate for {name!r}: {err}; evaluate the baseline on the same suite") from err
+                raise DataError(f"comparing {name!r} with the baseline: {err}; evaluate the baseline on the same suite") from err
         _mark_significant(out["delta"], metrics, level, n_permutations)
     for column in group_by:
         out.setdefault("by_group", []).append(_group_summary(scores, metrics, column, n_boot, level, seed))
@@ -148,7 +149,7 @@ def render_table(summary: dict, title: str) -> str:
         w, d = summary.get("winrate", {}).get(name), deltas.get(name)
         row = {"metric": name, "mean": _fmt(m["mean"]), pct: _interval(m["ci"]), "direction": "↑" if m["higher_is_better"] else "↓"}
         if deltas:
-            mark = {"gain": "*", "loss": "!"}.get(d["verdict"], "") if d else ""
+            mark = VERDICT_MARKS.get(d["verdict"], "") if d else ""
             row |= {
                 "Δ vs base": f"{_signed(d['value'])}{mark} {_interval(d['ci'])}" if d else "-",
                 "p (Holm)": _fmt(d["p_holm"]) if d else "-",
@@ -237,7 +238,7 @@ def collect_runs(root) -> pd.DataFrame:
     (``bench.seeds``) is one row in place of its runs, each value the mean over them with a ``sd`` column
     beside it, so no evaluation counts twice."""
     root = Path(root)
-    records, names, set_names, members = [], set(), set(), set()
+    records, names, set_names, members, judged = [], set(), set(), set(), set()
     for manifest_path in sorted(root.rglob("manifest.json")):
         summary_path = manifest_path.with_name("summary.json")
         if not summary_path.exists():
@@ -267,6 +268,9 @@ def collect_runs(root) -> pd.DataFrame:
             for name, w in (summary.get("winrate") or {}).items():
                 put(f"{name} win", w, "value")
                 names.add(name)
+            for name, d in (summary.get("delta") or {}).items():  # against the run's base: a gain or loss that survives Holm's correction
+                rec[f"{name} verdict"] = d["verdict"]
+                judged.add(name)
             for name, e in (summary.get("sets") or {}).items():  # the resolution is in the column: FIDs at 256 and 1024 px never share one
                 resolution = e["protocol"].get("resolution")
                 column = f"{name}@{resolution}px" if resolution else name
@@ -278,7 +282,7 @@ def collect_runs(root) -> pd.DataFrame:
     records = [r for r in records if r["run_id"] not in members]
     sweeps = any("seeds" in r for r in records)
     values = [c for name in sorted(names) for c in (name, f"{name} win")] + sorted(set_names)
-    metric_cols = [c for v in values for c in ((v, f"{v} sd") if sweeps else (v,))]
+    metric_cols = [c for v in values for c in ((v, f"{v} sd") if sweeps else (v,))] + [f"{n} verdict" for n in sorted(judged)]
     df = pd.DataFrame(records, columns=RUN_COLUMNS + (["seeds"] if sweeps else []) + metric_cols)
     return df.sort_values(["suite", "model", "method", "run_id"], ignore_index=True)
 
@@ -290,15 +294,21 @@ def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
     if df.empty:
         raise DataError(f"no runs with summary.json under {root}; run `bench run ...` first")
     out = Path(out_dir) if out_dir is not None else root
-    shown = df.drop(columns=[c for c in df.columns if c.endswith(" sd")])
+    shown = df.drop(columns=[c for c in df.columns if c.endswith((" sd", " verdict"))])
     for col in shown.columns[len(RUN_COLUMNS):]:
         if col == "seeds":
             shown[col] = shown[col].fillna("-")
             continue
         sd = df[f"{col} sd"] if f"{col} sd" in df else pd.Series(float("nan"), index=df.index)
-        shown[col] = [_fmt(v) + ("" if pd.isna(s) else f" ± {_fmt(s)}") for v, s in zip(shown[col], sd)]  # a sweep: mean ± sd over its runs
+        verdict = df[f"{col} verdict"] if f"{col} verdict" in df else pd.Series(None, index=df.index, dtype=object)
+        shown[col] = [
+            _fmt(v) + VERDICT_MARKS.get(d, "") + ("" if pd.isna(s) else f" ± {_fmt(s)}")  # a sweep: mean ± sd over its runs
+            for v, s, d in zip(shown[col], sd, verdict)
+        ]
     shown = shown.astype(str)
     md = f"# Leaderboard\n\n{_markdown(shown)}\n"
+    if any(c.endswith(" verdict") for c in df.columns):
+        md += "\n* a gain over the run's base, ! a loss: a paired test on its prompts that survives Holm's correction across the run's metrics.\n"
     md_path = write_text(out / "leaderboard.md", md)
     csv_path = write_text(out / "leaderboard.csv", df.to_csv(index=False, lineterminator="\n"))
     return md_path, csv_path, md

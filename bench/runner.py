@@ -176,7 +176,8 @@ class Session:
         base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
         st = self.cfg["stats"]
         summary = report.summarize(
-            scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, list(self.suite.groups)
+            scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, list(self.suite.groups),
+            int(st["n_permutations"]),
         )
         if sets is not None:
             summary["sets"] = sets.results(baseline.summary.get("sets") if baseline else None)

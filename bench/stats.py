@@ -119,8 +119,8 @@ def paired_t_interval(d: np.ndarray, level: float) -> tuple[float, float]:
 
 def sign_flip_pvalue(d: np.ndarray, n_resamples: int = 9999, seed: int = 0) -> float:
     """Two-sided p-value of "the mean per-prompt difference is zero": each prompt's difference keeps
-    or flips its sign under the null (exact when 2^n <= n_resamples). 1.0 when every difference is 0."""
-    if not np.any(d):
+    or flips its sign under the null (exact when 2^n <= n_resamples). 1.0 with one prompt or no difference."""
+    if d.size < 2 or not np.any(d):  # one prompt, or no difference: nothing to test
         return 1.0
     res = stats.permutation_test(
         (d,), np.mean, permutation_type="samples", n_resamples=n_resamples, alternative="two-sided", vectorized=True, random_state=np.random.default_rng(seed)
@@ -141,7 +141,8 @@ def detectable_difference(sd: float, n: int, level: float = 0.95, power: float =
 
     def shortfall(effect: float) -> float:  # effect = difference / sd
         nc = effect * np.sqrt(n)
-        return stats.nct.sf(crit, df, nc) + stats.nct.cdf(-crit, df, nc) - power
+        wrong_side = np.nan_to_num(stats.nct.cdf(-crit, df, nc))  # negligible, and NaN where scipy underflows
+        return stats.nct.sf(crit, df, nc) + wrong_side - power
 
     high = (crit + 3) / np.sqrt(n)
     while shortfall(high) < 0:  # few prompts (heavy t tails) need a larger effect

@@ -57,7 +57,11 @@ def test_summarize_means_and_winrates():
     assert s["winrate"]["brightness"]["baseline"] == "base-run"
     # dist is lower-is-better and the run is lower on every prompt -> 1.0
     assert s["winrate"]["dist"]["value"] == 1.0
-    assert s["winrate"]["dist"]["ci"] == [1.0, 1.0]
+    assert s["winrate"]["dist"]["ci"] == [pytest.approx(3 / (3 + 1.959963984540054**2)), 1.0]  # Wilson at 3 of 3: never [1, 1]
+    # paired differences per prompt: brightness 0.2, 0, -0.3; dist -0.1 on each
+    assert s["delta"]["brightness"]["value"] == pytest.approx(-0.1 / 3)
+    assert s["delta"]["dist"]["value"] == pytest.approx(-0.1) and s["delta"]["dist"]["p_value"] == pytest.approx(0.25)  # 2 of 8 sign flips as extreme
+    assert s["delta"]["dist"]["verdict"] == "no detected change"  # 3 prompts cannot show it
     json.dumps(s, allow_nan=False)  # plain Python types only
 
 
@@ -78,8 +82,9 @@ def test_render_table():
     row = next(line for line in lines if line.startswith("| brightness"))
     assert "0.4667" in row and "↑" in row and "| 0.5 [" in row
     assert "↓" in next(line for line in lines if line.startswith("| dist"))
+    assert "Δ vs base" in lines[2] and "p (Holm)" in lines[2] and "-0.03333 [" in row
     no_base = render_table(summarize(RUN, METRICS, None, n_boot=50), "t")
-    assert next(line for line in no_base.splitlines() if "brightness" in line).rstrip(" |").endswith("-")
+    assert "win rate vs base" not in no_base and "Δ vs base" not in no_base and "detectable Δ" in no_base
 
 
 def test_write_json_is_byte_identical(tmp_path):
@@ -109,7 +114,7 @@ def test_leaderboard_one_row_per_run(tmp_path):
     _make_run(tmp_path / "micro" / "r3", "r3", "micro", "sd", "dpo", None)  # not evaluated yet
 
     df = collect_runs(tmp_path)
-    assert list(df.columns) == ["run_id", "suite", "model", "method", "brightness", "brightness win", "dist", "dist win"]
+    assert list(df.columns) == ["run_id", "suite", "model", "method", "brightness", "brightness win", "dist", "dist win", "brightness verdict", "dist verdict"]
     assert list(df.run_id) == ["r1", "r2"]  # sorted by method: base < lora
     assert df.loc[1, "brightness win"] == pytest.approx(0.5)
     assert pd.isna(df.loc[0, "brightness win"])

@@ -62,7 +62,7 @@ def test_prompt_interval_covers_the_true_mean_and_the_image_interval_does_not():
         _, (lo, hi) = cluster_bootstrap_mean_ci(run.ravel(), None, n_boot=1000, seed=i)  # the old image-level interval
         by_image += lo <= 0 <= hi
     assert 0.93 <= by_prompt / len(runs) <= 0.97
-    assert by_image / len(runs) < 0.85  # measured 0.77: images of a prompt are not independent draws
+    assert by_image / len(runs) < 0.85  # measured 0.78 (the prompt interval 0.94): images of a prompt are not independent draws
 
 
 def test_cluster_bootstrap_resamples_whole_prompts():
