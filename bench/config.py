@@ -68,6 +68,7 @@ stats:
   n_permutations: 9999  # sign flips of the per-prompt differences for a paired test (all of them when 2^prompts is fewer)
   level: 0.95
   seed: 0
+  n_boot_sets: 200      # FID/KID intervals: prompt halves, each recomputed from the run's features (0: none); ~3 s each for FID at 30k x 2048 on one core
 """
 
 GROUPS = ("model", "method", "suite", "data", "protocol")

@@ -96,6 +96,15 @@ class DistributionMetric(Metric):
         """The metric from the generated and real ``FeatureSet`` (``bench.metrics.fid``)."""
         raise NotImplementedError
 
+    def reduce(self, gen, ref) -> dict:
+        """``{"value": ...}`` and any spread the metric reports beside it (KID: ``std``)."""
+        return {"value": float(self.compute(gen, ref))}
+
+    def replicates(self, gen, ref, masks):
+        """The metric (up to a constant) on each subset of the generated rows (``masks``: one bool row
+        per subset) against the whole real set, from the rows in ``gen``; None: no interval."""
+        return None
+
     def score(self, images, prompts, refs=None) -> torch.Tensor:
         raise UsageError(f"metric {self.name} compares a whole generated set with real images, not one image: use it in a suite with reference images (`bench eval suite=...`)")
 
