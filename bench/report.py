@@ -198,7 +198,7 @@ def render_sets(sets: dict) -> str:
             {
                 "metric": name,
                 "value": _fmt(e["value"]),
-                **({f"{boot['level'] * 100:g}% CI": _interval(e) or "-"} if boot else {}),
+                **({f"{boot['level'] * 100:g}% CI": _set_interval(e) or "-"} if boot else {}),
                 **({"subset std": _fmt(e.get("std"))} if with_std else {}),
                 "direction": "↑" if e["higher_is_better"] else "↓",
                 **({"base": _fmt(e.get("baseline"))} if with_base else {}),
@@ -217,16 +217,15 @@ def render_sets(sets: dict) -> str:
         for label in labels:
             cells = {name: e.get("by_group", {}).get(column, {}).get(label, {}) for name, e in sets.items()}
             any_cell = next(c for c in cells.values() if c)
-            values = {n: f"{_fmt(c.get('value'))} {_interval(c)}".strip() for n, c in cells.items()}
+            values = {n: f"{_fmt(c.get('value'))} {_set_interval(c)}".strip() for n, c in cells.items()}
             rows.append({column: label, "images": str(any_cell["n_images"]), "reference images": str(any_cell["n_reference"]), **values})
         text += f"\nset-level metrics by {column}:\n\n{_markdown(pd.DataFrame(rows))}\n"
     return text
 
 
-def _interval(entry: dict) -> str:
+def _set_interval(entry: dict) -> str:
     """``[lo, hi]`` of a set-level value, '' without one."""
-    ci = entry.get("ci")
-    return f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else ""
+    return _interval(entry["ci"]) if entry.get("ci") else ""
 
 
 def _markdown(df: pd.DataFrame) -> str:
