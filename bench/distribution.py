@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
+import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +92,11 @@ def _missing_hint(suite: Suite) -> str:
 
 def extracted_folder(suite: Suite, cache: Path) -> Path:
     """Where ``bench prefetch`` extracts the suite's reference archive."""
-    return cache / "data" / "references" / f"{suite.name}-{stable_hash(suite.real_images.source)[:12]}"
+    from bench.io import split_pin
+
+    source = suite.real_images.source
+    source = split_pin(source)[0] if isinstance(source, str) else source  # a pin names the same bytes: the same folder
+    return cache / "data" / "references" / f"{suite.name}-{stable_hash(source)[:12]}"
 
 
 def _image_files(folder: Path) -> list[Path]:
@@ -147,7 +153,7 @@ def fetch_real_images(suite: Suite, cache: Path) -> Path:
         return dest
     if not real.source:
         raise DataError(f"suite '{suite.name}' names no reference_source to download: {_missing_hint(suite)}")
-    from bench.io import fetch_url, hub_offline
+    from bench.io import fetch_url, hub_offline, split_pin
 
     fix = _missing_hint(suite)
     src = real.source
@@ -158,14 +164,18 @@ def fetch_real_images(suite: Suite, cache: Path) -> Path:
 
         archive = Path(hf_hub_download(src["hub"], src["file"], repo_type=src.get("repo_type") or "dataset", revision=src.get("revision")))
     else:
-        archive = fetch_url(str(src), cache / "data" / "downloads" / Path(str(src)).name, fix)
-    tmp = dest.with_name(dest.name + ".part")
+        archive = fetch_url(str(src), cache / "data" / "downloads" / Path(split_pin(str(src))[0]).name, fix)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))  # this process's own: parallel workers never share one
     try:
         with zipfile.ZipFile(archive) as zf:
             zf.extractall(tmp)
+        tmp.replace(dest)
     except (OSError, zipfile.BadZipFile) as err:
-        raise DataError(f"cannot extract {archive} ({err}): {fix}") from None
-    tmp.replace(dest)
+        if not dest.is_dir():  # another worker finishing first is no failure
+            raise DataError(f"cannot extract {archive} ({err}): {fix}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     if not isinstance(src, dict):
         archive.unlink(missing_ok=True)  # extracted: the archive (6 GB for COCO val2014) is not kept twice
     return dest

@@ -4,6 +4,7 @@ the reference statistics cache; and the one-line failures when the real images a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 
@@ -130,7 +131,7 @@ def test_coco30k_loads_the_real_csv_with_its_image_ids_and_quoted_newlines():
     assert sum("\n" in p for p in s.prompts) == 97 and s.prompts[0] == "A bicycle replica with a clock as the front wheel."
     real = s.real_images
     assert real.names[0] == "COCO_val2014_000000203564.jpg" and len(set(real.names)) == 30000 and real.resolution == 256
-    assert real.folder is None and real.source == "http://images.cocodataset.org/zips/val2014.zip"
+    assert real.folder is None and real.source == "http://images.cocodataset.org/zips/val2014.zip#sha256=fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"
     assert s.metrics == ["fid", "kid", "clip-b32"]
     limited = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=3")
     assert limited.real_images.names == real.names[:3] and limited.canonical is True
@@ -214,18 +215,21 @@ def test_prefetch_offline_names_the_archive_and_the_folder_key(cli, tmp_path):
     assert code == 3 and len(err.strip().splitlines()) == 1 and "val2014.zip" in err and "suite.references=FOLDER" in err
 
 
-def test_the_reference_archive_is_extracted_once_and_found_under_its_top_folder(tmp_path, monkeypatch):
+def test_the_reference_archive_is_extracted_once_and_found_under_its_top_folder(tmp_path):
     """``bench prefetch``'s download-and-extract step on a local archive in COCO's layout (val2014/...)."""
     rows = coco_references(tmp_path / "src" / "val2014", 4)
     archive = tmp_path / "val2014.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted((tmp_path / "src").rglob("*.jpg")):
             zf.write(path, path.relative_to(tmp_path / "src").as_posix())
-    monkeypatch.setattr("bench.io.hub_offline", lambda: False)  # a file:// URL needs no network
-    s = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}")
+    pin = hashlib.sha256(archive.read_bytes()).hexdigest()  # a file:// URL needs no network, offline as the tests are
+    with pytest.raises(DataError, match=r"has no pinned sha256, so bench does not download it: set BENCH_ALLOW_UNPINNED=1"):
+        distribution.fetch_real_images(suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}"), tmp_path / "cache")
+    s = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}#sha256={pin}")
     cache = tmp_path / "cache"
     folder = distribution.fetch_real_images(s, cache)
     assert folder == distribution.extracted_folder(s, cache) and distribution.fetch_real_images(s, cache) == folder
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name] and not any((cache / "data" / "downloads").iterdir())  # no temp folder, no archive kept
     real = distribution.real_set(s, cache)
     assert real.folder == folder / "val2014" and [p.name for p in real.files] == [f"COCO_val2014_{r['image_id']}.jpg" for r in rows]
 

@@ -41,6 +41,9 @@ from bench.io import write_bytes
 from bench.metrics import DistributionMetric, LearnedMetric, MetricInfo, seeded
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+# The sha256 k-diffusion pins for this URL (crowsonkb/k-diffusion, k_diffusion/evaluation.py, checked by its
+# utils.download_file); clean-fid itself (cleanfid/downloads_helper.py) downloads it unchecked.
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 CLEAN_SIZE = 299
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
@@ -275,7 +278,7 @@ class InceptionFeatures(LearnedMetric, DistributionMetric):
     """The features of the clean-fid protocol, shared by FID and KID (one forward pass for both)."""
 
     weight_files = f"{INCEPTION_FILE} (TorchScript Inception-v3, {INCEPTION_URL})"
-    weights_url = INCEPTION_URL
+    weights_url, weights_sha256 = INCEPTION_URL, INCEPTION_SHA256
 
     def to(self, device) -> "InceptionFeatures":
         super().to(device)
@@ -288,7 +291,7 @@ class InceptionFeatures(LearnedMetric, DistributionMetric):
         return ("clean-fid-inception", self.weights_url, str(cache_root()))  # another BENCH_HOME may hold another file
 
     def load_official(self):
-        path = self.url_weights(self.weights_url)
+        path = self.url_weights(self.weights_url, self.weights_sha256)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; the official weights are TorchScript
             base = torch.jit.load(str(path), map_location="cpu")
@@ -299,7 +302,7 @@ class InceptionFeatures(LearnedMetric, DistributionMetric):
             return (TinyInception(),)
 
     def download(self) -> list[str]:
-        return [str(self.url_weights(self.weights_url))]
+        return [str(self.url_weights(self.weights_url, self.weights_sha256))]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features of images already resized to 299x299, float in [0, 255] (clean-fid's ``custom_feat_extractor`` input)."""
