@@ -18,6 +18,8 @@ from bench.errors import DataError
 LIVE_CLASSES = ("cat", "dog")
 REPOSITORY = "https://github.com/google/dreambooth"
 COMMIT = "4f887af7970a06fc0cd3adaa1d0b368547d6a1d0"  # the release the DreamBooth and PSO papers' numbers use
+RAW = f"https://raw.githubusercontent.com/google/dreambooth/{COMMIT}"  # each file's bytes at COMMIT
+MANIFEST = Path(__file__).parent / "data" / f"dreambench-{COMMIT[:12]}.sha256"  # sha256 of LICENSE.md and dataset/**, from the repository at COMMIT
 TEMPLATE = re.compile(r"^'(.*)'\.format\(unique_token, class_token\),?$")
 
 

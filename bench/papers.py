@@ -210,8 +210,9 @@ def ours(cell: dict, runs: list[dict], folders: dict[str, Path]) -> dict:
     stats = (first["manifest"].get("config") or {}).get("stats") or {"n_boot": 1000, "level": 0.95, "seed": 0}
     out = {"level": float(stats["level"]), "seeds": sorted({r["protocol"].get("seed") for r in runs}), "n_seeds_protocol": len(first["protocol"].get("seeds") or [None])}
     if cell["statistic"] == "set" or metric in (first["summary"].get("sets") or {}):
-        values = [r["summary"]["sets"][metric]["value"] for r in runs if r["summary"]["sets"][metric]["value"] is not None]
-        return out | {"value": float(np.mean(values)) if values else None, "ci": None, "n_prompts": None}
+        entries = [r["summary"]["sets"][metric] for r in runs if r["summary"]["sets"][metric]["value"] is not None]
+        ci = entries[0].get("ci") if len(entries) == 1 else None  # one run: its prompt-half interval (bench.distribution); several seeds: none
+        return out | {"value": float(np.mean([e["value"] for e in entries])) if entries else None, "ci": tuple(ci) if ci else None, "n_prompts": None}
     units = []
     for r in runs:
         subject = r["protocol"].get("subject") or ""

@@ -187,14 +187,19 @@ def protocol_text(protocol: dict) -> str:
 
 
 def render_sets(sets: dict) -> str:
-    """The set-level metrics (FID, KID) of a summary: overall, then one table per group column."""
+    """The set-level metrics (FID, KID) of a summary: overall, then one table per group column. An
+    interval (from halves of the prompts) follows its value; KID's std over its subsets has a column."""
     with_base = any("baseline" in e for e in sets.values())
+    with_std = any("std" in e for e in sets.values())
+    boot = next((e for e in sets.values() if "ci" in e), None)
     rows = []
     for name, e in sets.items():
         rows.append(
             {
                 "metric": name,
                 "value": _fmt(e["value"]),
+                **({f"{boot['level'] * 100:g}% CI": _set_interval(e) or "-"} if boot else {}),
+                **({"subset std": _fmt(e.get("std"))} if with_std else {}),
                 "direction": "↑" if e["higher_is_better"] else "↓",
                 **({"base": _fmt(e.get("baseline"))} if with_base else {}),
                 "images": str(e["n_images"]),
@@ -203,6 +208,8 @@ def render_sets(sets: dict) -> str:
             }
         )
     text = f"\nset-level metrics (the generated set against the real images):\n\n{_markdown(pd.DataFrame(rows))}\n"
+    if boot:
+        text += f"\nintervals: the spread of the metric over {boot['n_boot']} random halves of the prompts (real images fixed), centred on the value\n"
     columns = dict.fromkeys(c for e in sets.values() for c in e.get("by_group", {}))
     for column in columns:
         labels = sorted(dict.fromkeys(g for e in sets.values() for g in e.get("by_group", {}).get(column, {})))
@@ -210,9 +217,15 @@ def render_sets(sets: dict) -> str:
         for label in labels:
             cells = {name: e.get("by_group", {}).get(column, {}).get(label, {}) for name, e in sets.items()}
             any_cell = next(c for c in cells.values() if c)
-            rows.append({column: label, "images": str(any_cell["n_images"]), "reference images": str(any_cell["n_reference"]), **{n: _fmt(c.get("value")) for n, c in cells.items()}})
+            values = {n: f"{_fmt(c.get('value'))} {_set_interval(c)}".strip() for n, c in cells.items()}
+            rows.append({column: label, "images": str(any_cell["n_images"]), "reference images": str(any_cell["n_reference"]), **values})
         text += f"\nset-level metrics by {column}:\n\n{_markdown(pd.DataFrame(rows))}\n"
     return text
+
+
+def _set_interval(entry: dict) -> str:
+    """``[lo, hi]`` of a set-level value, '' without one."""
+    return _interval(entry["ci"]) if entry.get("ci") else ""
 
 
 def _markdown(df: pd.DataFrame) -> str:

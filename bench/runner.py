@@ -164,7 +164,10 @@ class Session:
         metrics = load_metrics(self.metric_names, self.device, self.cfg["scorers"])
         set_metrics = {n: metrics.pop(n) for n in self.set_metrics}  # set-level: reduced over the run, not per image
         batch_size = int(self.cfg["score"]["batch_size"])
-        sets = SetScorer(set_metrics, self.suite.groups, self.real, self.cache, self.suite.name, batch_size, self.progress) if set_metrics else None
+        boot = self.cfg["stats"]
+        sets = SetScorer(
+            set_metrics, self.suite.groups, self.real, self.cache, self.suite.name, batch_size, self.progress, int(boot["n_boot_sets"]), float(boot["level"]), int(boot["seed"])
+        ) if set_metrics else None
         scores = score_images(jobs, self.store, metrics, batch_size, self.device, self.progress, self.suite.references, self.suite.metric_scope, sets)
         for offset, (column, labels) in enumerate(self.suite.groups.items()):
             scores.insert(len(ID_COLUMNS) + offset, column, [labels[i] for i in scores["prompt_index"]])

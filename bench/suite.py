@@ -22,9 +22,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.dreambench import COMMIT as DREAMBENCH_COMMIT
+from bench.dreambench import MANIFEST as DREAMBENCH_MANIFEST
+from bench.dreambench import RAW as DREAMBENCH_RAW
 from bench.dreambench import REPOSITORY as DREAMBENCH_REPO
 from bench.errors import DataError
-from bench.io import cache_root, hub_offline
+from bench.io import cache_root, hub_offline, split_pin
 from bench.metrics import ReferenceSet
 
 log = logging.getLogger(__name__)
@@ -186,21 +188,26 @@ def hub_prompt_rows(spec: dict, prefetch: str, local_key: str) -> tuple[list[dic
     return data.select_columns(columns).to_list(), where
 
 
+def prompt_url_path(spec: str, cache: Path) -> Path:
+    """Where a prompt file given by URL is kept in the cache (its name, keyed by the URL without its pin)."""
+    url, _ = split_pin(spec)
+    return Path(cache) / "data" / "prompts" / f"{hashlib.sha256(url.encode()).hexdigest()[:12]}-{Path(url).name}"
+
+
 def read_prompt_source(spec, base: Path, prefetch: str, local_key: str, cache: Path | None = None) -> tuple[list[dict], str]:
-    """Rows from a prompt source: a file (relative to ``base``), an ``https://`` URL (downloaded once
-    into the cache), a hub dataset split ``{hub, split, revision}`` or one file of a hub dataset
-    ``{hub, file, revision}``. ``prefetch`` (the arguments of ``bench prefetch``) and ``local_key``
-    (``suite.source``) go into the one-line error offline."""
+    """Rows from a prompt source: a file (relative to ``base``), an ``https://`` URL ending in
+    ``#sha256=HEX`` (downloaded once into the cache and checked, ``bench.io.fetch_url``), a hub
+    dataset split ``{hub, split, revision}`` or one file of a hub dataset ``{hub, file, revision}``.
+    ``prefetch`` (the arguments of ``bench prefetch``) and ``local_key`` (``suite.source``) go into
+    the one-line error offline."""
     if isinstance(spec, dict):
         return hub_prompt_rows(spec, prefetch, local_key)
     spec = str(spec)
-    if spec.startswith(("https://", "http://")):
+    if spec.startswith(("https://", "http://", "file://")):
         from bench.io import fetch_url
 
-        digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
-        dest = (cache or cache_root()) / "data" / "prompts" / f"{digest}-{Path(spec).name}"
-        fix = f"run `bench prefetch {prefetch}` where the network is reachable, or download {spec} and set {local_key}=PATH"
-        return read_prompt_rows(fetch_url(spec, dest, fix)), spec
+        fix = f"run `bench prefetch {prefetch}` where the network is reachable, or download {split_pin(spec)[0]} and set {local_key}=PATH"
+        return read_prompt_rows(fetch_url(spec, prompt_url_path(spec, cache or cache_root()), fix)), spec
     path = Path(spec) if Path(spec).is_absolute() else base / spec
     return read_prompt_rows(path), str(path)
 
@@ -314,7 +321,7 @@ def _real_images(cfg: dict, rows: list[dict], where: str) -> RealImages | None:
 
 def _source_name(spec) -> str:
     """The file name a prompt source has in a local copy of the set's folder."""
-    return Path(spec["file"] if isinstance(spec, dict) else str(spec)).name
+    return Path(spec["file"] if isinstance(spec, dict) else split_pin(str(spec))[0]).name
 
 
 def set_column_of(cfg: dict) -> str:
@@ -357,31 +364,29 @@ def _metric_scope(cfg: dict, metrics: list[str], groups: dict[str, list[str]]) -
     return {metric: [label in wanted for label in labels] for metric, wanted in scope.items()}
 
 
-def fetch_dreambench(cache: Path) -> Path:
-    """The DreamBench folder from the official GitHub repository at a pinned commit, downloaded
-    once into the cache (the dataset is not on the Hugging Face hub from its authors)."""
-    import tarfile
-    import urllib.request
+def fetch_dreambench(cache: Path, base_url: str = DREAMBENCH_RAW, manifest: Path = DREAMBENCH_MANIFEST) -> Path:
+    """The DreamBench folder from the official GitHub repository at a pinned commit, downloaded once
+    into the cache file by file, each checked against the sha256 the manifest records for it (computed
+    from the repository at that commit; the dataset is not on the Hugging Face hub from its authors)."""
+    from urllib.parse import quote
+
+    from bench.io import fetch_url, is_local_url, progress
 
     root = cache / "data" / f"dreambooth-{DREAMBENCH_COMMIT[:12]}"
-    if (root / "dataset" / "prompts_and_classes.txt").is_file():
-        return root
     fix = f"clone {DREAMBENCH_REPO} (commit {DREAMBENCH_COMMIT[:7]}) and set suite.source=PATH to it"
-    if hub_offline():
-        raise DataError(f"DreamBench is not in {root} and downloads are off (HF_HUB_OFFLINE): {fix}")
-    archive = root.with_suffix(".tar.gz")
-    archive.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        urllib.request.urlretrieve(f"{DREAMBENCH_REPO}/archive/{DREAMBENCH_COMMIT}.tar.gz", archive)
-        with tarfile.open(archive) as tar:
-            tmp = root.with_name(root.name + ".tmp")
-            tar.extractall(tmp, filter="data")
-        (tmp / f"dreambooth-{DREAMBENCH_COMMIT}").rename(root)
-    except (OSError, tarfile.TarError) as err:
-        raise DataError(f"cannot download DreamBench ({err}): {fix}") from None
-    finally:
-        archive.unlink(missing_ok=True)
+    files = read_sha256sums(manifest)
+    missing = [name for name in files if not (root / name).is_file()]  # the files present were checked when downloaded
+    if missing and not is_local_url(base_url) and hub_offline():
+        raise DataError(f"DreamBench is not in {root} ({len(missing)} of {len(files)} files missing) and downloads are off or the network is unreachable: {fix}")
+    for name in progress(missing, desc="DreamBench", unit="file"):
+        fetch_url(f"{base_url}/{quote(name)}", root / name, fix, sha256=files[name], show_progress=False)
     return root
+
+
+def read_sha256sums(path: Path) -> dict[str, str]:
+    """``sha256sum`` output (``HEX  relative/path`` per line) as {path: hex}."""
+    rows = (line.split(None, 1) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    return {name.strip(): digest for digest, name in rows}
 
 
 def load_dreambench_suite(cfg: dict, subject: str | None, cache: Path | None) -> Suite:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from bench.errors import UsageError
 from bench.generate import image_seed
 from bench.method import Method, TrainContext
 
@@ -55,7 +56,9 @@ def best_worst_pairs(ctx: TrainContext, k: int, seed: int, drop_ties: bool = Tru
         r_win.append(rewards[best])
         r_lose.append(rewards[worst])
     if not index:
-        raise ValueError("every self-generated pair is a tie; raise samples_per_prompt or use another reward")
+        if k == 1:  # one sample per prompt has nothing to compare it with: every "pair" is a tie
+            raise UsageError("method.samples_per_prompt=1 draws one sample per prompt, so every pair is a tie and drop_ties drops it: set method.drop_ties=false to train on every sample")
+        raise UsageError("every self-generated pair is a tie; raise samples_per_prompt or use another reward")
     return {
         "latents_w": torch.stack(win),
         "latents_l": torch.stack(lose),

@@ -1,14 +1,65 @@
 """Test setup: never touch the network, and share one cache of built tiny models per session."""
 
+import ipaddress
 import os
+import socket
+import sys
+from pathlib import Path
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+import pytest
 
-from pathlib import Path  # noqa: E402
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+NETWORK_BLOCKED = "tests must not reach the network (tests/conftest.py blocks every connection but localhost)"
 
-import pytest  # noqa: E402
+
+def force_offline() -> None:
+    """The hub libraries offline whatever the shell exported (HF_HUB_OFFLINE=0 included), also when
+    one was imported before this file: they read the variables at import."""
+    for name in OFFLINE_VARIABLES:
+        os.environ[name] = "1"
+    for module, name in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"), ("datasets.config", "HF_DATASETS_OFFLINE")):
+        if module in sys.modules:
+            setattr(sys.modules[module], name, True)
+
+
+force_offline()
+
+
+class NetworkBlockedError(ConnectionRefusedError):
+    """An OSError, as a refused connection is: code under test reports it as it would a real one."""
+
+
+def _local(host) -> bool:
+    if isinstance(host, bytes):
+        host = host.decode()
+    if host is None or host in ("localhost", ""):  # None, "": the wildcard address a server binds
+        return True
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def _guarded(original, address_of):
+    def guard(*args, **kwargs):
+        address = address_of(*args, **kwargs)
+        if isinstance(address, tuple) and not _local(address[0]):
+            raise NetworkBlockedError(f"{NETWORK_BLOCKED}: connection to {address[0]}:{address[1]} refused")
+        return original(*args, **kwargs)
+
+    guard.blocks_network = True
+    return guard
+
+
+def pytest_configure(config):
+    """Block every non-loopback connection for the whole session, before any test (or fixture) runs:
+    one attempt fails at once with NETWORK_BLOCKED instead of waiting on DNS or a timeout. Unix
+    sockets and localhost servers (tests serve files from a thread) are allowed."""
+    socket.socket.connect = _guarded(socket.socket.connect, lambda self, address, *a, **k: address)
+    socket.socket.connect_ex = _guarded(socket.socket.connect_ex, lambda self, address, *a, **k: address)
+    socket.create_connection = _guarded(socket.create_connection, lambda address, *a, **k: address)
+    socket.getaddrinfo = _guarded(socket.getaddrinfo, lambda host, port, *a, **k: (host, port))
+
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

@@ -199,9 +199,12 @@ def test_the_summary_breaks_means_down_by_subject():
     scores = pd.DataFrame({"prompt_index": [0, 0, 1, 2], "subject": ["dog", "dog", "dog", "cat"], "ref_color": [0.1, 0.3, 0.5, 0.9]})
     info = {"ref_color": {"higher_is_better": True, "version": "1", "scale": "x"}}
     summary = summarize(scores, info, None, n_boot=10, group_by=["subject"])
-    assert summary["by_group"] == [{"by": "subject", "n_prompts": {"cat": 1, "dog": 2}, "means": {"ref_color": {"cat": 0.9, "dog": pytest.approx(0.3)}}}]
+    group = summary["by_group"][0]
+    assert (group["by"], group["n_prompts"], group["means"]) == ("subject", {"cat": 1, "dog": 2}, {"ref_color": {"cat": 0.9, "dog": pytest.approx(0.3)}})
+    # dog's interval resamples its 2 prompts (means 0.2 over two images, 0.5 over one): every resample lies in [0.2, 0.5]
+    assert group["ci"]["ref_color"] == {"cat": [0.9, 0.9], "dog": [pytest.approx(0.2), pytest.approx(0.5)]}
     table = render_table(summary, "t")
-    assert "mean by subject:" in table and "| dog       | 2         | 0.3         |" in table
+    assert "mean by subject" in table and "| dog       | 2         | 0.3 [0.2, 0.5] |" in table
 
 
 def test_a_style_folder_trains_offline_pso_through_the_cli(cli, cache_dir, tmp_path):

@@ -4,6 +4,7 @@ the reference statistics cache; and the one-line failures when the real images a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 
@@ -15,7 +16,7 @@ from PIL import Image
 
 from bench import distribution
 from bench.config import compose, to_dict
-from bench.errors import DataError
+from bench.errors import DataError, UsageError
 from bench.suite import load_suite, read_prompt_rows
 from conftest import SHARED_DATA
 
@@ -57,13 +58,24 @@ def run_dir_of(tmp_path, prefix):
     return next(d for d in (tmp_path / "runs").iterdir() if d.name.startswith(prefix))
 
 
-def test_mjhq30k_eval_end_to_end_prints_fid_overall_and_by_category_and_caches_the_reference(cli, tmp_path, cache_dir):
+def count_feature_images(monkeypatch) -> list[int]:
+    """The batch sizes every Inception feature pass sees (generated and real images alike)."""
+    from bench.metrics.fid import InceptionFeatures
+
+    seen, features = [], InceptionFeatures.features
+    monkeypatch.setattr(InceptionFeatures, "features", lambda self, images: seen.append(len(images)) or features(self, images))
+    return seen
+
+
+def test_mjhq30k_eval_end_to_end_prints_fid_overall_and_by_category_and_caches_the_reference(cli, tmp_path, cache_dir, monkeypatch):
     meta, refs = synth_mjhq(tmp_path)
     args = ["eval", "suite=mjhq30k", "model=tiny", "suite.limit=4", f"suite.source={meta}", f"suite.references={refs}", "scorers=tiny", "gen.steps=2"]
     passes = distribution.REFERENCE_PASSES
+    seen = count_feature_images(monkeypatch)
     code, out, err = cli(*args)
     assert code == 0, err
     assert distribution.REFERENCE_PASSES == passes + 1
+    assert sum(seen) == 4 + 4  # each generated and each real image once: the intervals reuse those features
     assert "set-level metrics (the generated set against the real images):" in out and "set-level metrics by category:" in out
     assert "| fid " in out and "| kid " in out and "| animals " in out and "| food " in out and "NOT MEANINGFUL" in out
     run_dir = run_dir_of(tmp_path, "mjhq30k-")
@@ -72,6 +84,11 @@ def test_mjhq30k_eval_end_to_end_prints_fid_overall_and_by_category_and_caches_t
     assert fid["n_images"] == 4 and fid["n_reference"] == 4 and fid["value"] > 0 and kid["value"] is not None and fid["higher_is_better"] is False
     assert {g: (v["n_images"], v["n_reference"]) for g, v in fid["by_group"]["category"].items()} == {"animals": (2, 2), "food": (2, 2)}
     assert all(v["value"] > 0 for v in fid["by_group"]["category"].values())
+    for m in (fid, kid):  # 4 prompts: halves of 2; a category's 2 prompts are too few for an interval
+        assert m["ci"][0] < m["value"] < m["ci"][1] and m["n_boot"] == 200 and m["level"] == 0.95
+        assert all("ci" not in v for v in m["by_group"]["category"].values())
+    assert kid["std"] == pytest.approx(0, abs=1e-12) and "std" not in fid  # 4 images: each of KID's subsets is all of them
+    assert "95% CI" in out and "subset std" in out and "over 200 random halves of the prompts" in out
     protocol = fid["protocol"]
     assert protocol["library"] == "clean-fid" and protocol["mode"] == "clean" and protocol["resolution"] == 1024 and "bicubic to 299x299" in protocol["resize"]
     assert "Lanczos to 1024x1024" in protocol["preprocess"] and "NOT MEANINGFUL" in protocol["feature_extractor"]
@@ -89,9 +106,11 @@ def test_mjhq30k_eval_end_to_end_prints_fid_overall_and_by_category_and_caches_t
         assert {"mu", "sigma", "n", "feats"} <= set(data.files)
     summary_bytes = (run_dir / "summary.json").read_bytes()
 
+    del seen[:]
     code, out2, err = cli(*args)  # cached images and cached reference statistics: nothing recomputed, same bytes
     assert code == 0, err
     assert distribution.REFERENCE_PASSES == passes + 1 and [p.stat().st_mtime_ns for p in stats] == mtimes
+    assert sum(seen) == 4  # the generated images' features (scoring); none for the real set or the intervals
     assert (run_dir / "summary.json").read_bytes() == summary_bytes
     assert list(json.loads((run_dir / "manifest.json").read_text())["set_metrics"]["reference_features_computed"].values()) == [False]
 
@@ -112,7 +131,7 @@ def test_coco30k_loads_the_real_csv_with_its_image_ids_and_quoted_newlines():
     assert sum("\n" in p for p in s.prompts) == 97 and s.prompts[0] == "A bicycle replica with a clock as the front wheel."
     real = s.real_images
     assert real.names[0] == "COCO_val2014_000000203564.jpg" and len(set(real.names)) == 30000 and real.resolution == 256
-    assert real.folder is None and real.source == "http://images.cocodataset.org/zips/val2014.zip"
+    assert real.folder is None and real.source == "http://images.cocodataset.org/zips/val2014.zip#sha256=fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"
     assert s.metrics == ["fid", "kid", "clip-b32"]
     limited = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=3")
     assert limited.real_images.names == real.names[:3] and limited.canonical is True
@@ -196,18 +215,21 @@ def test_prefetch_offline_names_the_archive_and_the_folder_key(cli, tmp_path):
     assert code == 3 and len(err.strip().splitlines()) == 1 and "val2014.zip" in err and "suite.references=FOLDER" in err
 
 
-def test_the_reference_archive_is_extracted_once_and_found_under_its_top_folder(tmp_path, monkeypatch):
+def test_the_reference_archive_is_extracted_once_and_found_under_its_top_folder(tmp_path):
     """``bench prefetch``'s download-and-extract step on a local archive in COCO's layout (val2014/...)."""
     rows = coco_references(tmp_path / "src" / "val2014", 4)
     archive = tmp_path / "val2014.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted((tmp_path / "src").rglob("*.jpg")):
             zf.write(path, path.relative_to(tmp_path / "src").as_posix())
-    monkeypatch.setattr("bench.io.hub_offline", lambda: False)  # a file:// URL needs no network
-    s = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}")
+    pin = hashlib.sha256(archive.read_bytes()).hexdigest()  # a file:// URL needs no network, offline as the tests are
+    with pytest.raises(DataError, match=r"has no pinned sha256, so bench does not download it: set BENCH_ALLOW_UNPINNED=1"):
+        distribution.fetch_real_images(suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}"), tmp_path / "cache")
+    s = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}#sha256={pin}")
     cache = tmp_path / "cache"
     folder = distribution.fetch_real_images(s, cache)
     assert folder == distribution.extracted_folder(s, cache) and distribution.fetch_real_images(s, cache) == folder
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name] and not any((cache / "data" / "downloads").iterdir())  # no temp folder, no archive kept
     real = distribution.real_set(s, cache)
     assert real.folder == folder / "val2014" and [p.name for p in real.files] == [f"COCO_val2014_{r['image_id']}.jpg" for r in rows]
 
@@ -237,7 +259,50 @@ def test_per_group_statistics_are_those_of_the_group_alone():
         group = acc.subset(("k", label))
         assert np.allclose(group.stats.mean, rows.mean(0)) and np.allclose(group.stats.cov, np.cov(rows, rowvar=False))
         assert np.array_equal(group.feats, rows.astype(np.float32))
+        assert group.owners.tolist() == [i for i, x in enumerate(labels) if x == label]  # each row's prompt: what a half keeps together
     assert np.allclose(acc.subset(None).stats.cov, FeatureStats(6).update(feats).cov)
+
+
+def scorer(tmp_path, n_boot=100, seed=0):
+    from bench.metrics.fid import FID, KID
+
+    real = distribution.RealSet(tmp_path, [], [], {}, None)
+    return distribution.SetScorer({"fid": FID("tiny"), "kid": KID("tiny")}, {}, real, tmp_path, "t", n_boot=n_boot, seed=seed)
+
+
+def test_set_intervals_bracket_the_value_and_repeat_to_the_byte(tmp_path):
+    """Intervals from 30 prompts x 2 images of 8-d features: around the value, not empty, the same bytes
+    from a new scorer, and other halves with another seed."""
+    from bench.metrics.fid import FeatureSet, FeatureStats
+
+    rng = np.random.default_rng(0)
+    gen = rng.normal(size=(60, 8)) @ rng.normal(size=(8, 8))
+    real = rng.normal(size=(50, 8)) @ rng.normal(size=(8, 8)) + 0.5
+    acc = distribution.Accumulator({}, keep=True)
+    acc.add(torch.from_numpy(gen), [i // 2 for i in range(60)])
+    ref = FeatureSet(FeatureStats(8).update(real), real.astype(np.float32))
+
+    def values(**kw):
+        s = scorer(tmp_path, **kw)
+        return {name: s.value(metric, acc.subset(None), ref) for name, metric in s.metrics.items()}
+
+    first = values()
+    for name, v in first.items():
+        assert v["ci"][0] < v["value"] < v["ci"][1] and v["n_boot"] == 100 and v["n_images"] == 60, name
+    assert json.dumps(values()) == json.dumps(first)
+    assert values(seed=1)["fid"]["ci"] != first["fid"]["ci"]
+    assert "ci" not in values(n_boot=0)["fid"]
+    with pytest.raises(UsageError, match="stats.n_boot_sets >= 0"):
+        scorer(tmp_path, n_boot=-1)
+
+
+def test_a_half_holds_half_the_prompts_each_with_all_its_images():
+    owners = np.array([7, 7, 3, 3, 9, 9, 1, 1, 5, 5])  # 5 prompts x 2 images
+    halves = distribution.half_samples(owners, 50, 0)
+    assert halves.shape == (50, 10) and (halves.sum(1) == 4).all()  # 2 of 5 prompts, 2 images each
+    assert (halves[:, ::2] == halves[:, 1::2]).all() and len({h.tobytes() for h in halves}) == 10  # every one of the C(5, 2) halves
+    assert np.array_equal(distribution.half_samples(owners, 50, 0), halves)
+    assert distribution.half_samples(owners[:6], 50, 0) is None  # 3 prompts: a half of 1 has no covariance
 
 
 def test_the_table_shows_the_base_value_and_a_dash_where_a_group_is_too_small():
@@ -253,3 +318,21 @@ def test_the_table_shows_the_base_value_and_a_dash_where_a_group_is_too_small():
     text = render_sets(sets)
     assert "| fid      | 12.35   | ↓           | 15     | 30       | 30                 | clean-fid clean, 256px center crop, Inception-v3 pool3, 2048-d |" in text
     assert "set-level metrics by category:" in text and "| art        | 29       | 29                 | 20.5  |" in text and "| logo       | 1        | 1                  | -     |" in text
+
+
+def test_the_table_shows_each_interval_and_kids_subset_std():
+    from bench.report import render_sets
+
+    protocol = {"library": "clean-fid", "mode": "clean", "resolution": 256, "feature_extractor": "Inception-v3 pool3, 2048-d"}
+    common = {"n_boot": 200, "level": 0.95, "n_images": 30, "n_reference": 30, "higher_is_better": False, "protocol": protocol}
+    sets = {
+        "fid": {
+            "value": 12.345678, "ci": [11.9, 12.81], **common,
+            "by_group": {"category": {"art": {"value": 20.5, "ci": [19.25, 21.5], "n_images": 29, "n_reference": 29}, "logo": {"value": 3.0, "n_images": 2, "n_reference": 2}}},
+        },
+        "kid": {"value": 0.0123, "std": 0.00041, "ci": [0.0118, 0.0129], **common},
+    }
+    text = render_sets(sets)
+    assert "| fid      | 12.35   | [11.9, 12.81]    | -            | ↓ " in text and "| kid      | 0.0123  | [0.0118, 0.0129] | 0.00041      | ↓ " in text
+    assert "intervals: the spread of the metric over 200 random halves of the prompts (real images fixed), centred on the value" in text
+    assert "| art        | 29       | 29                 | 20.5 [19.25, 21.5] |" in text and "| logo       | 2        | 2                  | 3                  |" in text

@@ -3,6 +3,8 @@ of how the features are batched, and saved statistics read back exactly."""
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -150,6 +152,8 @@ def check_official_path_equals_clean_fid(home: Path, monkeypatch, dim: int):
     from cleanfid.resize import build_resizer
 
     monkeypatch.setenv("BENCH_HOME", str(home))
+    stand_in = (home / "weights" / fid_module.INCEPTION_FILE).read_bytes()  # checked like the real file, against its own pin
+    monkeypatch.setattr(fid_module.InceptionFeatures, "weights_sha256", hashlib.sha256(stand_in).hexdigest())
     rng = np.random.default_rng(2)
     images = [smooth_image(rng, size) for size in [(80, 60), (299, 299), (33, 90)]]
     ours = FID("official").to("cpu").features(images)
@@ -203,3 +207,55 @@ def test_feature_sets_save_their_rows_and_read_back(tmp_path):
     assert np.array_equal(back.stats.mean, saved.stats.mean)
     FeatureSet(streamed(feats, 50)).save(tmp_path / "stats.npz")
     assert FeatureSet.load(tmp_path / "stats.npz").feats is None
+
+
+# ---- what the intervals recompute from the features: FID and KID of subsets, KID's subset spread -------------
+
+from bench.metrics.fid import FrechetToReal, kid_replicates, kid_subsets  # noqa: E402
+
+
+@pytest.mark.parametrize("n", [200, 30])  # more images than dimensions, and fewer (a singular covariance)
+def test_the_fast_frechet_distance_of_a_subset_equals_frechet_distance(n):
+    gen, real = features(7, 300, shift=0.1).astype(np.float32), features(8, 400)
+    ref = streamed(real, 64)
+    fast = FrechetToReal(gen, ref)
+    rows = np.random.default_rng(0).choice(300, n, replace=False)
+    x = gen[rows].astype(np.float64)
+    want = frechet_distance(x.mean(0), np.cov(x, rowvar=False), ref.mean, ref.cov)
+    assert want > 1 and fast(rows) == pytest.approx(want, rel=1e-6)
+    assert fast(np.arange(300)) == pytest.approx(fid(streamed(gen, 300), ref), rel=1e-6)
+
+
+def kernel(a, b):
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def test_kid_reports_the_std_of_its_subset_values_written_out():
+    """KID's ``std`` is the std (ddof 0, torchmetrics' and torch-fidelity's) of the per-subset unbiased
+    MMD^2, here written out pair by pair on the subsets clean-fid draws (numpy's global generator)."""
+    gen, real = features(9, 40, dim=6), features(10, 30, dim=6, shift=0.3)
+    np.random.seed(3)
+    written = []
+    for _ in range(7):
+        x, y = real[np.random.choice(30, 12, replace=False)], gen[np.random.choice(40, 12, replace=False)]
+        pairs = [(i, j) for i in range(12) for j in range(12) if i != j]
+        within = sum(kernel(x[i : i + 1], x[j : j + 1])[0, 0] + kernel(y[i : i + 1], y[j : j + 1])[0, 0] for i, j in pairs) / len(pairs)
+        written.append(within - 2 * kernel(x, y).mean())
+    values = kid_subsets(gen, real, num_subsets=7, max_subset_size=12, seed=3)
+    assert values == pytest.approx(written, rel=1e-9) and values.std() > 0
+    out = KID("tiny").reduce(FeatureSet(streamed(gen, 40), gen), FeatureSet(streamed(real, 30), real))
+    default = kid_subsets(gen, real)  # the metric's own 100 subsets (of min(40, 30, 1000) = 30 images)
+    assert out["value"] == kernel_distance(gen, real) and out["std"] > 0
+    assert out["std"] == pytest.approx(np.sqrt(np.mean((default - default.mean()) ** 2)), rel=1e-12)
+
+
+def test_kid_of_subsets_with_every_pair_equals_the_written_out_sum():
+    gen, real = features(11, 20, dim=5), features(12, 15, dim=5, shift=0.2)
+    masks = np.random.default_rng(1).random((4, 20)) < 0.5
+    own = kernel(real, real)
+    real_term = (own.sum() - np.trace(own)) / (15 * 14)  # the same for every subset: kid_replicates leaves it out
+    for mask, got in zip(masks, kid_replicates(gen, real, masks)):
+        x = gen[mask]
+        k = len(x)
+        within = sum(kernel(x[i : i + 1], x[j : j + 1])[0, 0] for i in range(k) for j in range(k) if i != j) / (k * (k - 1))
+        assert got + real_term == pytest.approx(within + real_term - 2 * kernel(x, real).mean(), rel=1e-9)

@@ -157,3 +157,10 @@ def test_training_lowers_the_loss_and_moves_the_model(trained):
         x_base_again = base.sample(session.suite.prompts, [torch.Generator().manual_seed(s) for s in seeds])
     assert torch.equal(x_base, x_base_again)
     assert float((x_tuned - x_base).abs().max()) > 1e-2, float((x_tuned - x_base).abs().max())
+
+
+def test_one_sample_per_prompt_asks_to_keep_its_ties(cli):
+    code, out, err = cli("train", "suite=micro", "method=sft", "method.samples_per_prompt=1", "train.steps=1")
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("bench: error: method.samples_per_prompt=1 draws one sample per prompt")
+    assert "set method.drop_ties=false" in err and "Traceback" not in err

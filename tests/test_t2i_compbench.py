@@ -4,6 +4,7 @@ The decision rules are checked on hand-built parses and boxes against numbers wo
 the official scripts; BLIP-VQA's P(yes) against salesforce-lavis's BLIP in a separate venv (slow).
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -60,7 +61,9 @@ def test_the_suite_downloads_the_pinned_official_files_and_says_what_is_not_cano
     cfg = suite_cfg()
     commit = "1b7094991a57f3c22abdd4f6e8ba6c1a15517073"
     assert list(cfg["prompt_sets"]) == CATEGORIES
-    assert all(url == f"https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/{commit}/examples/dataset/{c}_val.txt" for c, url in cfg["prompt_sets"].items())
+    for c, url in cfg["prompt_sets"].items():  # each pinned to the sha256 of the file at that commit (shared/data holds it unmodified)
+        digest = hashlib.sha256((DATA / f"{c}_val.txt").read_bytes()).hexdigest()
+        assert url == f"https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/{commit}/examples/dataset/{c}_val.txt#sha256={digest}"
     assert "NON-CANONICAL" in SUITES.entry("t2i-compbench").description
     text = Path(SUITES.entry("t2i-compbench").target).read_text()
     assert "UniDet" in text and "NON-CANONICAL" in text
@@ -159,6 +162,60 @@ def test_blip_vqa_batches_pairs_and_shares_the_model(monkeypatch):
     assert p.shape == (3,) and torch.allclose(p, alone, atol=1e-6) and ((p > 0) & (p < 1)).all()
     assert sum(1 for k in _LOADED if k[0] == "blip-vqa") == 1 and reward.loaded() is metric.loaded()
     assert "tiny-random" in metric.info.version and "NOT MEANINGFUL" in reward.info.scale
+
+
+def blip_training_checkpoint(path: Path, extra: dict | None = None) -> dict:
+    """A checkpoint in the layout BLIP's train_vqa.py saves: model and optimizer state dicts, the
+    training config as yaml.load(configs/vqa.yaml, Loader=yaml.Loader) gives it (strings, numbers, a
+    list, a bool; PyYAML reads 2e-5 as a string) and the epoch; here on the tiny BLIP."""
+    import yaml
+
+    model = BlipVqa("tiny").load_tiny()[0]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.05)
+    model.vision_model.embeddings.class_embedding.sum().backward()
+    optimizer.step()
+    config = yaml.load("vqa_root: '/data/vqa/'\ntrain_files: ['vqa_train', 'vqa_val', 'vg_qa']\npretrained: 'model_base.pth'\nvit: 'base'\n"
+                       "batch_size_train: 16\nvit_grad_ckpt: False\ninit_lr: 2e-5\nimage_size: 480\nweight_decay: 0.05\nmin_lr: 0\n", Loader=yaml.Loader)
+    saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "epoch": 9, **(extra or {})}
+    torch.save(saved, path)
+    return saved
+
+
+def test_blip_checkpoints_load_through_the_weights_only_unpickler(tmp_path):
+    from bench.metrics.vqa import BLIP_SAFE_GLOBALS, blip_state_dict, load_checkpoint
+
+    saved = blip_training_checkpoint(tmp_path / "blip.pth")
+    loaded = load_checkpoint(tmp_path / "blip.pth")
+    assert BLIP_SAFE_GLOBALS == () and set(loaded) == {"model", "optimizer", "config", "epoch"}
+    assert loaded["config"] == saved["config"] and loaded["config"]["init_lr"] == "2e-5" and loaded["epoch"] == 9
+    assert loaded["model"].keys() == saved["model"].keys() and all(torch.equal(loaded["model"][k], v) for k, v in saved["model"].items())
+    assert blip_state_dict(loaded).keys() == saved["model"].keys() - {k for k in saved["model"] if k.endswith("position_ids")}
+
+
+class Payload:
+    """What an attacker would pickle: unpickling it calls open(marker, "w")."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_checkpoint_pickling_any_other_class_is_refused_in_one_line_and_never_unpickled(tmp_path):
+    import argparse
+
+    from bench.metrics.vqa import load_checkpoint
+
+    marker = tmp_path / "executed"
+    cases = {"namespace.pth": ({"args": argparse.Namespace(lr=2e-5)}, "argparse.Namespace"), "payload.pth": ({"config": Payload(marker)}, "io.open")}
+    for name, (extra, cls) in cases.items():
+        blip_training_checkpoint(tmp_path / name, extra)
+        with pytest.raises(DataError) as err:
+            load_checkpoint(tmp_path / name)
+        assert str(err.value) == (f"{tmp_path / name} pickles {cls} besides tensors, which bench never unpickles: "
+                                  "it is not the published checkpoint; delete it and download the official file again")
+    assert not marker.exists()
 
 
 # --------------------------------------------------------------------------- the parser

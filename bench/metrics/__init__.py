@@ -96,6 +96,15 @@ class DistributionMetric(Metric):
         """The metric from the generated and real ``FeatureSet`` (``bench.metrics.fid``)."""
         raise NotImplementedError
 
+    def reduce(self, gen, ref) -> dict:
+        """``{"value": ...}`` and any spread the metric reports beside it (KID: ``std``)."""
+        return {"value": float(self.compute(gen, ref))}
+
+    def replicates(self, gen, ref, masks):
+        """The metric (up to a constant) on each subset of the generated rows (``masks``: one bool row
+        per subset) against the whole real set, from the rows in ``gen``; None: no interval."""
+        return None
+
     def score(self, images, prompts, refs=None) -> torch.Tensor:
         raise UsageError(f"metric {self.name} compares a whole generated set with real images, not one image: use it in a suite with reference images (`bench eval suite=...`)")
 
@@ -177,10 +186,11 @@ class LearnedMetric(Metric):
             _LOADED[key] = parts
         return _LOADED[key]
 
-    def url_weights(self, url: str) -> Path:
+    def url_weights(self, url: str, sha256: str | None) -> Path:
         """A weights file published at a URL, not on the hub (the aesthetic head, clean-fid's Inception,
         BLIP-VQA): ``url`` itself when it is a local file (tests), else downloaded once into
-        ``$BENCH_HOME/weights``; offline without it, one line naming the file and ``bench prefetch``."""
+        ``$BENCH_HOME/weights`` and checked against its pinned ``sha256`` (``bench.io.fetch_url``);
+        offline without it, one line naming the file and ``bench prefetch``."""
         from bench.errors import DataError
         from bench.io import cache_root, fetch_url
 
@@ -188,15 +198,19 @@ class LearnedMetric(Metric):
             return Path(url)
         fix = f"run `bench prefetch metrics={self.name}` where the network is reachable (same BENCH_HOME), or save {url} there, or use scorers=tiny for a smoke test"
         try:
-            return fetch_url(url, cache_root() / "weights" / Path(url).name, fix)
+            return fetch_url(url, cache_root() / "weights" / Path(url).name, fix, sha256=sha256)
         except DataError as err:
             raise WeightsMissingError(f"metric {self.name}: {err}") from None
 
     def download(self) -> list[str]:
-        """Fetch the weights into the hub cache (``bench prefetch``); returns the local folders."""
+        """Fetch the weights into the hub cache (``bench prefetch``), the metric's own repository at its
+        pinned ``info.revision`` (what loading asks for); returns the local folders."""
         from huggingface_hub import snapshot_download
 
-        return [snapshot_download(repo, allow_patterns=list(patterns)) for repo, patterns in self.hub_files]
+        return [
+            snapshot_download(repo, allow_patterns=list(patterns), revision=self.info.revision if repo == self.info.model_id else None)
+            for repo, patterns in self.hub_files
+        ]
 
 
 # name -> ("module:Class", one-line description); imported lazily by the registry.

@@ -86,7 +86,7 @@ class PickScore(LearnedMetric):
 
     info = MetricInfo(
         name="pickscore", version="v1", higher_is_better=True, scale="logit_scale.exp() * cos (about 100 * cos; typically 18-23)",
-        model_id="yuvalkirstain/PickScore_v1", revision=None,
+        model_id="yuvalkirstain/PickScore_v1", revision="a4e4367c6dfa7288a00c550414478f865b875800",  # a snapshot loaded with from_pretrained in several GitHub projects
     )
     weight_files = "yuvalkirstain/PickScore_v1 (config.json, model.safetensors) and the tokenizer of laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
     processor_id = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
@@ -222,7 +222,11 @@ class ClipB32(OpenClipScore):
 
 # --------------------------------------------------------------------------- LAION aesthetic predictor v2
 
-AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth"
+# The head at a commit of christophschuhmann/improved-aesthetic-predictor (main on 2023-10-12; the file is
+# unchanged since it was added in 61f2f07, 2022-06-30). It is a plain git blob: its sha256 is computed from
+# the repository at that commit, and equals that of the copy in PSO's repository (pso_pytorch/assets/).
+AESTHETIC_URL = "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/6934dd81792f086e613a121dbce43082cb8be85e/sac+logos+ava1-l14-linearMSE.pth"
+AESTHETIC_SHA256 = "21dd590f3ccdc646f0d53120778b296013b096a035a2718c9cb0d511bff0f1e0"
 
 
 class AestheticMLP(torch.nn.Module):
@@ -246,7 +250,7 @@ class Aesthetic(OpenClipScore):
     OpenAI CLIP ViT-L/14 image embedding, about 1-10. The CLIP backbone is shared with ``clip-l14``."""
 
     arch, tag = "ViT-L-14", "openai"
-    head_url = AESTHETIC_URL
+    head_url, head_sha256 = AESTHETIC_URL, AESTHETIC_SHA256
     info = MetricInfo("aesthetic", "v2", True, "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on OpenAI CLIP ViT-L/14, about 1-10", "christophschuhmann/improved-aesthetic-predictor")
 
     def head(self) -> torch.nn.Module:
@@ -260,12 +264,12 @@ class Aesthetic(OpenClipScore):
                     mlp = AestheticMLP(width)
             else:
                 mlp = AestheticMLP(width)
-                mlp.load_state_dict(torch.load(self.url_weights(self.head_url), map_location="cpu", weights_only=True))
+                mlp.load_state_dict(torch.load(self.url_weights(self.head_url, self.head_sha256), map_location="cpu", weights_only=True))
             _LOADED[key] = mlp.to(self.device, self.dtype).eval()
         return _LOADED[key]
 
     def download(self) -> list[str]:
-        return super().download() + [str(self.url_weights(self.head_url))]
+        return super().download() + [str(self.url_weights(self.head_url, self.head_sha256))]
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
         emb = self.embed_images(images)

@@ -17,6 +17,10 @@ diagonal offset where it is singular, the imaginary round-off dropped), so on th
 FID equals ``cleanfid.fid.fid_from_feats``. ``kernel_distance`` is clean-fid's KID estimator
 (cubic polynomial kernel, 100 subsets of at most 1,000 images) with a seeded generator where
 clean-fid draws from numpy's global one. ``tests/test_fid.py`` checks all three against clean-fid.
+
+An interval needs the metric on many subsets of the generated rows against the same real set
+(``bench.distribution``): ``FrechetToReal`` and ``kid_replicates`` compute those from the rows
+already in memory, cheaper than calling the point formulas once per subset.
 """
 
 from __future__ import annotations
@@ -37,9 +41,13 @@ from bench.io import write_bytes
 from bench.metrics import DistributionMetric, LearnedMetric, MetricInfo, seeded
 
 INCEPTION_URL = "https://nvlabs-fi-cdn.nvidia.com/stylegan2-ada-pytorch/pretrained/metrics/inception-2015-12-05.pt"
+# The sha256 k-diffusion pins for this URL (crowsonkb/k-diffusion, k_diffusion/evaluation.py, checked by its
+# utils.download_file); clean-fid itself (cleanfid/downloads_helper.py) downloads it unchecked.
+INCEPTION_SHA256 = "f58cb9b6ec323ed63459aa4fb441fe750cfe39fafad6da5cb504a16f19e958f4"
 INCEPTION_FILE = "inception-2015-12-05.pt"
 CLEAN_SIZE = 299
 KID_SUBSETS, KID_SUBSET_SIZE, KID_SEED = 100, 1000, 0
+BLOCK = 512  # generated rows per kernel block in ``kid_replicates`` (a block against 30k rows: 120 MB)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -104,10 +112,12 @@ class FeatureStats:
 @dataclass
 class FeatureSet:
     """What a set-level metric reduces: the streaming statistics of a set's features and, for the
-    metrics that need every row (KID), the features themselves (float32, at most 30k x 2048 here)."""
+    metrics that need every row (KID, and a generated set's interval), the features themselves
+    (float32, at most 30k x 2048 here) with each row's owner (its prompt, or its real file)."""
 
     stats: FeatureStats
     feats: np.ndarray | None = None
+    owners: np.ndarray | None = None  # not saved: the real set's intervals are not computed
 
     def save(self, path: str | Path) -> None:
         """``mu``/``sigma`` as clean-fid names them (usable with ``frechet_distance`` directly), ``n``, and ``feats`` when kept."""
@@ -151,10 +161,10 @@ def fid(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(a.mean, a.cov, b.mean, b.cov)
 
 
-def kernel_distance(feats1, feats2, num_subsets: int = KID_SUBSETS, max_subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> float:
-    """KID as ``cleanfid.fid.kernel_distance``: the unbiased MMD^2 with the kernel (x.y / d + 1)^3,
-    averaged over ``num_subsets`` draws of m = min(n1, n2, max_subset_size) images without replacement
-    from each set (first from ``feats2``, then ``feats1``, as clean-fid draws). Computed in float64;
+def kid_subsets(feats1, feats2, num_subsets: int = KID_SUBSETS, max_subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> np.ndarray:
+    """The per-subset values whose mean is KID, as ``cleanfid.fid.kernel_distance`` draws them: the
+    unbiased MMD^2 with the kernel (x.y / d + 1)^3 of m = min(n1, n2, max_subset_size) images drawn
+    without replacement from each set (first from ``feats2``, then ``feats1``). Computed in float64;
     ``seed`` fixes the draws, which clean-fid takes from numpy's global generator."""
     x_all, y_all = np.asarray(feats2, dtype=np.float64), np.asarray(feats1, dtype=np.float64)
     d = y_all.shape[1]
@@ -162,14 +172,75 @@ def kernel_distance(feats1, feats2, num_subsets: int = KID_SUBSETS, max_subset_s
     if m < 2:
         raise DataError(f"KID needs at least 2 images in each set, got {len(y_all)} and {len(x_all)}")
     rng = np.random.RandomState(seed)  # the legacy generator: np.random.seed(s) + np.random.choice draw the same subsets
-    total = 0.0
-    for _ in range(num_subsets):
+    values = np.empty(num_subsets)
+    for i in range(num_subsets):
         x = x_all[rng.choice(len(x_all), m, replace=False)]
         y = y_all[rng.choice(len(y_all), m, replace=False)]
         a = (x @ x.T / d + 1) ** 3 + (y @ y.T / d + 1) ** 3
         b = (x @ y.T / d + 1) ** 3
-        total += (a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m
-    return float(total / num_subsets / m)
+        values[i] = ((a.sum() - np.diag(a).sum()) / (m - 1) - b.sum() * 2 / m) / m
+    return values
+
+
+def kernel_distance(feats1, feats2, num_subsets: int = KID_SUBSETS, max_subset_size: int = KID_SUBSET_SIZE, seed: int = KID_SEED) -> float:
+    """KID as ``cleanfid.fid.kernel_distance``: the mean of ``kid_subsets``."""
+    return float(kid_subsets(feats1, feats2, num_subsets, max_subset_size, seed).mean())
+
+
+def sqrt_psd(sigma) -> np.ndarray:
+    """The symmetric square root of a covariance, from its eigen-decomposition (negative round-off clipped)."""
+    from scipy import linalg
+
+    w, v = linalg.eigh(np.asarray(sigma, dtype=np.float64))
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+class FrechetToReal:
+    """The Frechet distance of subsets of ``feats`` to fixed real statistics. tr((S_g S_r)^(1/2)) is
+    taken as the sum of the square roots of the eigenvalues of the symmetric S_r^(1/2) S_g S_r^(1/2),
+    which has the same eigenvalues: S_r^(1/2) once, then per subset one Gram matrix of the whitened
+    rows and one ``eigvalsh`` (of the smaller of rows x rows and dim x dim), instead of ``sqrtm`` of a
+    non-symmetric product. Equal to ``frechet_distance`` (tests/test_fid.py), several times cheaper."""
+
+    def __init__(self, feats, ref: FeatureStats):
+        feats = np.asarray(feats, dtype=np.float64)
+        self.center = feats.mean(0)
+        self.x = feats - self.center  # centered once: the subsets' sums of squares keep their digits
+        self.y = self.x @ sqrt_psd(ref.cov)
+        self.ref_mean, self.ref_trace = ref.mean, float(np.trace(ref.cov))
+
+    def __call__(self, rows) -> float:
+        from scipy import linalg
+
+        x, y = self.x[rows], self.y[rows]
+        n = len(x)
+        if n < 2:
+            raise DataError(f"a covariance needs at least 2 images, got {n}")
+        mean = x.mean(0)
+        y = y - y.mean(0)
+        gram = y @ y.T if n < y.shape[1] else y.T @ y  # the same nonzero eigenvalues
+        root = np.sqrt(np.clip(linalg.eigvalsh(gram / (n - 1)), 0, None)).sum()
+        diff = self.center + mean - self.ref_mean
+        return float(diff @ diff + ((x - mean) ** 2).sum() / (n - 1) + self.ref_trace - 2 * root)
+
+
+def kid_replicates(feats, ref_feats, masks) -> np.ndarray:
+    """KID of each subset of the generated rows (``masks``: one bool row per subset) against all real
+    rows, with every pair of images instead of random subsets (the value the subset average
+    estimates), less the real set's own term, which is the same for every subset: what varies between
+    subsets, not KID's level. One pass of kernel blocks (float64) serves all subsets."""
+    x, r = np.asarray(feats, dtype=np.float64), np.asarray(ref_feats, dtype=np.float64)
+    d, w = x.shape[1], np.asarray(masks, dtype=np.float64)
+    k = w.sum(1)
+    if k.min() < 2:
+        raise DataError(f"KID needs at least 2 images in each subset, got {int(k.min())}")
+    within, cross = np.zeros(len(w)), np.empty(len(x))
+    for start in range(0, len(x), BLOCK):
+        block = slice(start, start + BLOCK)
+        within += np.einsum("bi,ib->b", w[:, block], ((x[block] @ x.T / d + 1) ** 3) @ w.T)
+        cross[block] = ((x[block] @ r.T / d + 1) ** 3).sum(1)
+    self_kernel = ((x * x).sum(1) / d + 1) ** 3  # the pairs of an image with itself, not in the unbiased sum
+    return (within - w @ self_kernel) / (k * (k - 1)) - 2 * (w @ cross) / (k * len(r))
 
 
 # --------------------------------------------------------------------------- the clean-fid protocol
@@ -207,7 +278,7 @@ class InceptionFeatures(LearnedMetric, DistributionMetric):
     """The features of the clean-fid protocol, shared by FID and KID (one forward pass for both)."""
 
     weight_files = f"{INCEPTION_FILE} (TorchScript Inception-v3, {INCEPTION_URL})"
-    weights_url = INCEPTION_URL
+    weights_url, weights_sha256 = INCEPTION_URL, INCEPTION_SHA256
 
     def to(self, device) -> "InceptionFeatures":
         super().to(device)
@@ -220,7 +291,7 @@ class InceptionFeatures(LearnedMetric, DistributionMetric):
         return ("clean-fid-inception", self.weights_url, str(cache_root()))  # another BENCH_HOME may hold another file
 
     def load_official(self):
-        path = self.url_weights(self.weights_url)
+        path = self.url_weights(self.weights_url, self.weights_sha256)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; the official weights are TorchScript
             base = torch.jit.load(str(path), map_location="cpu")
@@ -231,7 +302,7 @@ class InceptionFeatures(LearnedMetric, DistributionMetric):
             return (TinyInception(),)
 
     def download(self) -> list[str]:
-        return [str(self.url_weights(self.weights_url))]
+        return [str(self.url_weights(self.weights_url, self.weights_sha256))]
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
         """Features of images already resized to 299x299, float in [0, 255] (clean-fid's ``custom_feat_extractor`` input)."""
@@ -266,6 +337,10 @@ class FID(InceptionFeatures):
     def compute(self, gen: FeatureSet, ref: FeatureSet) -> float:
         return fid(gen.stats, ref.stats)
 
+    def replicates(self, gen: FeatureSet, ref: FeatureSet, masks: np.ndarray) -> np.ndarray:
+        frechet = FrechetToReal(gen.feats, ref.stats)
+        return np.array([frechet(np.flatnonzero(mask)) for mask in masks])
+
 
 class KID(InceptionFeatures):
     info = MetricInfo(
@@ -279,6 +354,14 @@ class KID(InceptionFeatures):
 
     def compute(self, gen: FeatureSet, ref: FeatureSet) -> float:
         return kernel_distance(gen.feats, ref.feats)
+
+    def reduce(self, gen: FeatureSet, ref: FeatureSet) -> dict:
+        """KID and the std of its subset values (ddof 0), as torchmetrics and torch-fidelity report it."""
+        values = kid_subsets(gen.feats, ref.feats)
+        return {"value": float(values.mean()), "std": float(values.std())}
+
+    def replicates(self, gen: FeatureSet, ref: FeatureSet, masks: np.ndarray) -> np.ndarray:
+        return kid_replicates(gen.feats, ref.feats, masks)
 
 
 # --------------------------------------------------------------------------- stand-ins for tests and benchmarks

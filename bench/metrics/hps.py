@@ -26,6 +26,7 @@ from bench.metrics import MetricInfo
 from bench.metrics.clip import CLIP_MEAN, CLIP_STD, OpenClipScore, quiet_root_logger, stored_pixels
 
 HPS_REPO = "xswu/HPSv2"  # hpsv2/utils.py hps_version_map, downloaded with hf_hub_download
+HPS_REVISION = "697403c78157020a1ae59d23f111aa58ced35b0a"  # a snapshot holding both checkpoints (hub cache paths in many GitHub projects)
 SCALE = "100 * cos(image, text) of the HPS fine-tuned open_clip ViT-H-14 (HPSv2 benchmark convention; hpsv2.score() returns cos = this / 100)"
 
 
@@ -58,7 +59,7 @@ class HPSv2(OpenClipScore):
 
     arch, tag = "ViT-H-14", "laion2b_s32b_b79k"  # the architecture the checkpoint fine-tunes; its weights are replaced
     checkpoint = "HPS_v2_compressed.pt"  # a file name in HPS_REPO, or a local path (tests)
-    info = MetricInfo("hpsv2", "v2.0", True, SCALE, HPS_REPO, None)
+    info = MetricInfo("hpsv2", "v2.0", True, SCALE, HPS_REPO, HPS_REVISION)
 
     @property
     def weight_files(self) -> str:
@@ -110,4 +111,4 @@ class HPSv21(HPSv2):
     ``hpsv2.evaluate()`` default and the README's v2.1 benchmark). Not comparable with v2.0."""
 
     checkpoint = "HPS_v2.1_compressed.pt"
-    info = MetricInfo("hpsv2.1", "v2.1", True, SCALE, HPS_REPO, None)
+    info = MetricInfo("hpsv2.1", "v2.1", True, SCALE, HPS_REPO, HPS_REVISION)

@@ -169,15 +169,13 @@ def protocol_cells(cfg: dict, args: list[str]) -> list[dict]:
 # ---- counting without downloading -----------------------------------------------------------------
 def prompt_rows(spec, base: Path, cache: Path) -> int | None:
     """Rows of a prompt source that is on disk (a file, or a URL already in the cache); None otherwise."""
-    import hashlib
-
-    from bench.suite import read_prompt_rows
+    from bench.suite import prompt_url_path, read_prompt_rows
 
     if spec is None or isinstance(spec, dict):
         return None
     spec = str(spec)
-    if spec.startswith(("https://", "http://")):
-        path = Path(cache) / "data" / "prompts" / f"{hashlib.sha256(spec.encode()).hexdigest()[:12]}-{Path(spec).name}"
+    if spec.startswith(("https://", "http://", "file://")):
+        path = prompt_url_path(spec, cache)
     else:
         path = Path(spec) if Path(spec).is_absolute() else base / spec
     try:
