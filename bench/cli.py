@@ -216,7 +216,7 @@ def cmd_score(args):
     from bench.report import _markdown
     from bench.runner import resolve_device
     from bench.schema import Config, Score, check
-    from bench.scoring import folder_images, load_metrics, needs_prompts, reference_folder, score_files, write_scores
+    from bench.scoring import folder_images, load_metrics, reference_folder, score_files, write_scores
     from bench.stats import cluster_bootstrap_mean_ci
 
     kv = _kv(args, {"images", "prompts", "metrics", "refs", "scorers", "device", "batch_size", "out"}, "score")
@@ -228,7 +228,7 @@ def cmd_score(args):
         raise UsageError(f"metrics={kv['metrics']} names no metric: use metrics=a,b (`bench ls metrics`)")
     device = resolve_device(kv.get("device", "auto"))
     metrics = load_metrics([m for m in kv["metrics"].split(",") if m], device, kv.get("scorers", "official"))
-    files, prompts = folder_images(kv["images"], kv.get("prompts"), [n for n, m in metrics.items() if needs_prompts(m)])
+    files, prompts = folder_images(kv["images"], kv.get("prompts"), [n for n, m in metrics.items() if m.needs_prompts])
     refs = reference_folder(kv["refs"]) if kv.get("refs") else None
     frame = score_files(files, prompts, metrics, int(kv.get("batch_size", 32)), device, refs=refs)
     clusters = frame["prompt"].to_numpy() if kv.get("prompts") else None  # images of one prompt resample together

@@ -104,12 +104,6 @@ def reference_folder(folder) -> ReferenceSet:
     return ReferenceSet(str(root.resolve()), tuple(paths))
 
 
-def needs_prompts(metric: Metric) -> bool:
-    """Whether a metric reads the prompt (PickScore, CLIP score) or only the pixels (brightness,
-    aesthetic): a metric that does not say is taken to read it."""
-    return getattr(metric, "needs_prompts", True)
-
-
 def folder_images(images_dir, prompts_file=None, readers=("its metrics",)) -> tuple[list, list[str]]:
     """The images of a folder (sorted by name) and one prompt each: ``prompts_file`` line i for image
     i, or the folder's ``metadata.jsonl`` (``file_name``, ``text``/``prompt``, the imagefolder layout).

@@ -166,7 +166,7 @@ class PixelMean(Metric):
 
 
 class PromptLength(Metric):
-    """Reads the prompt (and says nothing, so it is taken to need it)."""
+    """Reads the prompt (``Metric.needs_prompts`` is True unless a metric says otherwise)."""
 
     info = MetricInfo("prompt-length", "1", True, "characters")
 
@@ -190,6 +190,14 @@ def test_score_without_prompts_runs_prompt_free_metrics(cli, folder):
     code, out, err = cli("score", f"images={folder}", "metrics=pixel-mean")
     assert code == 0, err
     assert "| pixel-mean" in out and "0.5" in out
+
+
+def test_the_pixel_metrics_score_a_folder_without_prompts(cli, folder):
+    code, out, err = cli("score", f"images={folder}", "metrics=brightness,contrast,colorfulness,jpeg_compressibility,aesthetic", "scorers=tiny")
+    assert code == 0, err
+    assert "| brightness" in out and "| aesthetic" in out
+    code, _, err = cli("score", f"images={folder}", "metrics=brightness,pickscore", "scorers=tiny")
+    assert code == 2 and "read by pickscore" in one_line(err)
 
 
 def test_score_without_prompts_names_the_metrics_that_read_them(cli, folder):
