@@ -14,19 +14,26 @@ from pathlib import Path
 
 from bench.errors import BenchError, UsageError
 
-USAGE = """usage: bench COMMAND [key=value ...]
+COMMANDS_HELP = {  # command -> (synopsis, what it does); `bench COMMAND --help` prints both
+    "run": ("bench run suite=S method=M [model=X] [key=value ...]", "train a method (or reuse its checkpoint), generate, score, compare with the base model"),
+    "eval": ("bench eval suite=S model=X [key=value ...]", "evaluate a model without training"),
+    "train": ("bench train method=M [data=D] [key=value ...]", "train a method only and print the checkpoint folder"),
+    "ls": ("bench ls [methods|suites|models|metrics|datasets|protocols]", "list registered methods | suites | models | metrics | datasets | protocols"),
+    "leaderboard": ("bench leaderboard [out=runs] [dest=DIR] [papers=true]", "one table over every run under out= (markdown + CSV); papers=true: the papers' numbers beside ours"),
+    "check": ("bench check run=RUN_DIR baseline=FILE", "compare run=DIR with baseline=FILE; non-zero exit outside tolerance"),
+    "score": ("bench score images=DIR metrics=a,b [prompts=FILE] [refs=DIR] [scorers=official|tiny] [device=auto] [batch_size=32] [out=FILE]",
+              "score a folder of images with named metrics (prompts= only where a metric reads the prompt)"),
+    "perf": ("bench perf [key=value ...]", "measure harness overhead, cached re-run time and batched generation speed"),
+    "prefetch": ("bench prefetch [suite=S] [model=X] [method=M] [metrics=a,b]", "download a model, a suite's prompts and its metrics' weights ahead of an offline run"),
+    "plan": ("bench plan [run|train|eval] [key=value ...]", "what the command (run, train or eval) will do and its estimated peak GPU memory, loading no weights"),
+}
+SYNOPSIS = {name: synopsis for name, (synopsis, _) in COMMANDS_HELP.items()}
+COMPOSED = ("run", "eval", "train", "perf", "prefetch", "plan")  # the commands whose key=value build the config of bench.schema
+
+USAGE = """usage: bench COMMAND [key=value ...]   (bench COMMAND --help: its keys with type, default and meaning)
 
 commands:
-  run          train a method (or reuse its checkpoint), generate, score, compare with the base model
-  eval         evaluate a model without training
-  train        train a method only and print the checkpoint folder
-  ls           list registered methods | suites | models | metrics | datasets | protocols
-  leaderboard  one table over every run under out= (markdown + CSV); papers=true: the papers' numbers beside ours
-  check        compare run=DIR with baseline=FILE; non-zero exit outside tolerance
-  score        score a folder of images with named metrics (images=DIR prompts=FILE metrics=a,b)
-  perf         measure harness overhead, cached re-run time and batched generation speed
-  prefetch     download a model, a suite's prompts and its metrics' weights ahead of an offline run
-  plan         [run|train|eval] ARGS: what the command will do and its estimated peak GPU memory, loading no weights
+""" + "\n".join(f"  {name:<12} {what}" for name, (_, what) in COMMANDS_HELP.items()) + """
 
 several seeds (run, eval):
   seeds=0,1,2        evaluate under each base seed (images cached per seed); a run trains once, the base seed sets no checkpoint
@@ -42,6 +49,19 @@ examples:
   bench ls methods
   bench plan method=pso-online-dmd2 suite=parti
 """
+
+
+def command_help(command: str) -> str:
+    """``bench COMMAND --help``: the synopsis and, for the commands that compose a config, every key
+    of ``bench.schema`` with its type, default and comment."""
+    synopsis, what = COMMANDS_HELP[command]
+    text = f"usage: {synopsis}\n\n{what}\n"
+    if command in COMPOSED:
+        from bench.schema import help_text
+
+        text += ("\nkeys (key=value; type, default, meaning; a bad value is refused before any work; "
+                 "suite.*, model.*, method.*: the shared keys of those presets, which may hold more):\n" + help_text() + "\n")
+    return text
 
 
 def _kv(args: list[str], allowed: set[str], command: str) -> dict[str, str]:
@@ -195,15 +215,20 @@ def cmd_score(args):
 
     from bench.report import _markdown
     from bench.runner import resolve_device
+    from bench.schema import Config, Score, check
     from bench.scoring import folder_images, load_metrics, reference_folder, score_files, write_scores
     from bench.stats import cluster_bootstrap_mean_ci
 
     kv = _kv(args, {"images", "prompts", "metrics", "refs", "scorers", "device", "batch_size", "out"}, "score")
     if "images" not in kv or "metrics" not in kv:
-        raise UsageError("usage: bench score images=DIR [prompts=FILE] metrics=pickscore,clip-h14 [refs=PHOTOS_DIR] [scorers=tiny] [out=scores.parquet]")
+        raise UsageError(f"usage: {SYNOPSIS['score']}")
+    check(Config, {k: kv[k] for k in ("device", "scorers") if k in kv})  # the rules of device= and scorers= in a run
+    check(Score, {k: kv[k] for k in ("batch_size",) if k in kv})
+    if not [m for m in kv["metrics"].split(",") if m]:
+        raise UsageError(f"metrics={kv['metrics']} names no metric: use metrics=a,b (`bench ls metrics`)")
     device = resolve_device(kv.get("device", "auto"))
     metrics = load_metrics([m for m in kv["metrics"].split(",") if m], device, kv.get("scorers", "official"))
-    files, prompts = folder_images(kv["images"], kv.get("prompts"))
+    files, prompts = folder_images(kv["images"], kv.get("prompts"), [n for n, m in metrics.items() if m.needs_prompts])
     refs = reference_folder(kv["refs"]) if kv.get("refs") else None
     frame = score_files(files, prompts, metrics, int(kv.get("batch_size", 32)), device, refs=refs)
     clusters = frame["prompt"].to_numpy() if kv.get("prompts") else None  # images of one prompt resample together
@@ -328,10 +353,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    if argv[:1] == ["help"] and argv[1:2] and argv[1] in COMMANDS:
+        argv = [argv[1], "--help"]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    if command in COMMANDS and any(a in ("-h", "--help") for a in args):
+        print(command_help(command))
+        return 0
     if command not in COMMANDS:
         import difflib
 

@@ -4,7 +4,9 @@ Composition order, later wins: ``DEFAULTS`` < suite's ``gen`` < method's ``train
 a protocol cell's settings (``bench.protocol``: suite, seed, sampler, metrics) < command-line overrides. A method preset's ``base_model`` picks the model when ``model=`` is not
 given, and its ``base_data`` the dataset; ``data=`` names a pair dataset or a captioned image set (or
 a local parquet file, or a folder of either). The tree is in OmegaConf struct mode, so a mistyped key
-is an error that names the closest existing key, not a silently ignored value.
+is an error that names the closest existing key, not a silently ignored value; and every value is
+checked against ``bench.schema`` (types, ranges, names) before the config is returned, so a bad one
+costs no model load and leaves no run folder.
 """
 
 from __future__ import annotations
@@ -19,57 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench.errors import UsageError
+from bench.schema import SECTIONS, Config, SuiteKeys, check, defaults_of, defaults_yaml, show
 
-DEFAULTS = """
-seed: 0                 # base seed: every image's seed is a pure function of (suite, prompt, image, seed)
-out: runs               # where run folders go
-cache_dir: null         # models, images, checkpoints; default $BENCH_HOME or ~/.cache/bench
-device: auto            # auto: cuda if available, else cpu
-model: tiny             # a method preset's `base_model` is used when model= is not given
-method: null
-suite: micro
-data: null              # a pair dataset (pickapic-v2, FILE.parquet) or a captioned image set (FOLDER, pokemon-blip-captions) in place of self-generated data
-protocol: null          # a paper's evaluation protocol (`bench ls protocols`): `bench run protocol=NAME method=M` runs every evaluation it names
-scorers: official       # official: each metric's canonical weights; tiny: random tiny scorers of the same families (smoke tests, scores NOT meaningful)
-subject: null           # a DreamBench subject (dreambench suites): evaluate on it, and customization methods train on its photos
-gen:
-  batch_size: 8         # does not change any image
-  shard: null           # "i/N": generate only every N-th image from the i-th (parallel workers sharing cache_dir)
-  steps: null           # null: the model's sampler default
-  guidance: null
-  dtype: auto           # auto: float64 on CPU (exactly batch-size invariant), float16 on CUDA
-train:
-  steps: 200
-  lr: 1.0e-4
-  batch_size: 8
-  grad_accum: 1
-  micro_batch_size: null # cut each batch into micro-batches of this size (gradients accumulate): memory, not the recipe
-  lora_rank: 4          # 0 or null with full_finetune: true trains every UNet weight
-  lora_alpha: 4
-  full_finetune: false
-  weight_decay: 0.01
-  max_grad_norm: 1.0
-  mixed_precision: auto # auto: bf16 on CUDA when supported, else no
-  ema_decay: null       # e.g. 0.999 keeps an EMA of the trained weights, used for evaluation
-  save_every: 50
-  keep_checkpoints: false # true: keep the weights of every save_every step for evaluation (a protocol's checkpoint selection)
-  seed: 0
-  optimizer: adamw      # adamw | adafactor (transformers; the DSPO/DPO SDXL scripts) | adamw8bit (bitsandbytes)
-  adam_betas: [0.9, 0.999] # (beta1, beta2) of adamw / adamw8bit
-  lr_schedule: constant # constant | constant_with_warmup | linear | cosine (linear/cosine also warm up)
-  warmup_steps: 0
-  scale_lr: false       # true: lr *= batch_size * grad_accum (the Salesforce/DSPO --scale_lr)
-  gradient_checkpointing: false
-  sampler: null         # the sampler trajectory methods train through: null is the model's own; a mapping overrides its keys (steps, timesteps)
-score:
-  batch_size: 32
-stats:
-  n_boot: 1000          # bootstrap resamples of the prompts for a mean's interval
-  n_permutations: 9999  # sign flips of the per-prompt differences for a paired test (all of them when 2^prompts is fewer)
-  level: 0.95
-  seed: 0
-  n_boot_sets: 200      # FID/KID intervals: prompt halves, each recomputed from the run's features (0: none); ~3 s each for FID at 30k x 2048 on one core
-"""
+DEFAULTS = defaults_yaml()  # the commented YAML of bench.schema.Config: every default, its comment
 
 GROUPS = ("model", "method", "suite", "data", "protocol")
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*=.*$", re.S)
@@ -154,6 +108,9 @@ def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = 
     for group in GROUPS:
         if cfg[group] is not None and not isinstance(cfg[group], DictConfig):
             cfg[group] = load_entry_config(registries[group], str(cfg[group]))
+    if cfg.suite is not None:  # the shared suite keys a suite's YAML leaves out (the suite enters no hash)
+        for key, default in defaults_of(SuiteKeys).items():
+            cfg.suite.setdefault(key, default)
     # Suite protocol, then method settings, over the defaults.
     if cfg.suite is not None and "gen" in cfg.suite:
         cfg.gen = OmegaConf.merge(cfg.gen, cfg.suite.gen)
@@ -175,11 +132,57 @@ def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = 
     for key, value in pairs:
         if key in GROUPS:
             continue
+        group = key.split(".")[0]
+        if group in GROUPS and cfg[group] is None:  # method.seed=3 without a method would invent a section
+            raise UsageError(f"{key}={value}: sets a key of the {group}, and no {group} is chosen; add {group}=NAME (`bench ls {group}s`)")
         try:
             cfg.merge_with(OmegaConf.from_dotlist([f"{key}={value}"]))
         except OmegaConfBaseException:
-            raise UsageError(f"unknown config key '{key}'{_close_keys(cfg, key)}") from None
+            current = OmegaConf.select(cfg, key, default=KeyError)
+            if current is not KeyError:  # the key is there: a mapping given for a list, or the reverse
+                raise UsageError(f"{key}={value}: does not fit the value it replaces ({show(current)}); write one of the same shape") from None
+            raise UsageError(f"unknown config key '{key}' ({key}={value}){_close_keys(cfg, key)}") from None
+    validate(cfg, {k for k, _ in pairs}, set((cell or {}).get("set", {})))
     return cfg
+
+
+def validate(cfg: DictConfig, given: set[str], from_protocol: set[str] = frozenset()) -> None:
+    """Check the composed config against ``bench.schema``: one UsageError line naming the key, the
+    value, the preset that set it (when not the command line) and the fix."""
+    from bench.registry import METRICS
+
+    def where(key: str) -> str:
+        if key in given:
+            return ""
+        if key in from_protocol:
+            return f" (set by protocol '{cfg.protocol.name}')"
+        group = key.split(".")[0]
+        if group in SECTIONS and cfg[group] is not None:
+            return f" (in {group} '{cfg[group].name}')"
+        for owner in ("method", "suite"):  # gen/train values merged from a preset's own section
+            if cfg[owner] is not None and OmegaConf.select(cfg[owner], key) is not None:
+                return f" (set by {owner} '{cfg[owner].name}')"
+        return ""
+
+    typed = check(Config, cfg, where=where, closed=True)
+    batch, micro = typed["train"]["batch_size"], typed["train"]["micro_batch_size"]
+    if micro and micro < batch and batch % micro:
+        raise UsageError(f"train.micro_batch_size={micro}{where('train.micro_batch_size')}: train.batch_size={batch} is not a multiple of "
+                         f"train.micro_batch_size={micro}; use a divisor of {batch}, or null")
+    for group, cls in SECTIONS.items():
+        if cfg[group] is not None:
+            check(cls, cfg[group], f"{group}.", where)
+    metrics = [("suite.metrics", name) for name in (cfg.suite.metrics if cfg.suite is not None else [])]
+    metrics += [(f"{g}.reward", cfg[g].reward) for g in ("suite", "method") if cfg[g] is not None and cfg[g].get("reward")]
+    for key, name in metrics:  # registered names, before any weights load
+        try:
+            METRICS.entry(str(name))
+        except UsageError as err:
+            raise UsageError(f"{key}={show(OmegaConf.select(cfg, key))}{where(key)}: {err}") from None
+    if cfg.protocol is not None:
+        from bench.protocol import validate as validate_protocol
+
+        validate_protocol(to_dict(cfg.protocol))
 
 
 def _close_keys(cfg: DictConfig, key: str) -> str:

@@ -29,6 +29,7 @@ from bench.models import DiffusionModel, load_model, make_sampler
 from bench.metrics import DistributionMetric
 from bench.method import Method
 from bench.registry import METHODS, METRICS
+from bench.schema import parse_shard
 from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_images, write_scores
 from bench.suite import Suite, load_suite, prompts_of, read_prompt_source
 from bench.trainer import Checkpoint, Trainer, apply_checkpoint
@@ -329,15 +330,6 @@ def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:
     return base, tuned
 
 
-def parse_shard(spec) -> tuple[int, int] | None:
-    if spec in (None, ""):
-        return None
-    index, _, count = str(spec).partition("/")
-    if not (index.isdigit() and count.isdigit() and int(index) < int(count)):
-        raise UsageError(f"gen.shard={spec} is malformed: expected i/N with 0 <= i < N, e.g. gen.shard=0/4")
-    return int(index), int(count)
-
-
 def generate_shard(cfg, progress: bool = True) -> tuple[int, int, int]:
     """Generate one worker's share of a suite's images into the shared store (no scoring).
 
@@ -346,7 +338,7 @@ def generate_shard(cfg, progress: bool = True) -> tuple[int, int, int]:
     ``bench eval`` without ``gen.shard`` then generates nothing and scores.
     """
     session = Session(cfg, progress)
-    index, count = parse_shard(session.cfg["gen"]["shard"])
+    index, count = parse_shard(session.cfg["gen"]["shard"])  # checked at composition (bench.schema)
     model = session.model().to(session.device, session.dtype)
     jobs = session.plan(model)
     mine = jobs[index::count]

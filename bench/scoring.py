@@ -104,9 +104,10 @@ def reference_folder(folder) -> ReferenceSet:
     return ReferenceSet(str(root.resolve()), tuple(paths))
 
 
-def folder_images(images_dir, prompts_file=None) -> tuple[list, list[str]]:
+def folder_images(images_dir, prompts_file=None, readers=("its metrics",)) -> tuple[list, list[str]]:
     """The images of a folder (sorted by name) and one prompt each: ``prompts_file`` line i for image
-    i, or the folder's ``metadata.jsonl`` (``file_name``, ``text``/``prompt``, the imagefolder layout)."""
+    i, or the folder's ``metadata.jsonl`` (``file_name``, ``text``/``prompt``, the imagefolder layout).
+    Without either, every image gets the empty prompt when no metric reads it (``readers`` is empty)."""
     import json
 
     from bench.suite import prompts_of, read_prompt_rows
@@ -114,10 +115,18 @@ def folder_images(images_dir, prompts_file=None) -> tuple[list, list[str]]:
     root = Path(images_dir)
     if not root.is_dir():
         raise DataError(f"image folder not found: {root} (images=DIR)")
+    if prompts_file is None and not (root / "metadata.jsonl").is_file() and not readers:
+        files = image_files(root)
+        if not files:
+            raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) in {root}")
+        return files, [""] * len(files)
     if prompts_file is None:
         meta = root / "metadata.jsonl"
         if not meta.is_file():
-            raise DataError(f"no prompts for {root}: pass prompts=FILE (one prompt per image, in file-name order) or put a metadata.jsonl (file_name, text) in the folder")
+            raise UsageError(
+                f"prompts= is missing and {root} has no metadata.jsonl, and the prompt is read by {', '.join(readers)}: "
+                "pass prompts=FILE (one prompt per image, in file-name order) or put a metadata.jsonl (file_name, text) in the folder"
+            )
         rows = [json.loads(line) for line in meta.read_text(encoding="utf-8").splitlines() if line.strip()]
         files = [root / r["file_name"] for r in rows]
         prompts = prompts_of(rows, str(meta))

@@ -255,6 +255,7 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         groups[column] = ["" if r.get(key) is None else str(r.get(key)) for r in rows]
     real = _real_images(cfg, rows, where)
     is_canonical = is_published(cfg, prompts, where)
+    keep = list(range(len(prompts)))
     if cfg.get("limit"):
         n = int(cfg["limit"])
         if set_column:  # the first N of every set, so a smoke run reaches every set's metrics
@@ -265,7 +266,9 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
                 if taken[label] <= n:
                     keep.append(i)
         else:
-            keep = list(range(min(n, len(prompts))))
+            keep = keep[:n]
+    check_empty_prompts(cfg, [(i, prompts[i]) for i in keep], where)
+    if len(keep) < len(prompts):
         prompts, groups = [prompts[i] for i in keep], {k: [v[i] for i in keep] for k, v in groups.items()}
         if real is not None and real.names is not None:
             real.names = [real.names[i] for i in keep]
@@ -284,6 +287,19 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         metric_scope=_metric_scope(cfg, metrics, groups),
         real_images=real,
     )
+
+
+def check_empty_prompts(cfg: dict, indexed: list[tuple[int, str]], where: str) -> None:
+    """An empty prompt is an image of nothing: usually a stray blank line, so it is refused unless the
+    suite says it is intended (``allow_empty_prompts: true``: Pick-a-Pic's test set keeps one)."""
+    empty = [i + 1 for i, prompt in indexed if not prompt.strip()]
+    if empty and not cfg.get("allow_empty_prompts"):
+        unit = "line" if where.endswith(".txt") else "row"
+        shown = ", ".join(map(str, empty[:5])) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        raise DataError(
+            f"suite '{cfg['name']}': {where} has {len(empty)} empty prompt{'s' * (len(empty) > 1)} ({unit}{'s' * (len(empty) > 1)} {shown}): "
+            "remove them, or set suite.allow_empty_prompts=true to generate images of the empty prompt"
+        )
 
 
 def _real_images(cfg: dict, rows: list[dict], where: str) -> RealImages | None:

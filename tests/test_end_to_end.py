@@ -205,7 +205,7 @@ def test_two_worker_processes_fill_the_store_with_the_same_images(cli, built, tm
     assert pngs(cache) == pngs(single) and len(pngs(cache)) == 8
     assert scores_bytes(tmp_path / "sharded") == scores_bytes(tmp_path / "one")
     code, _, err = cli("eval", *SMALL, "gen.shard=2/2")
-    assert code == 2 and "gen.shard=2/2 is malformed" in err
+    assert code == 2 and "gen.shard=2/2: not allowed" in err
 
 
 # ---- 3. bench run end to end, then a cached re-run ------------------------------------------------
@@ -379,7 +379,7 @@ def _one_error_line(err: str) -> str:
         (["eval", "suite.source=/nonexistent.txt"], 3, ["prompt file not found: /nonexistent.txt"]),
         (["run", "method=sft", "method.reward=sharpness"], 2, ["unknown metric 'sharpness'", "did you mean brightness"]),
         (["run", "method=sft", "suite.reward=null"], 2, ["method 'sft' needs a reward", "method.reward=NAME"]),
-        (["eval", "gen.dtype=float8"], 2, ["unknown gen.dtype 'float8'"]),
+        (["eval", "gen.dtype=float8"], 2, ["gen.dtype=float8: not allowed", "float16"]),
     ],
     ids=["method", "suite", "model", "key", "override", "prompt-file", "reward", "no-reward", "dtype"],
 )

@@ -49,6 +49,7 @@ class Metric:
     info: MetricInfo
     needs_refs = False
     differentiable = False  # True: ``score`` is built from differentiable torch ops (reward back-propagation)
+    needs_prompts = True  # False: the score reads only the pixels (and references), so `bench score` needs no prompts=
 
     def __init__(self, scorers: str = "official"):
         """``scorers`` selects the weights of learned metrics (``LearnedMetric``); weight-free ones have none."""
@@ -78,6 +79,8 @@ class DistributionMetric(Metric):
     ``compute``. Metrics with equal ``feature_protocol()`` share one feature pass. Its identity is
     its ``protocol()``: two values computed differently never share a column.
     """
+
+    needs_prompts = False  # the generated set against the real one
 
     keeps_features = False  # True: ``compute`` needs every feature row (KID), not only mean and covariance
 

@@ -250,6 +250,7 @@ class Aesthetic(OpenClipScore):
     OpenAI CLIP ViT-L/14 image embedding, about 1-10. The CLIP backbone is shared with ``clip-l14``."""
 
     arch, tag = "ViT-L-14", "openai"
+    needs_prompts = False  # the image embedding alone
     head_url, head_sha256 = AESTHETIC_URL, AESTHETIC_SHA256
     info = MetricInfo("aesthetic", "v2", True, "LAION aesthetic predictor v2 (sac+logos+ava1-l14-linearMSE) on OpenAI CLIP ViT-L/14, about 1-10", "christophschuhmann/improved-aesthetic-predictor")
 

@@ -26,6 +26,7 @@ REFERENCE_SIZE = 64  # references are resized and center-cropped to this before 
 
 class ReferenceMetric(Metric):
     needs_refs = True
+    needs_prompts = False  # compares images with the subject's photos
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(N, 3, H, W) float in [0, 1] -> (N, D)."""

@@ -28,8 +28,8 @@ def _luma(images: torch.Tensor) -> torch.Tensor:
 
 class Brightness(Metric):
     """Mean Rec.601 luma: tracks global exposure drift (0 = black, 1 = white)."""
-
     differentiable = True
+    needs_prompts = False
     info = MetricInfo(name="brightness", version="1", higher_is_better=True, scale="mean Rec.601 luma in [0, 1]")
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
@@ -38,8 +38,8 @@ class Brightness(Metric):
 
 class Contrast(Metric):
     """Population std of Rec.601 luma: tracks washed-out or over-punchy images."""
-
     differentiable = True
+    needs_prompts = False
     info = MetricInfo(
         name="contrast", version="1", higher_is_better=True, scale="population std of Rec.601 luma in [0, 1]"
     )
@@ -54,8 +54,8 @@ class Colorfulness(Metric):
     rg = R - G, yb = (R + G) / 2 - B; C = sqrt(std_rg^2 + std_yb^2) + 0.3 * sqrt(mean_rg^2 + mean_yb^2),
     with population standard deviations.
     """
-
     differentiable = True
+    needs_prompts = False
     info = MetricInfo(
         name="colorfulness", version="1", higher_is_better=True, scale="Hasler-Suesstrunk C on 0-255 pixel values"
     )
@@ -76,7 +76,7 @@ class JpegCompressibility(Metric):
     Kept byte-for-byte with DDPO (uint8 via round(x * 255), kB = bytes / 1000) so
     numbers are comparable with that paper's compressibility task.
     """
-
+    needs_prompts = False
     info = MetricInfo(
         name="jpeg_compressibility",
         version="1",
