@@ -360,6 +360,7 @@ def _onestep_fid():
     return module
 
 
+@pytest.mark.slow  # 150 training steps and three 256-image feature passes: about 100 s
 def test_diff_instruct_moves_the_one_step_generator_toward_the_teacher(cli, tiny_cfg, cache_dir):
     """Frechet distance (bench.metrics.fid) on fixed pixel features (4x4 thumbnails of the decoded
     images) to the teacher's samples (tiny, 25 DDIM steps, CFG at the method's alpha_cfg 4.5)."""

@@ -190,6 +190,7 @@ def test_local_pipeline_folder_loads_like_a_hub_id(cli, built, tmp_path):
 
 
 # ---- 2b. process-count invariance ------------------------------------------------------------------
+@pytest.mark.slow  # two bench processes, each loading torch: about 40 s
 def test_two_worker_processes_fill_the_store_with_the_same_images(cli, built, tmp_path):
     """Two concurrent `bench eval gen.shard=i/2` workers make exactly the images one process makes."""
     cache = fresh_cache(tmp_path / "cache", built)
@@ -302,6 +303,7 @@ def test_sigkill_during_generation_resumes_to_identical_scores(cli, built, tmp_p
 
 
 # ---- 5. SIGKILL during training -----------------------------------------------------------------
+@pytest.mark.slow  # a killed and a restarted training process: about 35 s
 def test_sigkill_during_training_resumes_to_identical_weights(cli, built, sft_run, tmp_path, caplog):
     steps = 30
     args = ["method=sft", f"train.steps={steps}", "train.save_every=5", "method.samples_per_prompt=2"]
