@@ -3,6 +3,7 @@ formulas, seeded sampling, the offline CLIP tokenizer, and loading through ``fro
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -279,21 +280,36 @@ def test_x0_from_eps_inverts_add_noise(model):
     assert float((model.x0_from_eps(same, noise, 480) - x0).abs().max()) < 1e-6
 
 
-def test_a_build_is_the_same_on_any_thread_count(tmp_path):
-    """Two builds of one spec, from processes set to 2 threads and to 1, give the same bytes: the builder
-    runs on one thread (float32 CPU reductions otherwise depend on how many threads split them)."""
+def _builds_under(threads: tuple[int, ...], spec: dict, root) -> list[dict]:
+    """The safetensors bytes of one spec built from processes set to each thread count."""
     from bench.models.tiny import build_tiny_pipeline
 
-    spec = to_dict(compose(["model=tiny-fewstep"]))["model"]["build"]
-    spec = {**spec, "pretrain": {**spec["pretrain"], "steps": 3}, "pretrain_vae": {**spec["pretrain_vae"], "steps": 3}}
     before = torch.get_num_threads()
     files = []
-    for threads, folder in ((2, tmp_path / "a"), (1, tmp_path / "b")):
-        torch.set_num_threads(threads)
+    for n in threads:
+        torch.set_num_threads(n)
         try:
-            build_tiny_pipeline(spec, folder)
+            build_tiny_pipeline(spec, root / str(n))
         finally:
             torch.set_num_threads(before)
-        files.append({p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*.safetensors"))})
-    assert len(files[0]) == 3 and files[0] == files[1]  # unet, vae, text encoder
+        files.append({p.relative_to(root / str(n)): p.read_bytes() for p in sorted((root / str(n)).rglob("*.safetensors"))})
     assert torch.get_num_threads() == before
+    return files
+
+
+def test_a_build_is_the_same_on_any_thread_count(tmp_path):
+    """Builds of one spec (the SDXL layout, both text encoders; pre-training cut to 3 steps) from
+    processes set to 16 threads and to 1 give the same bytes: the builder runs on one thread (float32
+    CPU reductions otherwise depend on how many threads split them)."""
+    spec = to_dict(compose(["model=tiny-sdxl-fewstep"]))["model"]["build"]
+    spec = {**spec, **{k: {**spec[k], "steps": 3} for k in ("pretrain", "pretrain_vae") if k in spec}}
+    files = _builds_under((16, 1), spec, tmp_path)
+    assert len(files[0]) == 4 and files[0] == files[1]  # unet, vae, two text encoders
+
+
+@pytest.mark.slow  # three full builds of every tiny model at 16, 2 and 1 threads: about 15 minutes on 2 cores
+@pytest.mark.parametrize("name", ["tiny", "tiny-fewstep", "tiny-sdxl-fewstep"])
+def test_a_full_build_is_the_same_on_any_thread_count(name, tmp_path):
+    spec = to_dict(compose([f"model={name}"]))["model"]["build"]
+    digests = [{str(k): hashlib.sha256(v).hexdigest() for k, v in f.items()} for f in _builds_under((16, 2, 1), spec, tmp_path)]
+    assert digests[0] == digests[1] == digests[2]
