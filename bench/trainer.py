@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from bench.config import stable_hash
-from bench.errors import TrainingError
+from bench.errors import TrainingError, writing
 from bench.generate import derived_seed
 from bench.images import TargetImages
 from bench.suite import prompts_sha256
@@ -262,10 +262,25 @@ class Trainer:
 
     # ---- public ------------------------------------------------------------------------------
     def run(self) -> Checkpoint:
+        """Train, or reuse the finished checkpoint. Processes sharing a cache train one checkpoint once:
+        the others wait on its lock file, then reuse it."""
         final = self.root / "final"
-        if (final / "weights.safetensors").exists():
-            log.info("reusing trained checkpoint %s", final)
-            return Checkpoint(final, self.train_id)
+        if not (final / "weights.safetensors").exists():
+            from filelock import FileLock
+
+            with writing(self.root.parent):
+                self.root.mkdir(parents=True, exist_ok=True)
+                lock = FileLock(self.root / ".lock")  # released by the kernel when its process dies
+                lock.acquire()
+            try:
+                if not (final / "weights.safetensors").exists():  # not trained by another process while this one waited
+                    return self._train()
+            finally:
+                lock.release()
+        log.info("reusing trained checkpoint %s", final)
+        return Checkpoint(final, self.train_id)
+
+    def _train(self) -> Checkpoint:
         tc = self.train_cfg
         lora = bool(tc["lora_rank"]) and not tc["full_finetune"]
         unet = self.model.unet
@@ -356,10 +371,11 @@ class Trainer:
         if path.exists():
             return load_file(path)
         data = {k: v.contiguous() for k, v in self.method.prepare(ctx).items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(data, tmp)
-        tmp.replace(path)
+        with writing(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file(data, tmp)
+            tmp.replace(path)
         return data
 
     def _step_dirs(self) -> list[Path]:
@@ -370,19 +386,20 @@ class Trainer:
         if only_if_new and (target.exists() or step == 0):
             return
         tmp = self.root / f".tmp-step-{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(trainable_state(unet, self.trainable), tmp / "weights.safetensors")
-        tensors, opt_meta = _optimizer_tensors(opt)
-        save_file(tensors, tmp / "optimizer.safetensors")
-        if ema is not None:
-            save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
-        extra = self.method.extra_state()
-        if extra:
-            save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "method.safetensors")
-        write_json(tmp / "state.json", {"step": step, "history": history, "optimizer": opt_meta})
-        shutil.rmtree(target, ignore_errors=True)
-        tmp.rename(target)
+        with writing(self.root):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(trainable_state(unet, self.trainable), tmp / "weights.safetensors")
+            tensors, opt_meta = _optimizer_tensors(opt)
+            save_file(tensors, tmp / "optimizer.safetensors")
+            if ema is not None:
+                save_file({k: v.contiguous() for k, v in ema.items()}, tmp / "ema.safetensors")
+            extra = self.method.extra_state()
+            if extra:
+                save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, tmp / "method.safetensors")
+            write_json(tmp / "state.json", {"step": step, "history": history, "optimizer": opt_meta})
+            shutil.rmtree(target, ignore_errors=True)
+            tmp.rename(target)
         if not keep_previous:
             for old in self._step_dirs():
                 if old != target:
@@ -415,27 +432,28 @@ class Trainer:
         """An evaluable checkpoint folder (weights.safetensors + train.json), written atomically."""
         tc = self.train_cfg
         tmp = folder.with_name(f".tmp-{folder.name}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(weights, tmp / "weights.safetensors")
         first, last = (history[0], history[-1]) if history else (None, None)
-        write_json(
-            tmp / "train.json",
-            {
-                "train_id": self.train_id,
-                "method": self.cfg["method"]["name"],
-                "lora_rank": int(tc["lora_rank"]) if lora else 0,
-                "lora_alpha": float(tc["lora_alpha"]) if lora else 0.0,
-                "lora_targets": LORA_TARGETS if lora else None,
-                "steps": int(steps),
-                "data": data_manifest,
-                "loss_first": first,
-                "loss_last": last,
-                "history": history,
-            },
-        )
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with writing(folder.parent):
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            save_file(weights, tmp / "weights.safetensors")
+            write_json(
+                tmp / "train.json",
+                {
+                    "train_id": self.train_id,
+                    "method": self.cfg["method"]["name"],
+                    "lora_rank": int(tc["lora_rank"]) if lora else 0,
+                    "lora_alpha": float(tc["lora_alpha"]) if lora else 0.0,
+                    "lora_targets": LORA_TARGETS if lora else None,
+                    "steps": int(steps),
+                    "data": data_manifest,
+                    "loss_first": first,
+                    "loss_last": last,
+                    "history": history,
+                },
+            )
+            shutil.rmtree(folder, ignore_errors=True)
+            tmp.rename(folder)
 
     def _keep(self, unet, ema, step: int, history: list[float], lora: bool) -> None:
         """Keep this step's evaluation weights beside the run (``train.keep_checkpoints``): a protocol

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from bench.errors import writing
 from bench.generate import image_seed
 from bench.method import Method, TrainContext
 from bench.models.diffusion import gaussian_log_prob
@@ -91,10 +92,11 @@ class OnlineRounds:
         if path.exists():
             return load_file(path)
         data = self.sample(ctx, r)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        save_file(data, tmp)
-        tmp.replace(path)
+        with writing(path.parent):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            save_file(data, tmp)
+            tmp.replace(path)
         # A resume restarts at the last checkpoint, a multiple of train.save_every: rounds before the one
         # it falls in are never read again (at SDXL size a round of 256 trajectories is about 670 MB).
         first_needed = (ctx.step // ctx.save_every * ctx.save_every) // steps_per_round

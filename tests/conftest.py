@@ -61,7 +61,46 @@ def pytest_configure(config):
     socket.getaddrinfo = _guarded(socket.getaddrinfo, lambda host, port, *a, **k: (host, port))
 
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+# The real data sets (prompt files, DreamBench photos): BENCH_TEST_DATA, relative to the repository root, default
+# ../shared/data. The tests of their contents skip without them; the code paths they take are covered on the
+# hand-written stand-ins in tests/data/mini (the `mini_data` fixture), so a clone of the repository alone tests them.
+SHARED_DATA = (Path(__file__).resolve().parents[1] / os.environ.get("BENCH_TEST_DATA", "../shared/data")).resolve()
+MINI_DATA = Path(__file__).resolve().parent / "data" / "mini"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"BENCH_TEST_DATA={SHARED_DATA} not found: the real prompt sets live in ../shared/data (set BENCH_TEST_DATA=DIR)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def mini_data(tmp_path_factory) -> Path:
+    """A copy of tests/data/mini, the layout of ../shared/data, with each DreamBench subject's photos drawn from seeds."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("mini-data") / "data"
+    shutil.copytree(MINI_DATA, root)
+    for i, subject in enumerate(["backpack", "backpack_dog", "cat", "dog"]):
+        (root / "dreambench" / "dataset" / subject).mkdir()
+        for k in range(2 + i % 2):
+            pixels = np.random.default_rng([i, k]).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+            Image.fromarray(pixels).resize((48, 40), Image.Resampling.BILINEAR).save(root / "dreambench" / "dataset" / subject / f"{k:02d}.png")
+    return root
+
+
+def published(*overrides: str) -> list[str]:
+    """Overrides that make the suite's prompts (under ``overrides``, before any limit) its published set,
+    so a stand-in file takes the code path of the real one (``canonical``: True in the manifest)."""
+    from bench.config import compose, to_dict
+    from bench.suite import load_suite, prompts_sha256
+
+    prompts = load_suite(to_dict(compose(list(overrides)))["suite"] | {"canonical": None, "limit": None}).prompts
+    return [f"suite.canonical.count={len(prompts)}", f"suite.canonical.sha256={prompts_sha256(prompts)}"]
 
 
 @pytest.fixture(scope="session")

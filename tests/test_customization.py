@@ -1,5 +1,5 @@
 """Concept customization and style transfer: the reference-image metrics by hand, the DreamBench
-suites read from ../shared/data/dreambench, target images (a subject's photos, a captioned style
+suites read from the real DreamBench (BENCH_TEST_DATA/dreambench) and the stand-in of tests/data/mini, target images (a subject's photos, a captioned style
 folder) reaching the methods, and the DreamBooth loss by hand."""
 
 from __future__ import annotations
@@ -22,10 +22,12 @@ from bench.metrics import ReferenceSet
 from bench.metrics.reference import ColorHistogramSimilarity, ThumbnailCorrelation
 from bench.suite import load_suite
 
-from conftest import SHARED_DATA
 
-DREAMBENCH = SHARED_DATA / "dreambench"
-needs_dreambench = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/data/dreambench is not beside this checkout")
+
+@pytest.fixture
+def dreambench(mini_data):
+    """The stand-in DreamBench: subjects backpack, backpack_dog (objects, 3 prompts each), cat, dog (live)."""
+    return mini_data / "dreambench"
 
 
 def save(path, array):
@@ -72,9 +74,8 @@ def suite_cfg(*args):
     return to_dict(compose(["suite=dreambench-micro", *args]))
 
 
-@needs_dreambench
-def test_dreambench_micro_reads_subjects_prompts_and_references():
-    cfg = suite_cfg(f"suite.source={DREAMBENCH}")
+def test_dreambench_micro_reads_subjects_prompts_and_references(shared_data):
+    cfg = suite_cfg(f"suite.source={shared_data / 'dreambench'}")
     suite = load_suite(cfg["suite"])
     assert suite.subjects == ["dog", "cat", "backpack"] and len(suite.prompts) == 75
     assert suite.prompts[0] == "a sks dog in the jungle" and suite.prompts[50] == "a sks backpack in the jungle"
@@ -94,14 +95,31 @@ def test_dreambench_micro_reads_subjects_prompts_and_references():
         load_suite(to_dict(compose(["suite=micro"]))["suite"], subject="dog")
 
 
+def test_dreambench_micro_reads_the_stand_ins_subjects_prompts_and_references(dreambench):
+    cfg = suite_cfg(f"suite.source={dreambench}")
+    suite = load_suite(cfg["suite"])
+    assert suite.subjects == ["dog", "cat", "backpack"] and len(suite.prompts) == 9 and suite.canonical is None
+    assert suite.prompts[0] == "a sks dog in a cave" and suite.prompts[4] == "a sks cat wearing a scarf" and suite.prompts[7] == "a sks backpack on a wooden table"
+    assert [r.key for r in suite.references[::3]] == ["dog", "cat", "backpack"] and suite.groups["live_or_object"] == ["live"] * 6 + ["object"] * 3
+    assert len(suite.references[0].paths) == 3 and suite.references[0].paths[0].name == "00.png"
+    assert suite.train_images == [] and suite.train_prompts == [] and len(suite.references_sha256) == 64
+
+    dog = load_suite(cfg["suite"], subject="dog")
+    assert dog.subjects == ["dog"] and len(dog.prompts) == 3 and len(dog.train_images) == 3
+    assert dog.train_prompts == ["a photo of sks dog"] * 3 and dog.prior_prompt == "a photo of dog"
+    assert dog.references_sha256 != suite.references_sha256
+    assert load_suite(suite_cfg(f"suite.source={dreambench}", "suite.prompts_per_subject=2")["suite"]).prompts[2:4] == ["a sks cat in a cave", "a sks cat wearing a scarf"]
+    with pytest.raises(DataError, match="no DreamBench subject 'corgi'.*subjects: backpack, backpack_dog, cat, dog"):
+        load_suite(cfg["suite"], subject="corgi")
+
+
 def test_dreambench_without_a_folder_offline_says_how_to_get_it(tmp_path):
     with pytest.raises(DataError, match=r"clone https://github.com/google/dreambooth \(commit 4f887af\) and set suite.source=PATH"):
         load_suite(suite_cfg()["suite"], cache=tmp_path)
 
 
-@needs_dreambench
-def test_customization_needs_one_subject_and_reference_metrics_need_references(cli):
-    code, _, err = cli("run", "suite=dreambench-micro", "model=tiny-fewstep", "method=pso-dreambooth", f"suite.source={DREAMBENCH}")
+def test_customization_needs_one_subject_and_reference_metrics_need_references(cli, dreambench):
+    code, _, err = cli("run", "suite=dreambench-micro", "model=tiny-fewstep", "method=pso-dreambooth", f"suite.source={dreambench}")
     assert code != 0 and "set subject=NAME to fine-tune on one (dog, cat, backpack)" in err
     code, _, err = cli("eval", "suite=micro", "suite.metrics=[brightness,ref_color]")
     assert code != 0 and "metric ref_color compares with reference images and suite 'micro' has none" in err
@@ -181,13 +199,12 @@ def test_dreambooth_loss_is_instance_plus_weighted_prior_by_hand(fewstep_lora):
         method.prepare(ctx)
 
 
-@needs_dreambench
-def test_a_subject_trains_through_the_cli_and_lands_in_the_manifest(cli, cache_dir):
-    code, out, err = cli("train", "suite=dreambench-micro", "model=tiny-fewstep", "method=dreambooth", "subject=dog", f"suite.source={DREAMBENCH}",
+def test_a_subject_trains_through_the_cli_and_lands_in_the_manifest(cli, cache_dir, dreambench):
+    code, out, err = cli("train", "suite=dreambench-micro", "model=tiny-fewstep", "method=dreambooth", "subject=dog", f"suite.source={dreambench}",
                          "train.steps=2", "train.batch_size=2", "method.num_class_images=2")
     assert code == 0, err
     meta = json.loads(next((cache_dir / "checkpoints").glob("dreambooth-*/final/train.json")).read_text())
-    assert meta["steps"] == 2 and meta["data"]["images"] == 5 and meta["data"]["unique_captions"] == 1
+    assert meta["steps"] == 2 and meta["data"]["images"] == 3 and meta["data"]["unique_captions"] == 1
     assert meta["data"]["source"].endswith("(dog)") and meta["data"]["base_references"] is False
 
 
@@ -199,42 +216,39 @@ def test_the_summary_breaks_means_down_by_subject():
     scores = pd.DataFrame({"prompt_index": [0, 0, 1, 2], "subject": ["dog", "dog", "dog", "cat"], "ref_color": [0.1, 0.3, 0.5, 0.9]})
     info = {"ref_color": {"higher_is_better": True, "version": "1", "scale": "x"}}
     summary = summarize(scores, info, None, n_boot=10, group_by=["subject"])
-    group = summary["by_group"][0]
-    assert (group["by"], group["n_prompts"], group["means"]) == ("subject", {"cat": 1, "dog": 2}, {"ref_color": {"cat": 0.9, "dog": pytest.approx(0.3)}})
-    # dog's interval resamples its 2 prompts (means 0.2 over two images, 0.5 over one): every resample lies in [0.2, 0.5]
-    assert group["ci"]["ref_color"] == {"cat": [0.9, 0.9], "dog": [pytest.approx(0.2), pytest.approx(0.5)]}
+    ci = {"cat": [0.9, 0.9], "dog": [pytest.approx(0.2), pytest.approx(0.5)]}  # dog's prompts average 0.2 and 0.5
+    assert summary["by_group"] == [{"by": "subject", "n_prompts": {"cat": 1, "dog": 2}, "means": {"ref_color": {"cat": 0.9, "dog": pytest.approx(0.3)}}, "ci": {"ref_color": ci}}]
     table = render_table(summary, "t")
-    assert "mean by subject" in table and "| dog       | 2         | 0.3 [0.2, 0.5] |" in table
+    assert "mean by subject (95% CI):" in table and "| dog       | 2         | 0.3 [0.2, 0.5] |" in table
 
 
 def test_a_style_folder_trains_offline_pso_through_the_cli(cli, cache_dir, tmp_path):
     folder = style_folder(tmp_path / "style")
     code, _, err = cli("train", "model=tiny-fewstep", "method=pso-offline", f"data={folder}", "train.steps=2", "train.batch_size=2")
     assert code == 0, err
-    (meta,) = [json.loads(p.read_text()) for p in (cache_dir / "checkpoints").glob("pso-offline-*/final/train.json")]
+    metas = [json.loads(p.read_text()) for p in (cache_dir / "checkpoints").glob("pso-offline-*/final/train.json")]
+    (meta,) = [m for m in metas if m["method"] == "pso-offline"]  # not pso-offline-dmd2 of another test in this session
     assert meta["data"]["source"] == str(folder) and meta["data"]["images"] == 3 and meta["data"]["base_references"] is True
 
 
-@needs_dreambench
-def test_a_subject_needs_no_reward_but_an_online_method_may_name_one():
+def test_a_subject_needs_no_reward_but_an_online_method_may_name_one(dreambench):
     from bench.runner import Session
 
     def resolve(*args):
-        return Session(compose(["suite=dreambench-micro", "model=tiny-fewstep", "subject=dog", f"suite.source={DREAMBENCH}", *args]), progress=False).resolve_method()
+        return Session(compose(["suite=dreambench-micro", "model=tiny-fewstep", "subject=dog", f"suite.source={dreambench}", *args]), progress=False).resolve_method()
 
     assert resolve("method=pso-dreambooth")[1] is None
     assert resolve("method=pso-online", "method.reward=brightness")[1].name == "brightness"
 
 
-@needs_dreambench
-def test_the_official_pso_customization_trains_on_class_prompt_negatives(cli, cache_dir):
+def test_the_official_pso_customization_trains_on_class_prompt_negatives(cli, cache_dir, dreambench):
     """pso-dreambooth-official (the authors' script): the subject's photos against negatives of the class prompt."""
     code, out, err = cli("train", "suite=dreambench-micro", "model=tiny-fewstep", "method=pso-dreambooth-official", "subject=dog",
-                         f"suite.source={DREAMBENCH}", "train.steps=2", "train.grad_accum=2", "method.num_negatives=2",
+                         f"suite.source={dreambench}", "train.steps=2", "train.grad_accum=2", "method.num_negatives=2",
                          "train.mixed_precision=no")
     assert code == 0, err
     meta = json.loads(next((cache_dir / "checkpoints").glob("pso-dreambooth-official-*/final/train.json")).read_text())
-    assert meta["steps"] == 2 and meta["lora_rank"] == 16 and meta["data"]["images"] == 5
+    assert meta["steps"] == 2 and meta["lora_rank"] == 16 and meta["data"]["images"] == 3
     negatives = list((cache_dir / "data").glob("pso-dreambooth-official-*.safetensors"))
     assert len(negatives) == 1
     from safetensors.torch import load_file

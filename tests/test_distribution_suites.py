@@ -1,6 +1,7 @@
 """The FID suites: mjhq30k (a synthesized meta_data.json and reference folder in its layout) and
-coco30k (the real COCO-30k CSV, synthesized images for its first ids), end to end with tiny scorers;
-the reference statistics cache; and the one-line failures when the real images are missing."""
+coco30k (the stand-in COCO-30k CSV of tests/data/mini, synthesized images for its ids), end to end
+with tiny scorers; the real CSV's contents (BENCH_TEST_DATA); the reference statistics cache; and the
+one-line failures when the real images are missing."""
 
 from __future__ import annotations
 
@@ -18,9 +19,9 @@ from bench import distribution
 from bench.config import compose, to_dict
 from bench.errors import DataError, UsageError
 from bench.suite import load_suite, read_prompt_rows
-from conftest import SHARED_DATA
+from conftest import published
 
-COCO_CSV = SHARED_DATA / "coco" / "rohitgandikota-erasing" / "coco_30k.csv"
+COCO_CSV = "coco/rohitgandikota-erasing/coco_30k.csv"  # relative to the data folder: the real one or tests/data/mini
 COCO_SHA256 = "bea67ba57b09ec8fbc6ecdfb0dc562ebbf2eb92273cad91a1cc2d006a7bd76bb"
 
 
@@ -125,16 +126,40 @@ def test_mjhq30k_eval_end_to_end_prints_fid_overall_and_by_category_and_caches_t
     assert [r["ok"] for r in check(summary, {"sets.fid.value": {"min": 0.0}, "sets.fid.by_group.category.food.value": {"max": -1.0}})] == [True, False]
 
 
-def test_coco30k_loads_the_real_csv_with_its_image_ids_and_quoted_newlines():
-    s = suite("coco30k", f"suite.source={COCO_CSV}")
+@pytest.fixture
+def coco_csv(mini_data):
+    return mini_data / COCO_CSV
+
+
+@pytest.fixture
+def mini_coco(coco_csv):
+    """Overrides for the coco30k suite on the stand-in CSV, recorded as the published set."""
+    return [f"suite.source={coco_csv}", *published("suite=coco30k", f"suite.source={coco_csv}")]
+
+
+def test_coco30k_loads_the_real_csv_with_its_image_ids_and_quoted_newlines(shared_data):
+    csv = shared_data / COCO_CSV
+    s = suite("coco30k", f"suite.source={csv}")
     assert len(s.prompts) == 30000 and s.canonical is True and s.sha256 == COCO_SHA256
     assert sum("\n" in p for p in s.prompts) == 97 and s.prompts[0] == "A bicycle replica with a clock as the front wheel."
     real = s.real_images
     assert real.names[0] == "COCO_val2014_000000203564.jpg" and len(set(real.names)) == 30000 and real.resolution == 256
     assert real.folder is None and real.source == "http://images.cocodataset.org/zips/val2014.zip#sha256=fe9be816052049c34717e077d9e34aa60814a55679f804cd043e3cbee3b9fde0"
     assert s.metrics == ["fid", "kid", "clip-b32"]
-    limited = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=3")
+    limited = suite("coco30k", f"suite.source={csv}", "suite.limit=3")
     assert limited.real_images.names == real.names[:3] and limited.canonical is True
+
+
+def test_coco30k_reads_the_stand_in_csv_with_its_image_ids_and_quoted_newlines(mini_coco):
+    s = suite("coco30k", *mini_coco)
+    assert len(s.prompts) == 6 and s.canonical is True and s.prompts[1] == "A plate with rice\nand two forks."
+    assert sum("\n" in p for p in s.prompts) == 1 and s.prompts[4] == "A bus, a car and a bicycle at a crossing."
+    real = s.real_images
+    assert real.names == [f"COCO_val2014_0000000000{i}{i}.jpg" for i in range(1, 7)] and real.resolution == 256
+    assert real.folder is None and real.source.startswith("http://images.cocodataset.org/zips/val2014.zip#sha256=")
+    limited = suite("coco30k", *mini_coco, "suite.limit=3")
+    assert limited.real_images.names == real.names[:3] and limited.canonical is True
+    assert suite("coco30k", mini_coco[0]).canonical is False  # 6 of 30,000
 
 
 def test_unpadded_coco_ids_are_padded_and_a_template_that_does_not_fit_is_one_line(tmp_path):
@@ -147,8 +172,8 @@ def test_unpadded_coco_ids_are_padded_and_a_template_that_does_not_fit_is_one_li
     assert "reference_file" in str(err.value) and "image_id" in str(err.value) and "\n" not in str(err.value)
 
 
-def coco_references(folder, n: int, skip=()):
-    rows = read_prompt_rows(COCO_CSV)[:n]
+def coco_references(csv, folder, n: int, skip=()):
+    rows = read_prompt_rows(csv)[:n]
     folder.mkdir(parents=True)
     for i, row in enumerate(rows):
         if i not in skip:
@@ -156,7 +181,7 @@ def coco_references(folder, n: int, skip=()):
     return rows
 
 
-def test_coco30k_eval_on_the_real_csv_equals_clean_fid_on_the_runs_own_images(cli, tmp_path, cache_dir):
+def test_coco30k_eval_on_the_csv_equals_clean_fid_on_the_runs_own_images(cli, tmp_path, cache_dir, coco_csv, mini_coco):
     """The run's FID against clean-fid's ``compute_fid`` over the same generated PNGs and real JPEGs,
     with GigaGAN's 256 px center crop + Lanczos as its custom transform and our tiny extractor."""
     from cleanfid.fid import compute_fid
@@ -164,14 +189,14 @@ def test_coco30k_eval_on_the_real_csv_equals_clean_fid_on_the_runs_own_images(cl
     from bench.metrics.fid import FID
 
     refs = tmp_path / "val2014"
-    coco_references(refs, 6)
-    code, out, err = cli("eval", "suite=coco30k", "model=tiny", "suite.limit=6", f"suite.source={COCO_CSV}", f"suite.references={refs}", "scorers=tiny", "gen.steps=2")
+    coco_references(coco_csv, refs, 6)
+    code, out, err = cli("eval", "suite=coco30k", "model=tiny", "suite.limit=6", *mini_coco, f"suite.references={refs}", "scorers=tiny", "gen.steps=2")
     assert code == 0, err
     assert "| fid " in out and "| clip-b32 " in out and "by category" not in out
     run_dir = run_dir_of(tmp_path, "coco30k-")
     summary = json.loads((run_dir / "summary.json").read_text())
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["published_prompt_set"] is True and manifest["n_prompts"] == 6 and manifest["prompts_sha256"] != COCO_SHA256  # the first 6
+    assert manifest["published_prompt_set"] is True and manifest["n_prompts"] == 6 and manifest["prompts_sha256"] != COCO_SHA256
     fid = summary["sets"]["fid"]
     assert fid["n_images"] == 6 and fid["n_reference"] == 6 and fid["protocol"]["resolution"] == 256 and "by_group" not in fid
 
@@ -192,9 +217,9 @@ def test_coco30k_eval_on_the_real_csv_equals_clean_fid_on_the_runs_own_images(cl
     assert fid["value"] == pytest.approx(want, rel=1e-6)
 
 
-def test_a_missing_reference_folder_is_one_line_before_anything_is_generated(cli, tmp_path):
+def test_a_missing_reference_folder_is_one_line_before_anything_is_generated(cli, tmp_path, coco_csv):
     fresh = tmp_path / "cache"
-    base = ["eval", "suite=coco30k", "model=tiny", "suite.limit=4", f"suite.source={COCO_CSV}", "scorers=tiny"]
+    base = ["eval", "suite=coco30k", "model=tiny", "suite.limit=4", f"suite.source={coco_csv}", "scorers=tiny"]
     code, out, err = cli(*base, f"suite.references={tmp_path / 'nowhere'}", cache=fresh)
     assert code == 3 and len(err.strip().splitlines()) == 1
     assert "suite.references=" in err and "nowhere is not a folder" in err and "COCO_val2014_{image_id:0>12}.jpg" in err and "images.cocodataset.org/zips/val2014.zip" in err
@@ -204,28 +229,28 @@ def test_a_missing_reference_folder_is_one_line_before_anything_is_generated(cli
     assert code == 3 and len(err.strip().splitlines()) == 1
     assert "suite.references=FOLDER" in err and "bench prefetch suite=coco30k" in err
 
-    rows = coco_references(tmp_path / "val2014", 4, skip={1, 3})
+    rows = coco_references(coco_csv, tmp_path / "val2014", 4, skip={1, 3})
     code, out, err = cli(*base, f"suite.references={tmp_path / 'val2014'}", cache=fresh)
     assert code == 3 and len(err.strip().splitlines()) == 1
     assert "2 of 4 reference images are missing" in err and f"(first: COCO_val2014_{rows[1]['image_id']}.jpg)" in err
 
 
-def test_prefetch_offline_names_the_archive_and_the_folder_key(cli, tmp_path):
-    code, out, err = cli("prefetch", "suite=coco30k", f"suite.source={COCO_CSV}", cache=tmp_path / "cache")
+def test_prefetch_offline_names_the_archive_and_the_folder_key(cli, tmp_path, coco_csv):
+    code, out, err = cli("prefetch", "suite=coco30k", f"suite.source={coco_csv}", cache=tmp_path / "cache")
     assert code == 3 and len(err.strip().splitlines()) == 1 and "val2014.zip" in err and "suite.references=FOLDER" in err
 
 
-def test_the_reference_archive_is_extracted_once_and_found_under_its_top_folder(tmp_path):
+def test_the_reference_archive_is_extracted_once_and_found_under_its_top_folder(tmp_path, coco_csv):
     """``bench prefetch``'s download-and-extract step on a local archive in COCO's layout (val2014/...)."""
-    rows = coco_references(tmp_path / "src" / "val2014", 4)
+    rows = coco_references(coco_csv, tmp_path / "src" / "val2014", 4)
     archive = tmp_path / "val2014.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for path in sorted((tmp_path / "src").rglob("*.jpg")):
             zf.write(path, path.relative_to(tmp_path / "src").as_posix())
     pin = hashlib.sha256(archive.read_bytes()).hexdigest()  # a file:// URL needs no network, offline as the tests are
     with pytest.raises(DataError, match=r"has no pinned sha256, so bench does not download it: set BENCH_ALLOW_UNPINNED=1"):
-        distribution.fetch_real_images(suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}"), tmp_path / "cache")
-    s = suite("coco30k", f"suite.source={COCO_CSV}", "suite.limit=4", f"suite.reference_source=file://{archive}#sha256={pin}")
+        distribution.fetch_real_images(suite("coco30k", f"suite.source={coco_csv}", "suite.limit=4", f"suite.reference_source=file://{archive}"), tmp_path / "cache")
+    s = suite("coco30k", f"suite.source={coco_csv}", "suite.limit=4", f"suite.reference_source=file://{archive}#sha256={pin}")
     cache = tmp_path / "cache"
     folder = distribution.fetch_real_images(s, cache)
     assert folder == distribution.extracted_folder(s, cache) and distribution.fetch_real_images(s, cache) == folder

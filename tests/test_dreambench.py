@@ -1,4 +1,4 @@
-"""The DreamBench layout read from the real copy in ../shared/data/dreambench."""
+"""The DreamBench layout, read from the real copy (BENCH_TEST_DATA/dreambench) and from the stand-in of tests/data/mini."""
 
 from __future__ import annotations
 
@@ -7,14 +7,9 @@ import pytest
 from bench.dreambench import read_dreambench
 from bench.errors import DataError
 
-from conftest import SHARED_DATA
 
-DREAMBENCH = SHARED_DATA / "dreambench"
-
-
-@pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/data/dreambench is not beside this checkout")
-def test_reads_the_real_dreambench():
-    subjects = read_dreambench(DREAMBENCH)
+def test_reads_the_real_dreambench(shared_data):
+    subjects = read_dreambench(shared_data / "dreambench")
     assert len(subjects) == 30 and sum(len(s.images) for s in subjects.values()) == 158
     assert sorted(n for n, s in subjects.items() if s.live) == ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]
     dog, backpack = subjects["dog"], subjects["backpack_dog"]
@@ -25,6 +20,18 @@ def test_reads_the_real_dreambench():
     assert all(len(s.prompts()) == 25 for s in subjects.values())
     assert dog.instance_prompt() == "a photo of sks dog"
     assert subjects["bear_plushie"].prompts()[20] == "a red sks stuffed animal"
+
+
+def test_reads_the_stand_in_dreambench_with_its_live_and_object_prompts(mini_data):
+    subjects = read_dreambench(mini_data / "dreambench")
+    assert list(subjects) == ["backpack", "backpack_dog", "cat", "dog"] and [len(s.images) for s in subjects.values()] == [2, 3, 2, 3]
+    assert [n for n, s in subjects.items() if s.live] == ["cat", "dog"]
+    dog, bag = subjects["dog"], subjects["backpack_dog"]
+    assert dog.images[0].name == "00.png" and bag.class_name == "backpack" and not bag.live
+    assert dog.prompts() == ["a sks dog in a cave", "a sks dog wearing a scarf", "a green sks dog"]  # the live-subject list
+    assert bag.prompts("[V]") == ["a [V] backpack in a cave", "a [V] backpack on a wooden table", "a green [V] backpack"]
+    assert dog.instance_prompt() == "a photo of sks dog"
+    assert read_dreambench(mini_data / "dreambench" / "dataset")["cat"].images == subjects["cat"].images  # dataset/ itself
 
 
 def test_malformed_or_missing_dreambench_is_one_clear_line(tmp_path):

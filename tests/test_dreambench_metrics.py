@@ -27,11 +27,8 @@ from bench.metrics import clip as clip_metrics
 from bench.metrics import dino as dino_metrics
 from bench.suite import load_suite
 
-from conftest import SHARED_DATA
+from conftest import published
 from test_clip_metrics import images, saved_open_clip
-
-DREAMBENCH = SHARED_DATA / "dreambench"
-needs_dreambench = pytest.mark.skipif(not DREAMBENCH.is_dir(), reason="../shared/data/dreambench is not beside this checkout")
 PUBLISHED_SHA256 = "648eebdb478d66c58416fea3c1e38d1320f5747f884abc6e067af04028fa2b4a"  # suites/dreambench.yaml canonical
 LIVE = ["cat", "cat2", "dog", "dog2", "dog3", "dog5", "dog6", "dog7", "dog8"]
 
@@ -40,10 +37,10 @@ def dreambench(*args, subject=None):
     return load_suite(to_dict(compose(["suite=dreambench", *args]))["suite"], subject=subject)
 
 
-# ---- the suite on the real data -----------------------------------------------------------------
-@needs_dreambench
-def test_full_dreambench_has_the_published_counts_categories_and_prompt_set():
-    suite = dreambench(f"suite.source={DREAMBENCH}")
+# ---- the suite on the real data (BENCH_TEST_DATA) and on the stand-in of tests/data/mini ----------
+def test_full_dreambench_has_the_published_counts_categories_and_prompt_set(shared_data):
+    root = shared_data / "dreambench"
+    suite = dreambench(f"suite.source={root}")
     assert suite.metrics == ["dino", "clip-i", "clip-t"] and suite.images_per_prompt == 4
     assert len(suite.subjects) == 30 and len(suite.prompts) == 750
     assert len(set(suite.prompts)) == 375  # subjects of one class (dog, dog2, ...) share their 25 prompts: each is its own model's
@@ -56,50 +53,63 @@ def test_full_dreambench_has_the_published_counts_categories_and_prompt_set():
     dog = suite.subjects.index("dog") * 25
     assert suite.prompts[dog + 10] == "a sks dog wearing a red hat" and suite.references[dog].key == "dog"
 
-    limited = dreambench(f"suite.source={DREAMBENCH}", "suite.limit=4")  # limit and subject= pick from the published set
+    limited = dreambench(f"suite.source={root}", "suite.limit=4")  # limit and subject= pick from the published set
     assert limited.prompts == suite.prompts[:4] and limited.canonical is True and limited.groups["subject"] == ["backpack"] * 4
-    one = dreambench(f"suite.source={DREAMBENCH}", subject="cat2")
+    one = dreambench(f"suite.source={root}", subject="cat2")
     assert len(one.prompts) == 25 and one.canonical is True and one.groups["live_or_object"] == ["live"] * 25
-    assert dreambench(f"suite.source={DREAMBENCH}", "suite.token=zwx").canonical is False  # another token: another prompt set
-    micro = load_suite(to_dict(compose(["suite=dreambench-micro", f"suite.source={DREAMBENCH}"]))["suite"], subject="dog2")
+    assert dreambench(f"suite.source={root}", "suite.token=zwx").canonical is False  # another token: another prompt set
+    micro = load_suite(to_dict(compose(["suite=dreambench-micro", f"suite.source={root}"]))["suite"], subject="dog2")
     assert micro.subjects == ["dog2"] and micro.canonical is None and len(micro.references) == 25  # a subject beyond the micro list
 
 
-@needs_dreambench
-def test_dreambench_eval_end_to_end_with_tiny_scorers_prints_the_breakdowns(cli, tmp_path):
-    code, out, err = cli("eval", "suite=dreambench", "model=tiny", "suite.limit=4", f"suite.source={DREAMBENCH}", "scorers=tiny")
+def test_the_stand_in_dreambench_takes_the_published_set_path_with_limit_subject_and_token(mini_data, caplog):
+    source = f"suite.source={mini_data / 'dreambench'}"
+    suite = dreambench(source, *published("suite=dreambench", source))
+    assert suite.subjects == ["backpack", "backpack_dog", "cat", "dog"] and len(suite.prompts) == 12 and suite.canonical is True
+    assert suite.groups["live_or_object"] == ["object"] * 6 + ["live"] * 6 and sum(len(r.paths) for r in {r.key: r for r in suite.references}.values()) == 10
+    limited = dreambench(source, *published("suite=dreambench", source), "suite.limit=4")
+    assert limited.prompts == suite.prompts[:4] and limited.canonical is True and limited.groups["subject"] == ["backpack"] * 3 + ["backpack_dog"]
+    one = dreambench(source, *published("suite=dreambench", source), subject="cat")
+    assert one.prompts == ["a sks cat in a cave", "a sks cat wearing a scarf", "a green sks cat"] and one.canonical is True
+    assert dreambench(source, *published("suite=dreambench", source), "suite.token=zwx").canonical is False  # another token: another prompt set
+    assert dreambench(source).canonical is False and "not the published prompt set (12 prompts, expected 750" in caplog.text
+
+
+def test_dreambench_eval_end_to_end_with_tiny_scorers_prints_the_breakdowns(cli, tmp_path, mini_data):
+    source = f"suite.source={mini_data / 'dreambench'}"
+    code, out, err = cli("eval", "suite=dreambench", "model=tiny", "suite.limit=4", source, *published("suite=dreambench", source), "scorers=tiny")
     assert code == 0, err
     assert "scorers=tiny: random tiny scorers, scores NOT meaningful" in out
     assert all(f"| {m} " in out for m in ("dino", "clip-i", "clip-t"))
-    assert "mean by subject" in out and "| backpack" in out and "mean by live_or_object" in out and "| object" in out
+    assert "mean by subject (95% CI):" in out and "| backpack_dog" in out and "mean by live_or_object (95% CI):" in out and "| object" in out
     run_dir = next((tmp_path / "runs").iterdir())
     manifest = json.loads((run_dir / "manifest.json").read_text())
-    assert manifest["n_prompts"] == 4 and manifest["published_prompt_set"] is True and manifest["subjects"] == dreambench(f"suite.source={DREAMBENCH}").subjects
+    assert manifest["n_prompts"] == 4 and manifest["published_prompt_set"] is True and manifest["subjects"] == dreambench(source).subjects
     assert manifest["metrics"]["dino"]["model_id"] == "tiny-random" and "NOT MEANINGFUL" in manifest["metrics"]["clip-t"]["scale"]
     scores = pd.read_parquet(run_dir / "scores.parquet")
-    assert len(scores) == 16 and set(scores["subject"]) == {"backpack"} and set(scores["live_or_object"]) == {"object"}
+    assert len(scores) == 16 and list(scores["subject"]) == ["backpack"] * 12 + ["backpack_dog"] * 4 and set(scores["live_or_object"]) == {"object"}
     for m in ("dino", "clip-i", "clip-t"):
         assert scores[m].between(-1, 1).all() and scores[m].std() > 0  # cosines, and they differ between images
 
 
-@needs_dreambench
-def test_missing_reference_folder_is_one_line_and_a_failing_exit(cli, tmp_path):
+def test_missing_reference_folder_is_one_line_and_a_failing_exit(cli, tmp_path, mini_data):
+    root = mini_data / "dreambench"
     code, _, err = cli("eval", "suite=dreambench", "model=tiny", f"suite.source={tmp_path / 'nowhere'}", "scorers=tiny")
     assert code != 0 and f"DreamBench folder {tmp_path / 'nowhere'} does not exist" in err and "suite.source=PATH" in err
     assert len(err.strip().splitlines()) == 1
 
     partial = tmp_path / "partial" / "dataset"  # the prompt table, but only the photos of the micro suite's subjects
     partial.mkdir(parents=True)
-    shutil.copy(DREAMBENCH / "dataset" / "prompts_and_classes.txt", partial)
+    shutil.copy(root / "dataset" / "prompts_and_classes.txt", partial)
     for name in ("dog", "cat", "backpack"):
-        shutil.copytree(DREAMBENCH / "dataset" / name, partial / name)
+        shutil.copytree(root / "dataset" / name, partial / name)
     code, _, err = cli("eval", "suite=dreambench", "model=tiny", f"suite.source={partial.parent}", "scorers=tiny")
     assert code != 0 and f"DreamBench subject 'backpack_dog' has no reference images in {partial / 'backpack_dog'}" in err
     assert len(err.strip().splitlines()) == 1
     micro = load_suite(to_dict(compose(["suite=dreambench-micro", f"suite.source={partial.parent}"]))["suite"])
-    assert micro.subjects == ["dog", "cat", "backpack"] and len(micro.prompts) == 75  # what it needs is there
-    with pytest.raises(DataError, match="subject 'dog2' has no reference images"):
-        dreambench(f"suite.source={partial.parent}", subject="dog2")
+    assert micro.subjects == ["dog", "cat", "backpack"] and len(micro.prompts) == 9  # what it needs is there
+    with pytest.raises(DataError, match="subject 'backpack_dog' has no reference images"):
+        dreambench(f"suite.source={partial.parent}", subject="backpack_dog")
 
 
 # ---- DINO: parity with the official model and preprocessing -------------------------------------

@@ -16,7 +16,6 @@ from bench.papers import load_papers
 from bench.protocol import validate, variants_for
 from bench.registry import METHODS, METRICS, MODELS, PROTOCOLS, SUITES
 from bench.stats import bootstrap_mean_ci, wilson_interval
-from conftest import SHARED_DATA
 
 REPO = Path(__file__).resolve().parents[1]
 PAPERS = ["di-pp", "dspo", "lasro", "pso"]
@@ -135,7 +134,7 @@ def test_ls_protocols_lists_them_and_names_the_inexpressible(cli):
     assert "NOT EXPRESSIBLE" not in lines["pso-table1"] and "[partly" not in lines["pso-table2"]
 
 
-def test_protocol_cells_fix_suite_seeds_sampler_and_metrics():
+def test_protocol_cells_fix_suite_seeds_sampler_and_metrics(mini_data):
     from bench.protocol import expand
 
     args = ["protocol=dspo-table1", "method=dspo-sd15", "suite.limit=2"]
@@ -159,9 +158,9 @@ def test_protocol_cells_fix_suite_seeds_sampler_and_metrics():
     cells = expand(to_dict(compose(args)), args)
     assert all(c["set"]["train.keep_checkpoints"] is True for c in cells)
 
-    args = ["protocol=pso-table3", "method=pso-dreambooth-turbo", f"suite.source={SHARED_DATA / 'dreambench'}"]
-    cells = expand(to_dict(compose(args)), args)  # one training and evaluation per DreamBench subject
-    assert len(cells) == 30 and cells[0]["set"]["subject"] == cells[0]["record"]["subject"] and cells[0]["set"]["suite.images_per_prompt"] == 4
+    args = ["protocol=pso-table3", "method=pso-dreambooth-turbo", f"suite.source={mini_data / 'dreambench'}"]
+    cells = expand(to_dict(compose(args)), args)  # one training and evaluation per DreamBench subject (the stand-in has 4)
+    assert [c["record"]["subject"] for c in cells] == ["backpack", "backpack_dog", "cat", "dog"] and cells[0]["set"]["subject"] == cells[0]["record"]["subject"] and cells[0]["set"]["suite.images_per_prompt"] == 4
     assert [c["record"]["subject"] for c in expand(to_dict(compose([*args, "subject=dog"])), [*args, "subject=dog"])] == ["dog"]
 
 
@@ -371,11 +370,11 @@ def test_protocol_run_keeps_the_best_checkpoint_and_sits_beside_its_paper_cell(c
 
 
 @pytest.mark.slow
-def test_pso_table2_protocol_with_tiny_stand_ins_meets_the_papers_cells(cli, pairs_parquet, tmp_path):
+def test_pso_table2_protocol_with_tiny_stand_ins_meets_the_papers_cells(cli, pairs_parquet, tmp_path, mini_data):
     """`bench run protocol=pso-table2 method=pso-offline-turbo` on the SDXL-layout tiny model standing in for
-    SDXL-Turbo, tiny scorers and 2-prompt prefixes of the real Pick-a-Pic and PartiPrompts files."""
-    pickapic = SHARED_DATA / "pickapic" / "test_unique_500" / "pickscore_eval_500.jsonl"
-    parti = SHARED_DATA / "partiprompts" / "PartiPrompts.tsv"
+    SDXL-Turbo, tiny scorers and 2-prompt prefixes of the stand-in Pick-a-Pic and PartiPrompts files."""
+    pickapic = mini_data / "pickapic" / "test_unique_500" / "pickscore_eval_500.jsonl"
+    parti = mini_data / "partiprompts" / "PartiPrompts.tsv"
     code, out, err = cli(
         "run", "protocol=pso-table2", "method=pso-offline-turbo", "model=tiny-sdxl-fewstep", "protocol.model=sdxl-turbo",
         f"protocol.suites.pickapic.source={pickapic}", f"protocol.suites.parti.source={parti}", "suite.limit=2", "scorers=tiny",

@@ -1,4 +1,5 @@
-"""T2I-CompBench: the suite on the official validation files, its per-category metrics, LaSRO's reward.
+"""T2I-CompBench: the suite on the official validation files (BENCH_TEST_DATA) and on the stand-ins of
+tests/data/mini, its per-category metrics, LaSRO's reward.
 
 The decision rules are checked on hand-built parses and boxes against numbers worked out by hand from
 the official scripts; BLIP-VQA's P(yes) against salesforce-lavis's BLIP in a separate venv (slow).
@@ -21,9 +22,9 @@ from bench.metrics.nlp import TinyDoc, TinyParser, Token
 from bench.metrics.vqa import AttributeBinding, BlipVqa, product_score
 from bench.registry import SUITES
 from bench.suite import load_suite
-from conftest import SHARED_DATA
+from conftest import published
 
-DATA = SHARED_DATA / "t2i-compbench"
+DATA = "t2i-compbench"  # relative to the data folder: the real one or tests/data/mini
 CATEGORIES = ["color", "shape", "texture", "spatial", "3d_spatial", "non_spatial", "numeracy", "complex"]
 METRIC_OF = {
     "color": "blip-vqa", "shape": "blip-vqa", "texture": "blip-vqa", "non_spatial": "clip-b32", "spatial": "t2i-spatial-owlv2",
@@ -45,8 +46,20 @@ def doc(*tagged: str) -> TinyDoc:
 # --------------------------------------------------------------------------- the suite
 
 
-def test_the_suite_reads_the_eight_official_validation_files():
-    suite = load_suite(suite_cfg(source=str(DATA)))
+@pytest.fixture
+def mini(mini_data):
+    """The stand-in folder of the eight files (2 prompts each, 3 complex ones)."""
+    return mini_data / DATA
+
+
+@pytest.fixture
+def mini_suite(mini):
+    """Overrides for the suite on the stand-in folder, recorded as the published set."""
+    return [f"suite.source={mini}", *published("suite=t2i-compbench", f"suite.source={mini}")]
+
+
+def test_the_suite_reads_the_eight_official_validation_files(shared_data):
+    suite = load_suite(suite_cfg(source=str(shared_data / DATA)))
     assert len(suite.prompts) == 2400 and suite.canonical is True
     assert suite.groups["category"] == [c for c in CATEGORIES for _ in range(300)]
     assert suite.sha256 == suite_cfg()["canonical"]["sha256"] == "924ccb586ce51303779e671261a59a07deab2482ff53911dc8d6fccfc53e8d4e"
@@ -55,6 +68,24 @@ def test_the_suite_reads_the_eight_official_validation_files():
     for metric, scope in suite.metric_scope.items():  # each metric scores its own categories' prompts only
         assert sorted({c for c, s in zip(suite.groups["category"], scope) if s}) == sorted(c for c, m in METRIC_OF.items() if m == metric)
     assert not any(s and c == "color" for c, s in zip(suite.groups["category"], suite.metric_scope["t2i-spatial-owlv2"]))
+    limited = load_suite(suite_cfg(source=str(shared_data / DATA), limit=4))
+    assert len(limited.prompts) == 32 and limited.canonical is True  # canonical is judged before the limit
+
+
+def test_the_suite_reads_eight_files_labelled_and_scoped_by_category(mini, mini_suite):
+    from bench.config import compose, to_dict
+
+    cfg = to_dict(compose(["suite=t2i-compbench", *mini_suite]))["suite"]
+    suite = load_suite(cfg)
+    sizes = {c: 3 if c == "complex" else 2 for c in CATEGORIES}
+    assert len(suite.prompts) == 17 and suite.canonical is True and suite.images_per_prompt == 10
+    assert suite.groups["category"] == [c for c in CATEGORIES for _ in range(sizes[c])]
+    assert suite.prompts[0] == "a green bench and a red vase" and suite.prompts[-1].endswith("pillow.")
+    for metric, scope in suite.metric_scope.items():
+        assert sorted({c for c, s in zip(suite.groups["category"], scope) if s}) == sorted(c for c, m in METRIC_OF.items() if m == metric)
+    limited = load_suite(cfg | {"limit": 1})
+    assert limited.prompts == [official_lines(mini, c)[0] for c in CATEGORIES] and limited.canonical is True  # judged before the limit
+    assert load_suite(suite_cfg(source=str(mini))).canonical is False  # 17 of 2,400
 
 
 def test_the_suite_downloads_the_pinned_official_files_and_says_what_is_not_canonical():
@@ -67,13 +98,11 @@ def test_the_suite_downloads_the_pinned_official_files_and_says_what_is_not_cano
     assert "NON-CANONICAL" in SUITES.entry("t2i-compbench").description
     text = Path(SUITES.entry("t2i-compbench").target).read_text()
     assert "UniDet" in text and "NON-CANONICAL" in text
-    limited = load_suite(suite_cfg(source=str(DATA), limit=4))
-    assert len(limited.prompts) == 32 and limited.canonical is True  # canonical is judged before the limit
 
 
-def test_a_malformed_or_missing_prompt_file_is_one_line(tmp_path, cli):
+def test_a_malformed_or_missing_prompt_file_is_one_line(tmp_path, cli, mini):
     for c in CATEGORIES:
-        shutil.copy(DATA / f"{c}_val.txt", tmp_path / f"{c}_val.txt")
+        shutil.copy(mini / f"{c}_val.txt", tmp_path / f"{c}_val.txt")
     (tmp_path / "numeracy_val.txt").write_bytes(b"two boys\n\xff\xfe cats\n")
     code, out, err = cli("eval", "suite=t2i-compbench", "model=tiny", "suite.limit=1", f"suite.source={tmp_path}", "scorers=tiny")
     assert code != 0 and err.strip().count("\n") == 0
@@ -87,8 +116,8 @@ def test_a_malformed_or_missing_prompt_file_is_one_line(tmp_path, cli):
 LIMIT = 1  # `suite.limit=4` gives the same table with 4x the images (about a minute on 2 cores)
 
 
-def test_eval_with_tiny_scorers_prints_one_metric_per_category(cli, tmp_path):
-    code, out, err = cli("eval", "suite=t2i-compbench", "model=tiny", f"suite.limit={LIMIT}", f"suite.source={DATA}", "scorers=tiny")
+def test_eval_with_tiny_scorers_prints_one_metric_per_category(cli, tmp_path, mini, mini_suite):
+    code, out, err = cli("eval", "suite=t2i-compbench", "model=tiny", f"suite.limit={LIMIT}", *mini_suite, "scorers=tiny")
     assert code == 0, err
     assert "NOT meaningful" in out and "mean by category" in out
     lines = out.split("mean by category", 1)[1].splitlines()
@@ -100,10 +129,10 @@ def test_eval_with_tiny_scorers_prints_one_metric_per_category(cli, tmp_path):
         assert cells["prompts"] == str(LIMIT)
         filled = [m for m in METRIC_OF.values() if cells[m] != "-"]
         assert filled == [METRIC_OF[category]] * filled.count(METRIC_OF[category]) and len(set(filled)) == 1, (category, cells)
-        assert 0 <= float(cells[METRIC_OF[category]].split(" [")[0]) <= 1 or METRIC_OF[category] == "clip-b32"
+        assert 0 <= float(cells[METRIC_OF[category]].split()[0]) <= 1 or METRIC_OF[category] == "clip-b32"  # "mean [interval]"
     run_dir = Path(out.strip().splitlines()[-1].split("run folder:")[1].strip())
     scores = pd.read_parquet(run_dir / "scores.parquet")
-    category = {p: c for c in CATEGORIES for p in official_lines(c, LIMIT)}
+    category = {p: c for c in CATEGORIES for p in official_lines(mini, c, LIMIT)}
     scores["category"] = scores["prompt"].map(category)
     assert len(scores) == 8 * LIMIT * 10
     for metric in set(METRIC_OF.values()):  # a color prompt is never scored by the spatial metric, and so on
@@ -221,8 +250,8 @@ def test_a_checkpoint_pickling_any_other_class_is_refused_in_one_line_and_never_
 # --------------------------------------------------------------------------- the parser
 
 
-def official_lines(category, n=None):
-    return DATA.joinpath(f"{category}_val.txt").read_text(encoding="utf-8").splitlines()[:n]
+def official_lines(folder, category, n=None):
+    return folder.joinpath(f"{category}_val.txt").read_text(encoding="utf-8").splitlines()[:n]
 
 
 @pytest.mark.slow
@@ -236,12 +265,13 @@ def test_noun_chunks_of_official_prompts_with_en_core_web_sm():
     except (ImportError, WeightsMissingError, UsageError) as err:
         pytest.fail(f"the real English parser is needed here: {err}")
     chunks = lambda p: [c.text for c in nlp(p).noun_chunks]  # noqa: E731
-    assert chunks(official_lines("color")[0]) == ["a green bench", "a blue bowl"]
-    assert chunks(official_lines("shape")[0]) == ["an oblong cucumber", "a teardrop plum"]
-    assert chunks(official_lines("texture")[0]) == ["a plastic toy", "a glass bottle"]
-    assert BlipVqa("official").questions(official_lines("shape")[1]) == ["a pentagonal stop sign?", "a spherical traffic light?"]
-    assert cb.spatial_objects(nlp(official_lines("spatial")[1])) == ("person", "frog")  # "a girl on the top of a frog"
-    assert cb.spatial_objects(nlp(official_lines("complex")[0]), complex_prompt=True) == ("hat", "coat")  # the first noun after "on top of"
+    # official prompts (the first of color, shape, texture and complex, the second of shape and spatial)
+    assert chunks("a green bench and a blue bowl") == ["a green bench", "a blue bowl"]
+    assert chunks("an oblong cucumber and a teardrop plum") == ["an oblong cucumber", "a teardrop plum"]
+    assert chunks("a plastic toy and a glass bottle") == ["a plastic toy", "a glass bottle"]
+    assert BlipVqa("official").questions("a pentagonal stop sign and a spherical traffic light") == ["a pentagonal stop sign?", "a spherical traffic light?"]
+    assert cb.spatial_objects(nlp("a girl on the top of a frog")) == ("person", "frog")
+    assert cb.spatial_objects(nlp("The red hat was on top of the brown coat rack."), complex_prompt=True) == ("hat", "coat")  # the first noun after "on top of"
 
 
 def test_the_tiny_parser_needs_no_spacy():
@@ -292,10 +322,10 @@ def test_offline_without_weights_is_one_line_naming_the_files_and_prefetch(monke
     assert "\n" not in str(err.value) and "google/owlv2-base-patch16-ensemble" in str(err.value) and "`bench prefetch metrics=t2i-spatial-owlv2`" in str(err.value)
 
 
-def test_eval_with_the_official_scorers_offline_is_one_line(cli, tmp_path, monkeypatch):
+def test_eval_with_the_official_scorers_offline_is_one_line(cli, tmp_path, monkeypatch, mini):
     monkeypatch.setenv("BENCH_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    code, out, err = cli("eval", "suite=t2i-compbench", "model=tiny", "suite.limit=1", "suite.images_per_prompt=1", f"suite.source={DATA}")
+    code, out, err = cli("eval", "suite=t2i-compbench", "model=tiny", "suite.limit=1", "suite.images_per_prompt=1", f"suite.source={mini}")
     assert code != 0 and err.strip().count("\n") == 0, err
     assert "`bench prefetch metrics=blip-vqa`" in err or 'pip install "spacy>=3.8,<3.9"' in err  # whichever is missing first
 
@@ -367,10 +397,13 @@ def test_the_numeracy_rule():
     assert cb.numeracy_objects(doc("a/DET", "cats/NOUN")) == (["cat"], [])  # word2number("a") fails upstream: no count
 
 
-def test_the_complex_sub_lists_and_the_3_in_1_mean():
-    complex_prompts = official_lines("complex")
-    kinds = [cb.complex_kind(p) for p in complex_prompts]
+def test_the_official_complex_prompts_split_into_their_sub_lists(shared_data):
+    kinds = [cb.complex_kind(p) for p in official_lines(shared_data / DATA, "complex")]
     assert (kinds.count("spatial"), kinds.count("action"), kinds.count("spatialaction")) == (58, 212, 30)
+
+
+def test_the_complex_sub_lists_and_the_3_in_1_mean(mini):
+    assert [cb.complex_kind(p) for p in official_lines(mini, "complex")] == ["spatial", "action", "spatialaction"]
     assert cb.complex_kind("The red hat was on top of the brown coat rack.") == "spatial"
     assert cb.complex_kind("the black phone was resting on the brown charger") == "action"  # up to the first ".", lower case
     assert cb.complex_kind("The sleek black cat sat on top of the fluffy white pillow.") == "spatialaction"

@@ -6,7 +6,7 @@ import hashlib
 from pathlib import Path
 
 from bench.config import stable_hash
-from bench.errors import UsageError, WeightsMissingError
+from bench.errors import UsageError, WeightsMissingError, writing
 from bench.io import hub_offline
 from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler
 
@@ -36,6 +36,7 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
     Embedded models are built on first use into ``<cache>/models/tiny-<hash>``; the hash covers the
     whole build spec and the builder's source, so editing either rebuilds, and two names for one
     spec (``tiny`` and ``tiny-onestep``, the same weights with another sampler) share one build.
+    Processes sharing a cache build it once: the others wait on its lock file and load it.
     """
     source = model_cfg["source"]
     if source == "tiny":
@@ -45,9 +46,15 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
         digest = stable_hash({"spec": spec, "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
         path = Path(cache_dir) / "models" / f"tiny-{digest}"
         if not (path / "model_index.json").exists():
+            from filelock import FileLock
+
             from bench.models.tiny import build_tiny_pipeline
 
-            build_tiny_pipeline(spec, path)
+            with writing(path.parent):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with FileLock(path.with_name(f".{path.name}.lock")):  # released by the kernel when its process dies
+                    if not (path / "model_index.json").exists():  # not built by another process while this one waited
+                        build_tiny_pipeline(spec, path)
         return str(path), None, {"source": "tiny", "build_hash": digest}
     return source, model_cfg.get("revision"), {"source": source, "revision": model_cfg.get("revision")}
 
