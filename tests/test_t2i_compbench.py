@@ -88,12 +88,12 @@ def test_the_suite_reads_eight_files_labelled_and_scoped_by_category(mini, mini_
     assert load_suite(suite_cfg(source=str(mini))).canonical is False  # 17 of 2,400
 
 
-def test_the_suite_downloads_the_pinned_official_files_and_says_what_is_not_canonical():
+def test_the_suite_downloads_the_pinned_official_files_and_says_what_is_not_canonical(shared_data):
     cfg = suite_cfg()
     commit = "1b7094991a57f3c22abdd4f6e8ba6c1a15517073"
     assert list(cfg["prompt_sets"]) == CATEGORIES
     for c, url in cfg["prompt_sets"].items():  # each pinned to the sha256 of the file at that commit (shared/data holds it unmodified)
-        digest = hashlib.sha256((DATA / f"{c}_val.txt").read_bytes()).hexdigest()
+        digest = hashlib.sha256((shared_data / DATA / f"{c}_val.txt").read_bytes()).hexdigest()
         assert url == f"https://raw.githubusercontent.com/Karine-Huang/T2I-CompBench/{commit}/examples/dataset/{c}_val.txt#sha256={digest}"
     assert "NON-CANONICAL" in SUITES.entry("t2i-compbench").description
     text = Path(SUITES.entry("t2i-compbench").target).read_text()

@@ -18,9 +18,8 @@ from bench.metrics import Metric, MetricInfo
 from bench.registry import DATASETS, METHODS, METRICS, MODELS, PROTOCOLS, SUITES, Entry
 from bench.schema import SAMPLER_KINDS, keys
 from bench.suite import load_suite
-from conftest import SHARED_DATA
 
-PICKAPIC = SHARED_DATA / "pickapic" / "test_unique_500" / "pickscore_eval_500.jsonl"
+PICKAPIC = "pickapic/test_unique_500/pickscore_eval_500.jsonl"  # under the real data folder or tests/data/mini
 
 
 @pytest.fixture(autouse=True)
@@ -146,12 +145,16 @@ def test_a_blank_line_in_a_prompt_file_is_refused_unless_the_suite_allows_it(cli
     assert load_suite(to_dict(compose([f"suite.source={prompts}", "suite.limit=1"]))["suite"]).prompts == ["a red apple"]  # only the prompts evaluated
 
 
-def test_pickapic_declares_its_empty_prompt_and_other_suites_refuse_it():
+@pytest.mark.parametrize("real", [False, True], ids=["stand-in", "real"])
+def test_pickapic_declares_its_empty_prompt_and_other_suites_refuse_it(real, request, mini_data):
+    data = request.getfixturevalue("shared_data") if real else mini_data
+    source = data / PICKAPIC
     assert to_dict(compose(["suite=pickapic"]))["suite"]["allow_empty_prompts"] is True
-    s = load_suite(to_dict(compose(["suite=pickapic", f"suite.source={PICKAPIC}"]))["suite"])
-    assert len(s.prompts) == 500 and s.prompts[87] == ""
-    with pytest.raises(DataError, match=r"has 1 empty prompt \(row 88\)"):
-        load_suite(to_dict(compose(["suite=micro", f"suite.source={PICKAPIC}"]))["suite"])
+    prompts = load_suite(to_dict(compose(["suite=pickapic", f"suite.source={source}"]))["suite"]).prompts
+    empty = [i for i, p in enumerate(prompts) if p == ""]
+    assert empty == ([87] if real else [2]) and len(prompts) == (500 if real else 4)
+    with pytest.raises(DataError, match=rf"has 1 empty prompt \(row {empty[0] + 1}\)"):
+        load_suite(to_dict(compose(["suite=micro", f"suite.source={source}"]))["suite"])
 
 
 # ---- bench score -------------------------------------------------------------------------------
