@@ -103,17 +103,41 @@ def published(*overrides: str) -> list[str]:
     return [f"suite.canonical.count={len(prompts)}", f"suite.canonical.sha256={prompts_sha256(prompts)}"]
 
 
+EMBEDDED = ("tiny-fewstep", "tiny-sdxl-fewstep", "tiny")  # the embedded models the tests load, the longest builds first
+
+
+def start_builds(cache: Path) -> list:
+    """Build the embedded models that are not in ``cache`` yet, each in a background process: a build
+    runs on one thread, so on 2 cores two go at once while the first tests run, and a test that loads a
+    model waits on its build lock (``bench.models.pipeline_location``) rather than building it again."""
+    import subprocess
+    import sys
+
+    from bench.config import compose, to_dict
+    from bench.models import embedded_build_path
+
+    code = "import sys; from pathlib import Path; from bench.config import compose, to_dict; from bench.models import pipeline_location; " \
+           "pipeline_location(to_dict(compose(['model=' + sys.argv[1]]))['model'], Path(sys.argv[2]))"
+    missing = [n for n in EMBEDDED if not (embedded_build_path(to_dict(compose([f"model={n}"]))["model"], cache) / "model_index.json").exists()]
+    return [subprocess.Popen([sys.executable, "-c", code, n, str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in missing]
+
+
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory) -> Path:
-    """One cache per test session: the tiny models are built (and pre-trained) once. During
-    development ``BENCH_TEST_CACHE=DIR`` keeps the built models (only they) across sessions; a build
-    is keyed by the hash of its spec and builder source, so a stale one is never reused. CI leaves it unset."""
+def cache_dir(tmp_path_factory):
+    """One cache per test session: the tiny models are built (and pre-trained) once, in the background
+    from the first test that asks for the cache (``start_builds``). During development
+    ``BENCH_TEST_CACHE=DIR`` keeps the built models (only they) across sessions; a build is keyed by the
+    hash of its spec and builder source, so a stale one is never reused. CI leaves it unset."""
     cache = tmp_path_factory.mktemp("bench-cache")
     keep = os.environ.get("BENCH_TEST_CACHE")
     if keep:
         (Path(keep) / "models").mkdir(parents=True, exist_ok=True)
         (cache / "models").symlink_to(Path(keep) / "models")
-    return cache
+    builds = start_builds(cache)
+    yield cache
+    for build in builds:  # a session that needed none of them does not wait for them (a killed build leaves no model behind)
+        build.kill()
+        build.wait()
 
 
 @pytest.fixture

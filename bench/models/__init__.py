@@ -10,7 +10,7 @@ from bench.errors import UsageError, WeightsMissingError, writing
 from bench.io import hub_offline
 from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler
 
-__all__ = ["DiffusionModel", "Sampler", "load_model", "make_sampler", "pipeline_location"]
+__all__ = ["DiffusionModel", "Sampler", "embedded_build_path", "load_model", "make_sampler", "pipeline_location"]
 
 
 def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
@@ -30,6 +30,15 @@ def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
     )
 
 
+def embedded_build_path(model_cfg: dict, cache_dir: Path) -> Path:
+    """``<cache>/models/tiny-<hash>``: where an embedded model's build lives, the hash covering its
+    build spec and the builder's source."""
+    import bench.models.tiny as builder
+
+    digest = stable_hash({"spec": model_cfg["build"], "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
+    return Path(cache_dir) / "models" / f"tiny-{digest}"
+
+
 def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None, dict]:
     """Where the pipeline lives (hub id or folder), its revision, and what identifies its weights.
 
@@ -40,11 +49,9 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
     """
     source = model_cfg["source"]
     if source == "tiny":
-        import bench.models.tiny as builder
-
         spec = model_cfg["build"]
-        digest = stable_hash({"spec": spec, "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
-        path = Path(cache_dir) / "models" / f"tiny-{digest}"
+        path = embedded_build_path(model_cfg, cache_dir)
+        digest = path.name.removeprefix("tiny-")
         if not (path / "model_index.json").exists():
             from filelock import FileLock
 
