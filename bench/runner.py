@@ -164,9 +164,9 @@ class Session:
         metrics = load_metrics(self.metric_names, self.device, self.cfg["scorers"])
         set_metrics = {n: metrics.pop(n) for n in self.set_metrics}  # set-level: reduced over the run, not per image
         batch_size = int(self.cfg["score"]["batch_size"])
-        boot = self.cfg["stats"]
+        st = self.cfg["stats"]
         sets = SetScorer(
-            set_metrics, self.suite.groups, self.real, self.cache, self.suite.name, batch_size, self.progress, int(boot["n_boot_sets"]), float(boot["level"]), int(boot["seed"])
+            set_metrics, self.suite.groups, self.real, self.cache, self.suite.name, batch_size, self.progress, int(st["n_boot_sets"]), float(st["level"]), int(st["seed"])
         ) if set_metrics else None
         scores = score_images(jobs, self.store, metrics, batch_size, self.device, self.progress, self.suite.references, self.suite.metric_scope, sets)
         for offset, (column, labels) in enumerate(self.suite.groups.items()):
@@ -178,7 +178,6 @@ class Session:
         for name, applies in self.suite.metric_scope.items():  # the prompts a scoped metric scored (the rest hold NaN)
             infos[name]["prompts"] = [i for i, a in enumerate(applies) if a]
         base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
-        st = self.cfg["stats"]
         summary = report.summarize(
             scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, list(self.suite.groups),
             int(st["n_permutations"]),

@@ -93,6 +93,12 @@ def mini_data(tmp_path_factory) -> Path:
     return root
 
 
+def stand_in(suite: str, path) -> list[str]:
+    """Overrides that run ``suite`` on the stand-in file or folder ``path``, recorded as its published set."""
+    source = f"suite.source={path}"
+    return [source, *published(f"suite={suite}", source)]
+
+
 def published(*overrides: str) -> list[str]:
     """Overrides that make the suite's prompts (under ``overrides``, before any limit) its published set,
     so a stand-in file takes the code path of the real one (``canonical``: True in the manifest)."""

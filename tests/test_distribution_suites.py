@@ -19,7 +19,7 @@ from bench import distribution
 from bench.config import compose, to_dict
 from bench.errors import DataError, UsageError
 from bench.suite import load_suite, read_prompt_rows
-from conftest import published
+from conftest import stand_in
 
 COCO_CSV = "coco/rohitgandikota-erasing/coco_30k.csv"  # relative to the data folder: the real one or tests/data/mini
 COCO_SHA256 = "bea67ba57b09ec8fbc6ecdfb0dc562ebbf2eb92273cad91a1cc2d006a7bd76bb"
@@ -134,7 +134,7 @@ def coco_csv(mini_data):
 @pytest.fixture
 def mini_coco(coco_csv):
     """Overrides for the coco30k suite on the stand-in CSV, recorded as the published set."""
-    return [f"suite.source={coco_csv}", *published("suite=coco30k", f"suite.source={coco_csv}")]
+    return stand_in("coco30k", coco_csv)
 
 
 def test_coco30k_loads_the_real_csv_with_its_image_ids_and_quoted_newlines(shared_data):

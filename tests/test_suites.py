@@ -9,7 +9,7 @@ import pytest
 from bench.config import compose, to_dict
 from bench.errors import DataError
 from bench.suite import load_suite
-from conftest import published
+from conftest import published, stand_in
 
 PARTI = "partiprompts/PartiPrompts.tsv"  # relative to the data folder: the real one or tests/data/mini
 PICKAPIC = "pickapic/test_unique_500/pickscore_eval_500.jsonl"
@@ -23,8 +23,7 @@ def suite(name, *overrides):
 @pytest.fixture
 def mini_parti(mini_data):
     """Overrides for the parti suite on the stand-in TSV, recorded as the published set."""
-    source = [f"suite.source={mini_data / PARTI}"]
-    return source + published("suite=parti", *source)
+    return stand_in("parti", mini_data / PARTI)
 
 
 # ---- the real files ------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from bench.metrics.nlp import TinyDoc, TinyParser, Token
 from bench.metrics.vqa import AttributeBinding, BlipVqa, product_score
 from bench.registry import SUITES
 from bench.suite import load_suite
-from conftest import published
+from conftest import stand_in
 
 DATA = "t2i-compbench"  # relative to the data folder: the real one or tests/data/mini
 CATEGORIES = ["color", "shape", "texture", "spatial", "3d_spatial", "non_spatial", "numeracy", "complex"]
@@ -55,7 +55,7 @@ def mini(mini_data):
 @pytest.fixture
 def mini_suite(mini):
     """Overrides for the suite on the stand-in folder, recorded as the published set."""
-    return [f"suite.source={mini}", *published("suite=t2i-compbench", f"suite.source={mini}")]
+    return stand_in("t2i-compbench", mini)
 
 
 def test_the_suite_reads_the_eight_official_validation_files(shared_data):
@@ -195,27 +195,27 @@ def test_blip_vqa_batches_pairs_and_shares_the_model(monkeypatch):
 
 def blip_training_checkpoint(path: Path, extra: dict | None = None) -> dict:
     """A checkpoint in the layout BLIP's train_vqa.py saves: model and optimizer state dicts, the
-    training config as yaml.load(configs/vqa.yaml, Loader=yaml.Loader) gives it (strings, numbers, a
-    list, a bool; PyYAML reads 2e-5 as a string) and the epoch; here on the tiny BLIP."""
+    training config as PyYAML parses configs/vqa.yaml (plain strings, numbers, a list, a bool; PyYAML
+    reads 2e-5 as a string; the safe loader gives the same objects) and the epoch; here on the tiny BLIP."""
     import yaml
 
     model = BlipVqa("tiny").load_tiny()[0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-5, weight_decay=0.05)
     model.vision_model.embeddings.class_embedding.sum().backward()
     optimizer.step()
-    config = yaml.load("vqa_root: '/data/vqa/'\ntrain_files: ['vqa_train', 'vqa_val', 'vg_qa']\npretrained: 'model_base.pth'\nvit: 'base'\n"
-                       "batch_size_train: 16\nvit_grad_ckpt: False\ninit_lr: 2e-5\nimage_size: 480\nweight_decay: 0.05\nmin_lr: 0\n", Loader=yaml.Loader)
+    config = yaml.safe_load("vqa_root: '/data/vqa/'\ntrain_files: ['vqa_train', 'vqa_val', 'vg_qa']\npretrained: 'model_base.pth'\nvit: 'base'\n"
+                            "batch_size_train: 16\nvit_grad_ckpt: False\ninit_lr: 2e-5\nimage_size: 480\nweight_decay: 0.05\nmin_lr: 0\n")
     saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "config": config, "epoch": 9, **(extra or {})}
     torch.save(saved, path)
     return saved
 
 
 def test_blip_checkpoints_load_through_the_weights_only_unpickler(tmp_path):
-    from bench.metrics.vqa import BLIP_SAFE_GLOBALS, blip_state_dict, load_checkpoint
+    from bench.metrics.vqa import blip_state_dict, load_checkpoint
 
     saved = blip_training_checkpoint(tmp_path / "blip.pth")
     loaded = load_checkpoint(tmp_path / "blip.pth")
-    assert BLIP_SAFE_GLOBALS == () and set(loaded) == {"model", "optimizer", "config", "epoch"}
+    assert set(loaded) == {"model", "optimizer", "config", "epoch"}
     assert loaded["config"] == saved["config"] and loaded["config"]["init_lr"] == "2e-5" and loaded["epoch"] == 9
     assert loaded["model"].keys() == saved["model"].keys() and all(torch.equal(loaded["model"][k], v) for k, v in saved["model"].items())
     assert blip_state_dict(loaded).keys() == saved["model"].keys() - {k for k in saved["model"] if k.endswith("position_ids")}

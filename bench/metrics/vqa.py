@@ -62,17 +62,12 @@ def product_score(p_yes: Sequence[float]) -> float:
     return round4(product.item())
 
 
-# What BLIP's checkpoint pickles besides what torch's weights-only unpickler accepts by default. BLIP's
-# train_vqa.py saves {"model": state_dict, "optimizer": state_dict, "config": yaml.load(configs/vqa.yaml,
-# Loader=yaml.Loader), "epoch": int}: OrderedDicts, tensors, dicts, lists, strings and numbers, all accepted,
-# so nothing is added (tests/test_t2i_compbench.py saves that layout). A class pickled beyond these is refused.
-BLIP_SAFE_GLOBALS: tuple = ()
-
-
 def load_checkpoint(path) -> dict:
-    """BLIP's ``.pth`` through the weights-only unpickler (``bench.io.load_torch``): a checkpoint that
-    pickles any other class is refused in one line, never unpickled."""
-    return load_torch(path, BLIP_SAFE_GLOBALS)
+    """BLIP's ``.pth`` through the weights-only unpickler (``bench.io.load_torch``). BLIP's train_vqa.py
+    saves the model and optimizer state dicts, its YAML config as plain dicts, lists and strings, and the
+    epoch: nothing the weights-only unpickler refuses (tests/test_t2i_compbench.py saves that layout),
+    so a checkpoint pickling any class is refused in one line, never unpickled."""
+    return load_torch(path)
 
 
 def blip_state_dict(checkpoint: dict) -> dict:
