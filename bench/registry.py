@@ -6,6 +6,10 @@ Built-in entries are declared without importing anything heavy; third-party
 packages add entries through the entry-point groups ``bench.models``,
 ``bench.methods``, ``bench.suites``, ``bench.metrics``, ``bench.datasets`` and ``bench.protocols`` (the
 entry point's value is loaded and must be a YAML path, a config dict or a class).
+
+Surprises are errors: a name declared twice, or a plugin that shadows a built-in, is one line naming
+both sources (the first would otherwise win silently, and a run would not be what its name says), and
+a class target is checked against the kind's base class when it is loaded.
 """
 
 from __future__ import annotations
@@ -25,29 +29,54 @@ class Entry:
     name: str
     target: Any
     description: str = ""
+    source: str = ""  # where it was declared (a file, an entry point and its package), for error lines
+    base: str | None = None  # "module:Class" a class target must subclass
 
     def load(self) -> Any:
-        """Resolve the target: import ``module:Object`` strings, keep the rest."""
+        """Resolve the target: import ``module:Object`` strings, keep the rest; a class is checked
+        against ``base``."""
         if isinstance(self.target, str) and ":" in self.target and not self.target.endswith(".yaml"):
-            module, _, attr = self.target.partition(":")
-            obj = importlib.import_module(module)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-            self.target = obj
+            self.target = import_target(self.target)
+        if self.base and isinstance(self.target, type):
+            base = import_target(self.base)
+            if not issubclass(self.target, base):
+                where = f" ({self.source})" if self.source else ""
+                raise UsageError(
+                    f"'{self.name}'{where} is {self.target.__module__}.{self.target.__qualname__}, which is no "
+                    f"{base.__module__}.{base.__name__}: a plugin class must subclass it"
+                )
         return self.target
+
+
+def import_target(target: str) -> Any:
+    """The object a ``module:Object.attr`` string names."""
+    module, _, attr = target.partition(":")
+    obj = importlib.import_module(module)
+    for part in attr.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class Registry:
     """Name -> Entry for one kind of component ("model", "method", ...)."""
 
-    def __init__(self, kind: str, group: str):
+    def __init__(self, kind: str, group: str, base: str | None = None):
         self.kind = kind
         self.group = group
+        self.base = base  # "module:Class" every class entry subclasses
         self._entries: dict[str, Entry] = {}
         self._plugins_loaded = False
 
-    def add(self, name: str, target: Any, description: str = "") -> None:
-        self._entries[name] = Entry(name, target, description)
+    def add(self, name: str, target: Any, description: str = "", source: str = "") -> None:
+        """Declare ``name``; a name already declared is an error naming both sources."""
+        source = source or _source_of(target)
+        if name in self._entries:
+            first = self._entries[name]
+            raise UsageError(
+                f"{self.kind} '{name}' is declared twice: by {first.source or repr(first.target)} and by {source or repr(target)}; "
+                "rename one of them"
+            )
+        self._entries[name] = Entry(name, target, description, source, self.base)
 
     def register(self, name: str, description: str = ""):
         """Decorator form of :meth:`add` for classes defined in Python."""
@@ -64,12 +93,14 @@ class Registry:
             self.add(path.stem, path, _yaml_description(path))
 
     def _load_plugins(self) -> None:
+        """Add the entry points of group ``self.group`` (once): a plugin is an addition, so one that takes
+        a built-in's name, or another plugin's, is refused in one line naming both."""
         if self._plugins_loaded:
             return
         self._plugins_loaded = True
         for ep in entry_points(group=self.group):
-            if ep.name not in self._entries:
-                self._entries[ep.name] = Entry(ep.name, ep.value, f"(plugin {ep.value})")
+            package = f" of package {ep.dist.name}" if getattr(ep, "dist", None) is not None else ""
+            self.add(ep.name, ep.value, f"(plugin {ep.value})", f"the entry point {ep.name} = {ep.value} in group {self.group}{package}")
 
     def names(self) -> list[str]:
         self._load_plugins()
@@ -92,6 +123,16 @@ class Registry:
         return [(n, self._entries[n].description) for n in self.names()]
 
 
+def _source_of(target: Any) -> str:
+    """Where a target comes from, in words: its file, its ``module:Object``, or its module."""
+    if isinstance(target, Path) or (isinstance(target, str) and target.endswith(".yaml")):
+        return str(target)
+    if isinstance(target, str):
+        return target
+    module = getattr(target, "__module__", None)
+    return f"{module}:{getattr(target, '__qualname__', '')}" if module else ""
+
+
 def _yaml_description(path: Path) -> str:
     """The ``description:`` line of a YAML file, without parsing the whole file."""
     for line in Path(path).read_text().splitlines():
@@ -101,9 +142,9 @@ def _yaml_description(path: Path) -> str:
 
 
 MODELS = Registry("model", "bench.models")
-METHODS = Registry("method", "bench.methods")
+METHODS = Registry("method", "bench.methods", base="bench.method:Method")  # a method's class is its YAML's ``recipe``
 SUITES = Registry("suite", "bench.suites")
-METRICS = Registry("metric", "bench.metrics")
+METRICS = Registry("metric", "bench.metrics", base="bench.metrics:Metric")
 DATASETS = Registry("dataset", "bench.datasets")
 PROTOCOLS = Registry("protocol", "bench.protocols")  # a paper's evaluation protocol: suites, seeds, samplers, metrics, checkpoint choice
 

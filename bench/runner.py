@@ -316,7 +316,7 @@ def _import_recipe(target: str | None, name: str):
 
     if not target:
         raise UsageError(f"method '{name}' names no recipe (`recipe: module:Class` in its YAML)")
-    return Entry(name, target).load()
+    return Entry(name, target, source=f"recipe: {target} of method '{name}'", base="bench.method:Method").load()
 
 
 def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:

@@ -148,12 +148,7 @@ def test_entry_point_plugins_are_listed_and_resolved(monkeypatch):
 
     def fake_entry_points(group):
         calls.append(group)
-        if group != "bench.metrics":
-            return []
-        return [
-            EntryPoint(name="fake_loads", value="json:loads", group="bench.metrics"),
-            EntryPoint(name="brightness", value="json:dumps", group="bench.metrics"),  # must not shadow a builtin
-        ]
+        return [EntryPoint(name="fake_loads", value="json:loads", group="bench.metrics")] if group == "bench.metrics" else []
 
     monkeypatch.setattr(bench.registry, "entry_points", fake_entry_points)
     reg = Registry("metric", "bench.metrics")
@@ -171,6 +166,49 @@ def test_entry_point_plugins_are_listed_and_resolved(monkeypatch):
 
     other = Registry("method", "bench.methods")
     assert other.names() == []
+
+
+def test_a_plugin_that_shadows_a_builtin_fails_naming_both(monkeypatch, tmp_path):
+    """A plugin named like a built-in used to be dropped without a word (or, the other way round, would
+    silently replace it): either way a run would not be what its name says."""
+    monkeypatch.setattr(
+        bench.registry, "entry_points",
+        lambda group: [EntryPoint(name="sft", value="mypkg.recipes:Sft", group=group)] if group == "bench.methods" else [],
+    )
+    reg = Registry("method", "bench.methods")
+    builtin = tmp_path / "sft.yaml"
+    builtin.write_text("description: x\n")
+    reg.add_yaml_dir(tmp_path)
+    with pytest.raises(UsageError) as err:
+        reg.names()
+    line = str(err.value)
+    assert "\n" not in line
+    assert line.startswith("method 'sft' is declared twice: by ") and str(builtin) in line
+    assert "the entry point sft = mypkg.recipes:Sft in group bench.methods" in line and line.endswith("rename one of them")
+
+
+def test_a_name_declared_twice_is_refused():
+    reg = Registry("metric", "bench.test-no-such-group")
+    reg.add("loads", "json:loads")
+    with pytest.raises(UsageError, match=r"metric 'loads' is declared twice: by json:loads and by pickle:loads; rename one of them"):
+        reg.add("loads", "pickle:loads")
+    assert reg.get("loads") is json.loads
+
+
+def test_entries_are_checked_against_their_base_class(tmp_path, monkeypatch):
+    from bench.registry import METHODS, METRICS
+    from bench.runner import _import_recipe
+
+    assert METRICS.base == "bench.metrics:Metric" and METHODS.base == "bench.method:Method"
+    reg = Registry("metric", "bench.test-no-such-group", base="bench.metrics:Metric")
+    reg.add("decoder", "json:JSONDecoder")
+    with pytest.raises(UsageError, match=r"'decoder' \(json:JSONDecoder\) is json.decoder.JSONDecoder, which is no bench.metrics.Metric: a plugin class must subclass it"):
+        reg.get("decoder")
+    reg.add("brightness", "bench.metrics.weightfree:Brightness")
+    assert reg.get("brightness").__name__ == "Brightness"
+    with pytest.raises(UsageError, match=r"is collections.OrderedDict, which is no bench.method.Method"):
+        _import_recipe("collections:OrderedDict", "mine")
+    assert _import_recipe("bench.methods.sft:SFT", "sft").__name__ == "SFT"
 
 
 def test_builtin_registries():
