@@ -78,68 +78,78 @@ def paper_cells(data: dict, path: Path) -> list[dict]:
     cells = []
     for t, table in enumerate(data["tables"]):
         where = f"{path.name}, table {table.get('table', t)}"
-
-        def bad(msg, where=where):
-            raise DataError(f"{where}: {msg}")
-
-        for key in ("table", "protocol", "statistic", "columns", "rows"):
-            if key not in table:
-                bad(f"missing '{key}'")
-        if table["statistic"] not in STATISTICS:
-            bad(f"statistic must be one of {', '.join(STATISTICS)}")
-        columns = table["columns"]
-        for name, spec in columns.items():
-            if not isinstance(spec, dict) or not spec.get("metric"):
-                bad(f"column '{name}' names no metric")
+        check_table(table, where)
         defaults = table.get("defaults") or {}
-        if set(defaults) - ROW_FIELDS:
-            bad(f"unknown default field(s) {sorted(set(defaults) - ROW_FIELDS)}")
         for r, raw in enumerate(table["rows"]):
             row = {**defaults, **raw}
             rwhere = f"{where}, row {r + 1} ({row.get('row', '?')})"
-            if set(raw) - ROW_FIELDS:
-                bad(f"unknown field(s) {sorted(set(raw) - ROW_FIELDS)}", rwhere)
-            for key in ("row", "values", "variant"):
-                if key not in row:
-                    bad(f"missing '{key}'", rwhere)
-            for ours, theirs in (("suite", "paper_suite"), ("model", "paper_model"), ("methods", "paper_method")):
-                if row.get(ours) is None and not row.get(theirs) and not (ours == "methods" and row.get("row")):
-                    bad(f"'{ours}' is null and '{theirs}' does not name the paper's", rwhere)
-            methods = row.get("methods")
-            if methods is not None and (not isinstance(methods, list) or not methods):
-                bad("'methods' is a non-empty list of method presets ([base] for an untuned model) or null", rwhere)
-            label = f"{row['dataset']} / {row['row']}" if row.get("dataset") else str(row["row"])
+            check_row(raw, row, rwhere)
             for column, value in row["values"].items():
-                if column not in columns:
-                    bad(f"value for unknown column '{column}' (columns: {', '.join(columns)})", rwhere)
-                spec = columns[column]
-                note = None
-                if isinstance(value, dict):
-                    value, note = value.get("value"), value.get("note")
-                if isinstance(value, bool) or not isinstance(value, (int, float)):
-                    bad(f"column '{column}': value {value!r} is not a number", rwhere)
-                cells.append(
-                    {
-                        "paper": str(data["paper"]),
-                        "table": str(table["table"]),
-                        "protocol": table["protocol"],
-                        "statistic": spec.get("statistic", table["statistic"]),
-                        "scale": float(spec.get("scale", table.get("scale", 1))),
-                        "row": label,
-                        "column": str(column),
-                        "value": float(value),
-                        "metric": spec["metric"],
-                        "suite": row.get("suite"),
-                        "paper_suite": row.get("paper_suite") or row.get("dataset"),
-                        "model": row.get("model"),
-                        "paper_model": row.get("paper_model"),
-                        "methods": list(methods) if methods else None,
-                        "paper_method": row.get("paper_method") or str(row["row"]),
-                        "variant": str(row["variant"]),
-                        "notes": [n for n in (spec.get("note"), row.get("note"), note) if n],
-                    }
-                )
+                if column not in table["columns"]:
+                    raise DataError(f"{rwhere}: value for unknown column '{column}' (columns: {', '.join(table['columns'])})")
+                cells.append(paper_cell(data, table, row, str(column), value, rwhere))
     return cells
+
+
+def check_table(table: dict, where: str) -> None:
+    """A table's required keys, statistic, columns and row defaults, or one line naming the fault."""
+    for key in ("table", "protocol", "statistic", "columns", "rows"):
+        if key not in table:
+            raise DataError(f"{where}: missing '{key}'")
+    if table["statistic"] not in STATISTICS:
+        raise DataError(f"{where}: statistic must be one of {', '.join(STATISTICS)}")
+    for name, spec in table["columns"].items():
+        if not isinstance(spec, dict) or not spec.get("metric"):
+            raise DataError(f"{where}: column '{name}' names no metric")
+    unknown = set(table.get("defaults") or {}) - ROW_FIELDS
+    if unknown:
+        raise DataError(f"{where}: unknown default field(s) {sorted(unknown)}")
+
+
+def check_row(raw: dict, row: dict, where: str) -> None:
+    """A row (``raw`` as written, ``row`` with the table's defaults): known fields, what names our
+    suite, model and methods or the paper's."""
+    if set(raw) - ROW_FIELDS:
+        raise DataError(f"{where}: unknown field(s) {sorted(set(raw) - ROW_FIELDS)}")
+    for key in ("row", "values", "variant"):
+        if key not in row:
+            raise DataError(f"{where}: missing '{key}'")
+    for ours, theirs in (("suite", "paper_suite"), ("model", "paper_model"), ("methods", "paper_method")):
+        if row.get(ours) is None and not row.get(theirs) and not (ours == "methods" and row.get("row")):
+            raise DataError(f"{where}: '{ours}' is null and '{theirs}' does not name the paper's")
+    methods = row.get("methods")
+    if methods is not None and (not isinstance(methods, list) or not methods):
+        raise DataError(f"{where}: 'methods' is a non-empty list of method presets ([base] for an untuned model) or null")
+
+
+def paper_cell(data: dict, table: dict, row: dict, column: str, value, where: str) -> dict:
+    """One reported number with everything that says what it measured."""
+    spec = table["columns"][column]
+    note = None
+    if isinstance(value, dict):
+        value, note = value.get("value"), value.get("note")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{where}: column '{column}': value {value!r} is not a number")
+    methods = row.get("methods")
+    return {
+        "paper": str(data["paper"]),
+        "table": str(table["table"]),
+        "protocol": table["protocol"],
+        "statistic": spec.get("statistic", table["statistic"]),
+        "scale": float(spec.get("scale", table.get("scale", 1))),
+        "row": f"{row['dataset']} / {row['row']}" if row.get("dataset") else str(row["row"]),
+        "column": column,
+        "value": float(value),
+        "metric": spec["metric"],
+        "suite": row.get("suite"),
+        "paper_suite": row.get("paper_suite") or row.get("dataset"),
+        "model": row.get("model"),
+        "paper_model": row.get("paper_model"),
+        "methods": list(methods) if methods else None,
+        "paper_method": row.get("paper_method") or str(row["row"]),
+        "variant": str(row["variant"]),
+        "notes": [n for n in (spec.get("note"), row.get("note"), note) if n],
+    }
 
 
 # --------------------------------------------------------------------------- our runs

@@ -22,11 +22,11 @@ from bench import report
 from bench.distribution import SetScorer, real_set
 from bench.config import compose, stable_hash, to_dict
 from bench.errors import UsageError
-from bench.generate import ImageJob, ImageStore, generate, plan_images
+from bench.generate import GenerationStats, ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler
-from bench.metrics import DistributionMetric
+from bench.metrics import DistributionMetric, Metric
 from bench.method import Method
 from bench.registry import METHODS, METRICS
 from bench.schema import parse_shard
@@ -83,6 +83,97 @@ class RunResult:
     timings: dict
 
 
+@dataclass(frozen=True)
+class RunIdentity:
+    """What determines a run's numbers. Its hash names the run folder and the manifest is written
+    from it, so the folder name and the record cannot disagree."""
+
+    model: dict
+    sampler: dict
+    checkpoint: str | None
+    suite: str
+    prompts_sha256: str
+    images_per_prompt: int
+    metrics: tuple[str, ...]
+    seed: int
+    dtype: str
+    stats: dict
+    baseline: str | None = None  # the run folder compared against
+    references_sha256: str | None = None  # a suite's reference photos (DreamBench)
+    real_images: dict | None = None  # the real set of set-level metrics, with its resolution
+    scorers: str = "official"
+    protocol: dict | None = None  # the protocol cell (``bench.protocol``), its overrides included
+
+    def as_dict(self) -> dict:
+        """The identity as hashed: the optional parts only where present, and a protocol cell without
+        its overrides (those that change images or scores are in the identity already), so the same
+        evaluation keeps its folder name."""
+        out = {
+            "model": self.model, "sampler": self.sampler, "checkpoint": self.checkpoint, "suite": self.suite,
+            "prompts_sha256": self.prompts_sha256, "images_per_prompt": self.images_per_prompt,
+            "metrics": list(self.metrics), "seed": self.seed, "dtype": self.dtype, "stats": self.stats, "baseline": self.baseline,
+        }
+        optional = {
+            "references_sha256": self.references_sha256,
+            "real_images": self.real_images,
+            "scorers": self.scorers if self.scorers != "official" else None,
+            "protocol": {k: v for k, v in self.protocol.items() if k != "overrides"} if self.protocol else None,
+        }
+        return out | {k: v for k, v in optional.items() if v is not None}
+
+    @property
+    def hash(self) -> str:
+        return stable_hash(self.as_dict())
+
+    def run_id(self, model_name: str, label: str) -> str:
+        return f"{self.suite}-{model_name}-{label}-{self.hash[:8]}"
+
+
+@dataclass
+class RunPlan:
+    """An evaluation before any image is made: its identity and folder, the model, every image."""
+
+    identity: RunIdentity
+    run_dir: Path
+    label: str
+    model: DiffusionModel
+    jobs: list[ImageJob]
+    checkpoint: Checkpoint | None
+    baseline: RunResult | None
+
+
+@dataclass
+class Scored:
+    """The score stage's output: per-image scores, every metric loaded (per-image and set-level), and
+    the set-level metrics' collected features."""
+
+    scores: pd.DataFrame
+    metrics: dict[str, Metric]
+    sets: SetScorer | None
+
+
+class Clock:
+    """Stage timings of an evaluation, for the manifest."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+        self.laps: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.laps[stage], self.last = now - self.last, now
+
+    def timings(self, made: GenerationStats) -> dict:
+        return {
+            "total_s": time.perf_counter() - self.start,
+            "generate_s": self.laps["generate"],
+            "model_forward_s": made.model_seconds,
+            "score_s": self.laps["score"],
+            "generated": made.generated,
+            "cached": made.cached,
+        }
+
+
 class Session:
     """What every command shares: the resolved config, device, cache and suite."""
 
@@ -130,109 +221,124 @@ class Session:
         return record
 
     def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None, protocol_extra: dict | None = None) -> RunResult:
-        t_start = time.perf_counter()
-        protocol = self.protocol_record(checkpoint is not None)
+        """One run folder: plan -> generate -> score -> aggregate -> write. Each stage is keyed by what
+        determines it (images by their content key, the folder by the run identity), so a killed
+        evaluation restarts where it stopped and ends with the same bytes."""
+        clock = Clock()
+        plan = self.plan_run(checkpoint, label, baseline)
+        made = generate(plan.model, plan.jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
+        clock.lap("generate")
+        scored = self.score(plan)
+        clock.lap("score")
+        summary, table = self.aggregate(plan, scored)
+        timings = clock.timings(made)
+        write_json(plan.run_dir / "summary.json", summary)
+        write_text(plan.run_dir / "table.md", table + "\n")
+        write_json(plan.run_dir / "manifest.json", self.manifest(plan, scored, summary, timings, protocol_extra))
+        return RunResult(plan.run_dir, summary, table, timings)
+
+    def plan_run(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None) -> RunPlan:
+        """The model, every image to make and the run's identity, before any image is made; missing
+        real images of a set-level metric fail here, before a model is built."""
         if self.set_metrics and self.real is None:
-            self.real = real_set(self.suite, self.cache)  # missing real images fail before anything is built or generated
+            self.real = real_set(self.suite, self.cache)
         model = self.model(checkpoint).to(self.device, self.dtype)
-        ckpt_id = checkpoint.train_id if checkpoint else None
-        jobs = self.plan(model, checkpoint)
-        identity = {
-            "model": model.identity,
-            "sampler": asdict(self.sampler),
-            "checkpoint": ckpt_id,
-            "suite": self.suite.name,
-            "prompts_sha256": self.suite.sha256,
-            "images_per_prompt": self.suite.images_per_prompt,
-            **({"references_sha256": self.suite.references_sha256} if self.suite.references is not None else {}),
-            **({"real_images": {**self.real.identity(), "resolution": self.real.resolution}} if self.real is not None else {}),
-            "metrics": self.metric_names,
-            **({"scorers": self.cfg["scorers"]} if self.cfg["scorers"] != "official" else {}),
-            "seed": int(self.cfg["seed"]),
-            "dtype": self.dtype_name,
-            "stats": self.cfg["stats"],
-            "baseline": baseline.run_dir.name if baseline else None,
-            # the same images under two protocols are two runs, each matched to its paper (the overrides that change
-            # images or scores are in this identity already: model, sampler, prompts, metrics, checkpoint)
-            **({"protocol": {k: v for k, v in protocol.items() if k != "overrides"}} if protocol else {}),
-        }
-        config_hash = stable_hash(identity)
-        run_id = f"{self.suite.name}-{self.cfg['model']['name']}-{label}-{config_hash[:8]}"
-        run_dir = Path(self.cfg["out"]) / run_id
-        gen_stats = generate(model, jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
-        t_gen = time.perf_counter()
+        protocol = self.protocol_record(checkpoint is not None)
+        identity = RunIdentity(
+            model=model.identity,
+            sampler=asdict(self.sampler),
+            checkpoint=checkpoint.train_id if checkpoint else None,
+            suite=self.suite.name,
+            prompts_sha256=self.suite.sha256,
+            images_per_prompt=self.suite.images_per_prompt,
+            metrics=tuple(self.metric_names),
+            seed=int(self.cfg["seed"]),
+            dtype=self.dtype_name,
+            stats=self.cfg["stats"],
+            baseline=baseline.run_dir.name if baseline else None,
+            references_sha256=self.suite.references_sha256 if self.suite.references is not None else None,
+            real_images={**self.real.identity(), "resolution": self.real.resolution} if self.real is not None else None,
+            scorers=self.cfg["scorers"],
+            protocol=protocol,
+        )
+        run_dir = Path(self.cfg["out"]) / identity.run_id(self.cfg["model"]["name"], label)
+        return RunPlan(identity, run_dir, label, model, self.plan(model, checkpoint), checkpoint, baseline)
+
+    def score(self, plan: RunPlan) -> Scored:
+        """Every image under every metric in one pass over decoded batches: per-image metrics make
+        columns, set-level metrics (FID, KID) collect features that ``aggregate`` reduces. The scores are
+        written at once, so a failure later loses nothing."""
         metrics = load_metrics(self.metric_names, self.device, self.cfg["scorers"])
-        set_metrics = {n: metrics.pop(n) for n in self.set_metrics}  # set-level: reduced over the run, not per image
-        batch_size = int(self.cfg["score"]["batch_size"])
+        per_image = {n: m for n, m in metrics.items() if n not in self.set_metrics}
         st = self.cfg["stats"]
         sets = SetScorer(
-            set_metrics, self.suite.groups, self.real, self.cache, self.suite.name, batch_size, self.progress, int(st["n_boot_sets"]), float(st["level"]), int(st["seed"])
-        ) if set_metrics else None
-        scores = score_images(jobs, self.store, metrics, batch_size, self.device, self.progress, self.suite.references, self.suite.metric_scope, sets)
+            {n: metrics[n] for n in self.set_metrics}, self.suite.groups, self.real, self.cache, self.suite.name, int(self.cfg["score"]["batch_size"]),
+            self.progress, int(st["n_boot_sets"]), float(st["level"]), int(st["seed"]),
+        ) if self.set_metrics else None
+        scores = score_images(
+            plan.jobs, self.store, per_image, int(self.cfg["score"]["batch_size"]), self.device, self.progress, self.suite.references, self.suite.metric_scope, sets
+        )
         for offset, (column, labels) in enumerate(self.suite.groups.items()):
             scores.insert(len(ID_COLUMNS) + offset, column, [labels[i] for i in scores["prompt_index"]])
-        write_scores(scores, run_dir / "scores.parquet")
-        t_score = time.perf_counter()
+        write_scores(scores, plan.run_dir / "scores.parquet")
+        return Scored(scores, metrics, sets)
 
-        infos = {n: {"higher_is_better": m.info.higher_is_better, "version": m.info.version, "scale": m.info.scale} for n, m in metrics.items()}
+    def aggregate(self, plan: RunPlan, scored: Scored) -> tuple[dict, str]:
+        """The summary (means, intervals, paired differences and win rates against the baseline, the
+        set-level values) and its table."""
+        infos = {n: {"higher_is_better": m.info.higher_is_better, "version": m.info.version, "scale": m.info.scale} for n, m in scored.metrics.items() if n not in self.set_metrics}
         for name, applies in self.suite.metric_scope.items():  # the prompts a scoped metric scored (the rest hold NaN)
             infos[name]["prompts"] = [i for i, a in enumerate(applies) if a]
+        baseline, st = plan.baseline, self.cfg["stats"]
         base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
         summary = report.summarize(
-            scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), baseline.run_dir.name if baseline else None, list(self.suite.groups),
+            scored.scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), plan.identity.baseline, list(self.suite.groups),
             int(st["n_permutations"]),
         )
-        if sets is not None:
-            summary["sets"] = sets.results(baseline.summary.get("sets") if baseline else None)
-        title = f"{self.suite.name} / {self.cfg['model']['name']} / {label}" + (f" vs {baseline.run_dir.name}" if baseline else "")
+        if scored.sets is not None:
+            summary["sets"] = scored.sets.results(baseline.summary.get("sets") if baseline else None)
+        title = f"{self.suite.name} / {self.cfg['model']['name']} / {plan.label}" + (f" vs {plan.identity.baseline}" if baseline else "")
         if self.cfg["scorers"] != "official":
             title += f" (scorers={self.cfg['scorers']}: random tiny scorers, scores NOT meaningful)"
-        table = report.render_table(summary, title)
-        write_json(run_dir / "summary.json", summary)
-        write_text(run_dir / "table.md", table + "\n")
-        timings = {
-            "total_s": time.perf_counter() - t_start,
-            "generate_s": t_gen - t_start,
-            "model_forward_s": gen_stats.model_seconds,
-            "score_s": t_score - t_gen,
-            "generated": gen_stats.generated,
-            "cached": gen_stats.cached,
-        }
-        manifest = {
-            "run_id": run_id,
-            "suite": self.suite.name,
+        return summary, report.render_table(summary, title)
+
+    def manifest(self, plan: RunPlan, scored: Scored, summary: dict, timings: dict, protocol_extra: dict | None) -> dict:
+        """manifest.json: the run identity and what it was derived from (the config, the prompts, the
+        metrics' versions), plus where and how it ran; the identity's fields are not written twice."""
+        identity, checkpoint = plan.identity, plan.checkpoint
+        return {
+            "run_id": plan.run_dir.name,
+            "suite": identity.suite,
             "model": self.cfg["model"]["name"],
-            "method": label,
+            "method": plan.label,
             "config": self.cfg,
-            "config_hash": config_hash,
-            "identity": identity,
-            "prompts_sha256": self.suite.sha256,
+            "config_hash": identity.hash,
+            "identity": identity.as_dict(),
+            "prompts_sha256": identity.prompts_sha256,
             "prompt_source": self.suite.source,
             "n_prompts": len(self.suite.prompts),
             "n_empty_prompts": sum(1 for p in self.suite.prompts if not p.strip()),
             "published_prompt_set": self.suite.canonical,  # the suite's full prompt list equals the published one (count, sha256)
             "subjects": self.suite.subjects or None,
-            "seeds": {"base_seed": int(self.cfg["seed"]), "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
+            "seeds": {"base_seed": identity.seed, "image_seed": "sha256('suite/prompt_index/image_index/base_seed')[:8] little-endian & (2**63-1)"},
             "metrics": {
                 n: {"version": m.info.version, "scale": m.info.scale, "model_id": m.info.model_id, "revision": m.info.revision, "higher_is_better": m.info.higher_is_better}
-                | ({"protocol": summary["sets"][n]["protocol"]} if n in set_metrics else {})
-                for n, m in {**metrics, **set_metrics}.items()
+                | ({"protocol": summary["sets"][n]["protocol"]} if n in self.set_metrics else {})
+                for n, m in scored.metrics.items()
             },
-            **({"set_metrics": sets.manifest()} if sets is not None else {}),
-            "checkpoint": {"train_id": ckpt_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
-            "baseline": baseline.run_dir.name if baseline else None,
-            **({"protocol": protocol | (protocol_extra or {})} if protocol else {}),
-            "scorers": self.cfg["scorers"],
+            **({"set_metrics": scored.sets.manifest()} if scored.sets is not None else {}),
+            "checkpoint": {"train_id": checkpoint.train_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
+            "baseline": identity.baseline,
+            **({"protocol": identity.protocol | (protocol_extra or {})} if identity.protocol else {}),
+            "scorers": identity.scorers,
             "device": str(self.device),
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
-            "dtype": self.dtype_name,
+            "dtype": identity.dtype,
             "versions": package_versions(),
             "python": platform.python_version(),
             "git_revision": git_revision(),
             "timings": timings,
         }
-        write_json(run_dir / "manifest.json", manifest)
-        return RunResult(run_dir, summary, table, timings)
 
     # ---- training ----------------------------------------------------------------------------
     def resolve_method(self):

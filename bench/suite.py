@@ -237,36 +237,13 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
     if subject:
         raise DataError(f"subject={subject} applies to DreamBench suites; suite '{cfg['name']}' has no subjects")
     base = Path(cfg.get("_dir", "."))
-    if cfg.get("prompt_sets"):
-        rows, where = read_prompt_sets(cfg, base, cache)
-    else:
-        spec = cfg.get("source") or cfg.get("prompts")
-        if not spec:
-            raise DataError(f"suite '{cfg['name']}' names no prompts (set suite.source=PATH)")
-        rows, where = read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", "suite.source", cache)
+    rows, where = suite_rows(cfg, base, cache)
     prompts = prompts_of(rows, where, cfg.get("prompt_column"))
-    groups = {}
-    set_column = [set_column_of(cfg)] if cfg.get("prompt_sets") else []
-    for column in dict.fromkeys(set_column + list(cfg.get("group_columns") or [])):
-        key = _find_column(rows[0], column)
-        if key is None:
-            log.warning("suite '%s': %s has no column %s, so results are not broken down by it", cfg["name"], where, column)
-            continue
-        groups[column] = ["" if r.get(key) is None else str(r.get(key)) for r in rows]
+    set_column = set_column_of(cfg) if cfg.get("prompt_sets") else None
+    groups = group_labels(cfg, rows, where, set_column)
     real = _real_images(cfg, rows, where)
     is_canonical = is_published(cfg, prompts, where)
-    keep = list(range(len(prompts)))
-    if cfg.get("limit"):
-        n = int(cfg["limit"])
-        if set_column:  # the first N of every set, so a smoke run reaches every set's metrics
-            taken: dict[str, int] = {}
-            keep = []
-            for i, label in enumerate(groups[set_column[0]]):
-                taken[label] = taken.get(label, 0) + 1
-                if taken[label] <= n:
-                    keep.append(i)
-        else:
-            keep = keep[:n]
+    keep = limited(len(prompts), cfg.get("limit"), groups.get(set_column) if set_column else None)
     check_empty_prompts(cfg, [(i, prompts[i]) for i in keep], where)
     if len(keep) < len(prompts):
         prompts, groups = [prompts[i] for i in keep], {k: [v[i] for i in keep] for k, v in groups.items()}
@@ -287,6 +264,47 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         metric_scope=_metric_scope(cfg, metrics, groups),
         real_images=real,
     )
+
+
+def suite_rows(cfg: dict, base: Path, cache: Path | None) -> tuple[list[dict], str]:
+    """The suite's prompt rows and where they came from: its prompt sets, ``suite.source`` (relative to
+    the working folder) or ``prompts`` (relative to the YAML)."""
+    if cfg.get("prompt_sets"):
+        return read_prompt_sets(cfg, base, cache)
+    spec = cfg.get("source") or cfg.get("prompts")
+    if not spec:
+        raise DataError(f"suite '{cfg['name']}' names no prompts (set suite.source=PATH)")
+    return read_prompt_source(spec, Path.cwd() if cfg.get("source") else base, f"suite={cfg['name']}", "suite.source", cache)
+
+
+def group_labels(cfg: dict, rows: list[dict], where: str, set_column: str | None) -> dict[str, list[str]]:
+    """Each prompt's label in every column results are broken down by: the prompt set first, then the
+    suite's ``group_columns`` (a column the rows lack is skipped with a warning)."""
+    groups = {}
+    for column in dict.fromkeys(([set_column] if set_column else []) + list(cfg.get("group_columns") or [])):
+        key = _find_column(rows[0], column)
+        if key is None:
+            log.warning("suite '%s': %s has no column %s, so results are not broken down by it", cfg["name"], where, column)
+            continue
+        groups[column] = ["" if r.get(key) is None else str(r.get(key)) for r in rows]
+    return groups
+
+
+def limited(count: int, limit, sets: list[str] | None) -> list[int]:
+    """The prompt indices ``suite.limit`` keeps: the first N, or the first N of every prompt set, so a
+    smoke run reaches every set's metrics."""
+    if not limit:
+        return list(range(count))
+    n = int(limit)
+    if sets is None:
+        return list(range(min(n, count)))
+    taken: dict[str, int] = {}
+    keep = []
+    for i, label in enumerate(sets):
+        taken[label] = taken.get(label, 0) + 1
+        if taken[label] <= n:
+            keep.append(i)
+    return keep
 
 
 def check_empty_prompts(cfg: dict, indexed: list[tuple[int, str]], where: str) -> None:

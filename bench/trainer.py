@@ -180,6 +180,14 @@ def apply_checkpoint(model: DiffusionModel, ckpt: Checkpoint) -> None:
     model.unet.requires_grad_(False)
 
 
+def update_ema(ema: dict[str, torch.Tensor], unet: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * weights, for the trained weights."""
+    with torch.no_grad():
+        for n, p in unet.named_parameters():
+            if n in ema:
+                ema[n].mul_(decay).add_(p.detach(), alpha=1 - decay)
+
+
 # ---- optimizer and learning-rate schedule --------------------------------------------------
 def make_optimizer(params, tc: dict) -> torch.optim.Optimizer:
     name, lr, wd = tc["optimizer"], peak_lr(tc), float(tc["weight_decay"])
@@ -281,28 +289,12 @@ class Trainer:
         return Checkpoint(final, self.train_id)
 
     def _train(self) -> Checkpoint:
+        """trainable UNet -> context -> data -> resume -> optimizer steps -> final checkpoint."""
         tc = self.train_cfg
-        lora = bool(tc["lora_rank"]) and not tc["full_finetune"]
-        unet = self.model.unet
-        frozen = None
-        if lora:
-            add_lora(unet, int(tc["lora_rank"]), float(tc["lora_alpha"]), int(tc["seed"]))
-        else:
-            # the reference of full fine-tuning: a frozen copy, kept only where the method reads one (memory: a UNet in float32)
-            frozen = copy.deepcopy(unet).requires_grad_(False) if self.method.uses_reference else None
-            unet.requires_grad_(True)
-        unet.train()
-        if tc["gradient_checkpointing"]:
-            unet.enable_gradient_checkpointing()
-        self.trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+        unet, frozen, lora = self._trainable_unet()
         params = [p for p in unet.parameters() if p.requires_grad]
         steps = int(tc["steps"])
-        micro_batch, accum = self._micro_batches()
-        ctx = TrainContext(
-            self.model, self.prompts, self.reward, int(tc["seed"]), self.device, micro_batch, self.progress, frozen,
-            data_cfg=self.pair_data, grad_accum=accum, workdir=self.root, save_every=int(tc["save_every"]), images=self.images,
-            sample_batch_size=int(self.cfg["gen"]["batch_size"]),
-        )
+        ctx = self._context(frozen)
         opt = make_optimizer(params, tc)
         lr_factor(tc["lr_schedule"], 0, 0, steps)  # a mistyped schedule fails before data is made
         data = self._data(ctx)
@@ -314,36 +306,11 @@ class Trainer:
         accel = Accelerator(mixed_precision=self._precision(), cpu=self.device.type == "cpu")
         bar = progress(range(start, steps), self.progress, initial=start, total=steps, desc=f"train {self.cfg['method']['name']}")
         for step in bar:
-            total = 0.0
-            for group in opt.param_groups:
-                group["lr"] = peak_lr(tc) * lr_factor(tc["lr_schedule"], step, int(tc["warmup_steps"]), steps)
-            for micro in range(accum):
-                ctx.step, ctx.micro = step, micro
-                gen = torch.Generator().manual_seed(micro_seed(int(tc["seed"]), step, micro))
-                with accel.autocast():
-                    loss, logs = self.method.loss(ctx, data, gen)
-                if not torch.isfinite(loss):
-                    if all(torch.isfinite(p).all() for p in params):  # keep the progress, never diverged weights
-                        self._save(unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
-                    raise TrainingError(
-                        f"loss became {loss.item()} at step {step} of method '{self.cfg['method']['name']}' "
-                        f"(train.lr={tc['lr']}); progress up to the last checkpoint is kept in {self.root}: "
-                        "lower train.lr or check the method's inputs"
-                    )
-                accel.backward(loss / accum)
-                total += loss.item() / accum
-            if tc["max_grad_norm"]:
-                torch.nn.utils.clip_grad_norm_(params, float(tc["max_grad_norm"]))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, logs = self._optimizer_step(step, ctx, data, opt, params, accel, ema, history)
             if ema is not None:
-                d = float(tc["ema_decay"])
-                with torch.no_grad():
-                    for n, p in unet.named_parameters():
-                        if n in ema:
-                            ema[n].mul_(d).add_(p.detach(), alpha=1 - d)
-            history.append(total)
-            bar.set_postfix(loss=f"{total:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
+                update_ema(ema, unet, float(tc["ema_decay"]))
+            history.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
             if (step + 1) % int(tc["save_every"]) == 0 and step + 1 < steps:
                 if tc.get("keep_checkpoints"):  # before the resumable state: a kill between the two redoes this step's snapshot
                     self._keep(unet, ema, step + 1, history, lora)
@@ -353,6 +320,62 @@ class Trainer:
         if tc["gradient_checkpointing"]:
             unet.disable_gradient_checkpointing()
         return self._finish(unet, ema, history, lora, self.method.data_manifest(ctx, data))
+
+    def _trainable_unet(self) -> tuple[torch.nn.Module, torch.nn.Module | None, bool]:
+        """The UNet in training mode with what trains marked (LoRA adapters, or every weight), the
+        frozen reference of full fine-tuning where the method reads one, and whether it is LoRA."""
+        tc, unet = self.train_cfg, self.model.unet
+        lora = bool(tc["lora_rank"]) and not tc["full_finetune"]
+        frozen = None
+        if lora:
+            add_lora(unet, int(tc["lora_rank"]), float(tc["lora_alpha"]), int(tc["seed"]))
+        else:
+            # the reference of full fine-tuning: a frozen copy, kept only where the method reads one (memory: a UNet in float32)
+            frozen = copy.deepcopy(unet).requires_grad_(False) if self.method.uses_reference else None
+            unet.requires_grad_(True)
+        unet.train()
+        if tc["gradient_checkpointing"]:
+            unet.enable_gradient_checkpointing()
+        self.trainable = [n for n, p in unet.named_parameters() if p.requires_grad]
+        return unet, frozen, lora
+
+    def _context(self, frozen: torch.nn.Module | None) -> TrainContext:
+        tc = self.train_cfg
+        micro_batch, accum = self._micro_batches()
+        return TrainContext(
+            self.model, self.prompts, self.reward, int(tc["seed"]), self.device, micro_batch, self.progress, frozen,
+            data_cfg=self.pair_data, grad_accum=accum, workdir=self.root, save_every=int(tc["save_every"]), images=self.images,
+            sample_batch_size=int(self.cfg["gen"]["batch_size"]),
+        )
+
+    def _optimizer_step(self, step: int, ctx: TrainContext, data, opt, params, accel, ema, history: list[float]) -> tuple[float, dict]:
+        """One optimizer step: the scheduled learning rate, ``grad_accum`` micro-batches whose gradients
+        add up (each seeded from (seed, step, micro-batch)), clipping, the update. A non-finite loss
+        stops training with the progress up to the last finite weights kept."""
+        tc = self.train_cfg
+        total, logs = 0.0, {}
+        for group in opt.param_groups:
+            group["lr"] = peak_lr(tc) * lr_factor(tc["lr_schedule"], step, int(tc["warmup_steps"]), int(tc["steps"]))
+        for micro in range(ctx.grad_accum):
+            ctx.step, ctx.micro = step, micro
+            gen = torch.Generator().manual_seed(micro_seed(int(tc["seed"]), step, micro))
+            with accel.autocast():
+                loss, logs = self.method.loss(ctx, data, gen)
+            if not torch.isfinite(loss):
+                if all(torch.isfinite(p).all() for p in params):  # keep the progress, never diverged weights
+                    self._save(self.model.unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
+                raise TrainingError(
+                    f"loss became {loss.item()} at step {step} of method '{self.cfg['method']['name']}' "
+                    f"(train.lr={tc['lr']}); progress up to the last checkpoint is kept in {self.root}: "
+                    "lower train.lr or check the method's inputs"
+                )
+            accel.backward(loss / ctx.grad_accum)
+            total += loss.item() / ctx.grad_accum
+        if tc["max_grad_norm"]:
+            torch.nn.utils.clip_grad_norm_(params, float(tc["max_grad_norm"]))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return total, logs
 
     # ---- pieces ------------------------------------------------------------------------------
     def _micro_batches(self) -> tuple[int, int]:

@@ -225,6 +225,29 @@ def size(nbytes) -> str:
 
 
 # ---- the planner --------------------------------------------------------------------------------
+@dataclass
+class TrainingSetup:
+    """What the training plan is computed from: the recipe, its batch split, sampler and work."""
+
+    tc: dict
+    method_cfg: dict
+    method: object
+    micro: int
+    accum: int
+    sampler: object
+    cfg_pass: int
+    lora: int
+    prompts: int | None
+    reward: str | None
+    work: Work | None
+    mp: str
+
+    @property
+    def every(self) -> Passes:
+        """All the work of one micro-batch (its passes and what runs before them)."""
+        return self.work.micro + self.work.before if self.work.before is not None else self.work.micro
+
+
 class _Planner:
     def __init__(self, plan: Plan, cfg: dict, profiles):
         from bench.io import cache_root
@@ -371,11 +394,21 @@ class _Planner:
         return list(dict.fromkeys(metrics))
 
     def training(self, resident_metrics: list[str]) -> None:
+        """The training section (what one micro-batch, one round and the prepared data cost, over the
+        run) and its memory phases, from the recipe's ``plan`` hook."""
+        t = self.training_setup()
+        if t.work is None:
+            self.plan.sections.append(("training", [f"method {t.method_cfg['name']} gives no plan (its recipe has no `plan` hook)"]))
+            return
+        self.plan.sections.append(("training", self.training_lines(t)))
+        self.training_memory(t, resident_metrics)
+
+    def training_setup(self) -> TrainingSetup:
         from bench.models import make_sampler
-        from bench.plan import arch, profile, store
+        from bench.plan import arch
         from bench.registry import METHODS
         from bench.runner import _import_recipe
-        from bench.trainer import LORA_TARGETS, micro_batches, mixed_precision
+        from bench.trainer import micro_batches, mixed_precision
 
         cfg = self.cfg
         method_cfg = dict(cfg["method"])
@@ -386,7 +419,6 @@ class _Planner:
         method = cls(method_cfg)
         micro, accum = micro_batches(tc, method.splits_micro_batches, method_cfg["name"])
         sampler = make_sampler({**cfg["model"]["sampler"], **(tc.get("sampler") or {})})
-        steps = int(sampler.steps)
         cfg_pass = 2 if sampler.guidance > 1.0 and not self.arch.guidance_embedded() else 1
         lora = int(tc["lora_rank"] or 0) if tc["lora_rank"] and not tc["full_finetune"] else 0
         data = cfg.get("data") or {}
@@ -395,29 +427,28 @@ class _Planner:
             targets = micro
         prompts = targets if targets is not None else self.train_prompt_count(method_cfg)
         p = PlanContext(
-            batch_size=micro, grad_accum=accum, steps=int(tc["steps"]), sampler_steps=steps, cfg=cfg_pass,
+            batch_size=micro, grad_accum=accum, steps=int(tc["steps"]), sampler_steps=int(sampler.steps), cfg=cfg_pass,
             sample_batch_size=int(cfg["gen"]["batch_size"]), prompts=prompts, images=targets, dataset=data.get("kind", "pairs") == "pairs" and bool(data),
             full_finetune=not lora, unet_parameters=self.params["unet"],
             part_parameters=lambda prefixes, backbone=None: arch.part_parameters(arch.backbone_unet(backbone, unet), prefixes),
         )
-        work = method.plan(p)
-        if work is None:
-            self.plan.sections.append(("training", [f"method {method_cfg['name']} gives no plan (its recipe has no `plan` hook)"]))
-            return
-        every = work.micro + work.before if work.before is not None else work.micro  # all the work of one micro-batch
-        optimizer_steps = int(tc["steps"])
         mp = mixed_precision(tc["mixed_precision"], self.device, bf16_supported=True)
-        autocast = {"bf16": "bfloat16", "fp16": "float16", "no": None}.get(mp, None)
-        train_setting = profile.Setting("float32", autocast)
+        return TrainingSetup(tc, method_cfg, method, micro, accum, sampler, cfg_pass, lora, prompts, reward, method.plan(p), mp)
 
-        # ---- the work ----
+    def training_lines(self, t: TrainingSetup) -> list[str]:
+        """The training section's lines: the steps, the sampler, what trains, one micro-batch and the
+        run's totals, one round, the data prepared once, the reward and the recipe's notes."""
+        from bench.trainer import LORA_TARGETS
+
+        tc, work, accum, micro, steps, every = t.tc, t.work, t.accum, t.micro, int(t.sampler.steps), t.every
+        optimizer_steps = int(tc["steps"])
         per_step = f"{accum} micro-batches of {micro}" if accum > 1 else f"one micro-batch of {micro}"
         lines = [
             f"{optimizer_steps:,} optimizer steps of {int(tc['batch_size']) * int(tc['grad_accum']):,} units (train.batch_size {tc['batch_size']} x grad_accum {tc['grad_accum']}"
             + (f", train.micro_batch_size {tc['micro_batch_size']}" if tc.get("micro_batch_size") else "") + f"): {per_step} per step, {optimizer_steps * accum:,} micro-batches in all",
-            f"training sampler: {sampler.kind}, {steps} steps ({max(steps - 1, 0)} stochastic), guidance {sampler.guidance:g}" + (" with CFG" if cfg_pass == 2 else ""),
-            f"{'LoRA rank ' + str(lora) + ' on ' + '/'.join(LORA_TARGETS) if lora else 'full fine-tuning (a frozen copy of the UNet is the reference)'}; "
-            f"optimizer {tc['optimizer']}; mixed precision {mp}; gradient checkpointing {'on' if tc['gradient_checkpointing'] else 'off'}"
+            f"training sampler: {t.sampler.kind}, {steps} steps ({max(steps - 1, 0)} stochastic), guidance {t.sampler.guidance:g}" + (" with CFG" if t.cfg_pass == 2 else ""),
+            f"{'LoRA rank ' + str(t.lora) + ' on ' + '/'.join(LORA_TARGETS) if t.lora else 'full fine-tuning (a frozen copy of the UNet is the reference)'}; "
+            f"optimizer {tc['optimizer']}; mixed precision {t.mp}; gradient checkpointing {'on' if tc['gradient_checkpointing'] else 'off'}"
             + (f"; EMA {tc['ema_decay']}" if tc.get("ema_decay") else ""),
             self.describe("one micro-batch", every),
             f"over the run: {optimizer_steps * accum * Passes.total(every.grad):,} UNet sample-passes with gradient, "
@@ -432,23 +463,28 @@ class _Planner:
                 f"{rounds * work.round.rewards:,} reward evaluations"
             )
         if work.prepare is not None and (work.prepare.nograd or work.prepare.encode or work.prepare.samples):
-            lines.append(self.describe("data prepared once", work.prepare) + ("" if prompts is not None else " (per training prompt: their count is unknown offline)"))
-        if reward:
-            lines.append(f"reward {reward}")
-        lines += [f"note: {n}" for n in work.notes]
-        self.plan.sections.append(("training", lines))
+            lines.append(self.describe("data prepared once", work.prepare) + ("" if t.prompts is not None else " (per training prompt: their count is unknown offline)"))
+        if t.reward:
+            lines.append(f"reward {t.reward}")
+        return lines + [f"note: {n}" for n in work.notes]
 
-        # ---- the memory ----
-        shapes = arch.trainable_shapes(unet, lora, LORA_TARGETS)
+    def training_memory(self, t: TrainingSetup, resident_metrics: list[str]) -> None:
+        """The phases of training: data preparation, round sampling, a micro-batch, the optimizer step."""
+        from bench.plan import arch, profile
+        from bench.trainer import LORA_TARGETS
+
+        tc, work = t.tc, t.work
+        train_setting = profile.Setting("float32", {"bf16": "bfloat16", "fp16": "float16", "no": None}.get(t.mp, None))
+        shapes = arch.trainable_shapes(self.arch.unet, t.lora, LORA_TARGETS)
         trainable = sum(arch._numel(s) for s in shapes)
         static = Phase("static")
         for label, b in self.pipeline_bytes("float32"):
             static.add(label, b)
-        if lora:
+        if t.lora:
             static.add(f"LoRA adapters (float32, {trainable:,})", trainable * 4)
-        elif method.uses_reference:
+        elif t.method.uses_reference:
             static.add("frozen reference UNet (float32)", self.params["unet"] * 4)
-        term = self.metric_term([*resident_metrics, reward], "reward and loaded metrics' weights" if resident_metrics else "reward's weights")
+        term = self.metric_term([*resident_metrics, t.reward], "reward and loaded metrics' weights" if resident_metrics else "reward's weights")
         if term:
             static.add(*term)
         for label, n, per in work.networks:
@@ -458,18 +494,32 @@ class _Planner:
         if tc.get("ema_decay"):
             state.add("EMA of the trained weights (float32)", trainable * 4)
         grads = ("gradients (float32)", trainable * 4)
-
         if work.prepare is not None:
-            t, why = self.transient(work.prepare, profile.Setting("float32"))
-            if t:
-                self.plan.phases.append(Phase("data preparation", list(static.terms)).add(f"working memory: {why} (float32, no autocast)", t))
+            b, why = self.transient(work.prepare, profile.Setting("float32"))
+            if b:
+                self.plan.phases.append(Phase("data preparation", list(static.terms)).add(f"working memory: {why} (float32, no autocast)", b))
         if work.round is not None:
-            t, why = self.transient(work.round, train_setting)
-            self.plan.phases.append(Phase("round sampling", static.terms + state.terms).add(f"working memory: {why}", t))
+            b, why = self.transient(work.round, train_setting)
+            self.plan.phases.append(Phase("round sampling", static.terms + state.terms).add(f"working memory: {why}", b))
         phase = Phase("training micro-batch", static.terms + state.terms + [grads])
+        phase.terms += self.micro_batch_terms(t, train_setting)
+        self.plan.phases.append(phase)
+        step = Phase("optimizer step", static.terms + state.terms + [grads])
+        step.add(f"optimizer step temporaries ({tc['optimizer']})", opt_tmp)
+        self.plan.phases.append(step)
+        if t.every.grad_decode:
+            self.plan.notes.append("the VAE decoder's activations with gradient (reward back-propagation) are not in the estimate")
+
+    def micro_batch_terms(self, t: TrainingSetup, train_setting) -> list[tuple[str, int]]:
+        """What a training micro-batch holds at its peak above the static state: the activations its
+        gradient-carrying passes keep plus the largest transient, or the work done before them alone
+        when that is larger."""
+        from bench.plan import arch, store
+
+        work, tc, unet = t.work, t.tc, self.arch.unet
         during: list[tuple[str, int]] = []  # what the micro-batch's passes hold at their peak
         if work.micro.grad:
-            g = self.grad_profile(train_setting, lora, bool(tc["gradient_checkpointing"]))
+            g = self.grad_profile(train_setting, t.lora, bool(tc["gradient_checkpointing"]))
             samples, passes = Passes.total(work.micro.grad), sum(c for _, c in work.micro.grad)
             largest = Passes.largest(work.micro.grad)
             held = g["per_region"] + passes * g["per_pass"] + samples * g["per_sample"]
@@ -484,25 +534,18 @@ class _Planner:
             during += [(f"activations kept for the backward ({samples} sample-passes in {passes} pass(es))", held), (f"working memory: {what}", peak_extra)]
         alone: list[tuple[str, int]] = []  # work done before the passes, with nothing of theirs alive
         if work.before is not None:
-            t, why = self.transient(work.before, train_setting)
-            alone.append((f"working memory: {why} (before the micro-batch's gradient-carrying passes)", t))
+            b, why = self.transient(work.before, train_setting)
+            alone.append((f"working memory: {why} (before the micro-batch's gradient-carrying passes)", b))
         for label, backbone, n, kept in work.trained_encoders:
             enc = arch.backbone_unet(backbone, unet)
             g = store.unet_encoder_training(self.profiles, enc, self.arch.latent_side, train_setting, bool(tc["gradient_checkpointing"]))
             b = g["per_region"] + g["per_pass"] + g["per_sample"] * n + g["backward_const"] + g["backward_per_sample"] * n
-            term = (f"{label}: {enc.name}'s encoder on {n} samples with gradient", b)
-            (during if kept else alone).append(term)
-        if during or alone:
-            if max((b for _, b in alone), default=0) > sum(b for _, b in during):
-                phase.terms += [max(alone, key=lambda t: t[1])]
-            else:
-                phase.terms += during
-        self.plan.phases.append(phase)
-        step = Phase("optimizer step", static.terms + state.terms + [grads])
-        step.add(f"optimizer step temporaries ({tc['optimizer']})", opt_tmp)
-        self.plan.phases.append(step)
-        if every.grad_decode:
-            self.plan.notes.append("the VAE decoder's activations with gradient (reward back-propagation) are not in the estimate")
+            (during if kept else alone).append((f"{label}: {enc.name}'s encoder on {n} samples with gradient", b))
+        if not (during or alone):
+            return []
+        if max((b for _, b in alone), default=0) > sum(b for _, b in during):
+            return [max(alone, key=lambda term: term[1])]
+        return during
 
     def describe(self, what: str, stage: Passes) -> str:
         parts = []
