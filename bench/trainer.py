@@ -34,6 +34,7 @@ from bench.suite import prompts_sha256
 from bench.io import progress, write_json
 from bench.method import Method, TrainContext
 from bench.models.diffusion import DiffusionModel
+from bench.weights import copy_weights
 
 log = logging.getLogger(__name__)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
@@ -169,14 +170,8 @@ def apply_checkpoint(model: DiffusionModel, ckpt: Checkpoint) -> None:
     meta = json.loads((ckpt.path / "train.json").read_text())
     if meta["lora_rank"]:
         add_lora(model.unet, meta["lora_rank"], meta["lora_alpha"], 0)
-    weights = load_file(ckpt.path / "weights.safetensors")
-    missing = set(weights) - {n for n, _ in model.unet.named_parameters()}
-    if missing:
-        raise TrainingError(f"checkpoint {ckpt.path} does not fit model '{model.name}' ({len(missing)} unknown tensors); delete it and retrain")
-    params = dict(model.unet.named_parameters())
-    with torch.no_grad():
-        for name, tensor in weights.items():
-            params[name].copy_(tensor)
+    misfit = lambda n: TrainingError(f"checkpoint {ckpt.path} does not fit model '{model.name}' ({n} unknown tensors); delete it and retrain")
+    copy_weights(model.unet, load_file(ckpt.path / "weights.safetensors"), misfit)
     model.unet.requires_grad_(False)
 
 
@@ -434,11 +429,7 @@ class Trainer:
             return 0, []
         last = dirs[-1]
         state = json.loads((last / "state.json").read_text())
-        weights = load_file(last / "weights.safetensors")
-        params = dict(unet.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+        copy_weights(unet, load_file(last / "weights.safetensors"))
         _load_optimizer(opt, load_file(last / "optimizer.safetensors"), state["optimizer"])
         if ema is not None and (last / "ema.safetensors").exists():
             ema.update(load_file(last / "ema.safetensors"))
@@ -487,10 +478,7 @@ class Trainer:
         tc = self.train_cfg
         weights = self._eval_weights(unet, ema)
         if ema is not None:
-            params = dict(unet.named_parameters())
-            with torch.no_grad():
-                for name, tensor in ema.items():
-                    params[name].copy_(tensor)
+            copy_weights(unet, ema)
         final = self.root / "final"
         self._write_weights(final, weights, int(tc["steps"]), history, lora, data_manifest)
         for old in self._step_dirs():

@@ -61,3 +61,25 @@ def test_no_function_in_bench_is_longer_than_60_lines_unless_it_says_why():
                 if lines > MAX_LINES and "Long because" not in (ast.get_docstring(node) or ""):
                     long.append(f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({lines} lines)")
     assert not long, "split these into named steps, or say why in the docstring: " + "; ".join(long)
+
+
+def test_copy_weights_refuses_a_misfit_before_copying_anything():
+    import pytest
+    import torch
+
+    from bench.weights import base_copy, copy_weights
+
+    layer = torch.nn.Linear(2, 2)
+    before = layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="1 unknown"):
+        copy_weights(layer, {"weight": torch.ones(2, 2), "nope": torch.ones(1)}, lambda n: ValueError(f"{n} unknown"))
+    assert torch.equal(layer.weight, before)
+    copy_weights(layer, {"weight": torch.ones(2, 2)})
+    assert torch.equal(layer.weight, torch.ones(2, 2))
+
+    from peft import LoraConfig, inject_adapter_in_model
+
+    wrapped = inject_adapter_in_model(LoraConfig(r=1, target_modules=["0"]), torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    plain = base_copy(wrapped)
+    assert [n for n, _ in plain.named_parameters()] == ["0.weight", "0.bias"]  # the LoRA layer gone, the base weights kept
+    assert any("lora_" in n for n, _ in wrapped.named_parameters())  # the original keeps its adapters

@@ -49,7 +49,6 @@ schedule gives the paper's [0.01, 156.6155]).
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
 from pathlib import Path
@@ -60,6 +59,7 @@ import torch
 from bench.errors import UsageError
 from bench.method import Method, image_generators
 from bench.models.diffusion import Conditioning
+from bench.weights import base_copy, copy_weights
 
 log = logging.getLogger(__name__)
 
@@ -249,27 +249,13 @@ class DiffInstructPP(Method):
             raise UsageError(f"method.init={path}: not a finished checkpoint (weights.safetensors and train.json); use the folder `bench train` prints")
         if json.loads(meta.read_text())["lora_rank"] or ctx.frozen_unet is None:
             raise UsageError("method.init takes a full fine-tuning checkpoint into a full fine-tuning run (train.full_finetune=true, train.lora_rank=0)")
-        params = dict(ctx.model.unet.named_parameters())
-        weights = load_file(path / "weights.safetensors")
-        unknown = set(weights) - set(params)
-        if unknown:
-            raise UsageError(f"method.init={path} does not fit model '{ctx.model.name}' ({len(unknown)} unknown tensors)")
-        with torch.no_grad():
-            for name, tensor in weights.items():
-                params[name].copy_(tensor)
+        misfit = lambda n: UsageError(f"method.init={path} does not fit model '{ctx.model.name}' ({n} unknown tensors)")
+        copy_weights(ctx.model.unet, load_file(path / "weights.safetensors"), misfit)
 
     @staticmethod
     def _copy_teacher(ctx) -> torch.nn.Module:
-        """A trainable full copy of the frozen teacher (LoRA adapters, if any, stay off in it)."""
-        if ctx.frozen_unet is not None:
-            ta = copy.deepcopy(ctx.frozen_unet)
-            ta.requires_grad_(True)
-        else:
-            ta = copy.deepcopy(ctx.model.unet)
-            ta.disable_adapters()
-            for name, p in ta.named_parameters():
-                p.requires_grad_("lora_" not in name)
-        return ta.train()
+        """A trainable full copy of the frozen teacher (the generator's LoRA layers, if any, left out)."""
+        return base_copy(ctx.frozen_unet if ctx.frozen_unet is not None else ctx.model.unet).requires_grad_(True).train()
 
     # ---- pieces a test can call ------------------------------------------------------------------
     def generate(self, ctx, prompts: Sequence[str], generators: Sequence[torch.Generator], cond: Conditioning | None = None) -> torch.Tensor:
@@ -341,16 +327,12 @@ class DiffInstructPP(Method):
         return state
 
     def load_extra_state(self, tensors: dict[str, torch.Tensor]) -> None:
-        params = dict(self.ta.named_parameters())
+        copy_weights(self.ta, {k.removeprefix("ta."): v for k, v in tensors.items() if k.startswith("ta.")})
         opt_state: dict[int, dict] = {}
-        with torch.no_grad():
-            for key, value in tensors.items():
-                kind, _, rest = key.partition(".")
-                if kind == "ta":
-                    params[rest].copy_(value)
-                else:
-                    idx, _, name = rest.partition(".")
-                    opt_state.setdefault(int(idx), {})[name] = value
+        for key, value in tensors.items():
+            if key.startswith("ta_opt."):
+                idx, _, name = key.removeprefix("ta_opt.").partition(".")
+                opt_state.setdefault(int(idx), {})[name] = value
         self.ta_opt.load_state_dict({"state": opt_state, "param_groups": self.ta_opt.state_dict()["param_groups"]})
 
     def plan(self, p):

@@ -29,7 +29,6 @@ The surrogate, its optimizer's moments and the normalizer's statistics travel th
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import hashlib
 import inspect
@@ -41,21 +40,10 @@ from bench.errors import UsageError
 from bench.generate import derived_seed
 from bench.method import Method, TrainContext, image_generators
 from bench.models.diffusion import Conditioning, DiffusionModel, Sampler
+from bench.weights import base_copy
 
 
 # ---- the surrogate reward r_phi(c, x) -------------------------------------------------------------
-def strip_lora(module: torch.nn.Module) -> torch.nn.Module:
-    """``module`` with every peft LoRA layer replaced by the base layer it wraps (the base weights)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    for name, child in list(module.named_children()):
-        if isinstance(child, BaseTunerLayer):
-            setattr(module, name, child.get_base_layer())
-        else:
-            strip_lora(child)
-    return module
-
-
 def head_groups(channels: int, groups: int) -> int:
     if channels % groups:
         raise UsageError(f"the surrogate head has {channels} channels, which {groups} GroupNorm groups do not divide: set method.rm_head_groups to a divisor of {channels}")
@@ -72,7 +60,7 @@ class LatentSurrogate(torch.nn.Module):
         cfg = unet.config
         if cfg.get("addition_embed_type") not in (None, "text_time") or getattr(unet, "encoder_hid_proj", None) is not None or getattr(unet, "class_embedding", None) is not None:
             raise UsageError(f"the LaSRO surrogate supports SD- and SDXL-layout UNets; this one has addition_embed_type={cfg.get('addition_embed_type')!r}")
-        take = lambda m: None if m is None else strip_lora(copy.deepcopy(m))
+        take = lambda m: None if m is None else base_copy(m)
         self.conv_in, self.time_proj, self.time_embedding = take(unet.conv_in), take(unet.time_proj), take(unet.time_embedding)
         self.add_time_proj, self.add_embedding = take(getattr(unet, "add_time_proj", None)), take(getattr(unet, "add_embedding", None))
         self.time_embed_act = take(getattr(unet, "time_embed_act", None))
