@@ -7,6 +7,7 @@ non-zero; tracebacks are kept for genuine bugs (or set BENCH_DEBUG=1).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -34,6 +35,12 @@ USAGE = """usage: bench COMMAND [key=value ...]   (bench COMMAND --help: its key
 
 commands:
 """ + "\n".join(f"  {name:<12} {what}" for name, (_, what) in COMMANDS_HELP.items()) + """
+
+options (anywhere on the line):
+  -q, --quiet        warnings and errors only, no progress
+  -v, --verbose      debug logging
+  --json             run, eval: print the summary as JSON on stdout (with the run folders) instead of the table;
+                     progress and logs stay on stderr (a line every $BENCH_PROGRESS_EVERY s, 30, when it is not a terminal)
 
 several seeds (run, eval):
   seeds=0,1,2        evaluate under each base seed (images cached per seed); a run trains once, the base seed sets no checkpoint
@@ -89,6 +96,9 @@ def cmd_run(args):
     if cfg.gen.shard:
         raise UsageError("gen.shard applies to `bench eval` (base-model generation by parallel workers), not `bench run`")
     base, tuned = run(cfg)
+    if JSON_OUTPUT:
+        print(json.dumps({"run_dir": str(tuned.run_dir), "base_run_dir": str(base.run_dir), "summary": tuned.summary}, indent=1))
+        return
     print(tuned.table)
     print(f"\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
 
@@ -142,6 +152,9 @@ def cmd_eval(args):
               "run `bench eval` without gen.shard (same cache_dir) to score")
         return
     result = evaluate(cfg)
+    if JSON_OUTPUT:
+        print(json.dumps({"run_dir": str(result.run_dir), "summary": result.summary}, indent=1))
+        return
     print(result.table)
     print(f"\nrun folder: {result.run_dir}")
 
@@ -348,9 +361,27 @@ COMMANDS = {
 }
 
 
+JSON_OUTPUT = False  # --json: run and eval print their summary as JSON
+FLAGS = {"-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose", "--json": "json"}
+
+
+def output_options(argv: list[str]) -> list[str]:
+    """Take -q/-v/--json out of the arguments and apply them: the logging level, progress, JSON output."""
+    global JSON_OUTPUT
+    from bench import io
+
+    flags = {FLAGS[a] for a in argv if a in FLAGS}
+    JSON_OUTPUT = "json" in flags
+    io.QUIET = "quiet" in flags
+    level = logging.WARNING if "quiet" in flags else logging.DEBUG if "verbose" in flags else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")  # no-op where logging is set up (an embedding program)
+    if flags & {"quiet", "verbose"}:
+        logging.getLogger().setLevel(level)
+    return [a for a in argv if a not in FLAGS]
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    argv = output_options(sys.argv[1:] if argv is None else argv)
     for noisy in ("httpx", "huggingface_hub", "diffusers", "transformers", "accelerate"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     if argv[:1] == ["help"] and argv[1:2] and argv[1] in COMMANDS:

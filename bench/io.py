@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -209,11 +210,34 @@ def load_torch(path, allowed: tuple = ()):
         ) from None
 
 
+PROGRESS_EVERY = 30.0  # seconds between progress lines when stderr is not a terminal ($BENCH_PROGRESS_EVERY)
+QUIET = False  # `bench -q`: no progress at all
+
+
+class _Lines:
+    """A file for tqdm that turns its carriage-return redraws into whole lines on stderr: a batch log
+    gets one line per update instead of one endless line (or none)."""
+
+    def write(self, text: str) -> None:
+        line = text.replace("\r", "").strip()
+        if line:
+            print(line, file=sys.stderr, flush=True)
+
+    def flush(self) -> None:
+        pass
+
+
 def progress(iterable=None, enabled: bool = True, **kwargs):
-    """A tqdm bar that stays quiet when disabled or when stderr is not a terminal (CI logs)."""
+    """A tqdm bar in a terminal; elsewhere (a batch job, a pipe) one line every ``$BENCH_PROGRESS_EVERY``
+    seconds (30) for work that lasts longer than that, and nothing for work that does not."""
     from tqdm.auto import tqdm
 
-    return tqdm(iterable, disable=None if enabled else True, leave=False, dynamic_ncols=True, **kwargs)
+    if QUIET or not enabled:
+        return tqdm(iterable, disable=True, **kwargs)
+    if sys.stderr.isatty():
+        return tqdm(iterable, leave=False, dynamic_ncols=True, **kwargs)
+    every = float(os.environ.get("BENCH_PROGRESS_EVERY", PROGRESS_EVERY))
+    return tqdm(iterable, file=_Lines(), mininterval=every, maxinterval=max(every, 1.0), delay=every, ascii=True, ncols=100, **kwargs)
 
 
 def cache_root(cfg: dict | None = None) -> Path:
