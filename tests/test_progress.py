@@ -20,7 +20,7 @@ def test_a_piped_run_prints_progress_lines(cli, every_update):
     code, out, err = cli(*EVAL, "gen.batch_size=1")
     assert code == 0
     lines = err.splitlines()
-    generate = [line for line in lines if re.match(r"generate tiny: +\d+%\|.*\| \d/2 ", line)]
+    generate = [line for line in lines if re.match(r"generate tiny: +\d+%\|.*\| \d/4 ", line)]
     assert generate and generate[-1].startswith("generate tiny: 100%"), err  # whole lines, not carriage-return redraws
     assert any(re.match(r"score: +\d+%\|", line) for line in lines)
     assert "\r" not in err and "run folder:" in out
