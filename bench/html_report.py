@@ -182,7 +182,7 @@ def build_grid(runs: list[RunView], metrics: list[str], higher: dict[str, bool],
     shown = chosen_prompts(gains, texts, metrics, max_prompts)
     grid = Grid(n_prompts=len(texts))
     group_cols = list(dict.fromkeys(c for run in runs for c in run.groups))
-    rows = {k: {i: frame for i, frame in run.scores.groupby("prompt_index")} for k, run in enumerate(runs)}
+    rows = {k: dict(iter(run.scores[run.scores["prompt_index"].isin(shown)].groupby("prompt_index"))) for k, run in enumerate(runs)}
     thumbs: dict[str, tuple[str, int] | None] = {}
     for index in shown:
         frames = {k: by[index] for k, by in rows.items() if index in by}
@@ -220,7 +220,7 @@ def _columns(runs, frames: dict[int, pd.DataFrame], metrics: list[str], thumbs: 
             grid.missing += thumb is None
             cells.append({
                 "run": k, "key": key, "src": thumb[0] if thumb else None, "px": display_px(thumb[1]) if thumb else 96,
-                "where": str(run.store.path(key)), "scores": {m: _num(row[m]) for m in metrics if m in row.index},
+                "where": str(run.store.path(key)), "scores": {m: _num(row[m]) for m in metrics if m in row.index and _num(row[m]) is not None},  # a scoped metric: its prompts only
             })
         columns.append({"image_index": image_index, "seed": seed, "cells": cells})
     return columns

@@ -21,7 +21,7 @@ from omegaconf import OmegaConf
 from bench import report
 from bench.distribution import SetScorer, real_set
 from bench.config import compose, stable_hash, to_dict
-from bench.errors import UsageError
+from bench.errors import DataError, UsageError
 from bench.html_report import write_report
 from bench.generate import GenerationStats, ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
@@ -237,8 +237,15 @@ class Session:
         write_json(plan.run_dir / "summary.json", summary)
         write_text(plan.run_dir / "table.md", table + "\n")
         write_json(plan.run_dir / "manifest.json", self.manifest(plan, scored, summary, timings, protocol_extra))
-        write_report([plan.run_dir], max_prompts=int((self.cfg.get("report") or {}).get("max_prompts", 200)), cache_dir=self.cache)
+        self.write_report(plan.run_dir)
         return RunResult(plan.run_dir, summary, table, timings)
+
+    def write_report(self, run_dir: Path) -> None:
+        """report.html, last: a by-product, so a failure is one warning line and the run's results stand."""
+        try:
+            write_report([run_dir], max_prompts=int((self.cfg.get("report") or {}).get("max_prompts", 200)), cache_dir=self.cache)
+        except (DataError, ImportError) as err:
+            log.warning("report.html not written (%s); `bench report run=%s` writes it", str(err).splitlines()[0], run_dir)
 
     def plan_run(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None) -> RunPlan:
         """The model, every image to make and the run's identity, before any image is made; missing

@@ -126,12 +126,20 @@ def test_leaderboard_html_is_sortable_with_marks(runs, tmp_path):
     base, tuned = runs
     fake_run(tmp_path / "runs", tmp_path / "cache", "tiny-sft", 0.1, baseline=base.name, scorers="tiny",
              config={"suite": {"limit": 4}}, prompt_source=f"/data/{XSS}.txt", published_prompt_set=False)
+    other = fake_run(tmp_path / "runs", tmp_path / "cache", "dpo", 0.2, baseline=base.name)
+    sweep = tmp_path / "runs" / "micro-tiny-dpo-seeds-00000000"  # a seed sweep of one run, in place of it
+    sweep.mkdir()
+    (sweep / "manifest.json").write_text(json.dumps({"run_id": sweep.name, "suite": "micro", "model": "tiny", "method": "dpo", "scorers": "official",
+                                                     "sweep": {"axes": {"seed": [0, 1]}, "runs": [other.name]}}))
+    (sweep / "summary.json").write_text(json.dumps({"metrics": {"brightness": {"mean": 0.5, "sd": 0.25}}}))
     write_report([tuned])
     leaderboard(tmp_path / "runs")
     html = (tmp_path / "runs" / "leaderboard.html").read_text(encoding="utf-8")
     assert html.count('<th class="sortable"') >= 10 and "<script>" in html and "http" not in html
     rows = re.findall(r"<tr>\n<td>(micro-tiny-[^<]+)</td>", html)
-    assert len(rows) == 3
+    assert len(rows) == 4 and sweep.name in rows and other.name not in rows
+    sweep_row = html.split(f"<td>{sweep.name}</td>")[1].split("</tr>")[0]
+    assert ">0.5 ± 0.25</td>" in sweep_row and "<td>seeds 0, 1</td>" in sweep_row and 'data-sort="4">4</td>' in sweep_row  # prompts: its run's
     assert ESCAPED in html and XSS not in html
     for mark in ("tiny", "subset", "unpublished", "non-canonical"):
         assert f'<span class="mark {mark}" title=' in html
