@@ -65,7 +65,7 @@ def _facts(folder: Path, page_dir: Path, manifest: dict, summary: dict, scorers:
     report = folder / "report.html"
     return {
         "n_prompts": manifest.get("n_prompts", summary.get("n_prompts")),
-        "seeds": f"seed {(manifest.get('seeds') or {}).get('base_seed', '?')}, {(manifest.get('identity') or {}).get('images_per_prompt', '?')} image(s) per prompt",
+        "seeds": f"seed {(manifest.get('seeds') or {}).get('base_seed', '?')}, {(manifest.get('identity') or {}).get('images_per_prompt', '?')}/prompt",
         "prompt_set": f"{manifest.get('suite', '?')}: {manifest.get('prompt_source', '?')}",
         "marks": marks, "groups": groups,
         "report": Path(os.path.relpath(report.resolve(), page_dir.resolve())).as_posix() if report.exists() else None,

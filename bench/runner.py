@@ -243,7 +243,7 @@ class Session:
     def write_report(self, run_dir: Path) -> None:
         """report.html, last: a by-product, so a failure is one warning line and the run's results stand."""
         try:
-            write_report([run_dir], max_prompts=int((self.cfg.get("report") or {}).get("max_prompts", 200)), cache_dir=self.cache)
+            write_report([run_dir], max_prompts=int((self.cfg.get("report") or {}).get("max_prompts", 200)))  # images: the manifest's image_store
         except (DataError, ImportError) as err:
             log.warning("report.html not written (%s); `bench report run=%s` writes it", str(err).splitlines()[0], run_dir)
 

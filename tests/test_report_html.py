@@ -239,3 +239,23 @@ def test_the_report_in_headless_chromium(xss_run, tmp_path):
             chromium.close()
         assert errors == [] and dialogs == []
     assert (tmp_path / "report.png").stat().st_size > 10_000
+
+
+def test_log_with_names_a_tracker_and_a_missing_package_is_one_warning(monkeypatch, tmp_path, caplog):
+    import importlib.util
+
+    from bench.config import compose, to_dict
+    from bench.errors import UsageError
+    from bench.trainer import train_identity
+    from bench.trainlog import tracker_kwargs
+
+    tc = to_dict(compose(["method=sft", "train.log_with=tensorboard"]))["train"]
+    assert tc["log_with"] == "tensorboard" and "log_with" not in train_identity(tc)  # no checkpoint key
+    with pytest.raises(UsageError, match=r"train.log_with=mlflow: not allowed; use one of tensorboard, wandb, or null"):
+        compose(["method=sft", "train.log_with=mlflow"])
+    assert tracker_kwargs(None, tmp_path) == {}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert tracker_kwargs("wandb", tmp_path) == {}
+    assert "train.log_with=wandb: the wandb package is not installed (pip install wandb); logging to train.jsonl only" in caplog.text
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    assert tracker_kwargs("tensorboard", tmp_path) == {"log_with": "tensorboard", "project_dir": str(tmp_path / "trackers")}
