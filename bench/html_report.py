@@ -138,6 +138,9 @@ class Grid:
 
 
 def per_prompt(run: RunView, metric: str) -> pd.Series:
+    """The run's mean per prompt of ``metric`` (empty where the run lacks the metric)."""
+    if metric not in run.scores.columns:
+        return pd.Series(dtype=float)
     return run.scores.groupby("prompt_index")[metric].mean()
 
 

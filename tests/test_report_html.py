@@ -27,6 +27,7 @@ from bench.trainlog import TrainLog, read_train_log, train_log_path
 XSS = "<img src=x onerror=alert(1)>"
 ESCAPED = "&lt;img src=x onerror=alert(1)&gt;"
 PROMPTS = ["a red apple", XSS, "a blue car", "a green field"]
+CATEGORIES = ["food", "<b>odd</b>", "vehicle", "food"]  # a group column, its labels user text too
 METRICS = {"brightness": {"higher_is_better": True, "version": "1", "scale": "luma"}, "t2i-spatial-owlv2": {"higher_is_better": True, "version": "1", "scale": "score; NON-CANONICAL (UniDet unavailable)"}}
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -46,11 +47,12 @@ def fake_run(out: Path, cache: Path, method: str, shift: float, baseline: str | 
             value = round(0.2 + 0.1 * p + 0.05 * i + shift * (p % 2 * 2 - 1 if p else 1), 4)
             key = f"{method}{p:02d}{i:02d}".ljust(40, "0")
             store.save(key, np.full((32, 32, 3), int(value * 255), dtype=np.uint8))
-            rows.append({"prompt_index": p, "image_index": i, "prompt": prompt, "seed": 100 * p + i, "image_key": key, "brightness": value, "t2i-spatial-owlv2": value / 2})
+            rows.append({"prompt_index": p, "image_index": i, "prompt": prompt, "seed": 100 * p + i, "image_key": key, "category": CATEGORIES[p],
+                         "brightness": value, "t2i-spatial-owlv2": value / 2})
     scores = pd.DataFrame(rows)
     scores.to_parquet(folder / "scores.parquet")
     base = pd.read_parquet(out / baseline / "scores.parquet") if baseline else None
-    summary = summarize(scores, METRICS, base, n_boot=50, baseline_id=baseline, n_permutations=99)
+    summary = summarize(scores, METRICS, base, n_boot=50, baseline_id=baseline, group_by=["category"], n_permutations=99)
     (folder / "summary.json").write_text(json.dumps(summary))
     record = {"run_id": run_id, "suite": "micro", "model": "tiny", "method": method, "baseline": baseline, "scorers": "official", "n_prompts": len(PROMPTS),
               "prompt_source": "/prompts.txt", "published_prompt_set": None, "seeds": {"base_seed": 0}, "identity": {"images_per_prompt": images, "sampler": {"kind": "ddim", "steps": 4}},
@@ -78,7 +80,9 @@ def test_the_report_escapes_prompts_and_has_one_cell_per_image(runs):
     assert cells(html) == 2 * len(PROMPTS) * 2  # base and tuned, 2 images per prompt
     assert html.count('<div class="pair"') == len(PROMPTS) * 2 and html.count('<div class="prompt"') == len(PROMPTS)
     assert html.count("data:image/png;base64,") == 2 * len(PROMPTS) * 2
-    assert html.count("<svg") == 2 and 'data-kind="means"' in html  # a chart per metric, each with its interval
+    assert html.count('data-kind="means"') == 2 and html.count('data-kind="groups"') == 2 and html.count("<svg") == 4  # per metric: overall, by category
+    assert '<select class="group-filter" data-column="category">' in html and '<option value="&lt;b&gt;odd&lt;/b&gt;">' in html
+    assert "<b>odd</b>" not in html and html.count("&lt;b&gt;odd&lt;/b&gt;") >= 3  # the filter, the prompt's line, the charts' labels
     # self-contained: no URL at all (no script, style, font or image from a server)
     assert "http://" not in html and "https://" not in html and not re.search(r'(src|href)="(?!data:|#)', html)
     assert "t2i-spatial-owlv2 is non-canonical" in html  # a warning of its own
@@ -213,7 +217,7 @@ def open_page(pw, path: Path, shot: Path):
     return chromium, page, errors, dialogs
 
 
-def test_the_report_in_headless_chromium(xss_run, tmp_path):
+def test_the_report_in_headless_chromium(xss_run, runs, tmp_path):
     sync_playwright = browser()
     tuned = next(xss_run.glob("micro-tiny-sft-*"))
     main(["leaderboard", f"out={xss_run}"])
@@ -235,6 +239,19 @@ def test_the_report_in_headless_chromium(xss_run, tmp_path):
             assert page.locator("#leaderboard tbody tr").count() == 2 and page.get_by_text(XSS).count() == 2  # the prompt file's name, as text
             page.locator("th", has_text="prompts").first.click()
             assert page.locator("th[aria-sort]").count() == 1
+        finally:
+            chromium.close()
+        assert errors == [] and dialogs == []
+        chromium, page, errors, dialogs = open_page(pw, write_report([runs[1]]), tmp_path / "groups.png")  # a suite with groups
+        try:
+            page.select_option("select.group-filter", "food")
+            assert page.locator("#shown-count").inner_text() == "2" and page.locator("div.prompt:visible").count() == 2
+            page.select_option("select.group-filter", "")
+            page.select_option("#sort-order", "gain")
+            order = [int(i) for i in page.locator("div.prompt").evaluate_all("els => els.map(e => e.dataset.index)")]
+            per = (pd.read_parquet(runs[1] / "scores.parquet").groupby("prompt_index")["brightness"].mean()
+                   - pd.read_parquet(runs[0] / "scores.parquet").groupby("prompt_index")["brightness"].mean())  # the gains: per-prompt differences
+            assert order == sorted(per.index, key=lambda i: (-per[i], i)) and len(order) == len(PROMPTS)
         finally:
             chromium.close()
         assert errors == [] and dialogs == []
