@@ -191,8 +191,9 @@ def test_a_real_run_writes_its_report_and_train_log(xss_run):
     assert 'data-kind="training"' in html and ESCAPED in html and XSS not in html
 
 
+@pytest.fixture(scope="module")
 def browser():
-    """(playwright's sync API, chromium) or a skip naming what is missing."""
+    """playwright's sync API, or a skip naming what is missing (before the run a browser test would open)."""
     if not CHROMIUM.exists():
         pytest.skip(f"no {CHROMIUM}: `apt-get install chromium` (Debian's package) to open the report in a browser")
     try:
@@ -217,8 +218,8 @@ def open_page(pw, path: Path, shot: Path):
     return chromium, page, errors, dialogs
 
 
-def test_the_report_in_headless_chromium(xss_run, runs, tmp_path):
-    sync_playwright = browser()
+def test_the_report_in_headless_chromium(browser, xss_run, runs, tmp_path):
+    sync_playwright = browser
     tuned = next(xss_run.glob("micro-tiny-sft-*"))
     main(["leaderboard", f"out={xss_run}"])
     with sync_playwright() as pw:
