@@ -1,4 +1,4 @@
-"""``bench``: run, eval, train, ls, leaderboard, check, perf, prefetch, plan.
+"""``bench``: run, eval, train, ls, leaderboard, report, check, perf, prefetch, plan.
 
 Arguments are ``key=value`` overrides (``suite=micro method=sft train.steps=50``).
 Every user-facing failure prints one line ``bench: error: ...`` and exits
@@ -20,7 +20,9 @@ COMMANDS_HELP = {  # command -> (synopsis, what it does); `bench COMMAND --help`
     "eval": ("bench eval suite=S model=X [key=value ...]", "evaluate a model without training"),
     "train": ("bench train method=M [data=D] [key=value ...]", "train a method only and print the checkpoint folder"),
     "ls": ("bench ls [methods|suites|models|metrics|datasets|protocols]", "list registered methods | suites | models | metrics | datasets | protocols"),
-    "leaderboard": ("bench leaderboard [out=runs] [dest=DIR] [papers=true]", "one table over every run under out= (markdown + CSV); papers=true: the papers' numbers beside ours"),
+    "leaderboard": ("bench leaderboard [out=runs] [dest=DIR] [papers=true]", "one table over every run under out= (markdown, CSV and a sortable HTML page); papers=true: the papers' numbers beside ours"),
+    "report": ("bench report run=DIR [run=DIR ...] [out=FILE.html] [report.max_prompts=200] [cache_dir=DIR]",
+               "a self-contained HTML page of one run (with its base) or several side by side: tables, image grid, charts, training curves"),
     "check": ("bench check run=RUN_DIR baseline=FILE", "compare run=DIR with baseline=FILE; non-zero exit outside tolerance"),
     "score": ("bench score images=DIR metrics=a,b [prompts=FILE] [refs=DIR] [scorers=official|tiny] [device=auto] [batch_size=32] [out=FILE]",
               "score a folder of images with named metrics (prompts= only where a metric reads the prompt)"),
@@ -100,7 +102,7 @@ def cmd_run(args):
         print(json.dumps({"run_dir": str(tuned.run_dir), "base_run_dir": str(base.run_dir), "summary": tuned.summary}, indent=1))
         return
     print(tuned.table)
-    print(f"\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
+    print(f"\nreport: {tuned.run_dir / 'report.html'}\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
 
 
 def with_base_protocol(args: list[str]) -> list[str]:
@@ -156,7 +158,7 @@ def cmd_eval(args):
         print(json.dumps({"run_dir": str(result.run_dir), "summary": result.summary}, indent=1))
         return
     print(result.table)
-    print(f"\nrun folder: {result.run_dir}")
+    print(f"\nreport: {result.run_dir / 'report.html'}\nrun folder: {result.run_dir}")
 
 
 def cmd_train(args):
@@ -196,10 +198,33 @@ def cmd_leaderboard(args):
     papers = kv.get("papers", "false")
     if papers.lower() not in ("false", "0", "no", ""):
         md_path, csv_path, text = report.papers_leaderboard(kv.get("out", "runs"), kv.get("dest"), papers)
+        written = [md_path, csv_path]
     else:
         md_path, csv_path, text = report.leaderboard(kv.get("out", "runs"), kv.get("dest"))
+        written = [md_path, csv_path, md_path.with_suffix(".html")]
     print(text)
-    print(f"\nwritten: {md_path}  {csv_path}")
+    print(f"\nwritten: {'  '.join(map(str, written))}")
+
+
+def cmd_report(args):
+    """``bench report run=DIR [run=DIR ...] [out=FILE.html]``: the HTML report of one run (with its base
+    beside it) or a comparison of several, paired by prompt index and seed (``bench.html_report``)."""
+    from bench.config import parse_overrides
+    from bench.html_report import write_report
+    from bench.schema import Report, check
+
+    pairs = parse_overrides(args)
+    allowed = {"run", "out", "cache_dir", "report.max_prompts"}
+    unknown = sorted({k for k, _ in pairs} - allowed)
+    if unknown:
+        raise UsageError(f"`bench report` takes {', '.join(sorted(allowed))}; got {', '.join(unknown)}")
+    kv = dict(pairs)
+    folders = [v for k, v in pairs if k == "run"]
+    if not folders:
+        raise UsageError(f"usage: {SYNOPSIS['report']}")
+    typed = check(Report, {"max_prompts": kv["report.max_prompts"]} if "report.max_prompts" in kv else {}, prefix="report.")
+    path = write_report(folders, kv.get("out"), typed["max_prompts"], kv.get("cache_dir"))
+    print(f"report: {path}")
 
 
 def cmd_check(args):
@@ -353,6 +378,7 @@ COMMANDS = {
     "train": cmd_train,
     "ls": cmd_ls,
     "leaderboard": cmd_leaderboard,
+    "report": cmd_report,
     "check": cmd_check,
     "perf": cmd_perf,
     "score": cmd_score,

@@ -301,7 +301,7 @@ def collect_runs(root) -> pd.DataFrame:
 
 
 def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
-    """Write leaderboard.md and leaderboard.csv for every run under ``root``."""
+    """Write leaderboard.md, leaderboard.csv and leaderboard.html for every run under ``root``."""
     root = Path(root)
     df = collect_runs(root)
     if df.empty:
@@ -324,6 +324,9 @@ def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
         md += "\n* a gain over the run's base, ! a loss: a paired test on its prompts that survives Holm's correction across the run's metrics.\n"
     md_path = write_text(out / "leaderboard.md", md)
     csv_path = write_text(out / "leaderboard.csv", df.to_csv(index=False, lineterminator="\n"))
+    from bench import html_leaderboard
+
+    html_leaderboard.write(df, root, out)  # leaderboard.html beside them: sortable, with group columns and marks
     return md_path, csv_path, md
 
 

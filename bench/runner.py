@@ -21,7 +21,8 @@ from omegaconf import OmegaConf
 from bench import report
 from bench.distribution import SetScorer, real_set
 from bench.config import compose, stable_hash, to_dict
-from bench.errors import UsageError
+from bench.errors import DataError, UsageError
+from bench.html_report import write_report
 from bench.generate import GenerationStats, ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
@@ -33,6 +34,7 @@ from bench.schema import parse_shard
 from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_images, write_scores
 from bench.suite import Suite, load_suite, prompts_of, read_prompt_source
 from bench.trainer import Checkpoint, Trainer, apply_checkpoint
+from bench.trainlog import train_log_path
 
 log = logging.getLogger(__name__)
 PACKAGES = ["diffusion-bench", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pandas", "pyarrow", "pillow", "safetensors"]
@@ -221,7 +223,7 @@ class Session:
         return record
 
     def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None, protocol_extra: dict | None = None) -> RunResult:
-        """One run folder: plan -> generate -> score -> aggregate -> write. Each stage is keyed by what
+        """One run folder: plan -> generate -> score -> aggregate -> write (report.html last). Each stage is keyed by what
         determines it (images by their content key, the folder by the run identity), so a killed
         evaluation restarts where it stopped and ends with the same bytes."""
         clock = Clock()
@@ -235,7 +237,15 @@ class Session:
         write_json(plan.run_dir / "summary.json", summary)
         write_text(plan.run_dir / "table.md", table + "\n")
         write_json(plan.run_dir / "manifest.json", self.manifest(plan, scored, summary, timings, protocol_extra))
+        self.write_report(plan.run_dir)
         return RunResult(plan.run_dir, summary, table, timings)
+
+    def write_report(self, run_dir: Path) -> None:
+        """report.html, last: a by-product, so a failure is one warning line and the run's results stand."""
+        try:
+            write_report([run_dir], max_prompts=int((self.cfg.get("report") or {}).get("max_prompts", 200)))  # images: the manifest's image_store
+        except (DataError, ImportError) as err:
+            log.warning("report.html not written (%s); `bench report run=%s` writes it", str(err).splitlines()[0], run_dir)
 
     def plan_run(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None) -> RunPlan:
         """The model, every image to make and the run's identity, before any image is made; missing
@@ -327,7 +337,9 @@ class Session:
                 for n, m in scored.metrics.items()
             },
             **({"set_metrics": scored.sets.manifest()} if scored.sets is not None else {}),
-            "checkpoint": {"train_id": checkpoint.train_id, "path": str(checkpoint.path), "data": checkpoint.data} if checkpoint else None,
+            "checkpoint": {"train_id": checkpoint.train_id, "path": str(checkpoint.path), "data": checkpoint.data, "train_log": str(train_log_path(checkpoint.path))}
+            if checkpoint else None,
+            "image_store": str(self.store.root),  # where report.html finds the images
             "baseline": identity.baseline,
             **({"protocol": identity.protocol | (protocol_extra or {})} if identity.protocol else {}),
             "scorers": identity.scorers,

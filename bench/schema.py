@@ -106,6 +106,8 @@ class Train:
     scale_lr: bool = setting(False, "true: lr *= batch_size * grad_accum (the Salesforce/DSPO --scale_lr)")
     gradient_checkpointing: bool = setting(False)
     sampler: Optional[Dict[str, Any]] = setting(None, "the sampler trajectory methods train through: null is the model's own; a mapping overrides its keys (steps, timesteps)")
+    log_with: Optional[str] = setting(None, "tensorboard | wandb: also send train.jsonl's lines through accelerate's trackers (the package must be installed); no checkpoint key",
+                                      one_of("tensorboard", "wandb"))
 
 
 @dataclass
@@ -120,6 +122,11 @@ class Stats:
     level: float = setting(0.95, "confidence level of every interval; 1 - level is the tests' alpha", inside(0, 1))
     seed: int = setting(0, "", at_least(0))
     n_boot_sets: int = setting(200, "FID/KID intervals: prompt halves, each recomputed from the run's features (0: none); ~3 s each for FID at 30k x 2048 on one core", at_least(0))
+
+
+@dataclass
+class Report:
+    max_prompts: int = setting(200, "report.html's image grid shows at most this many prompts: those with the largest |paired difference| on the first metric", at_least(1))
 
 
 @dataclass
@@ -140,6 +147,7 @@ class Config:
     train: Train = field(default_factory=Train)
     score: Score = field(default_factory=Score)
     stats: Stats = field(default_factory=Stats)
+    report: Report = field(default_factory=Report)
 
 
 # ---- the shared keys of the free-form sections (checked where the section has them) ------------

@@ -31,6 +31,7 @@ from bench.errors import TrainingError, writing
 from bench.generate import derived_seed
 from bench.images import TargetImages
 from bench.suite import prompts_sha256
+from bench.trainlog import TrainLog, tracker_kwargs
 from bench.io import progress, write_json
 from bench.method import Method, TrainContext
 from bench.models.diffusion import DiffusionModel
@@ -100,7 +101,7 @@ def train_identity(tc: dict) -> dict:
     """The training settings that determine the checkpoint: ``save_every`` (when it saves) only where
     ``keep_checkpoints`` keeps a snapshot at every save, and the flag only when it is set, so every
     checkpoint trained without it keeps its key."""
-    ident = {k: v for k, v in tc.items() if k not in ("save_every", "keep_checkpoints")}
+    ident = {k: v for k, v in tc.items() if k not in ("save_every", "keep_checkpoints", "log_with")}  # log_with: where curves go, not what trains
     return ident | ({"keep_checkpoints": True, "save_every": int(tc["save_every"])} if tc.get("keep_checkpoints") else {})
 
 
@@ -295,26 +296,36 @@ class Trainer:
         data = self._data(ctx)
         ema = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad} if tc["ema_decay"] else None
         start, history = self._resume(unet, opt, ema)
-
-        from accelerate import Accelerator
-
-        accel = Accelerator(mixed_precision=self._precision(), cpu=self.device.type == "cpu")
+        accel, train_log = self._accelerator(start)
         bar = progress(range(start, steps), self.progress, initial=start, total=steps, desc=f"train {self.cfg['method']['name']}")
         for step in bar:
             loss, logs = self._optimizer_step(step, ctx, data, opt, params, accel, ema, history)
             if ema is not None:
                 update_ema(ema, unet, float(tc["ema_decay"]))
             history.append(loss)
+            train_log.write(step + 1, loss, opt.param_groups[0]["lr"], logs)
             bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
             if (step + 1) % int(tc["save_every"]) == 0 and step + 1 < steps:
                 if tc.get("keep_checkpoints"):  # before the resumable state: a kill between the two redoes this step's snapshot
                     self._keep(unet, ema, step + 1, history, lora)
                 self._save(unet, opt, ema, step + 1, history)
         bar.close()
+        train_log.close()
         unet.eval().requires_grad_(False)
         if tc["gradient_checkpointing"]:
             unet.disable_gradient_checkpointing()
         return self._finish(unet, ema, history, lora, self.method.data_manifest(ctx, data))
+
+    def _accelerator(self, start: int):
+        """accelerate's Accelerator (mixed precision; ``train.log_with``'s trackers where installed) and
+        the train.jsonl log, cut back to ``start``, the step training resumes from."""
+        from accelerate import Accelerator
+
+        trackers = tracker_kwargs(self.train_cfg.get("log_with"), self.root)
+        accel = Accelerator(mixed_precision=self._precision(), cpu=self.device.type == "cpu", **trackers)
+        if trackers:
+            accel.init_trackers(f"{self.cfg['method']['name']}-{self.train_id}", config={k: v for k, v in self.train_cfg.items() if isinstance(v, (int, float, str, bool))})
+        return accel, TrainLog(self.root, start, accel if trackers else None)
 
     def _trainable_unet(self) -> tuple[torch.nn.Module, torch.nn.Module | None, bool]:
         """The UNet in training mode with what trains marked (LoRA adapters, or every weight), the

@@ -255,11 +255,15 @@ def test_run_sft_end_to_end_and_cached_rerun(cli, built, sft_run, caplog):
 
     train = json.loads((ckpt / "train.json").read_text())
     assert train["steps"] == 12 and len(train["history"]) == 12 and all(map(math.isfinite, train["history"]))
+    log = [json.loads(line) for line in (ckpt.parent / "train.jsonl").read_text().splitlines()]  # the report's training curves
+    assert m["checkpoint"]["train_log"] == str(ckpt.parent / "train.jsonl")
+    assert [r["step"] for r in log] == list(range(1, 13)) and [r["loss"] for r in log] == train["history"]
+    assert (base_dir / "report.html").is_file() and 'data-kind="training"' in (tuned_dir / "report.html").read_text()
     assert (ckpt / "weights.safetensors").is_file()
     assert not list(ckpt.parent.glob("step-*"))  # intermediate checkpoints are cleaned up
 
     # The same command again: nothing is trained or generated, and the bytes are the same.
-    before = {p: p.read_bytes() for p in (base_dir / "scores.parquet", tuned_dir / "scores.parquet")}
+    before = {p: p.read_bytes() for p in (base_dir / "scores.parquet", tuned_dir / "scores.parquet", base_dir / "report.html", tuned_dir / "report.html")}
     ckpt_files = snapshot(ckpt.parent)
     caplog.set_level(logging.INFO)
     code, stdout, _ = cli("run", *SFT_ARGS, f"out={sft_run}")
@@ -339,6 +343,8 @@ def test_sigkill_during_training_resumes_to_identical_weights(cli, built, sft_ru
     hb = json.loads((clean_final / "train.json").read_text())["history"]
     assert len(ha) == len(hb) == steps
     assert ha[: saved[-1]] == hb[: saved[-1]] and ha == hb
+    log = (root / "train.jsonl").read_bytes()  # cut back to the resumed step, then continued: no step twice
+    assert log == (clean_final.parent / "train.jsonl").read_bytes() and [json.loads(x)["step"] for x in log.splitlines()] == list(range(1, steps + 1))
 
 
 # ---- 6. corrupt cached images --------------------------------------------------------------------
