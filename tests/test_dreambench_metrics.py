@@ -267,7 +267,7 @@ def test_dino_tiny_is_seeded_labelled_and_offline_official_is_one_line(tmp_path)
     with pytest.raises(WeightsMissingError) as err:
         dino_metrics.Dino().score(tensors, ["a", "b"], [dog, cat])
     message = str(err.value)
-    assert "\n" not in message and "facebook/dino-vits16 (config.json, pytorch_model.bin)" in message and "bench prefetch metrics=dino" in message
+    assert "\n" not in message and "facebook/dino-vits16@a7a4d16 (config.json, model.safetensors or pytorch_model.bin)" in message and "bench prefetch metrics=dino" in message
 
 
 # ---- CLIP-T ------------------------------------------------------------------------------------
