@@ -105,6 +105,7 @@ def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = 
         images = any((Path(source) / m).is_file() for m in ("metadata.jsonl", "metadata.csv"))
         cfg.data = load_entry_config(DATASETS, "imagefolder" if images else "pickapic-v2")
         cfg.data.source, cfg.data.name = source, Path(source).name
+        cfg.data.revision = None  # a local copy: the hub commit of the dataset YAML does not apply
     for group in GROUPS:
         if cfg[group] is not None and not isinstance(cfg[group], DictConfig):
             cfg[group] = load_entry_config(registries[group], str(cfg[group]))

@@ -39,7 +39,7 @@ class PairStats:
         return asdict(self)
 
 
-def _is_local(source: str) -> bool:
+def is_local_source(source: str) -> bool:
     """A path-like source is read from disk; anything else is a hub dataset id ("owner/name")."""
     return (
         Path(source).expanduser().exists()
@@ -99,7 +99,7 @@ def open_rows(data_cfg: dict, epoch: int = 0):
 
     source = str(data_cfg["source"])
     split = data_cfg.get("split") or "train"
-    if _is_local(source):
+    if is_local_source(source):
         files = _local_files(source)
         try:
             ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)

@@ -105,6 +105,18 @@ def train_identity(tc: dict) -> dict:
     return ident | ({"keep_checkpoints": True, "save_every": int(tc["save_every"])} if tc.get("keep_checkpoints") else {})
 
 
+def data_identity(data: dict) -> dict | None:
+    """The dataset settings that determine the checkpoint. A local source (``data=FILE.parquet``, a folder)
+    keeps the ``revision`` of the hub dataset YAML it replaced out of it: that commit is not what was read,
+    and a local run keeps the key it had before hub datasets were pinned."""
+    from bench.pairs import is_local_source
+
+    ident = {k: v for k, v in data.items() if k not in ("description", "_dir")}
+    if ident.get("revision") and ident.get("source") and is_local_source(str(ident["source"])):
+        ident["revision"] = None
+    return ident or None
+
+
 def kept_checkpoints(final: Checkpoint) -> list[tuple[int, Checkpoint]]:
     """(step, checkpoint) for every snapshot ``train.keep_checkpoints`` kept beside a finished
     checkpoint, oldest first, then the final one; each has its own id, so its images are its own."""
@@ -258,7 +270,7 @@ class Trainer:
                 "prompts": prompts_sha256(prompts),
                 "reward": f"{reward.info.name}@{reward.info.version}" if reward is not None else None,  # scorers=tiny is another version
                 "recipe_source": recipe_source_hash(method),
-                "data": {k: v for k, v in data.items() if k not in ("description", "_dir")} or None,
+                "data": data_identity(data),
             }
             | ({"images": images.sha256} if images is not None else {})  # target images: a subject, a style set
         )[:16]

@@ -248,7 +248,9 @@ def test_dino_preprocessing_is_resize_256_bicubic_crop_224_imagenet():
     resize, crop, _, norm = dino_metrics.dino_transform().transforms
     assert resize.size == 256 and resize.interpolation == InterpolationMode.BICUBIC and crop.size == (224, 224)
     assert tuple(norm.mean) == (0.485, 0.456, 0.406) and tuple(norm.std) == (0.229, 0.224, 0.225)
-    assert dino_metrics.Dino.info.model_id == "facebook/dino-vits16" and dino_metrics.Dino.hub_files == (("facebook/dino-vits16", ("config.json", "pytorch_model.bin")),)
+    assert dino_metrics.Dino.info.model_id == "facebook/dino-vits16" and dino_metrics.Dino.hub_files == (
+        ("facebook/dino-vits16", "a7a4d161f5c0bd70478c05ca5777ec7cd8848021", ("config.json", "model.safetensors", "pytorch_model.bin")),
+    )
 
 
 def test_dino_tiny_is_seeded_labelled_and_offline_official_is_one_line(tmp_path):
@@ -265,7 +267,7 @@ def test_dino_tiny_is_seeded_labelled_and_offline_official_is_one_line(tmp_path)
     with pytest.raises(WeightsMissingError) as err:
         dino_metrics.Dino().score(tensors, ["a", "b"], [dog, cat])
     message = str(err.value)
-    assert "\n" not in message and "facebook/dino-vits16 (config.json, pytorch_model.bin)" in message and "bench prefetch metrics=dino" in message
+    assert "\n" not in message and "facebook/dino-vits16@a7a4d16 (config.json, model.safetensors or pytorch_model.bin)" in message and "bench prefetch metrics=dino" in message
 
 
 # ---- CLIP-T ------------------------------------------------------------------------------------

@@ -192,8 +192,8 @@ def test_tiny_scorers_are_labelled_and_each_version_has_its_own_weights():
     assert hps.HPSv2("tiny").loaded() is v20.loaded()  # the same version loads once per process
     official = hps.HPSv21()
     assert (official.info.name, official.info.version, official.info.model_id) == ("hpsv2.1", "v2.1", "xswu/HPSv2")
-    assert official.info.scale.startswith("100 * cos") and official.hub_files == (("xswu/HPSv2", ("HPS_v2.1_compressed.pt",)),)
-    assert hps.HPSv2().hub_files == (("xswu/HPSv2", ("HPS_v2_compressed.pt",)),)
+    assert official.info.scale.startswith("100 * cos") and official.hub_files == (("xswu/HPSv2", hps.HPS_REVISION, ("HPS_v2.1_compressed.pt",)),)
+    assert hps.HPSv2().hub_files == (("xswu/HPSv2", hps.HPS_REVISION, ("HPS_v2_compressed.pt",)),)
 
 
 @pytest.mark.parametrize("metric_cls", [hps.HPSv2, hps.HPSv21])
@@ -245,7 +245,7 @@ def test_hpsv2_suite_names_the_hub_files_the_package_downloads():
     cfg = to_dict(compose(["suite=hpsv2"]))["suite"]
     assert list(cfg["prompt_sets"]) == STYLES and cfg["prompt_set_column"] == "style"
     for style, spec in cfg["prompt_sets"].items():
-        assert spec == {"hub": "zhwang/HPDv2", "file": f"benchmark/{style}.json", "revision": None}
+        assert spec == {"hub": "zhwang/HPDv2", "file": f"benchmark/{style}.json", "revision": "b9517430f34b1080d4f741118d2a440155a165cd"}
     assert cfg["canonical"]["count"] == 3200
 
 

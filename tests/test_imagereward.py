@@ -157,7 +157,7 @@ def test_registered_and_prefetches_the_package_files():
     from bench.registry import METRICS
 
     assert METRICS.get("imagereward") is ir.ImageReward and ir.ImageReward.differentiable
-    repos = dict(ir.ImageReward.hub_files)
+    repos = {f.repo: f.patterns for f in ir.ImageReward.hub_files}
     assert set(repos["THUDM/ImageReward"]) == {"ImageReward.pt", "med_config.json"} and "vocab.txt" in repos["google-bert/bert-base-uncased"]
 
 

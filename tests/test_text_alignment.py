@@ -205,4 +205,4 @@ def test_registered_and_named_by_the_lasro_text_alignment_preset():
     assert method["reward"] == "text_alignment"
     metric = make_metric("text_alignment", "tiny")
     assert isinstance(metric, ta.TextAlignment) and metric.differentiable is False
-    assert [repo for repo, _ in metric.hub_files] == ["florence-community/Florence-2-large", "FacebookAI/roberta-large"]
+    assert [f.repo for f in metric.hub_files] == ["florence-community/Florence-2-large", "FacebookAI/roberta-large"]

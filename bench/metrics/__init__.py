@@ -12,7 +12,7 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 
@@ -28,6 +28,17 @@ class MetricInfo:
     scale: str  # what one unit means, e.g. "kB of JPEG at quality 95", "logit_scale * cos"
     model_id: str | None = None
     revision: str | None = None
+
+
+class HubFiles(NamedTuple):
+    """Files of one hub repository a metric loads, at a pinned commit: ``bench prefetch`` downloads
+    ``patterns`` at ``revision`` and loading asks for the same revision (``LearnedMetric.pin``), so the
+    prefetched snapshot is the one loaded. ``revision`` is None only for the ids listed, with their
+    reason, in ``tests/test_pins.py`` (no commit of them could be verified)."""
+
+    repo: str
+    revision: str | None
+    patterns: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -140,7 +151,9 @@ class LearnedMetric(Metric):
     Subclasses implement ``load_official()`` (the canonical hub weights) and ``load_tiny()`` (a small
     seeded random model of the same family, for ``scorers=tiny`` smoke runs), each returning a
     tuple of the parts ``score`` needs; modules among them are moved to the device, in float16 on GPU.
-    ``hub_files`` lists what ``bench prefetch`` downloads: ``(repo, allow_patterns)``.
+    ``hub_files`` lists what ``bench prefetch`` downloads, one ``HubFiles(repo, revision, patterns)`` per
+    repository loaded (the metric's own and any other: a tokenizer, a processor); loading passes
+    ``self.pin(repo)``, the same revision.
     """
 
     hub_files: tuple = ()
@@ -160,8 +173,22 @@ class LearnedMetric(Metric):
         """What identifies the loaded weights; metrics returning the same tuple share one copy."""
         return (type(self).__name__, self.info.model_id)
 
-    def hub_kwargs(self) -> dict:
-        return {"local_files_only": hub_offline()}
+    def hub_kwargs(self, repo: str | None = None) -> dict:
+        """``from_pretrained``/``hf_hub_download`` keywords; with ``repo``, also its pinned ``revision``
+        (left out for a local folder and an unpinned id, which then load as before: ``main``)."""
+        revision = self.pin(repo) if repo is not None else None
+        return {"local_files_only": hub_offline(), **({"revision": revision} if revision else {})}
+
+    def pin(self, repo: str) -> str | None:
+        """The revision ``hub_files`` pins ``repo`` to (what ``bench prefetch`` downloads); None for a
+        local folder (tests, a user's copy). A hub id missing from ``hub_files`` is a bug in the metric:
+        it would load ``main`` and never be prefetched, so it raises rather than load unpinned."""
+        if Path(repo).exists():
+            return None
+        for files in self.hub_files:
+            if files.repo == repo:
+                return files.revision
+        raise LookupError(f"{type(self).__name__} loads {repo}, which its hub_files do not list: add HubFiles({repo!r}, REVISION, patterns)")
 
     def load_official(self) -> tuple:
         raise NotImplementedError
@@ -206,14 +233,11 @@ class LearnedMetric(Metric):
             raise WeightsMissingError(f"metric {self.name}: {err}") from None
 
     def download(self) -> list[str]:
-        """Fetch the weights into the hub cache (``bench prefetch``), the metric's own repository at its
-        pinned ``info.revision`` (what loading asks for); returns the local folders."""
+        """Fetch the weights into the hub cache (``bench prefetch``): every repository of ``hub_files`` at
+        its pinned revision, the one loading asks for; returns the local folders."""
         from huggingface_hub import snapshot_download
 
-        return [
-            snapshot_download(repo, allow_patterns=list(patterns), revision=self.info.revision if repo == self.info.model_id else None)
-            for repo, patterns in self.hub_files
-        ]
+        return [snapshot_download(f.repo, allow_patterns=list(f.patterns), revision=f.revision) for f in self.hub_files]
 
 
 # name -> ("module:Class", one-line description); imported lazily by the registry.

@@ -24,8 +24,13 @@ import torch
 
 from bench.images import open_rgb, thread_map
 from bench.io import scratch_dir
-from bench.metrics import LearnedMetric, MetricInfo, seeded
+from bench.metrics import HubFiles, LearnedMetric, MetricInfo, seeded
 from bench.metrics.reference import ReferenceMetric
+
+PICKSCORE_REPO = "yuvalkirstain/PickScore_v1"
+PICKSCORE_REVISION = "a4e4367c6dfa7288a00c550414478f865b875800"  # a snapshot loaded with from_pretrained in several GitHub projects
+LAION_H14_REPO = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # PickScore's processor and tokenizer
+LAION_H14_REVISION = "1c2b8495b28150b8a4922ee1c8edee224c284c0c"  # hub cache snapshot paths of 3 public projects
 
 # The preprocessing of laion/CLIP-ViT-H-14-laion2B-s32B-b79K's preprocessor_config.json (OpenAI's CLIP constants).
 CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -86,17 +91,17 @@ class PickScore(LearnedMetric):
 
     info = MetricInfo(
         name="pickscore", version="v1", higher_is_better=True, scale="logit_scale.exp() * cos (about 100 * cos; typically 18-23)",
-        model_id="yuvalkirstain/PickScore_v1", revision="a4e4367c6dfa7288a00c550414478f865b875800",  # a snapshot loaded with from_pretrained in several GitHub projects
+        model_id=PICKSCORE_REPO, revision=PICKSCORE_REVISION,
     )
-    weight_files = "yuvalkirstain/PickScore_v1 (config.json, model.safetensors) and the tokenizer of laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    processor_id = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
-    hub_files = (("yuvalkirstain/PickScore_v1", ("*.json", "*.safetensors")), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", ("*.json", "*.txt")))
+    weight_files = f"{PICKSCORE_REPO} (config.json, model.safetensors) and the tokenizer of {LAION_H14_REPO}"
+    processor_id = LAION_H14_REPO
+    hub_files = (HubFiles(PICKSCORE_REPO, PICKSCORE_REVISION, ("*.json", "*.safetensors")), HubFiles(LAION_H14_REPO, LAION_H14_REVISION, ("*.json", "*.txt")))
 
     def load_official(self):
         from transformers import CLIPModel, CLIPTokenizer
 
-        model = CLIPModel.from_pretrained(self.info.model_id, revision=self.info.revision, **self.hub_kwargs())
-        tokenizer = CLIPTokenizer.from_pretrained(self.processor_id, **self.hub_kwargs())
+        model = CLIPModel.from_pretrained(self.info.model_id, **self.hub_kwargs(self.info.model_id))
+        tokenizer = CLIPTokenizer.from_pretrained(self.processor_id, **self.hub_kwargs(self.processor_id))
         return model, clip_image_processor(), tokenizer
 
     def load_tiny(self):
@@ -155,7 +160,10 @@ def _register_tiny_open_clip() -> str:
 
 class OpenClipScore(LearnedMetric):
     """CLIP score: the cosine between the image's and the prompt's open_clip embeddings (the PSO and
-    Diffusion-DPO tables print this raw cosine; torchmetrics' CLIPScore is max(100 * cos, 0))."""
+    Diffusion-DPO tables print this raw cosine; torchmetrics' CLIPScore is max(100 * cos, 0)).
+
+    Unpinned: open_clip downloads a pretrained tag's weights itself (``download_pretrained``, which
+    passes no revision), so they follow the hub repository's ``main`` (``tests/test_pins.py`` lists them)."""
 
     arch, tag = "ViT-H-14", "laion2b_s32b_b79k"
 

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from bench.metrics import LearnedMetric, Metric, MetricInfo, scorer_info, seeded
+from bench.metrics import HubFiles, LearnedMetric, Metric, MetricInfo, scorer_info, seeded
 from bench.metrics.clip import ClipB32, preprocess_each, to_pil
 
 NON_CANONICAL = "NON-CANONICAL (UniDet unavailable; boxes from OWLv2)"
@@ -256,14 +256,24 @@ def detector_queries(objects: Sequence[str | None]) -> list[str]:
 
 # --------------------------------------------------------------------------- models
 
+OWLV2_REPO = "google/owlv2-base-patch16-ensemble"
+OWLV2_REVISION = "cfd3195ba4ea9592eec887ded089f4c08eff231d"  # hub cache snapshot paths of 3 public projects (one lists its model.safetensors)
+DPT_REPO = "Intel/dpt-hybrid-midas"
+# HF tree page and a snapshot path. At this commit the repo holds pytorch_model.bin and no model.safetensors
+# (a safetensors copy is only on refs/pr/5), so the .bin is what loads. transformers reads it with torch's
+# weights-only unpickler: from_pretrained(weights_only=True) by default, passed to modeling_utils.load_state_dict,
+# which calls check_torch_load_is_safe() (torch >= 2.6) and torch.load(..., weights_only=True) (checked in the
+# installed transformers 5.24). It loads a refs/pr conversion only for use_safetensors=True on revision "main".
+DPT_REVISION = "11eaf7a1cf4bd70740697dbc216f98980c0aeb03"
+
 
 class OwlDetector(LearnedMetric):
     """OWLv2 as a closed-vocabulary detector over each image's own labels: every box gets its best
     label and sigmoid score; boxes under ``threshold`` go, then per-label NMS; sorted by score."""
 
-    info = MetricInfo("owlv2", "1", True, "boxes", "google/owlv2-base-patch16-ensemble")
-    hub_files = (("google/owlv2-base-patch16-ensemble", ("*.json", "*.txt", "model.safetensors")),)
-    weight_files = "google/owlv2-base-patch16-ensemble (model.safetensors, processor files)"
+    info = MetricInfo("owlv2", "1", True, "boxes", OWLV2_REPO, OWLV2_REVISION)
+    hub_files = (HubFiles(OWLV2_REPO, OWLV2_REVISION, ("*.json", "*.txt", "model.safetensors")),)
+    weight_files = f"{OWLV2_REPO}@{OWLV2_REVISION[:7]} (model.safetensors, processor files)"
     threshold = 0.1  # transformers' OWLv2 post-processing default
     nms_iou = 0.5  # detectron2's ROI_HEADS.NMS_THRESH_TEST
 
@@ -274,8 +284,9 @@ class OwlDetector(LearnedMetric):
     def load_official(self):
         from transformers import Owlv2ForObjectDetection, Owlv2Processor
 
-        processor = Owlv2Processor.from_pretrained(self.info.model_id, **self.hub_kwargs())
-        return Owlv2ForObjectDetection.from_pretrained(self.info.model_id, **self.hub_kwargs()), processor.image_processor, processor.tokenizer
+        hub = self.hub_kwargs(self.info.model_id)
+        processor = Owlv2Processor.from_pretrained(self.info.model_id, **hub)
+        return Owlv2ForObjectDetection.from_pretrained(self.info.model_id, **hub), processor.image_processor, processor.tokenizer
 
     def load_tiny(self):
         from transformers import CLIPTokenizer, Owlv2Config, Owlv2ForObjectDetection, Owlv2ImageProcessor
@@ -327,9 +338,9 @@ class MidasDepth(LearnedMetric):
     normalized with 0.5/0.5, min-max scaled, resized to the image (bilinear, corners aligned), stored
     as an 8-bit PNG, then resized to the 479-pixel frame and divided by 255."""
 
-    info = MetricInfo("dpt-hybrid-midas", "1", True, "relative inverse depth", "Intel/dpt-hybrid-midas")
-    hub_files = (("Intel/dpt-hybrid-midas", ("*.json", "model.safetensors")),)
-    weight_files = "Intel/dpt-hybrid-midas (model.safetensors, config.json)"
+    info = MetricInfo("dpt-hybrid-midas", "1", True, "relative inverse depth", DPT_REPO, DPT_REVISION)
+    hub_files = (HubFiles(DPT_REPO, DPT_REVISION, ("*.json", "model.safetensors", "pytorch_model.bin")),)  # .bin: see DPT_REVISION
+    weight_files = f"{DPT_REPO}@{DPT_REVISION[:7]} (pytorch_model.bin, config.json)"
     input_size = 480
 
     def __init__(self, scorers: str = "official", owner: str = "dpt-hybrid-midas"):
@@ -341,7 +352,7 @@ class MidasDepth(LearnedMetric):
     def load_official(self):
         from transformers import DPTForDepthEstimation
 
-        return (DPTForDepthEstimation.from_pretrained(self.info.model_id, **self.hub_kwargs()),)
+        return (DPTForDepthEstimation.from_pretrained(self.info.model_id, **self.hub_kwargs(self.info.model_id)),)
 
     def load_tiny(self):
         from transformers import DPTConfig, DPTForDepthEstimation
@@ -416,7 +427,7 @@ class Spatial2D(_DetectorMetric):
     info = MetricInfo(
         "t2i-spatial-owlv2", "t2i-compbench-1", True,
         f"2D_spatial_eval.py score in [0, 1] (0.25 * each object's detection score + position / 2; under 0.5 -> 0); {NON_CANONICAL}",
-        "google/owlv2-base-patch16-ensemble",
+        OWLV2_REPO, OWLV2_REVISION,
     )
     complex_prompts = False
 
@@ -446,7 +457,7 @@ class Numeracy(_DetectorMetric):
     info = MetricInfo(
         "t2i-numeracy-owlv2", "t2i-compbench-1", True,
         f"numeracy_eval.py score in [0, 1] (per named object: 1/2 detected + 1/2 count equal); {NON_CANONICAL}",
-        "google/owlv2-base-patch16-ensemble",
+        OWLV2_REPO, OWLV2_REVISION,
     )
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:

@@ -7,8 +7,10 @@ the DINO ViT-S/16 embeddings of the two (the ``ReferenceMetric`` protocol; photo
   returns, the CLS token after the final LayerNorm (its head is the identity). DINO rewards a
   generated image for showing *this* subject rather than any member of its class, which CLIP-I
   does much less.
-* Weights: hub ``facebook/dino-vits16``, the transformers conversion of that checkpoint
-  (``convert_dino_to_pytorch.py``, base model, no pooler) as ``pytorch_model.bin``. The conversion
+* Weights: hub ``facebook/dino-vits16`` at commit a7a4d16 ("Adding safetensors variant"), the
+  transformers conversion of that checkpoint (``convert_dino_to_pytorch.py``, base model, no pooler)
+  as ``pytorch_model.bin`` and, from that commit, ``model.safetensors`` (transformers loads the latter
+  when present; ``bench prefetch`` takes both, in case the variant has another name). The conversion
   kept ``ViTConfig``'s default ``layer_norm_eps=1e-12`` where DINO's LayerNorms use 1e-6, so the
   config is loaded with 1e-6: the forward is then exactly the official one.
 * Preprocessing: that of DINO's ``eval_knn.py``, used by ImagenHub (``miscmodels/dino_vit.py``)
@@ -26,13 +28,15 @@ from typing import Sequence
 import torch
 
 from bench.images import open_rgb, thread_map
-from bench.metrics import LearnedMetric, MetricInfo, seeded
+from bench.metrics import HubFiles, LearnedMetric, MetricInfo, seeded
 from bench.metrics.clip import preprocess_each, to_pil
 from bench.metrics.reference import ReferenceMetric
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DINO_LAYER_NORM_EPS = 1e-6  # partial(nn.LayerNorm, eps=1e-6) in DINO's vision_transformer.py
+DINO_REPO = "facebook/dino-vits16"
+DINO_REVISION = "a7a4d161f5c0bd70478c05ca5777ec7cd8848021"  # HF commits page: "Adding safetensors variant", 2023-06-22
 
 
 def dino_transform():
@@ -51,16 +55,16 @@ def dino_transform():
 
 class Dino(ReferenceMetric, LearnedMetric):
     info = MetricInfo(
-        "dino", "1", True, "cos(DINO ViT-S/16 CLS embedding, the subject photo's), mean over the subject's photos", "facebook/dino-vits16"
+        "dino", "1", True, "cos(DINO ViT-S/16 CLS embedding, the subject photo's), mean over the subject's photos", DINO_REPO, DINO_REVISION
     )
-    weight_files = "facebook/dino-vits16 (config.json, pytorch_model.bin)"
-    hub_files = (("facebook/dino-vits16", ("config.json", "pytorch_model.bin")),)
+    weight_files = f"{DINO_REPO}@{DINO_REVISION[:7]} (config.json, model.safetensors or pytorch_model.bin)"
+    hub_files = (HubFiles(DINO_REPO, DINO_REVISION, ("config.json", "model.safetensors", "pytorch_model.bin")),)
 
     def load_official(self):
         from transformers import ViTModel
 
         model = ViTModel.from_pretrained(
-            self.info.model_id, revision=self.info.revision, add_pooling_layer=False, layer_norm_eps=DINO_LAYER_NORM_EPS, **self.hub_kwargs()
+            self.info.model_id, add_pooling_layer=False, layer_norm_eps=DINO_LAYER_NORM_EPS, **self.hub_kwargs(self.info.model_id)
         )
         return model, dino_transform()
 

@@ -22,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from bench.metrics import MetricInfo
+from bench.metrics import HubFiles, MetricInfo
 from bench.metrics.clip import CLIP_MEAN, CLIP_STD, OpenClipScore, quiet_root_logger, stored_pixels
 
 HPS_REPO = "xswu/HPSv2"  # hpsv2/utils.py hps_version_map, downloaded with hf_hub_download
@@ -67,7 +67,7 @@ class HPSv2(OpenClipScore):
 
     @property
     def hub_files(self) -> tuple:
-        return ((HPS_REPO, (self.checkpoint,)),)
+        return (HubFiles(HPS_REPO, HPS_REVISION, (self.checkpoint,)),)
 
     def backbone(self) -> tuple:
         return ("hps", self.checkpoint)  # one copy per checkpoint; v2.0 and v2.1 are different weights
@@ -77,7 +77,7 @@ class HPSv2(OpenClipScore):
             return self.checkpoint
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(HPS_REPO, self.checkpoint, revision=self.info.revision, **self.hub_kwargs())
+        return hf_hub_download(HPS_REPO, self.checkpoint, **self.hub_kwargs(HPS_REPO))
 
     def load_official(self):
         import open_clip

@@ -27,12 +27,16 @@ import torch
 from torch import nn
 
 from bench.io import scratch_dir
-from bench.metrics import LearnedMetric, MetricInfo, seeded
+from bench.metrics import HubFiles, LearnedMetric, MetricInfo, seeded
 from bench.metrics.clip import CLIP_MEAN, CLIP_STD, AestheticMLP, preprocess_each, to_pil
 
 # ImageReward.py: the standardization of the MLP output; ``_transform`` normalizes with OpenAI CLIP's constants.
 REWARD_MEAN, REWARD_STD = 0.16717362830052426, 1.0333394966054072
 BERT_TOKENIZER = "google-bert/bert-base-uncased"  # BLIP's init_tokenizer: BertTokenizer "bert-base-uncased" + [DEC], [ENC]
+BERT_TOKENIZER_REVISION = "86b5e0934494bd15c9632b12f734a8a67f723594"  # hub cache snapshot paths (~15) under this name and bert-base-uncased
+IMAGEREWARD_REPO = "THUDM/ImageReward"
+# HF commit page: a README edit (parent 9fabc27) after 7a9e21f uploaded ImageReward.pt (sha256 d71dc8d4...de561f6)
+IMAGEREWARD_REVISION = "ba3af6204edef2c89cb0e47a0a7c62b9b2fc8514"
 IMAGE_SIZE, MAX_TOKENS = 224, 35
 # BLIP's create_vit('large'): ViT-L/16, qkv bias, LayerNorm eps 1e-6, no pre-logits; its width (1024)
 # replaces med_config.json's encoder_width for the text encoder's cross-attention.
@@ -160,14 +164,17 @@ class ImageReward(LearnedMetric):
 
     info = MetricInfo(
         name="imagereward", version="v1.0", higher_is_better=True, scale="standardized reward (r - 0.1672) / 1.0333, mean 0 / std 1 on ImageReward's test set",
-        model_id="THUDM/ImageReward", revision=None,
+        model_id=IMAGEREWARD_REPO, revision=IMAGEREWARD_REVISION,
     )
     differentiable = True
     tokenizer_id = BERT_TOKENIZER
     vit = BLIP_VIT_LARGE  # the package always builds BLIP's 'large' ViT
     files = ("ImageReward.pt", "med_config.json")
     weight_files = "THUDM/ImageReward (ImageReward.pt, med_config.json) and the bert-base-uncased tokenizer (vocab.txt)"
-    hub_files = (("THUDM/ImageReward", files), (BERT_TOKENIZER, ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "config.json")))
+    hub_files = (
+        HubFiles(IMAGEREWARD_REPO, IMAGEREWARD_REVISION, files),
+        HubFiles(BERT_TOKENIZER, BERT_TOKENIZER_REVISION, ("vocab.txt", "tokenizer_config.json", "tokenizer.json", "config.json")),
+    )
 
     def weights_file(self, name: str) -> Path:
         """``name`` from the hub repo, or from ``model_id`` when that is a local folder."""
@@ -178,11 +185,11 @@ class ImageReward(LearnedMetric):
             return path
         from huggingface_hub import hf_hub_download
 
-        return Path(hf_hub_download(self.info.model_id, name, revision=self.info.revision, **self.hub_kwargs()))
+        return Path(hf_hub_download(self.info.model_id, name, **self.hub_kwargs(self.info.model_id)))
 
     def load_official(self):
         ckpt, med_path = (self.weights_file(name) for name in self.files)
-        tokenizer = blip_tokenizer(self.tokenizer_id, **self.hub_kwargs())
+        tokenizer = blip_tokenizer(self.tokenizer_id, **self.hub_kwargs(self.tokenizer_id))
         med_config = json.loads(med_path.read_text())
         state_dict = torch.load(ckpt, map_location="cpu", weights_only=True)
         net = build_net(self.vit, med_config, med_config["vocab_size"], state_dict)

@@ -7,8 +7,10 @@ prompt, the adjectives the complex CLIP score drops) and tokens (numeracy) from
 (``bench prefetch`` downloads it; it is unpacked once into the cache).
 
 spaCy is an optional dependency (``pip install "spacy>=3.8,<3.9"``). T2I-CompBench pinned spaCy 3.5.3
-with ``en_core_web_sm`` 3.5.0, which do not install beside numpy 2; the hub wheel is the current 3.8
-release, whose parses can differ from 3.5's on a few prompts.
+with ``en_core_web_sm`` 3.5.0, which do not install beside numpy 2. The hub wheel is read at a pinned
+commit (``SPACY_REVISION``, Nov 2023); which pipeline version that wheel holds is not verified here (the
+date predates the 3.8 pipelines, so probably a 3.7 one, which spaCy 3.8 loads with a version warning),
+and its parses can differ from 3.5's on a few prompts. An installed ``en_core_web_sm`` package wins.
 
 ``scorers=tiny`` parses with :class:`TinyParser`, a few pure-Python rules with the same interface, so
 that smoke runs need neither spaCy nor a download; like the tiny models, its output means nothing.
@@ -24,6 +26,9 @@ from pathlib import Path
 from bench.errors import UsageError, WeightsMissingError
 
 SPACY_REPO = "spacy/en_core_web_sm"
+# HF commits page of main, 2023-11-21. Which spaCy version the wheel at this commit holds is NOT verified
+# (no copy could be read here); `bench prefetch` and loading both take this commit.
+SPACY_REVISION = "8fb6f8155286360bf5486fe399e2738d1df7ded2"
 SPACY_WHEEL = "en_core_web_sm-any-py3-none-any.whl"
 SPACY_PIP = 'pip install "spacy>=3.8,<3.9"'
 
@@ -52,10 +57,10 @@ def load_spacy(metric: str):
     from bench.io import hub_offline
 
     try:
-        wheel = hf_hub_download(SPACY_REPO, SPACY_WHEEL, local_files_only=hub_offline())
+        wheel = hf_hub_download(SPACY_REPO, SPACY_WHEEL, revision=SPACY_REVISION, local_files_only=hub_offline())
     except Exception:  # not cached offline, no network
         raise WeightsMissingError(
-            f"metric {metric}: the spaCy pipeline en_core_web_sm is neither installed nor in the hub cache ({SPACY_REPO}/{SPACY_WHEEL}): "
+            f"metric {metric}: the spaCy pipeline en_core_web_sm is neither installed nor in the hub cache ({SPACY_REPO}@{SPACY_REVISION[:7]}/{SPACY_WHEEL}): "
             f"run `bench prefetch metrics={metric}` where the hub is reachable (same HF_HOME), or use scorers=tiny for a smoke test"
         ) from None
     return spacy.load(unpack_spacy_wheel(Path(wheel)))
@@ -84,10 +89,10 @@ def unpack_spacy_wheel(wheel: Path) -> Path:
 
 
 def download_spacy() -> str:
-    """``bench prefetch``: the hub wheel of ``en_core_web_sm``."""
+    """``bench prefetch``: the hub wheel of ``en_core_web_sm``, at the commit loading asks for."""
     from huggingface_hub import hf_hub_download
 
-    return hf_hub_download(SPACY_REPO, SPACY_WHEEL)
+    return hf_hub_download(SPACY_REPO, SPACY_WHEEL, revision=SPACY_REVISION)
 
 
 def english(scorers: str, metric: str):

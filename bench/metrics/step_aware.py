@@ -43,13 +43,13 @@ import torch
 from torch import nn
 
 from bench.errors import DataError
-from bench.metrics import LearnedMetric, MetricInfo, seeded
-from bench.metrics.clip import CLIP_MEAN, CLIP_STD, clip_tokenizer_dir
+from bench.metrics import HubFiles, LearnedMetric, MetricInfo, seeded
+from bench.metrics.clip import CLIP_MEAN, CLIP_STD, LAION_H14_REPO, LAION_H14_REVISION, PICKSCORE_REPO, PICKSCORE_REVISION, clip_tokenizer_dir
 
 SPM_REPO = "SPO-Diffusion-Models/Step-Aware_Preference_Models"
 SPM_REVISION = "0930261d5a1fb701f35d20c0ea8c145fe2c73738"  # "add models": the commit that uploaded both checkpoints
-PICKSCORE_ID = "yuvalkirstain/PickScore_v1"  # model_pretrained_model_name_or_path: the architecture's config
-PROCESSOR_ID = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # processor_pretrained_model_name_or_path: 224 px, CLIP mean/std; the prompt tokenizer
+PICKSCORE_ID = PICKSCORE_REPO  # model_pretrained_model_name_or_path: the architecture's config (at PickScore's pin)
+PROCESSOR_ID = LAION_H14_REPO  # processor_pretrained_model_name_or_path: 224 px, CLIP mean/std; the prompt tokenizer (at its pin)
 IMAGE_SIZE = 224  # the laion ViT-H/14 processor's size["shortest_edge"]
 
 
@@ -225,6 +225,14 @@ class StepAwarePreference(LearnedMetric):
     )
 
     @property
+    def hub_files(self) -> tuple:
+        return (
+            HubFiles(SPM_REPO, SPM_REVISION, (self.checkpoint,)),
+            HubFiles(PICKSCORE_ID, PICKSCORE_REVISION, ("config.json",)),
+            HubFiles(PROCESSOR_ID, LAION_H14_REVISION, ("*.json", "*.txt")),
+        )
+
+    @property
     def weight_files(self) -> str:
         return (f"{SPM_REPO}@{SPM_REVISION[:7]} {self.checkpoint}, the config.json of {self.config_source} "
                 f"and the tokenizer of {self.tokenizer_source}")
@@ -242,13 +250,13 @@ class StepAwarePreference(LearnedMetric):
             return str(self.checkpoint)
         from huggingface_hub import hf_hub_download
 
-        return hf_hub_download(SPM_REPO, self.checkpoint, revision=SPM_REVISION, **self.hub_kwargs())
+        return hf_hub_download(SPM_REPO, self.checkpoint, **self.hub_kwargs(SPM_REPO))
 
     def load_official(self):
         from transformers import CLIPConfig, CLIPTokenizer
 
-        config = CLIPConfig.from_pretrained(self.config_source, **self.hub_kwargs())
-        tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_source, **self.hub_kwargs())
+        config = CLIPConfig.from_pretrained(self.config_source, **self.hub_kwargs(self.config_source))
+        tokenizer = CLIPTokenizer.from_pretrained(self.tokenizer_source, **self.hub_kwargs(self.tokenizer_source))
         return load_step_aware(self.checkpoint_path(), config), tokenizer
 
     def load_tiny(self):
@@ -262,13 +270,10 @@ class StepAwarePreference(LearnedMetric):
         return model.requires_grad_(False).eval(), CLIPTokenizer.from_pretrained(clip_tokenizer_dir())
 
     def download(self) -> list[str]:
+        """The checkpoint file, PickScore's config and the laion tokenizer, each at its pin (``hub_files``)."""
         from huggingface_hub import snapshot_download
 
-        return [
-            self.checkpoint_path(),
-            snapshot_download(self.config_source, allow_patterns=["config.json"]),
-            snapshot_download(self.tokenizer_source, allow_patterns=["*.json", "*.txt"]),
-        ]
+        return [self.checkpoint_path(), *(snapshot_download(f.repo, allow_patterns=list(f.patterns), revision=f.revision) for f in self.hub_files[1:])]
 
     def tokenize(self, prompts: Sequence[str]) -> torch.Tensor:
         tokenizer = self.loaded()[1]

@@ -37,13 +37,17 @@ import torch
 
 from bench.errors import UsageError
 from bench.io import scratch_dir
-from bench.metrics import LearnedMetric, MetricInfo
+from bench.metrics import HubFiles, LearnedMetric, MetricInfo
 
 FLORENCE_REPOS = {"large": "florence-community/Florence-2-large", "base": "florence-community/Florence-2-base"}
+# Unpinned (main): no commit of the florence-community conversions could be verified here (the commits found
+# are microsoft/Florence-2-*'s, a different repository with the remote-code checkpoint); tests/test_pins.py lists them.
+FLORENCE_REVISIONS: dict[str, str | None] = {"large": None, "base": None}
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 NUM_BEAMS, MAX_NEW_TOKENS = 3, 1024  # the Florence-2 model card's generate() arguments
 
 BERT_REPO = "FacebookAI/roberta-large"  # bert-score's lang2model["en"] ("roberta-large", now under FacebookAI/)
+BERT_REVISION = "722cf37b1afa9454edce342e7895e588b6ff1d59"  # HF main history "(#6)" and ~10 snapshot paths (one lists model.safetensors)
 BERT_LAYER = 17  # bert-score's model2layers["roberta-large"]
 # bert-score's bert_score/rescale_baseline/en/roberta-large.tsv, row LAYER=17: the P, R and F baselines.
 BASELINE_ROBERTA_LARGE_L17 = {"precision": 0.83150584, "recall": 0.8314941, "f1": 0.83122575}
@@ -278,8 +282,8 @@ class TextAlignment(LearnedMetric):
     (LaSRO, DDPO), not a back-propagated one.
     """
 
-    florence_repos = FLORENCE_REPOS
-    bert_repo, bert_layer, bert_baseline = BERT_REPO, BERT_LAYER, BASELINE_ROBERTA_LARGE_L17
+    florence_repos, florence_revisions = FLORENCE_REPOS, FLORENCE_REVISIONS
+    bert_repo, bert_revision, bert_layer, bert_baseline = BERT_REPO, BERT_REVISION, BERT_LAYER, BASELINE_ROBERTA_LARGE_L17
     info = metric_info(*DEFAULTS.values(), FLORENCE_REPOS["large"], BERT_REPO, BERT_LAYER)  # the default's; each instance sets its own
 
     def __init__(self, scorers: str = "official", size: str = DEFAULTS["size"], task: str = DEFAULTS["task"], variant: str = DEFAULTS["variant"], rescale: bool = DEFAULTS["rescale"]):
@@ -296,7 +300,10 @@ class TextAlignment(LearnedMetric):
             f"{self.florence_repo} (config.json, model.safetensors, processor and tokenizer files) and "
             f"{self.bert_repo} (config.json, model.safetensors, vocab.json, merges.txt)"
         )
-        self.hub_files = ((self.florence_repo, ("*.json", "*.safetensors", "*.txt")), (self.bert_repo, ("*.json", "model.safetensors", "*.txt")))
+        self.hub_files = (
+            HubFiles(self.florence_repo, self.florence_revisions.get(size), ("*.json", "*.safetensors", "*.txt")),
+            HubFiles(self.bert_repo, self.bert_revision, ("*.json", "model.safetensors", "*.txt")),
+        )
         self.max_new_tokens = TINY_MAX_NEW_TOKENS if scorers == "tiny" else MAX_NEW_TOKENS
         super().__init__(scorers)
 
@@ -306,9 +313,10 @@ class TextAlignment(LearnedMetric):
     def load_official(self):
         from transformers import AutoProcessor, Florence2ForConditionalGeneration
 
-        captioner = Florence2ForConditionalGeneration.from_pretrained(self.florence_repo, **self.hub_kwargs())
-        processor = AutoProcessor.from_pretrained(self.florence_repo, backend="pil", **self.hub_kwargs())  # PIL resize, as transformers 4 did
-        return captioner, processor, load_bertscore(self.bert_repo, self.bert_layer, self.bert_baseline, **self.hub_kwargs()).to(self.device)
+        florence = self.hub_kwargs(self.florence_repo)
+        captioner = Florence2ForConditionalGeneration.from_pretrained(self.florence_repo, **florence)
+        processor = AutoProcessor.from_pretrained(self.florence_repo, backend="pil", **florence)  # PIL resize, as transformers 4 did
+        return captioner, processor, load_bertscore(self.bert_repo, self.bert_layer, self.bert_baseline, **self.hub_kwargs(self.bert_repo)).to(self.device)
 
     def load_tiny(self):
         captioner, processor = tiny_florence()

@@ -28,9 +28,9 @@ from typing import Sequence
 import torch
 
 from bench.io import load_torch, scratch_dir
-from bench.metrics import LearnedMetric, MetricInfo, seeded
+from bench.metrics import HubFiles, LearnedMetric, MetricInfo, seeded
 from bench.metrics.clip import CLIP_MEAN, CLIP_STD, preprocess_each, to_pil
-from bench.metrics.imagereward import BERT_TOKENIZER, blip_tokenizer, write_wordpiece_vocab  # BLIP's tokenizer, as ImageReward's
+from bench.metrics.imagereward import BERT_TOKENIZER, BERT_TOKENIZER_REVISION, blip_tokenizer, write_wordpiece_vocab  # BLIP's tokenizer, as ImageReward's
 
 BLIP_VQA_URL = "https://storage.googleapis.com/sfr-vision-language-research/BLIP/models/model_base_vqa_capfilt_large.pth"
 # No sha256 of this file is published (BLIP's README, LAVIS and T2I-CompBench only link it) and no copy
@@ -115,7 +115,7 @@ class BlipVqa(LearnedMetric):
         model_id="Salesforce BLIP model_base_vqa_capfilt_large.pth (image 480)",
     )
     weight_files = f"model_base_vqa_capfilt_large.pth ({BLIP_VQA_URL}) and the {BERT_TOKENIZER} tokenizer"
-    hub_files = ((BERT_TOKENIZER, ("vocab.txt", "tokenizer_config.json", "config.json")),)
+    hub_files = (HubFiles(BERT_TOKENIZER, BERT_TOKENIZER_REVISION, ("vocab.txt", "tokenizer_config.json", "config.json")),)
     checkpoint_url = BLIP_VQA_URL
     checkpoint_sha256 = BLIP_VQA_SHA256
     tokenizer_id = BERT_TOKENIZER
@@ -126,7 +126,7 @@ class BlipVqa(LearnedMetric):
     def load_official(self):
         from transformers import BlipForQuestionAnswering
 
-        tokenizer = blip_tokenizer(self.tokenizer_id, **self.hub_kwargs())
+        tokenizer = blip_tokenizer(self.tokenizer_id, **self.hub_kwargs(self.tokenizer_id))
         ids = (tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("[ENC]"), *tokenizer.convert_tokens_to_ids(["yes", "no"]))
         if ids != (30522, 30523, 2748, 2053):  # the ids T2I-CompBench's vqa_prob hard-codes
             raise ValueError(f"{self.tokenizer_id} is not bert-base-uncased's vocabulary ([DEC], [ENC], yes, no = {ids})")
