@@ -10,7 +10,7 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from bench.errors import UsageError
 from bench.generate import ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
-from bench.models import DiffusionModel, load_model, make_sampler
+from bench.models import DiffusionModel, load_model, make_sampler, sampler_identity
 from bench.metrics import DistributionMetric
 from bench.method import Method
 from bench.registry import METHODS, METRICS
@@ -139,7 +139,7 @@ class Session:
         jobs = self.plan(model, checkpoint)
         identity = {
             "model": model.identity,
-            "sampler": asdict(self.sampler),
+            "sampler": sampler_identity(self.sampler),
             "checkpoint": ckpt_id,
             "suite": self.suite.name,
             "prompts_sha256": self.suite.sha256,
