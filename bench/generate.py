@@ -8,7 +8,7 @@
   what is missing; a stored image that fails to decode is regenerated.
 * The sampler enters as ``sampler_identity`` (its fields less those at their
   defaults), so a new sampler option keeps every stored image's key. Images stored
-  under the keys of earlier versions (``legacy_image_key``) are adopted once.
+  under the keys of earlier versions (``legacy_image_common``) are adopted once.
 """
 
 from __future__ import annotations
