@@ -6,6 +6,9 @@
 * An image's key hashes everything that determines it (model weights identity,
   checkpoint, prompt, seed, sampler, resolution, dtype). A re-run generates only
   what is missing; a stored image that fails to decode is regenerated.
+* The sampler enters as ``sampler_identity`` (its fields less those at their
+  defaults), so a new sampler option keeps every stored image's key. Images stored
+  under the keys of earlier versions (``legacy_image_common``) are adopted once.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from PIL import Image
 from bench.config import stable_hash
 from bench.errors import DataError
 from bench.io import progress as progress_bar
-from bench.io import write_bytes
-from bench.models.diffusion import DiffusionModel, Sampler, to_uint8
+from bench.io import adopt_file, write_bytes
+from bench.models.diffusion import DiffusionModel, Sampler, sampler_identity, to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +43,18 @@ def image_seed(suite: str, prompt_index: int, image_index: int, base_seed: int) 
     return derived_seed(suite, prompt_index, image_index, base_seed)
 
 
+class CheckpointId(str):
+    """A checkpoint's id (``Trainer.train_id``) that also knows the id bench gave the same checkpoint
+    before its keys were content keys (``legacy``), so images stored under the old one are found."""
+
+    legacy: str | None
+
+    def __new__(cls, value: str, legacy: str | None = None):
+        obj = super().__new__(cls, value)
+        obj.legacy = legacy if legacy != value else None
+        return obj
+
+
 @dataclass(frozen=True)
 class ImageJob:
     prompt_index: int
@@ -47,6 +62,7 @@ class ImageJob:
     prompt: str
     seed: int
     key: str
+    legacy_key: str | None = None  # the key earlier versions stored it under (adopted once by ``ImageStore.adopt_legacy``)
 
 
 class ImageStore:
@@ -80,26 +96,54 @@ class ImageStore:
             path.unlink(missing_ok=True)
             return False
 
+    def adopt_legacy(self, jobs: list[ImageJob], size: int) -> int:
+        """Give the sound images stored under their legacy keys (before content keys) their keys, once,
+        so an existing store keeps serving them; one line says how many. Returns the count."""
+        adopted = 0
+        for job in jobs:
+            if job.legacy_key and not self.path(job.key).exists() and self.path(job.legacy_key).exists() and self.has(job.legacy_key, size):
+                adopted += adopt_file(self.path(job.legacy_key), self.path(job.key))
+        if adopted:
+            log.info("image store: %d stored images moved to their content keys (sampler options at their defaults left out), once; none regenerated", adopted)
+        return adopted
+
     def load(self, key: str) -> np.ndarray:
         """The stored image as uint8 (H, W, 3)."""
         with Image.open(self.path(key)) as im:
             return np.asarray(im)
 
 
-def plan_images(suite_name, prompts, images_per_prompt, base_seed, model: DiffusionModel, sampler: Sampler, checkpoint: str | None, dtype: str) -> list[ImageJob]:
-    common = {
+def image_key(common: dict, prompt: str, seed: int) -> str:
+    return stable_hash({**common, "prompt": prompt, "seed": seed})[:40]
+
+
+def legacy_image_common(model: DiffusionModel, sampler: Sampler, checkpoint: str | None, dtype: str) -> dict:
+    """What an image key hashed before content keys: every sampler field (``asdict``) and the
+    checkpoint's legacy id. Kept only to find the images an existing store holds under it."""
+    return {
         "model": model.identity,
-        "checkpoint": checkpoint,
+        "checkpoint": getattr(checkpoint, "legacy", None) or checkpoint,
         "sampler": asdict(sampler),
         "resolution": model.resolution,
         "dtype": dtype,
     }
+
+
+def plan_images(suite_name, prompts, images_per_prompt, base_seed, model: DiffusionModel, sampler: Sampler, checkpoint: str | None, dtype: str) -> list[ImageJob]:
+    common = {
+        "model": model.identity,
+        "checkpoint": None if checkpoint is None else str(checkpoint),
+        "sampler": sampler_identity(sampler),
+        "resolution": model.resolution,
+        "dtype": dtype,
+    }
+    legacy = legacy_image_common(model, sampler, checkpoint, dtype)
     jobs = []
     for p, prompt in enumerate(prompts):
         for i in range(images_per_prompt):
             seed = image_seed(suite_name, p, i, base_seed)
-            key = stable_hash({**common, "prompt": prompt, "seed": seed})[:40]
-            jobs.append(ImageJob(p, i, prompt, seed, key))
+            key, old = image_key(common, prompt, seed), image_key(legacy, prompt, seed)
+            jobs.append(ImageJob(p, i, prompt, seed, key, old if old != key else None))
     return jobs
 
 
@@ -114,6 +158,7 @@ class GenerationStats:
 def generate(model: DiffusionModel, jobs: list[ImageJob], store: ImageStore, batch_size: int, sampler: Sampler, progress: bool = True) -> GenerationStats:
     """Make sure every job's image is in the store; generate the missing ones in batches."""
     stats = GenerationStats()
+    store.adopt_legacy(jobs, model.resolution)
     todo = [j for j in jobs if not store.has(j.key, model.resolution)]
     stats.cached = len(jobs) - len(todo)
     bar = progress_bar(None, progress and bool(todo), total=len(todo), desc=f"generate {model.name}", unit="img")

@@ -41,6 +41,26 @@ def write_text(path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def adopt_file(old, new) -> bool:
+    """Give the file ``old`` (a cache entry under a key of an earlier bench version) the name ``new``,
+    once: a hard link, so an older checkout sharing the cache still finds its own name and nothing is
+    copied, else (a file system without links) an atomic copy. False when ``new`` is there already."""
+    old, new = Path(old), Path(new)
+    if new.exists():
+        return False
+    from bench.errors import writing
+
+    with writing(new.parent):
+        new.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(old, new)
+    except FileExistsError:  # another process adopted it meanwhile
+        return False
+    except OSError:
+        write_bytes(new, old.read_bytes())
+    return True
+
+
 def write_json(path, obj) -> Path:
     """Deterministic JSON (sorted keys, indent 2, trailing newline), written atomically."""
     return write_text(path, json.dumps(obj, sort_keys=True, indent=2, allow_nan=False) + "\n")

@@ -10,7 +10,7 @@ import logging
 import platform
 import subprocess
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -26,7 +26,7 @@ from bench.html_report import write_report
 from bench.generate import GenerationStats, ImageJob, ImageStore, generate, plan_images
 from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
-from bench.models import DiffusionModel, load_model, make_sampler
+from bench.models import DiffusionModel, load_model, make_sampler, sampler_identity
 from bench.metrics import DistributionMetric, Metric
 from bench.method import Method
 from bench.registry import METHODS, METRICS
@@ -256,7 +256,7 @@ class Session:
         protocol = self.protocol_record(checkpoint is not None)
         identity = RunIdentity(
             model=model.identity,
-            sampler=asdict(self.sampler),
+            sampler=sampler_identity(self.sampler),
             checkpoint=checkpoint.train_id if checkpoint else None,
             suite=self.suite.name,
             prompts_sha256=self.suite.sha256,

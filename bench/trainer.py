@@ -28,13 +28,13 @@ from safetensors.torch import load_file, save_file
 
 from bench.config import stable_hash
 from bench.errors import TrainingError, writing
-from bench.generate import derived_seed
+from bench.generate import CheckpointId, derived_seed
 from bench.images import TargetImages
 from bench.suite import prompts_sha256
 from bench.trainlog import TrainLog, tracker_kwargs
-from bench.io import progress, write_json
+from bench.io import adopt_file, progress, write_json
 from bench.method import Method, TrainContext
-from bench.models.diffusion import DiffusionModel
+from bench.models.diffusion import DiffusionModel, sampler_identity
 from bench.weights import copy_weights
 
 log = logging.getLogger(__name__)
@@ -79,10 +79,76 @@ def without_plan_hooks(source: str) -> str:
     return "".join(line for i, line in enumerate(lines) if i not in drop) if drop else source
 
 
+RECIPE_PACKAGE = "bench.methods"
+
+
+def module_source(name: str) -> str | None:
+    """The source text of module ``name`` as its file holds it, or None where no source file is kept
+    (a class defined in an interactive session). A module of ``bench.methods`` is found by its path
+    in that folder, so nothing is imported to read it."""
+    import sys
+
+    import bench.methods
+
+    if name in sys.modules:
+        origin = getattr(sys.modules[name], "__file__", None)
+    elif name.startswith(RECIPE_PACKAGE + "."):
+        stem = Path(bench.methods.__file__).parent.joinpath(*name.split(".")[2:])
+        origin = next((p for p in (stem.with_suffix(".py"), stem / "__init__.py") if p.is_file()), None)
+    else:
+        origin = None
+    if not origin or not str(origin).endswith(".py") or not Path(origin).is_file():
+        return None
+    return Path(origin).read_bytes().decode()
+
+
+def recipe_imports(name: str, source: str) -> set[str]:
+    """The modules of ``bench.methods`` that the source of module ``name`` imports (read from its
+    import statements with ``ast``, nothing executed; relative imports resolved)."""
+    import ast
+
+    package = name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")
+                root = ".".join(parts[: len(parts) - node.level + 1])
+                base = f"{root}.{base}" if base else root
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)  # `from bench.methods import online`
+    return {m for m in found if m.startswith(RECIPE_PACKAGE + ".") and module_source(m) is not None}
+
+
 def recipe_source_hash(method: Method) -> str | None:
-    """sha256 of the method's module and of the shared recipe code in ``bench.methods`` (pair data,
-    online rounds): editing either retrains instead of reusing a stale checkpoint. The planner hooks
-    (``Method.plan``) are left out."""
+    """sha256 of the source of the method's module and of the ``bench.methods`` modules it imports,
+    transitively (``pso_online`` imports ``online``; ``sft`` imports ``preference_data``), so editing
+    one recipe retrains that recipe and those built on its code, and no other. The planner hooks
+    (``Method.plan``) are left out. The core (``bench.trainer``, ``bench.method``, ``bench.models``)
+    does not enter: its changes are held to the same numbers by the byte-identical and loss-value
+    tests, and entering it would retrain every checkpoint at any edit."""
+    own = type(method).__module__
+    source = module_source(own)
+    if source is None:
+        return None
+    seen, todo = {own: source}, [own]
+    while todo:
+        name = todo.pop()
+        for dep in recipe_imports(name, seen[name]) - set(seen):
+            seen[dep] = module_source(dep)
+            todo.append(dep)
+    h = hashlib.sha256(without_plan_hooks(source).encode())
+    for name in sorted(set(seen) - {own}):
+        h.update(f"\n# {name}\n{without_plan_hooks(seen[name])}".encode())
+    return h.hexdigest()[:16]
+
+
+def legacy_recipe_source_hash(method: Method) -> str | None:
+    """The recipe hash before content keys (the method's module and every ``bench.methods`` file):
+    kept only to find a checkpoint or prepared data an existing cache holds under it."""
     import inspect
 
     import bench.methods
@@ -125,7 +191,8 @@ def kept_checkpoints(final: Checkpoint) -> list[tuple[int, Checkpoint]]:
     for folder in sorted((final.path.parent / "kept").glob("step-*"), key=lambda p: int(p.name.split("-")[1])):
         if (folder / "weights.safetensors").exists():
             step = int(folder.name.split("-")[1])
-            out.append((step, Checkpoint(folder, f"{final.train_id}-step{step}")))
+            legacy = getattr(final.train_id, "legacy", None)
+            out.append((step, Checkpoint(folder, CheckpointId(f"{final.train_id}-step{step}", legacy and f"{legacy}-step{step}"))))
     return out + [(int(meta["steps"]), final)]
 
 
@@ -196,6 +263,29 @@ def update_ema(ema: dict[str, torch.Tensor], unet: torch.nn.Module, decay: float
                 ema[n].mul_(decay).add_(p.detach(), alpha=1 - decay)
 
 
+def adopt_checkpoint_folder(old: Path, new: Path, train_id: str) -> list[str]:
+    """Move what the folder ``old`` holds (``final``, ``kept``, the ``step-*`` states of a training in
+    progress) into ``new``, the same checkpoint's folder under its content id, and write that id into
+    each ``train.json``, so the folder reads as one trained under it. Returns the names moved."""
+    moved = []
+    for entry in sorted(old.iterdir()):
+        if entry.name != ".lock" and not (new / entry.name).exists():
+            with writing(new):
+                entry.rename(new / entry.name)
+            moved.append(entry.name)
+    for meta in [new / "final" / "train.json", *(new / "kept").glob("step-*/train.json")]:
+        if meta.exists():
+            body = json.loads(meta.read_text())
+            if body.get("train_id") != train_id:
+                write_json(meta, {**body, "train_id": str(train_id)})
+    for leftover in (old / ".lock", old):  # an empty legacy folder goes; one still in use stays
+        try:
+            leftover.unlink() if leftover.is_file() else leftover.rmdir()
+        except OSError:
+            pass
+    return moved
+
+
 # ---- optimizer and learning-rate schedule --------------------------------------------------
 def make_optimizer(params, tc: dict) -> torch.optim.Optimizer:
     name, lr, wd = tc["optimizer"], peak_lr(tc), float(tc["weight_decay"])
@@ -261,26 +351,33 @@ class Trainer:
         data = cfg.get("data") or {}
         self.pair_data = data if data and data.get("kind", "pairs") == "pairs" else None  # image datasets arrive as ``images``
         self.device, self.cache_dir, self.progress = device, Path(cache_dir), progress
-        self.train_id = stable_hash(
-            {
-                "model": model.identity,
-                "sampler": str(model.sampler),
-                "method": {k: v for k, v in cfg["method"].items() if not k.startswith("_") and k not in METHOD_NOTES},
-                "train": train_identity(self.train_cfg),
-                "prompts": prompts_sha256(prompts),
-                "reward": f"{reward.info.name}@{reward.info.version}" if reward is not None else None,  # scorers=tiny is another version
-                "recipe_source": recipe_source_hash(method),
-                "data": data_identity(data),
-            }
-            | ({"images": images.sha256} if images is not None else {})  # target images: a subject, a style set
-        )[:16]
+        self.train_id = CheckpointId(
+            stable_hash(self._identity(sampler_identity(model.sampler), recipe_source_hash(method)))[:16],
+            legacy=stable_hash(self._identity(str(model.sampler), legacy_recipe_source_hash(method)))[:16],  # before content keys
+        )
         self.root = self.cache_dir / "checkpoints" / f"{cfg['method']['name']}-{self.train_id}"
+
+    def _identity(self, sampler, recipe_source: str | None) -> dict:
+        """Everything that determines the checkpoint; the sampler and recipe hash as given, so the id
+        of earlier versions (``str(sampler)``, ``legacy_recipe_source_hash``) is the same formula."""
+        data = self.cfg.get("data") or {}
+        return {
+            "model": self.model.identity,
+            "sampler": sampler,
+            "method": {k: v for k, v in self.cfg["method"].items() if not k.startswith("_") and k not in METHOD_NOTES},
+            "train": train_identity(self.train_cfg),
+            "prompts": prompts_sha256(self.prompts),
+            "reward": f"{self.reward.info.name}@{self.reward.info.version}" if self.reward is not None else None,  # scorers=tiny is another version
+            "recipe_source": recipe_source,
+            "data": data_identity(data),
+        } | ({"images": self.images.sha256} if self.images is not None else {})  # target images: a subject, a style set
 
     # ---- public ------------------------------------------------------------------------------
     def run(self) -> Checkpoint:
         """Train, or reuse the finished checkpoint. Processes sharing a cache train one checkpoint once:
         the others wait on its lock file, then reuse it."""
         final = self.root / "final"
+        self._adopt_legacy()
         if not (final / "weights.safetensors").exists():
             from filelock import FileLock
 
@@ -396,6 +493,21 @@ class Trainer:
         return total, logs
 
     # ---- pieces ------------------------------------------------------------------------------
+    def _adopt_legacy(self) -> None:
+        """A checkpoint folder an existing cache holds under the id of earlier versions (its finished
+        weights, kept snapshots, or a training in progress) moves to this id, once, under the lock."""
+        legacy = self.train_id.legacy and self.root.with_name(f"{self.cfg['method']['name']}-{self.train_id.legacy}")
+        if not legacy or not legacy.is_dir() or (self.root / "final" / "weights.safetensors").exists():
+            return
+        from filelock import FileLock
+
+        with writing(self.root.parent):
+            self.root.mkdir(parents=True, exist_ok=True)
+            with FileLock(self.root / ".lock"):
+                moved = adopt_checkpoint_folder(legacy, self.root, self.train_id)
+        if moved:
+            log.info("checkpoint %s moved to its content key %s (%s), once; nothing retrained", legacy.name, self.root.name, ", ".join(moved))
+
     def _micro_batches(self) -> tuple[int, int]:
         return micro_batches(self.train_cfg, self.method.splits_micro_batches, self.cfg["method"]["name"])
 
@@ -406,9 +518,11 @@ class Trainer:
         spec = self.method.data_spec()
         if not spec or ctx.data_cfg:  # nothing to cache, or a dataset the method streams
             return self.method.prepare(ctx)
-        what = {"model": self.model.identity, "sampler": str(self.model.sampler), "prompts": self.prompts, "spec": spec, "recipe_source": recipe_source_hash(self.method)}
-        key = stable_hash(what | ({"images": self.images.sha256} if self.images is not None else {}))[:16]
-        path = self.cache_dir / "data" / f"{self.cfg['method']['name']}-{key}.safetensors"
+        reward = f"{self.reward.info.name}@{self.reward.info.version}" if self.reward is not None else None
+        path = self._data_path(spec, sampler_identity(self.model.sampler), recipe_source_hash(self.method), {"reward": reward} if reward else {})
+        legacy = self._data_path(spec, str(self.model.sampler), legacy_recipe_source_hash(self.method))  # before content keys
+        if not path.exists() and legacy.exists() and adopt_file(legacy, path):
+            log.info("prepared data %s moved to its content key %s, once; nothing recomputed", legacy.name, path.name)
         if path.exists():
             return load_file(path)
         data = {k: v.contiguous() for k, v in self.method.prepare(ctx).items()}
@@ -418,6 +532,14 @@ class Trainer:
             save_file(data, tmp)
             tmp.replace(path)
         return data
+
+    def _data_path(self, spec, sampler, recipe_source: str | None, extra: dict | None = None) -> Path:
+        """Where the prepared data lives: keyed by the data spec and what it is computed from (the
+        model's weights, the sampler, the prompts or target images, the recipe's own source and, in
+        ``extra``, the reward's version: ``scorers=tiny`` ranks pairs otherwise than the official one)."""
+        what = {"model": self.model.identity, "sampler": sampler, "prompts": self.prompts, "spec": spec, "recipe_source": recipe_source, **(extra or {})}
+        key = stable_hash(what | ({"images": self.images.sha256} if self.images is not None else {}))[:16]
+        return self.cache_dir / "data" / f"{self.cfg['method']['name']}-{key}.safetensors"
 
     def _step_dirs(self) -> list[Path]:
         return sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

@@ -8,9 +8,9 @@ from pathlib import Path
 from bench.config import stable_hash
 from bench.errors import UsageError, WeightsMissingError, writing
 from bench.io import hub_offline
-from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler
+from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler, sampler_identity
 
-__all__ = ["DiffusionModel", "Sampler", "embedded_build_path", "load_model", "make_sampler", "pipeline_location"]
+__all__ = ["DiffusionModel", "Sampler", "embedded_build_path", "load_model", "make_sampler", "pipeline_location", "sampler_identity"]
 
 
 def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:

@@ -23,6 +23,7 @@ its config, never a branch in a method.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -60,6 +61,25 @@ class Sampler:
     @property
     def scheduler_class(self) -> str:
         return SCHEDULERS[self.kind]
+
+
+def sampler_identity(sampler) -> dict:
+    """What identifies a sampler in every cache key (images, checkpoints, prepared data, runs): its
+    fields less those at their dataclass defaults, so adding an option with a default keeps every key
+    made before it. A value that is not a dataclass (a stand-in) is its own identity."""
+    if not dataclasses.is_dataclass(sampler):
+        return sampler
+    full = dataclasses.asdict(sampler)
+    for f in dataclasses.fields(sampler):
+        if f.default is not dataclasses.MISSING:
+            default = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            continue
+        if getattr(sampler, f.name) == default:
+            del full[f.name]
+    return full
 
 
 @dataclass(frozen=True)
