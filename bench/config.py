@@ -217,8 +217,9 @@ def recipe_spec(method: DictConfig) -> type:
 
 
 def preset_file(registry, name: str, dotted: str) -> str:
-    """Where preset ``name`` (or the ``extends:`` parent that wrote it) sets ``dotted``: its file, or its entry."""
-    first, seen = name, []
+    """Where preset ``name`` (or the ``extends:`` parent that wrote it) sets ``dotted``: its file, or its
+    entry; the preset's own where none does."""
+    own, seen = None, []
     while name and name not in seen:
         seen.append(name)
         entry = registry.entry(name)
@@ -228,13 +229,14 @@ def preset_file(registry, name: str, dotted: str) -> str:
         else:
             raw = dict(target) if isinstance(target, dict) else dict(getattr(target, "default_config", dict)())
             where = entry.source or f"{registry.kind} '{name}'"
+        own = own or where
         tree = raw
         for part in dotted.split("."):
             tree = tree.get(part, KeyError) if isinstance(tree, dict) else KeyError
         if tree is not KeyError:
             return where
         name = raw.get("extends")
-    return f"{registry.kind} '{first}'"
+    return own
 
 
 def _close_keys(cfg: DictConfig, key: str) -> str:

@@ -248,6 +248,8 @@ class RewardSpec(MethodSpec):
 
 
 MethodKeys = MethodSpec  # the name before recipes declared their specs
+# the keys of a method preset that document it (or are set at composition) and configure no recipe
+DOC_KEYS = ("recipe", "name", "description", "_dir", "extends", "train", "gen", "code_differences", "base_model", "base_data", "base_protocol")
 SECTIONS = {"suite": SuiteKeys, "model": ModelKeys, "method": MethodSpec}
 
 
@@ -370,7 +372,19 @@ def keys(cls=Config, prefix: str = ""):
 
 def help_text() -> str:
     """The settings table of ``bench run|eval|train|plan|prefetch --help``."""
-    rows = list(keys()) + [row for name, cls in SECTIONS.items() for row in keys(cls, f"{name}.")]
+    sections = [row for name, cls in SECTIONS.items() for row in keys(cls, f"{name}.") if name != "method" or row[0][len("method."):] not in DOC_KEYS[1:]]
+    return rows_text(list(keys()) + sections)
+
+
+def spec_help(spec, values: dict) -> str:
+    """The settings table of a recipe (``bench run method=NAME --help``): every key of its ``Spec``
+    but the ones that only document a preset, with type, default and help, and the preset's value."""
+    rows = [(key, f) for key, f in keys(spec, "method.") if key[len("method."):] not in DOC_KEYS]
+    return rows_text(rows, {key: _yaml(_plain(values[key[len("method."):]])) for key, _ in rows if key[len("method."):] in values})
+
+
+def rows_text(rows, preset: dict | None = None) -> str:
+    """One line per (key, field): type and range, default, help; ``preset`` adds 'preset: VALUE' where given."""
     lines = []
     for key, f in rows:
         default = "" if _default(f) is MISSING else _yaml(_default(f))
@@ -379,6 +393,8 @@ def help_text() -> str:
         comment = f.metadata.get("help") or (rule.text if rule and rule.names else "")
         if rule and rule.names and comment != rule.text and "|" not in comment:
             comment = f"{rule.text}; {comment}"
+        if preset and key in preset:
+            comment = f"[preset: {preset[key]}] {comment}"
         lines.append(f"  {key:<28} {kind:<18} {default:<10} {comment}".rstrip())
     return "\n".join(lines)
 

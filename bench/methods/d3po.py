@@ -44,7 +44,7 @@ class D3PO(OnlineMethod):
     @dataclass(kw_only=True)
     class Spec(OnlineSpec, LogProbSpec):
         beta: float = setting(MISSING, "the DPO strength (the code's 0.1; PSO's -official presets 50)", above(0))
-        eps: Optional[float] = setting(None, "likelihood ratios clipped to [1 - eps, 1 + eps] (null: no clip; the code's 0.1)", inside(0, 1))
+        eps: Optional[float] = setting(0.1, "likelihood ratios clipped to [1 - eps, 1 + eps] (the code's train.eps; null: no clip)", inside(0, 1))
         ties: str = setting("skip", "a reward tie: skip (both samples weight 0, D3PO's compare) or second (the second is preferred)", one_of("skip", "second"))
 
     def samples_per_prompt(self) -> int:

@@ -47,6 +47,7 @@ class DDPO(OnlineMethod):
 
     @dataclass(kw_only=True)
     class Spec(SampledSpec, LogProbSpec):
+        prompts_per_round: int = setting(8, "training prompts sampled per round", at_least(1))
         samples_per_prompt: int = setting(4, "trajectories per prompt; advantages are normalized over them", at_least(1))
         clip_range: float = setting(1.0e-4, "PPO's ratio clip (DDPO's train_clip_range)", above(0))
         adv_clip_max: float = setting(5.0, "advantages clipped to [-adv_clip_max, adv_clip_max] (DDPO's train_adv_clip_max)", above(0))

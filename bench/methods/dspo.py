@@ -68,7 +68,7 @@ class DSPO(PairMethod):
     class Spec(PairSpec):
         form: str = setting("sd15", "sd15: Eq. 13/14, shifted epsilon regression on the preferred image; sdxl: Eq. 47", one_of("sd15", "sdxl"))
         lam: float = setting(MISSING, "lambda, the code's --beta_dpo: 0.001 for SD1.5, 5000 for SDXL (code only)", above(0))
-        sdxl_gate: Optional[float] = setting(None, "form sdxl: the official code's undocumented gate (null: the paper's Eq. 47 alone; the code's 0.1)", above(0))
+        sdxl_gate: Optional[float] = setting(0.1, "form sdxl: the official code's undocumented gate (null: the paper's Eq. 47 alone)", above(0))
         share_noise: bool = setting(True, "one timestep and one noise draw for both images of a pair, as the official code")
 
     def loss(self, ctx, data, generator: torch.Generator):

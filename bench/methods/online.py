@@ -93,7 +93,7 @@ class SampledSpec(OnlineSpec):
 class LogProbSpec(MethodSpec):
     """How a recipe reduces a transition's log-density over latent elements."""
 
-    logprob_reduction: str = setting("sum", "sum: the papers' densities; mean: over latent elements, as the public DDPO/D3PO/PSO codes", one_of("sum", "mean"))
+    logprob_reduction: str = setting("mean", "mean: over latent elements, as the public DDPO, D3PO and SPO codes; sum: the papers' densities", one_of("mean", "sum"))
 
 
 class OnlineRounds:

@@ -228,7 +228,7 @@ class DropoutSpec(MethodSpec):
 class PairSpec(DropoutSpec, RewardSpec):
     """The pair-data settings every offline pair recipe shares: best/worst-of-K self-generated pairs."""
 
-    samples_per_prompt: int = setting(16, "pairs: the best and worst of K self-generated samples per training prompt", at_least(2))
+    samples_per_prompt: int = setting(16, "pairs: the best and worst of K self-generated samples per training prompt (1: with drop_ties false, every sample)", at_least(1))
     drop_ties: bool = setting(True, "a prompt whose K samples all score the same gives no pair (Salesforce drops tied pairs)")
 
 

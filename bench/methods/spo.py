@@ -67,9 +67,9 @@ from bench.errors import TrainingError, UsageError
 from bench.generate import image_seed
 from bench.method import Method, TrainContext
 from bench.methods.d3po import d3po_loss
-from bench.methods.online import OnlineSpec, unit_log_probs
+from bench.methods.online import LogProbSpec, OnlineSpec, unit_log_probs
 from bench.models.diffusion import Conditioning
-from bench.schema import MISSING, above, at_least, inside, one_of, setting
+from bench.schema import MISSING, above, at_least, inside, setting
 
 
 # ---- the loss -----------------------------------------------------------------------------------
@@ -248,14 +248,13 @@ class SPO(Method):
     name = "spo"
 
     @dataclass(kw_only=True)
-    class Spec(OnlineSpec):
+    class Spec(OnlineSpec, LogProbSpec):
         beta: float = setting(MISSING, "official train.beta (the code's coefficient of the KL divergence)", above(0))
         eps: float = setting(0.1, "likelihood ratios clipped to [1 - eps, 1 + eps] (official train.eps)", inside(0, 1))
         num_candidates: int = setting(4, "K candidates from each shared state (official: 4 SD1.5, 2 SDXL)", at_least(2))
         divert_start_step: int = setting(0, "transitions before the first branch (official 4 of 20 DDIM steps)", at_least(0))
         num_inner_step: int = setting(0, "transitions each candidate runs alone before the next scoring (official: 0 SD1.5, 3 SDXL)", at_least(0))
         threshold: float = setting(0.0, "keep a pair when softmax(best, worst) differs by more than this (official 0.3 / 0.4)", at_least(0))
-        logprob_reduction: str = setting("mean", "mean over latent elements (the official ddim_step_with_logprob) or sum", one_of("mean", "sum"))
         prompts_per_round: int = setting(8, "prompts sampled per round (official: 40 SD1.5, 8 SDXL)", at_least(1))
         sample_batch_size: Optional[int] = setting(None, "prompts per sampling pass (null: the whole round); images do not depend on it", at_least(1))
 
