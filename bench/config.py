@@ -197,7 +197,8 @@ def check_section(cfg: DictConfig, group: str, where) -> None:
     if cls is not MethodSpec:
         for key in unknown_keys(cls, cfg[group]):
             close = close_key(cls, key)
-            hint = f"; did you mean {group}.{close}?" if close else f"; `bench run {group}=NAME --help` lists its keys" if group == "method" else "; `bench run --help` lists them"
+            listing = f"bench run method={cfg.method.name} --help" if group == "method" else "bench run --help"
+            hint = f"; did you mean {group}.{close}?" if close else f"; `{listing}` lists the keys"
             raise UsageError(f"unknown key '{group}.{key}' in {group} '{cfg[group].name}' ({preset_file(registry, str(cfg[group].name), key)}){hint}")
     check(cls, cfg[group], f"{group}.", where)
 

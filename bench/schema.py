@@ -247,7 +247,6 @@ class RewardSpec(MethodSpec):
     train_prompts: Optional[str] = setting(None, "null: the suite's training prompts; a prompt file or an https:// URL")
 
 
-MethodKeys = MethodSpec  # the name before recipes declared their specs
 # the keys of a method preset that document it (or are set at composition) and configure no recipe
 DOC_KEYS = ("recipe", "name", "description", "_dir", "extends", "train", "gen", "code_differences", "base_model", "base_data", "base_protocol")
 SECTIONS = {"suite": SuiteKeys, "model": ModelKeys, "method": MethodSpec}

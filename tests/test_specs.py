@@ -4,7 +4,6 @@ recipes read their typed settings from ``Method.spec``, whose defaults are the o
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
