@@ -24,6 +24,7 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,14 @@ class Method:
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
-        self.spec = build_spec(self.Spec, cfg)
+        self._spec, self._spec_of = build_spec(self.Spec, cfg), copy.deepcopy(cfg)  # a missing required key fails here, not in loss()
+
+    @property
+    def spec(self):
+        """The typed settings of ``cfg``, rebuilt when a caller has changed ``cfg`` since (a key set on it)."""
+        if getattr(self, "_spec_of", None) != self.cfg:
+            self._spec, self._spec_of = build_spec(self.Spec, self.cfg), copy.deepcopy(self.cfg)
+        return self._spec
 
     def data_spec(self) -> dict:
         return {}
