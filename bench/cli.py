@@ -60,17 +60,35 @@ examples:
 """
 
 
-def command_help(command: str) -> str:
+def command_help(command: str, args: list[str] = ()) -> str:
     """``bench COMMAND --help``: the synopsis and, for the commands that compose a config, every key
-    of ``bench.schema`` with its type, default and comment."""
+    of ``bench.schema`` with its type, default and comment; with ``method=NAME``, that recipe's keys
+    from its ``Spec``."""
     synopsis, what = COMMANDS_HELP[command]
     text = f"usage: {synopsis}\n\n{what}\n"
     if command in COMPOSED:
         from bench.schema import help_text
 
         text += ("\nkeys (key=value; type, default, meaning; a bad value is refused before any work; "
-                 "suite.*, model.*, method.*: the shared keys of those presets, which may hold more):\n" + help_text() + "\n")
+                 "suite.*, model.*: every key of those presets; method.*: the keys every preset shares, and with method=NAME its recipe's):\n" + help_text() + "\n")
+        method = next((a.partition("=")[2] for a in args if a.startswith("method=")), None)
+        if method:
+            text += method_help(method)
     return text
+
+
+def method_help(name: str) -> str:
+    """The keys of method preset ``name``'s recipe (``bench run method=NAME --help``)."""
+    from bench.config import load_entry_config, recipe_spec, to_dict
+    from bench.registry import METHODS
+    from bench.schema import MethodSpec, spec_help
+
+    preset = load_entry_config(METHODS, name)
+    spec = recipe_spec(preset)
+    if spec is MethodSpec:
+        return f"\nmethod {name} (recipe {preset.recipe}) declares no Spec: its other keys are free-form\n"
+    return (f"\nmethod {name} (recipe {preset.recipe}, spec {spec.__qualname__}): its keys (method.KEY=VALUE; "
+            "type, default, [the preset's value], meaning; a key not listed is refused):\n" + spec_help(spec, to_dict(preset)) + "\n")
 
 
 def _kv(args: list[str], allowed: set[str], command: str) -> dict[str, str]:
@@ -417,7 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command, args = argv[0], argv[1:]
     if command in COMMANDS and any(a in ("-h", "--help") for a in args):
-        print(command_help(command))
+        try:
+            print(command_help(command, args))
+        except BenchError as err:
+            print(f"bench: error: {err}", file=sys.stderr)
+            return err.exit_code
         return 0
     if command not in COMMANDS:
         import difflib

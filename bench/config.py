@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bench.errors import UsageError
-from bench.schema import SECTIONS, Config, SuiteKeys, check, defaults_of, defaults_yaml, show
+from bench.schema import SECTIONS, SUITE_SHARED, Config, MethodSpec, SuiteKeys, check, close_key, defaults_of, defaults_yaml, show, unknown_keys
 
 DEFAULTS = defaults_yaml()  # the commented YAML of bench.schema.Config: every default, its comment
 
@@ -110,7 +110,7 @@ def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = 
         if cfg[group] is not None and not isinstance(cfg[group], DictConfig):
             cfg[group] = load_entry_config(registries[group], str(cfg[group]))
     if cfg.suite is not None:  # the shared suite keys a suite's YAML leaves out (the suite enters no hash)
-        for key, default in defaults_of(SuiteKeys).items():
+        for key, default in defaults_of(SuiteKeys, SUITE_SHARED).items():
             cfg.suite.setdefault(key, default)
     # Suite protocol, then method settings, over the defaults.
     if cfg.suite is not None and "gen" in cfg.suite:
@@ -170,9 +170,9 @@ def validate(cfg: DictConfig, given: set[str], from_protocol: set[str] = frozens
     if micro and micro < batch and batch % micro:
         raise UsageError(f"train.micro_batch_size={micro}{where('train.micro_batch_size')}: train.batch_size={batch} is not a multiple of "
                          f"train.micro_batch_size={micro}; use a divisor of {batch}, or null")
-    for group, cls in SECTIONS.items():
+    for group in SECTIONS:
         if cfg[group] is not None:
-            check(cls, cfg[group], f"{group}.", where)
+            check_section(cfg, group, where)
     metrics = [("suite.metrics", name) for name in (cfg.suite.metrics if cfg.suite is not None else [])]
     metrics += [(f"{g}.reward", cfg[g].reward) for g in ("suite", "method") if cfg[g] is not None and cfg[g].get("reward")]
     for key, name in metrics:  # registered names, before any weights load
@@ -184,6 +184,61 @@ def validate(cfg: DictConfig, given: set[str], from_protocol: set[str] = frozens
         from bench.protocol import validate as validate_protocol
 
         validate_protocol(to_dict(cfg.protocol))
+
+
+def check_section(cfg: DictConfig, group: str, where) -> None:
+    """Check a suite, model or method section against its schema, closed: a key the schema does not
+    declare is one line naming it, the file of the preset (or ``extends:`` parent) that wrote it and the
+    nearest declared key. A method's schema is its recipe's ``Spec``; a plugin recipe that declares
+    none keeps free-form keys (only the shared ones are checked)."""
+    from bench.registry import METHODS, MODELS, SUITES
+
+    registry = {"suite": SUITES, "model": MODELS, "method": METHODS}[group]
+    cls = recipe_spec(cfg.method) if group == "method" else SECTIONS[group]
+    if cls is not MethodSpec:
+        for key in unknown_keys(cls, cfg[group]):
+            close = close_key(cls, key)
+            listing = f"bench run method={cfg.method.name} --help" if group == "method" else "bench run --help"
+            hint = f"; did you mean {group}.{close}?" if close else f"; `{listing}` lists the keys"
+            raise UsageError(f"unknown key '{group}.{key}' in {group} '{cfg[group].name}' ({preset_file(registry, str(cfg[group].name), key)}){hint}")
+    check(cls, cfg[group], f"{group}.", where)
+
+
+def recipe_spec(method: DictConfig) -> type:
+    """The ``Spec`` of a method section's recipe (``recipe: module:Class``), imported to read it."""
+    from bench.registry import METHODS, Entry
+
+    name, target = str(method.name), method.get("recipe")
+    if not target:
+        raise UsageError(f"method '{name}' names no recipe: add `recipe: module:Class` to {preset_file(METHODS, name, 'recipe')}")
+    try:
+        cls = Entry(name, str(target), source=f"recipe: {target} of method '{name}'", base="bench.method:Method").load()
+    except (ImportError, AttributeError) as err:
+        raise UsageError(f"method.recipe={target} (in method '{name}'): does not import ({err}); use module:Class of a bench.method.Method") from None
+    return getattr(cls, "Spec", MethodSpec)
+
+
+def preset_file(registry, name: str, dotted: str) -> str:
+    """Where preset ``name`` (or the ``extends:`` parent that wrote it) sets ``dotted``: its file, or its
+    entry; the preset's own where none does."""
+    own, seen = None, []
+    while name and name not in seen:
+        seen.append(name)
+        entry = registry.entry(name)
+        target = registry.get(name)
+        if isinstance(target, (str, Path)):
+            raw, where = OmegaConf.to_container(OmegaConf.load(target)), str(target)
+        else:
+            raw = dict(target) if isinstance(target, dict) else dict(getattr(target, "default_config", dict)())
+            where = entry.source or f"{registry.kind} '{name}'"
+        own = own or where
+        tree = raw
+        for part in dotted.split("."):
+            tree = tree.get(part, KeyError) if isinstance(tree, dict) else KeyError
+        if tree is not KeyError:
+            return where
+        name = raw.get("extends")
+    return own
 
 
 def _close_keys(cfg: DictConfig, key: str) -> str:

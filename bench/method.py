@@ -3,6 +3,8 @@
 A method declares the data it needs and builds its loss; the shared trainer
 owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 
+* ``Spec``: the recipe's settings as a dataclass (``bench.schema.MethodSpec`` and its shared
+  groups); the recipe reads them typed from ``self.spec``, never with a default of its own.
 * ``data_spec()``: what determines the prepared data; the trainer caches the
   tensors ``prepare()`` returns under the hash of this spec.
 * ``prepare(ctx)``: make the training data once (sample from the base model,
@@ -22,6 +24,7 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 
 from __future__ import annotations
 
+import copy
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from bench.images import TargetImages
 from bench.io import progress
 from bench.metrics import Metric
 from bench.models.diffusion import DiffusionModel, from_uint8, to_uint8
+from bench.schema import MethodSpec, build_spec
 
 if TYPE_CHECKING:  # the planner's view of a method (`bench plan`)
     from bench.plan.work import PlanContext, Work
@@ -95,16 +99,33 @@ def image_generators(n: int, generator: torch.Generator) -> list[torch.Generator
 
 
 class Method:
-    """Base class for training recipes; ``cfg`` is the method's config section."""
+    """Base class for training recipes; ``cfg`` is the method's config section, as composed (its hash
+    names the checkpoint), and ``spec`` its typed settings: the recipe's ``Spec`` (a dataclass of
+    ``bench.schema.setting`` fields: type, default, range, help), where its defaults live. Composition
+    checks the section against ``Spec``, closed; a recipe that declares none keeps free-form keys."""
 
+    Spec = MethodSpec
     splits_micro_batches = True  # False: the loss steps an optimizer of its own, so a batch cannot be cut into micro-batches
     uses_reference = True  # False: the loss never reads the frozen base model, so full fine-tuning keeps no frozen copy of the UNet
 
     def __init__(self, cfg: dict):
         self.cfg = cfg
+        self._spec, self._spec_of = build_spec(self.Spec, cfg), copy.deepcopy(cfg)  # a missing required key fails here, not in loss()
+
+    @property
+    def spec(self):
+        """The typed settings of ``cfg``, rebuilt when a caller has changed ``cfg`` since (a key set on it)."""
+        if getattr(self, "_spec_of", None) != self.cfg:
+            self._spec, self._spec_of = build_spec(self.Spec, self.cfg), copy.deepcopy(self.cfg)
+        return self._spec
 
     def data_spec(self) -> dict:
         return {}
+
+    def as_composed(self, *keys: str) -> dict:
+        """``keys`` as the preset wrote them (the typed value where it left one out): a data cache key
+        hashes them, and ``5`` and ``5.0`` hash apart, so the key stays what it was before specs."""
+        return {k: self.cfg[k] if k in self.cfg else getattr(self.spec, k) for k in keys}
 
     def prepare(self, ctx: TrainContext) -> dict[str, torch.Tensor]:
         return {}

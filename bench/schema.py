@@ -3,18 +3,20 @@
 One source for three readers: ``DEFAULTS`` (the YAML text composition starts from), the check at
 composition (a bad value is one line naming the key, the value and the fix, before any model is
 built or folder written) and ``bench <command> --help``. The DEFAULTS groups are dataclasses
-validated through OmegaConf structured configs; suites, models and methods are free-form, so
-only their shared keys (``SuiteKeys``, ``ModelKeys``, ``MethodKeys``) are checked where present.
+validated through OmegaConf structured configs. Suites and models are closed too (``SuiteKeys``,
+``ModelKeys``, ``SamplerKeys``: a key they do not declare is refused, naming the file), and a method
+section is checked against its recipe's ``Spec`` (a ``MethodSpec`` subclass the recipe class declares;
+``bench.method``), where the recipe's defaults live.
 """
 
 import difflib
 import functools
 import re
 from dataclasses import MISSING, dataclass, field, fields, is_dataclass
-from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_origin
+from typing import Any, Callable, Dict, List, Optional, Union, get_args, get_origin, get_type_hints
 
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, ValidationError
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from bench.errors import UsageError
 
@@ -40,6 +42,10 @@ def inside(lo, hi) -> Rule:
     return Rule(f"in ({lo}, {hi})", lambda v: lo < v < hi)
 
 
+def between(lo, hi) -> Rule:
+    return Rule(f"in [{lo}, {hi}]", lambda v: lo <= v <= hi)
+
+
 def one_of(*names) -> Rule:
     return Rule(f"one of {', '.join(map(str, names))}", lambda v: v in names, names=True)
 
@@ -59,6 +65,16 @@ def setting(default, help: str = "", rule: Rule | None = None):
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def fields_of(cls) -> tuple:
+    """``dataclasses.fields`` with each field's type resolved: a recipe module written with
+    ``from __future__ import annotations`` leaves its annotations as strings."""
+    if any(isinstance(f.type, str) for f in fields(cls)):
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            f.type = hints[f.name]
+    return fields(cls)
 
 
 def parse_shard(spec) -> tuple[int, int] | None:
@@ -150,7 +166,7 @@ class Config:
     report: Report = field(default_factory=Report)
 
 
-# ---- the shared keys of the free-form sections (checked where the section has them) ------------
+# ---- the preset sections: suites, models (with their sampler) and methods ---------------------
 @dataclass
 class SuiteKeys:
     metrics: List[str] = setting(MISSING, "the metrics every image is scored with (`bench ls metrics`)", NONEMPTY)
@@ -161,6 +177,26 @@ class SuiteKeys:
     allow_empty_prompts: bool = setting(False, "true: generate images of empty prompts (Pick-a-Pic's test set keeps one); false: an empty prompt is an error")
     prompts_per_subject: Optional[int] = setting(None, "dreambench: the first N prompt templates of each subject", at_least(1))
     fid_resolution: Optional[int] = setting(None, "FID/KID: images are center-cropped and resized to it first", at_least(1))
+    # the keys of a suite's YAML that say where its prompts and references are (no defaults: set by the suite)
+    name: Optional[str] = setting(None, "the suite's name (set at composition)")
+    description: Optional[str] = setting(None, "one line for `bench ls suites`")
+    _dir: Optional[str] = setting(None, "the suite's folder (set at composition)")
+    extends: Optional[str] = setting(None, "another suite this one starts from")
+    kind: Optional[str] = setting(None, "prompts (default), dreambench or distribution (FID/KID against reference images)")
+    prompts: Any = setting(None, "the prompt file: a path beside the YAML, an https:// URL, or {hub, file, split, revision}")
+    prompt_column: Any = setting(None, "the column (or columns, first present wins) holding the prompt")
+    prompt_set_column: Optional[str] = setting(None, "the column naming each prompt's set, for a suite of several prompt sets")
+    prompt_sets: Optional[Dict[str, Any]] = setting(None, "set name -> its prompt file (a URL or {hub, file})")
+    canonical: Optional[Dict[str, Any]] = setting(None, "the published prompt set: count and sha256 a full run checks")
+    group_columns: Optional[List[str]] = setting(None, "columns whose values group the prompts in the summary (a category)")
+    metric_scope: Optional[Dict[str, List[str]]] = setting(None, "metric -> the prompt groups it scores (T2I-CompBench)")
+    references: Optional[str] = setting(None, "a local folder of reference images (distribution suites)")
+    reference_source: Any = setting(None, "where the reference images come from: an URL or {hub, file}")
+    reference_file: Optional[str] = setting(None, "the reference images' archive (distribution suites)")
+    subjects: Optional[List[str]] = setting(None, "dreambench: the subjects (null: all)")
+    token: Optional[str] = setting(None, "dreambench: the rare token naming the subject in prompts")
+    train_prompts: Optional[str] = setting(None, "the prompts methods train on (a file beside the YAML or a URL)")
+    gen: Optional[Dict[str, Any]] = setting(None, "gen.* settings of the suite's protocol (checked as gen.*)")
 
 
 @dataclass
@@ -170,6 +206,8 @@ class SamplerKeys:
     guidance: float = setting(MISSING, "classifier-free guidance scale", at_least(0))
     eta: Optional[float] = setting(None, "ddim: eta", at_least(0))
     timesteps: Optional[List[int]] = setting(None, "explicit timesteps (at their own length)")
+    scheduler_config: Optional[Dict[str, Any]] = setting(None, "keys passed to the diffusers scheduler (timestep_spacing: trailing)")
+    timestep_scaling: Optional[float] = setting(None, "lcm: the scheduler's timestep_scaling", above(0))
 
 
 @dataclass
@@ -178,22 +216,98 @@ class ModelKeys:
     sampler: SamplerKeys = setting(MISSING)
     revision: Optional[str] = setting(None, "")
     resolution: Optional[int] = setting(None, "", at_least(1))
+    name: Optional[str] = setting(None, "the model's name (set at composition)")
+    description: Optional[str] = setting(None, "one line for `bench ls models`")
+    _dir: Optional[str] = setting(None, "the model config's folder (set at composition)")
+    extends: Optional[str] = setting(None, "another model config this one starts from")
+    unet: Optional[Dict[str, Any]] = setting(None, "a distilled UNet in place of the pipeline's: {repo, file, revision}")
+    vae: Optional[Dict[str, Any]] = setting(None, "a VAE in place of the pipeline's: {repo, file, revision}")
+    build: Optional[Dict[str, Any]] = setting(None, "source: tiny: the architecture and pre-training of the embedded model")
 
 
-@dataclass
-class MethodKeys:
-    recipe: Optional[str] = setting(None, "module:Class of the recipe")
+@dataclass(kw_only=True)
+class MethodSpec:
+    """The keys every method preset may hold: the ones that document it or say how the harness runs it
+    (none of them configures the loss). A recipe's ``Spec`` subclasses it with its own settings."""
+
+    recipe: Optional[str] = setting(None, "module:Class of the recipe (required in a preset)")
+    name: Optional[str] = setting(None, "the preset's name (set at composition)")
+    description: Optional[str] = setting(None, "one line for `bench ls methods`")
+    _dir: Optional[str] = setting(None, "the preset's folder (set at composition)")
+    extends: Optional[str] = setting(None, "the preset this one starts from")
+    train: Optional[Dict[str, Any]] = setting(None, "train.* settings of the preset (checked as train.*)")
+    gen: Optional[Dict[str, Any]] = setting(None, "gen.* settings of the preset (checked as gen.*)")
+    code_differences: Optional[List[str]] = setting(None, "where the preset differs from the authors' code (`bench plan` prints them)")
+    base_model: Optional[str] = setting(None, "the model when model= is not given")
+    base_data: Optional[str] = setting(None, "the dataset when data= is not given")
+    base_protocol: Optional[str] = setting(None, "the protocol `bench run` runs when suite= is not given")
+    init_from: Optional[str] = setting(None, "a preset to train first and start from")
+    init_overrides: List[str] = setting([], "key=value overrides of the init_from preset's config")
+    init: Optional[str] = setting(None, "a finished checkpoint folder to start from (set from init_from when null)")
+    seed: int = setting(0, "the recipe's own sampling; method.seed=0,1,2 trains once per value", at_least(0))
+
+
+@dataclass(kw_only=True)
+class RewardSpec(MethodSpec):
+    """The keys of a recipe that scores its own samples with a reward on training prompts."""
+
     reward: Optional[str] = setting(None, "the reward metric (null: the suite's)")
-    seed: Optional[int] = setting(None, "the recipe's own sampling; method.seed=0,1,2 trains once per value", at_least(0))
+    train_prompts: Optional[str] = setting(None, "null: the suite's training prompts; a prompt file or an https:// URL")
 
 
-SECTIONS = {"suite": SuiteKeys, "model": ModelKeys, "method": MethodKeys}
+# the keys of a method preset that document it (or are set at composition) and configure no recipe
+DOC_KEYS = ("recipe", "name", "description", "_dir", "extends", "train", "gen", "code_differences", "base_model", "base_data", "base_protocol")
+SECTIONS = {"suite": SuiteKeys, "model": ModelKeys, "method": MethodSpec}
 
 
-def defaults_of(cls) -> dict:
-    """The keys of ``cls`` that have a default, with it: a suite gets the ones its YAML leaves out,
-    so ``suite.limit=8`` or ``suite.allow_empty_prompts=true`` works on every suite."""
-    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+def unknown_keys(cls, tree, prefix: str = "") -> list[str]:
+    """The dotted keys of ``tree`` that ``cls`` does not declare (a nested section's too)."""
+    names = {f.name: f for f in fields_of(cls)}
+    out = []
+    for key, value in tree.items():
+        f = names.get(key)
+        if f is None:
+            out.append(prefix + str(key))
+        elif is_dataclass(f.type) and hasattr(value, "items"):
+            out += unknown_keys(f.type, value, f"{prefix}{key}.")
+    return out
+
+
+def close_key(cls, dotted: str) -> str | None:
+    """The declared key nearest to a mistyped ``dotted`` key, at its own level."""
+    head, _, last = dotted.rpartition(".")
+    for part in filter(None, head.split(".")):
+        cls = next(f.type for f in fields_of(cls) if f.name == part)
+    close = difflib.get_close_matches(last, [f.name for f in fields_of(cls)], n=1, cutoff=0.6)
+    return f"{head}.{close[0]}" if close and head else close[0] if close else None
+
+
+def build_spec(cls, cfg):
+    """The typed settings (an instance of ``cls``) of a method section: the keys ``cls`` declares,
+    converted to their types, and its defaults for the rest. Unknown keys and ranges are composition's
+    to refuse; a required key that is missing is refused here too (a recipe built from a plain dict)."""
+    tree = _plain(cfg) or {}
+    known = {f.name: tree[f.name] for f in fields_of(cls) if f.name in tree}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(_template(cls), known))
+    except (ValidationError, TypeError) as err:
+        key = getattr(err, "full_key", None) or _refused(cls, known) or "?"
+        f = _field(cls, key)
+        raise (bad_value(f"method.{key}", _get(known, key), f, f"not {noun(f)}") if f else UsageError(f"method: {err}")) from None
+    except OmegaConfBaseException as err:  # MissingMandatoryValue
+        f = _field(cls, str(err.full_key))
+        raise bad_value(f"method.{err.full_key}", None, f, "missing") from None
+
+
+# the suite keys every suite gets (its YAML may leave them out); the others are the suite's own
+SUITE_SHARED = ("limit", "images_per_prompt", "reward", "source", "allow_empty_prompts", "prompts_per_subject", "fid_resolution")
+
+
+def defaults_of(cls, only=None) -> dict:
+    """The keys of ``cls`` (or of them, those in ``only``) that have a default, with it: a suite gets
+    the shared ones its YAML leaves out, so ``suite.limit=8`` or ``suite.allow_empty_prompts=true``
+    works on every suite."""
+    return {f.name: f.default for f in fields_of(cls) if f.default is not MISSING and (only is None or f.name in only)}
 
 
 # ---- DEFAULTS and --help ------------------------------------------------------------------------
@@ -212,7 +326,7 @@ def _yaml(value) -> str:
 def defaults_yaml(cls=Config, indent: str = "") -> str:
     """The defaults as commented YAML (``bench.config.DEFAULTS``)."""
     lines = []
-    for f in fields(cls):
+    for f in fields_of(cls):
         if is_dataclass(f.type):
             lines += [f"{indent}{f.name}:", defaults_yaml(f.type, indent + "  ").rstrip("\n")]
             continue
@@ -256,7 +370,7 @@ def _type_name(f) -> str:
 
 def keys(cls=Config, prefix: str = ""):
     """(dotted key, field) of every setting, depth first."""
-    for f in fields(cls):
+    for f in fields_of(cls):
         if is_dataclass(f.type):
             yield from keys(f.type, f"{prefix}{f.name}.")
         else:
@@ -265,7 +379,19 @@ def keys(cls=Config, prefix: str = ""):
 
 def help_text() -> str:
     """The settings table of ``bench run|eval|train|plan|prefetch --help``."""
-    rows = list(keys()) + [row for name, cls in SECTIONS.items() for row in keys(cls, f"{name}.")]
+    sections = [row for name, cls in SECTIONS.items() for row in keys(cls, f"{name}.") if name != "method" or row[0][len("method."):] not in DOC_KEYS[1:]]
+    return rows_text(list(keys()) + sections)
+
+
+def spec_help(spec, values: dict) -> str:
+    """The settings table of a recipe (``bench run method=NAME --help``): every key of its ``Spec``
+    but the ones that only document a preset, with type, default and help, and the preset's value."""
+    rows = [(key, f) for key, f in keys(spec, "method.") if key[len("method."):] not in DOC_KEYS]
+    return rows_text(rows, {key: _yaml(_plain(values[key[len("method."):]])) for key, _ in rows if key[len("method."):] in values})
+
+
+def rows_text(rows, preset: dict | None = None) -> str:
+    """One line per (key, field): type and range, default, help; ``preset`` adds 'preset: VALUE' where given."""
     lines = []
     for key, f in rows:
         default = "" if _default(f) is MISSING else _yaml(_default(f))
@@ -274,6 +400,8 @@ def help_text() -> str:
         comment = f.metadata.get("help") or (rule.text if rule and rule.names else "")
         if rule and rule.names and comment != rule.text and "|" not in comment:
             comment = f"{rule.text}; {comment}"
+        if preset and key in preset:
+            comment = f"[preset: {preset[key]}] {comment}"
         lines.append(f"  {key:<28} {kind:<18} {default:<10} {comment}".rstrip())
     return "\n".join(lines)
 
@@ -293,7 +421,7 @@ def bad_value(key: str, value, f, why: str, where: str = "") -> UsageError:
 def _field(cls, dotted: str):
     """The dataclass field of a dotted key under ``cls``, or None."""
     head, _, rest = dotted.partition(".")
-    match = next((f for f in fields(cls) if f.name == head), None)
+    match = next((f for f in fields_of(cls) if f.name == head), None)
     if match is None or not rest:
         return match
     return _field(match.type, rest) if is_dataclass(match.type) else None
@@ -303,9 +431,9 @@ def _known(cls, tree: dict, closed: bool) -> dict:
     """The part of ``tree`` that ``cls`` describes; with ``closed`` (the DEFAULTS groups) also its
     unknown keys, which the merge refuses. A free-form section keeps its other keys unchecked, and
     the config groups (typed Any, no rule) are checked as sections of their own."""
-    names = {f.name for f in fields(cls)}
+    names = {f.name for f in fields_of(cls)}
     out = {k: _plain(v) for k, v in tree.items() if k not in names} if closed else {}
-    for f in fields(cls):
+    for f in fields_of(cls):
         if f.name not in tree or (f.type is Any and f.metadata.get("rule") is None):
             continue
         value = tree[f.name]
@@ -359,7 +487,7 @@ def check(cls, tree, prefix: str = "", where: Callable[[str], str] = lambda key:
     except (ValidationError, TypeError):  # OmegaConf raises TypeError for a list given to a mapping
         key = _refused(cls, known)
         if key is None:  # a value given for a whole group (gen=5)
-            key = next(f.name for f in fields(cls) if is_dataclass(f.type) and not isinstance(known.get(f.name, {}), dict))
+            key = next(f.name for f in fields_of(cls) if is_dataclass(f.type) and not isinstance(known.get(f.name, {}), dict))
             raise UsageError(f"{prefix}{key}={show(known[key])}{where(prefix + key)}: {prefix}{key} is a group of keys; "
                              f"set {prefix}{key}.KEY=VALUE (`bench run --help` lists them)") from None
         f = _field(cls, key)

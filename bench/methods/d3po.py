@@ -22,8 +22,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+from typing import Optional
+
 from bench.method import TrainContext
-from bench.methods.online import OnlineMethod, preference, unit_log_probs
+from bench.methods.online import LogProbSpec, OnlineMethod, OnlineSpec, preference, unit_log_probs
+from bench.schema import MISSING, above, inside, one_of, setting
 
 
 def d3po_loss(logratio_0, logratio_1, prefer, beta: float, eps: float | None) -> torch.Tensor:
@@ -36,6 +40,12 @@ def d3po_loss(logratio_0, logratio_1, prefer, beta: float, eps: float | None) ->
 
 class D3PO(OnlineMethod):
     name = "d3po"
+
+    @dataclass(kw_only=True)
+    class Spec(OnlineSpec, LogProbSpec):
+        beta: float = setting(MISSING, "the DPO strength (the code's 0.1; PSO's -official presets 50)", above(0))
+        eps: Optional[float] = setting(0.1, "likelihood ratios clipped to [1 - eps, 1 + eps] (the code's train.eps; null: no clip)", inside(0, 1))
+        ties: str = setting("skip", "a reward tie: skip (both samples weight 0, D3PO's compare) or second (the second is preferred)", one_of("skip", "second"))
 
     def samples_per_prompt(self) -> int:
         return 2
@@ -55,11 +65,10 @@ class D3PO(OnlineMethod):
         states = batch["states"][pair]  # (B, 2, N + 1, C, h, w)
         x_t = torch.cat([states[torch.arange(len(units)), s, step] for s in (0, 1)]).to(**to)
         x_prev = torch.cat([states[torch.arange(len(units)), s, step + 1] for s in (0, 1)]).to(**to)
-        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True, reduction=self.logprob_reduction)
-        h = preference(batch["rewards"][pair, 0], batch["rewards"][pair, 1], str(self.cfg.get("ties") or "skip")).to(ctx.device)
+        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True, reduction=self.spec.logprob_reduction)
+        h = preference(batch["rewards"][pair, 0], batch["rewards"][pair, 1], self.spec.ties).to(ctx.device)
         lr0, lr1 = logratio.chunk(2)
-        eps = self.cfg.get("eps")
-        losses = d3po_loss(lr0, lr1, h, float(self.cfg["beta"]), float(eps) if eps else None)
+        losses = d3po_loss(lr0, lr1, h, self.spec.beta, self.spec.eps)
         return losses.mean(), {"round": r}
 
     def plan_units(self, p):

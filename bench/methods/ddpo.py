@@ -19,8 +19,11 @@ from __future__ import annotations
 
 import torch
 
+from dataclasses import dataclass
+
 from bench.method import TrainContext
-from bench.methods.online import OnlineMethod, reduce_log_prob, unit_log_probs
+from bench.methods.online import LogProbSpec, OnlineMethod, SampledSpec, reduce_log_prob, unit_log_probs
+from bench.schema import above, at_least, setting
 
 
 def advantages(rewards: torch.Tensor, clip_max: float) -> torch.Tensor:
@@ -42,6 +45,16 @@ class DDPO(OnlineMethod):
     name = "ddpo"
     uses_reference = False  # PPO's clip keeps it near the sampling policy: no reference model
 
+    @dataclass(kw_only=True)
+    class Spec(SampledSpec, LogProbSpec):
+        prompts_per_round: int = setting(8, "training prompts sampled per round", at_least(1))
+        samples_per_prompt: int = setting(4, "trajectories per prompt; advantages are normalized over them", at_least(1))
+        clip_range: float = setting(1.0e-4, "PPO's ratio clip (DDPO's train_clip_range)", above(0))
+        adv_clip_max: float = setting(5.0, "advantages clipped to [-adv_clip_max, adv_clip_max] (DDPO's train_adv_clip_max)", above(0))
+
+    def samples_per_prompt(self) -> int:
+        return self.spec.samples_per_prompt
+
     def units_per_prompt(self, ctx: TrainContext) -> int:
         return self.samples_per_prompt() * len(ctx.model.stochastic_timesteps())  # a trajectory at each step
 
@@ -54,14 +67,14 @@ class DDPO(OnlineMethod):
         traj, step = units // k, units % k
         states = batch["states"].flatten(0, 1)[traj]
         old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)  # summed over elements when sampled
-        adv = advantages(batch["rewards"], float(self.cfg["adv_clip_max"])).flatten()[traj].to(ctx.device)
+        adv = advantages(batch["rewards"], self.spec.adv_clip_max).flatten()[traj].to(ctx.device)
         prompts = [ctx.prompts[int(batch["prompt_index"][int(i) // s])] for i in traj]
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         rows = torch.arange(len(units))
         x_t, x_prev = states[rows, step].to(**to), states[rows, step + 1].to(**to)
-        log_prob = unit_log_probs(ctx, x_t, x_prev, step, prompts, reduction=self.logprob_reduction)
-        old = reduce_log_prob(old, x_prev, self.logprob_reduction)
-        losses = ppo_loss(log_prob, old, adv, float(self.cfg["clip_range"]))
+        log_prob = unit_log_probs(ctx, x_t, x_prev, step, prompts, reduction=self.spec.logprob_reduction)
+        old = reduce_log_prob(old, x_prev, self.spec.logprob_reduction)
+        losses = ppo_loss(log_prob, old, adv, self.spec.clip_range)
         return losses.mean(), {"round": r}
 
     def plan_units(self, p):

@@ -51,14 +51,16 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from bench.errors import UsageError
 from bench.method import Method, image_generators
 from bench.models.diffusion import Conditioning
+from bench.schema import BETAS, RewardSpec, above, at_least, one_of, setting
 from bench.weights import base_copy, copy_weights
 
 log = logging.getLogger(__name__)
@@ -167,41 +169,54 @@ class DiffInstructPP(Method):
     gradients accumulate): Algorithm 1's alternation of one TA and one generator update, whatever
     ``train.micro_batch_size`` cuts the generator's batch into."""
 
-    def _opt(self, key: str, default=None):
-        value = self.cfg.get(key, default)
-        return default if value is None else value
+    @dataclass(kw_only=True)
+    class Spec(RewardSpec):
+        alpha_cfg: float = setting(4.5, "teacher CFG scale (App. A.2); by Thm 3.3 an implicit reward with beta = 1 / (alpha_cfg - 1)", at_least(0))
+        alpha_rew: float = setting(0.0, "weight of the differentiable reward (0: Diff-Instruct)", at_least(0))
+        sigma_init: float = setting(2.5, "the generator's fixed noise level (A.2, Table 2), snapped to the nearest timestep", above(0))
+        prior: str = setting("std", "std: z ~ N(0, sigma_init^2 I); variance: N(0, sigma_init I) as C.11 writes it", one_of(*OPTIONS["prior"]))
+        p_mean: float = setting(-2.0, "sigma = exp(s), s ~ N(p_mean, p_std^2) for the TA and the generator step (C.5, C.6)")
+        p_std: float = setting(2.0, "", above(0))
+        sigma_min: Optional[float] = setting(None, "null: the model's own sigma_0", above(0))
+        sigma_max: Optional[float] = setting(None, "null: the model's own sigma_{T-1}", above(0))
+        sigma_per: str = setting("sample", "one sigma per sample (the text), or per batch (Listing 1)", one_of(*OPTIONS["sigma_per"]))
+        sigma_data: float = setting(0.5, "EDM's sigma_data (the paper gives none)", above(0))
+        ta_weighting: str = setting("edm", "edm: lambda_EDM (C.7); constant: 1 (C.1)", one_of(*OPTIONS["ta_weighting"]))
+        gen_weighting: str = setting("inv_norm", "inv_norm: w = 1 / ||d_psi - d~_ref||_2 (C.8); constant: w = 1", one_of(*OPTIONS["gen_weighting"]))
+        k_ta: int = setting(1, "TA updates per generator step (Listing 1: 1)", at_least(1))
+        ta_lr: float = setting(1.0e-3, "the TA's Adam learning rate", above(0))
+        ta_betas: List[float] = setting([0.0, 0.999], "the TA's Adam (beta1, beta2)", BETAS)
 
     def prepare(self, ctx):
-        cfg, model = self.cfg, ctx.model
+        spec, model = self.spec, ctx.model
         for key, allowed in OPTIONS.items():
-            if self._opt(key, allowed[0]) not in allowed:
-                raise UsageError(f"unknown method.{key} '{cfg[key]}': use {' or '.join(allowed)}")
-        self.alpha_cfg = float(self._opt("alpha_cfg", 1.0))
-        self.alpha_rew = float(self._opt("alpha_rew", 0.0))
-        self.k_ta = int(self._opt("k_ta", 1))
+            if getattr(spec, key) not in allowed:
+                raise UsageError(f"unknown method.{key} '{getattr(spec, key)}': use {' or '.join(allowed)}")
+        self.alpha_cfg = spec.alpha_cfg
+        self.alpha_rew = spec.alpha_rew
+        self.k_ta = spec.k_ta
         if self.k_ta < 1:
             raise UsageError(f"method.k_ta={self.k_ta}: the TA needs at least one update per generator step")
         if self.alpha_rew:
             if ctx.reward is None or not ctx.reward.differentiable:
                 name = ctx.reward.name if ctx.reward is not None else None
                 raise UsageError(
-                    f"method '{cfg['name']}' back-propagates through its reward (alpha_rew={self.alpha_rew}) and {name!r} is not "
+                    f"method '{spec.name}' back-propagates through its reward (alpha_rew={self.alpha_rew}) and {name!r} is not "
                     "differentiable: set method.reward= brightness, contrast or colorfulness, or method.alpha_rew=0"
                 )
         if model.unet.config.get("time_cond_proj_dim"):
             raise UsageError(f"model '{model.name}' has a guidance-embedded UNet; the teacher's CFG needs separate conditional and unconditional passes")
         sigmas = model_sigmas(model)
-        self.lo = float(self._opt("sigma_min", float(sigmas[0])))
-        self.hi = float(self._opt("sigma_max", float(sigmas[-1])))
-        self.t_init, self.sigma_init = snapped_sigma_init(model, float(self._opt("sigma_init", 2.5)))
-        self.prior = self._opt("prior", "std")
+        self.lo = spec.sigma_min if spec.sigma_min is not None else float(sigmas[0])
+        self.hi = spec.sigma_max if spec.sigma_max is not None else float(sigmas[-1])
+        self.t_init, self.sigma_init = snapped_sigma_init(model, spec.sigma_init)
+        self.prior = spec.prior
         self._check_sampler(model)
-        if self._opt("init"):
-            self._load_init(ctx, Path(cfg["init"]))
+        if spec.init:
+            self._load_init(ctx, Path(spec.init))
         self.ta = self._copy_teacher(ctx)
         params = [p for p in self.ta.parameters() if p.requires_grad]
-        betas = tuple(float(b) for b in self._opt("ta_betas", [0.0, 0.999]))
-        self.ta_opt = torch.optim.Adam(params, lr=float(self._opt("ta_lr", 5e-6)), betas=betas)
+        self.ta_opt = torch.optim.Adam(params, lr=spec.ta_lr, betas=tuple(spec.ta_betas))
         return {}
 
     def _check_sampler(self, model) -> None:
@@ -216,8 +231,8 @@ class DiffInstructPP(Method):
 
     def check_evaluation(self, model) -> None:
         """Evaluating the trained generator with any sampler but one step of it would score another map."""
-        self.t_init, self.sigma_init = snapped_sigma_init(model, float(self._opt("sigma_init", 2.5)))
-        self.prior = self._opt("prior", "std")
+        self.t_init, self.sigma_init = snapped_sigma_init(model, self.spec.sigma_init)
+        self.prior = self.spec.prior
         problem = self._generator_mismatch(model)
         if problem:
             raise UsageError(problem)
@@ -229,7 +244,7 @@ class DiffInstructPP(Method):
         if one_step and steps[0] == self.t_init and self.prior == "std" and model.sampler.guidance <= 1.0:
             return None
         return (
-            f"method '{self.cfg['name']}' trains a one-step generator D(z; {self.sigma_init:.4f}) at t = {self.t_init} with "
+            f"method '{self.spec.name}' trains a one-step generator D(z; {self.sigma_init:.4f}) at t = {self.t_init} with "
             f"z ~ N(0, sigma^2 I){'' if self.prior == 'std' else ' scaled by the prior variance (no sampler draws it)'}, and model "
             f"'{model.name}' samples {len(steps)} {model.sampler.kind} step(s) from t = {steps[0]} (guidance {model.sampler.guidance}): "
             f"evaluate it with its one-step config (model=<teacher>-onestep, e.g. tiny-onestep, sd15-onestep: one euler step, "
@@ -265,7 +280,7 @@ class DiffInstructPP(Method):
 
     def _noise(self, x0: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = sample_sigmas(
-            x0.shape[0], generator, float(self._opt("p_mean", -2.0)), float(self._opt("p_std", 2.0)), self.lo, self.hi, self._opt("sigma_per", "sample") == "batch"
+            x0.shape[0], generator, self.spec.p_mean, self.spec.p_std, self.lo, self.hi, self.spec.sigma_per == "batch"
         )
         n = torch.randn(x0.shape, generator=generator, dtype=torch.float64).to(x0.device, x0.dtype)
         return sigma, x0 + _col(sigma, x0) * n
@@ -283,7 +298,7 @@ class DiffInstructPP(Method):
         with torch.no_grad():
             x0 = torch.cat([self.generate(ctx, prompts[i : i + chunk], gens[i : i + chunk]) for i in range(0, n, chunk)])
         sigma, x_t = self._noise(x0, generator)
-        weight = ta_weight(sigma, self._opt("ta_weighting", "edm"), float(self._opt("sigma_data", 0.5)))
+        weight = ta_weight(sigma, self.spec.ta_weighting, self.spec.sigma_data)
         self.ta_opt.zero_grad(set_to_none=True)
         total = 0.0
         with torch.enable_grad():
@@ -310,7 +325,7 @@ class DiffInstructPP(Method):
             with ctx.reference():
                 d_ref = cfg_denoise(model, model.unet, x_in, sigma, cond, uncond, self.alpha_cfg)
             y = edm_denoise(model, self.ta, x_in, sigma, cond) - d_ref
-            w = generator_weight(y, self._opt("gen_weighting", "inv_norm"))
+            w = generator_weight(y, self.spec.gen_weighting)
         reward = None
         logs = {"ta_loss": self._ta_loss, "y_norm": float(y.flatten(1).norm(dim=1).mean())}
         if self.alpha_rew:
@@ -339,9 +354,9 @@ class DiffInstructPP(Method):
         """``bench plan``: per generator step, ``k_ta`` TA updates on fresh one-step samples, then the
         generator's sample with gradient, the teacher with CFG and the TA without."""
         n = p.batch_size
-        cfg = 2 if float(self._opt("alpha_cfg", 1.0)) != 1.0 else 1
-        ta = p.passes(nograd=[(n, 1)], grad=[(n, 1)]).times(int(self._opt("k_ta", 1)))
-        generator = p.passes(grad=[(n, 1)], nograd=[(n * cfg, 1), (n, 1)], grad_decode=n if float(self._opt("alpha_rew", 0.0)) else 0)
+        cfg = 2 if self.spec.alpha_cfg != 1.0 else 1
+        ta = p.passes(nograd=[(n, 1)], grad=[(n, 1)]).times(self.spec.k_ta)
+        generator = p.passes(grad=[(n, 1)], nograd=[(n * cfg, 1), (n, 1)], grad_decode=n if self.spec.alpha_rew else 0)
         return p.work(
             ta + generator, networks=[("TA (a trainable copy of the UNet, float32, Adam)", p.unet_parameters, 16)],
             notes=["the TA's k_ta updates run at each step's first micro-batch, a micro-batch-sized chunk at a time, before the generator's passes: the plan spreads them over the step's micro-batches and counts a chunk with the generator's passes (an over-estimate of the peak)"],

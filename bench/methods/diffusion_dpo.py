@@ -17,10 +17,13 @@ The reference is the same UNet with its LoRA adapters disabled (a frozen copy fo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from bench.methods.preference_data import PairMethod, predict_pairs
+from bench.methods.preference_data import PairMethod, PairSpec, predict_pairs
+from bench.schema import MISSING, above, one_of, setting
 
 
 def from_diffusers_beta(beta_diffusers: float) -> float:
@@ -32,9 +35,7 @@ def to_diffusers_beta(beta: float) -> float:
     return beta / 2.0
 
 
-def beta_in_salesforce_convention(cfg: dict) -> float:
-    beta = float(cfg["beta"])
-    convention = cfg.get("beta_convention", "salesforce")
+def beta_in_salesforce_convention(beta: float, convention: str) -> float:
     if convention == "diffusers":
         return from_diffusers_beta(beta)
     if convention != "salesforce":
@@ -55,8 +56,13 @@ def dpo_loss(model_w, model_l, ref_w, ref_l, beta: float) -> tuple[torch.Tensor,
 
 
 class DiffusionDPO(PairMethod):
+    @dataclass(kw_only=True)
+    class Spec(PairSpec):
+        beta: float = setting(MISSING, "Salesforce train.py convention: -logsigmoid(-0.5 * beta * (d_theta - d_ref)); 5000 for SD1.5/SDXL", above(0))
+        beta_convention: str = setting("salesforce", "or diffusers: beta is then the diffusers script's (2500 there = 5000 here)", one_of("salesforce", "diffusers"))
+
     def beta(self) -> float:
-        return beta_in_salesforce_convention(self.cfg)
+        return beta_in_salesforce_convention(self.spec.beta, self.spec.beta_convention)
 
     def loss(self, ctx, data, generator: torch.Generator):
         win, lose = predict_pairs(ctx, self.pairs(ctx, data, generator), generator)

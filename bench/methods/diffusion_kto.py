@@ -16,9 +16,12 @@ probability ``positive_ratio`` (0.8 in the official launcher).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from bench.methods.preference_data import PairMethod, draw_noise, predict, uniform_timesteps
+from bench.methods.preference_data import PairMethod, PairSpec, draw_noise, predict, uniform_timesteps
+from bench.schema import MISSING, above, at_least, between, setting
 
 
 def kto_loss(model_err, ref_err, desirable, beta: float, lambda_d: float = 1.0, lambda_u: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,14 +35,21 @@ def kto_loss(model_err, ref_err, desirable, beta: float, lambda_d: float = 1.0, 
 
 
 class DiffusionKTO(PairMethod):
+    @dataclass(kw_only=True)
+    class Spec(PairSpec):
+        beta: float = setting(MISSING, "the KTO strength (the official default --beta_dpo 1000)", above(0))
+        lambda_d: float = setting(1.0, "weight of desirable images", at_least(0))
+        lambda_u: float = setting(1.0, "weight of undesirable images", at_least(0))
+        positive_ratio: float = setting(0.8, "share of desirable images per batch (official launcher)", between(0, 1))
+
     def loss(self, ctx, data, generator: torch.Generator):
         pairs = self.pairs(ctx, data, generator)
         n = pairs.x_w.shape[0]
-        desirable = torch.rand(n, generator=generator) < float(self.cfg["positive_ratio"])
+        desirable = torch.rand(n, generator=generator) < self.spec.positive_ratio
         x0 = torch.where(desirable.to(ctx.device).reshape(-1, 1, 1, 1), pairs.x_w, pairs.x_l)
         out = predict(ctx, x0, pairs.prompts, uniform_timesteps(ctx, n, generator), draw_noise(x0.shape, generator, ctx))
         model_err, ref_err = out.errors()
-        losses, g = kto_loss(model_err, ref_err, desirable.to(ctx.device), float(self.cfg["beta"]), float(self.cfg["lambda_d"]), float(self.cfg["lambda_u"]))
+        losses, g = kto_loss(model_err, ref_err, desirable.to(ctx.device), self.spec.beta, self.spec.lambda_d, self.spec.lambda_u)
         return losses.mean(), {"desirable": float(desirable.float().mean())}
 
     def plan_micro(self, p):

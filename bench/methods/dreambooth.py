@@ -13,37 +13,45 @@ diffusers DreamBooth script trains (``--with_prior_preservation --prior_loss_wei
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from bench.errors import UsageError
-from bench.methods.preference_data import PairMethod, image_pairs, seeded_samples
+from bench.methods.preference_data import DropoutSpec, PairMethod, image_pairs, seeded_samples
+from bench.schema import at_least, setting
 
 
 class DreamBooth(PairMethod):
     uses_reference = False
 
+    @dataclass(kw_only=True)
+    class Spec(DropoutSpec):
+        prior_loss_weight: float = setting(1.0, "lambda of the prior-preservation term (the paper's and the diffusers script's 1.0); 0 turns it off", at_least(0))
+        num_class_images: int = setting(16, "class-prompt samples of the base model (the diffusers script's default is 100)", at_least(1))
+
     def data_spec(self) -> dict:
-        return {k: self.cfg[k] for k in ("seed", "prior_loss_weight", "num_class_images")}
+        return self.as_composed("seed", "prior_loss_weight", "num_class_images")
 
     def prepare(self, ctx):
         if ctx.images is None:
             raise UsageError("dreambooth fine-tunes on a subject's photos: use a dreambench suite with subject=NAME, or data=FOLDER of captioned images")
-        data = image_pairs(ctx, int(self.cfg["seed"]), references=False)
+        data = image_pairs(ctx, self.spec.seed, references=False)
         if self.prior_weight:
             data["latents_class"] = self.class_images(ctx)
         return data
 
     @property
     def prior_weight(self) -> float:
-        return float(self.cfg["prior_loss_weight"] or 0.0)
+        return self.spec.prior_loss_weight
 
     def class_images(self, ctx) -> torch.Tensor:
         """The base model's samples for the class prompt, seeded by index (the script's class_data_dir)."""
         prompt = ctx.images.prior_prompt
         if not prompt:
             raise UsageError("prior preservation needs a class prompt, which only dreambench suites give: set method.prior_loss_weight=0")
-        prompts = [prompt] * int(self.cfg["num_class_images"])
-        return seeded_samples(ctx, prompts, "dreambooth-class", int(self.cfg["seed"]), f"class images: {prompt}")
+        prompts = [prompt] * self.spec.num_class_images
+        return seeded_samples(ctx, prompts, "dreambooth-class", self.spec.seed, f"class images: {prompt}")
 
     def loss(self, ctx, data, generator: torch.Generator):
         model = ctx.model
@@ -59,10 +67,10 @@ class DreamBooth(PairMethod):
     def plan_prepare(self, p):
         n, images = p.batch_size, p.images or 0
         encode = p.passes(encode=[(n, -(-images // n))] if images else [])
-        if not float(self.cfg["prior_loss_weight"] or 0.0):
+        if not self.prior_weight:
             return encode
-        return encode + p.sampling(int(self.cfg["num_class_images"]), n, decode=False, rewards=False)  # class images, once
+        return encode + p.sampling(self.spec.num_class_images, n, decode=False, rewards=False)  # class images, once
 
     def plan_micro(self, p):
-        prior = float(self.cfg["prior_loss_weight"] or 0.0)
+        prior = self.prior_weight
         return p.work(p.passes(grad=[(p.batch_size, 2 if prior else 1)]))  # the photos, and the class images

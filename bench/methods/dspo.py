@@ -28,10 +28,14 @@ for where the paper and the code disagree).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from bench.methods.diffusion_dpo import implicit_margin
-from bench.methods.preference_data import PairMethod, Predictions, at_least_fp32, predict_pairs
+from bench.methods.preference_data import PairMethod, PairSpec, Predictions, at_least_fp32, predict_pairs
+from bench.schema import MISSING, above, one_of, setting
 
 
 def reward_gap(win: Predictions, lose: Predictions, lam: float) -> torch.Tensor:
@@ -60,14 +64,21 @@ def dspo_sdxl_loss(win: Predictions, lose: Predictions, lam: float, gate: float 
 
 
 class DSPO(PairMethod):
+    @dataclass(kw_only=True)
+    class Spec(PairSpec):
+        form: str = setting("sd15", "sd15: Eq. 13/14, shifted epsilon regression on the preferred image; sdxl: Eq. 47", one_of("sd15", "sdxl"))
+        lam: float = setting(MISSING, "lambda, the code's --beta_dpo: 0.001 for SD1.5, 5000 for SDXL (code only)", above(0))
+        sdxl_gate: Optional[float] = setting(0.1, "form sdxl: the official code's undocumented gate (null: the paper's Eq. 47 alone)", above(0))
+        share_noise: bool = setting(True, "one timestep and one noise draw for both images of a pair, as the official code")
+
     def loss(self, ctx, data, generator: torch.Generator):
-        lam = float(self.cfg["lam"])
-        win, lose = predict_pairs(ctx, self.pairs(ctx, data, generator), generator, share_noise=bool(self.cfg["share_noise"]))
-        form = self.cfg["form"]
+        lam = self.spec.lam
+        win, lose = predict_pairs(ctx, self.pairs(ctx, data, generator), generator, share_noise=self.spec.share_noise)
+        form = self.spec.form
         if form == "sd15":
             losses, gap = dspo_sd15_loss(win, lose, lam)
         elif form == "sdxl":
-            losses, gap = dspo_sdxl_loss(win, lose, lam, self.cfg.get("sdxl_gate"))
+            losses, gap = dspo_sdxl_loss(win, lose, lam, self.spec.sdxl_gate)
         else:
             raise ValueError(f"DSPO form must be sd15 (Eq. 13/14) or sdxl (Eq. 47), not {form!r}")
         return losses.mean(), {"implicit_acc": float((gap > 0).float().mean())}

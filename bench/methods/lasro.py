@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
+from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,7 @@ from bench.errors import UsageError
 from bench.generate import derived_seed
 from bench.method import Method, TrainContext, image_generators
 from bench.models.diffusion import Conditioning, DiffusionModel, Sampler
+from bench.schema import RewardSpec, Rule, above, at_least, inside, one_of, setting
 from bench.weights import base_copy
 
 
@@ -247,26 +250,54 @@ def source_hash() -> str:
 class LaSRO(Method):
     splits_micro_batches = False  # the loss steps an optimizer of its own
 
+    @dataclass(kw_only=True)
+    class Spec(RewardSpec):
+        k: int = setting(8, "K off-policy samples per prompt (initial noise varied); not stated in the paper", at_least(2))
+        t_mid: Optional[int] = setting(None, "null: the model's own 2-step schedule (LCM and tiny-fewstep: 999 then 499)", at_least(0))
+        rm_backbone: Optional[str] = setting(None, "null: the base UNet; or a pipeline/UNet folder or hub id whose UNet initializes the encoder (the paper: segmind/Segmind-Vega)")
+        rm_timestep: int = setting(0, "timestep the encoder sees for a clean latent", at_least(0))
+        rm_head_layers: int = setting(2, "stacks of (4x4 conv stride 2, GroupNorm, SiLU) before the linear layer", at_least(0))
+        rm_head_groups: int = setting(32, "GroupNorm groups of the head", at_least(1))
+        rm_lr: float = setting(1.0e-4, "the surrogate's AdamW learning rate, both stages", above(0))
+        rm_weight_decay: float = setting(0.0, "the surrogate's AdamW weight decay", at_least(0))
+        rm_max_grad_norm: Optional[float] = setting(1.0, "the surrogate's gradient clip (0 or null: none)", at_least(0))
+        rm_batch_size: int = setting(8, "prompts per surrogate step (each with K samples)", at_least(1))
+        pretrain_steps: int = setting(200, "surrogate pre-training steps (the paper: 30k for ImageReward)", at_least(0))
+        heldout_prompts: int = setting(8, "the last N training prompts only measure the surrogate's ranking accuracy", at_least(0))
+        eval_every: Optional[int] = setting(50, "held-out accuracy every N pre-training steps (and at the end; 0 or null: at the end)", at_least(0))
+        gen_steps: int = setting(1, "N_gen generator steps between surrogate adaptations", at_least(1))
+        adapt_steps: int = setting(1, "N_rm surrogate adaptation steps (0: the No Online Adapt ablation)", at_least(0))
+        lambda_1: float = setting(1.0, "weight of the 1-step term", at_least(0))
+        lambda_2: float = setting(1.0, "weight of the 2-step term", at_least(0))
+        detach_first_step: bool = setting(True, "the 2-step term's gradient stops at x1")
+        normalize: bool = setting(True, "f of App. B; false: the raw surrogate score -r_phi")
+        norm_momentum: float = setting(0.99, "moving average / moving percentile momentum", Rule("in [0, 1)", lambda v: 0 <= v < 1))
+        norm_percentile: float = setting(0.9, "r_max is this moving percentile of r_phi (above the mean)", inside(0.5, 1))
+        norm_clip: float = setting(1.0, "upper clip of the normalized score (1 = the percentile)", above(0))
+        reg: str = setting("reference", "none | reference: the base model's own x0 predictions as the distillation target", one_of("none", "reference"))
+        reg_weight: float = setting(1.0, "lambda of the regularizer", at_least(0))
+        reg_samples_per_prompt: int = setting(1, "base-model samples per training prompt standing in for the distillation set", at_least(1))
+
     @property
     def uses_reference(self) -> bool:
-        return self.cfg["reg"] == "reference"  # the frozen base model's x0 predictions are the regularizer's targets
+        return self.spec.reg == "reference"  # the frozen base model's x0 predictions are the regularizer's targets
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        c = cfg
+        c = self.spec
         self._loaded = False  # whether the surrogate holds the prepared (pre-trained) weights
-        self.k = int(c["k"])
-        self.normalizer = RewardNormalizer(float(c["norm_momentum"]), float(c["norm_percentile"]), float(c["norm_clip"]))
+        self.k = self.spec.k
+        self.normalizer = RewardNormalizer(self.spec.norm_momentum, self.spec.norm_percentile, self.spec.norm_clip)
         self.surrogate: LatentSurrogate | None = None
         self.opt: torch.optim.Optimizer | None = None
         self._pending: dict[str, torch.Tensor] | None = None
         if self.k < 2:
             raise UsageError(f"method.k={self.k}: the best and the worst of K off-policy samples need K >= 2")
-        if c["reg"] not in ("none", "reference"):
-            raise UsageError(f"unknown method.reg '{c['reg']}': use none or reference")
+        if self.spec.reg not in ("none", "reference"):
+            raise UsageError(f"unknown method.reg '{self.spec.reg}': use none or reference")
         for key in ("gen_steps", "adapt_steps", "pretrain_steps", "rm_batch_size"):
-            if int(c[key]) < (0 if key in ("adapt_steps", "pretrain_steps") else 1):
-                raise UsageError(f"method.{key}={c[key]} is out of range")
+            if getattr(c, key) < (0 if key in ("adapt_steps", "pretrain_steps") else 1):
+                raise UsageError(f"method.{key}={getattr(c, key)} is out of range")
 
     # ---- data: the base model's regularization samples and the pre-trained surrogate (Alg. 1) --------
     def data_spec(self) -> dict:
@@ -276,7 +307,7 @@ class LaSRO(Method):
 
     def pools(self, ctx: TrainContext) -> tuple[list[str], list[str]]:
         """(training prompts, held-out prompts): the last ``heldout_prompts`` only measure the surrogate."""
-        h = int(self.cfg["heldout_prompts"])
+        h = self.spec.heldout_prompts
         if not 0 <= h < len(ctx.prompts):
             raise UsageError(f"method.heldout_prompts={h} leaves no training prompt out of {len(ctx.prompts)}: use fewer")
         return (ctx.prompts[: len(ctx.prompts) - h], ctx.prompts[len(ctx.prompts) - h :])
@@ -288,18 +319,18 @@ class LaSRO(Method):
             raise UsageError("LaSRO needs a reward: set method.reward=NAME (`bench ls metrics`)")
         train, heldout = self.pools(ctx)
         self.build(ctx)
-        seed = int(self.cfg["seed"])
+        seed = self.spec.seed
         out: dict[str, torch.Tensor] = {}
-        if self.cfg["reg"] == "reference":
+        if self.spec.reg == "reference":
             out.update(self.reg_samples(ctx, train))
         held = self.heldout_set(ctx, heldout) if heldout else None
         curve = [[0.0, *self.accuracy(ctx, held)]] if held else []
-        every = int(self.cfg["eval_every"] or 0)
-        for step in ctx.bar(range(int(self.cfg["pretrain_steps"])), "pre-train surrogate"):
+        every = self.spec.eval_every or 0
+        for step in ctx.bar(range(self.spec.pretrain_steps), "pre-train surrogate"):
             g = torch.Generator().manual_seed(derived_seed("lasro-pretrain", step, seed))
-            batch = self.off_policy(ctx, train, int(self.cfg["rm_batch_size"]), g)
+            batch = self.off_policy(ctx, train, self.spec.rm_batch_size, g)
             self.surrogate_step(ctx, batch)
-            if held and (step + 1 == int(self.cfg["pretrain_steps"]) or (every and (step + 1) % every == 0)):
+            if held and (step + 1 == self.spec.pretrain_steps or (every and (step + 1) % every == 0)):
                 curve.append([float(step + 1), *self.accuracy(ctx, held)])
         out |= {f"surrogate.{k}": v.detach().clone() for k, v in self.surrogate.state_dict().items()}
         if curve:
@@ -313,25 +344,25 @@ class LaSRO(Method):
         """The surrogate, initialized from the base UNet (the frozen copy under full fine-tuning) or,
         with ``rm_backbone``, from another latent model's UNet (the paper: Segmind-Vega)."""
         unet = ctx.frozen_unet if ctx.frozen_unet is not None else ctx.model.unet
-        if self.cfg.get("rm_backbone"):
-            unet = load_backbone(str(self.cfg["rm_backbone"])).to(ctx.device, ctx.model.dtype)
-        self.surrogate = LatentSurrogate(unet, int(self.cfg["rm_timestep"]), int(self.cfg["rm_head_layers"]), int(self.cfg["rm_head_groups"]), int(self.cfg["seed"]))
+        if self.spec.rm_backbone:
+            unet = load_backbone(self.spec.rm_backbone).to(ctx.device, ctx.model.dtype)
+        self.surrogate = LatentSurrogate(unet, self.spec.rm_timestep, self.spec.rm_head_layers, self.spec.rm_head_groups, self.spec.seed)
         checkpointing = next((m for m in ctx.model.unet.modules() if getattr(m, "gradient_checkpointing", False)), None)
         for block in self.surrogate.modules():  # train.gradient_checkpointing holds for the surrogate's blocks too (memory only)
             if hasattr(block, "gradient_checkpointing"):
                 block.gradient_checkpointing = checkpointing is not None
                 block._gradient_checkpointing_func = getattr(checkpointing, "_gradient_checkpointing_func", None)
         side = ctx.model.latent_shape()[1] // 2 ** sum(1 for b in unet.down_blocks if getattr(b, "downsamplers", None))
-        for i in range(int(self.cfg["rm_head_layers"])):
+        for i in range(self.spec.rm_head_layers):
             side = (side + 2 - 4) // 2 + 1
             if side < 1:
-                raise UsageError(f"method.rm_head_layers={self.cfg['rm_head_layers']} halves the mid-block features to nothing: use at most {i}")
+                raise UsageError(f"method.rm_head_layers={self.spec.rm_head_layers} halves the mid-block features to nothing: use at most {i}")
         self.opt = None
         self._loaded = False
 
     def optimizer(self) -> torch.optim.Optimizer:
         if self.opt is None:
-            self.opt = torch.optim.AdamW(self.surrogate.parameters(), lr=float(self.cfg["rm_lr"]), weight_decay=float(self.cfg["rm_weight_decay"]))
+            self.opt = torch.optim.AdamW(self.surrogate.parameters(), lr=self.spec.rm_lr, weight_decay=self.spec.rm_weight_decay)
         return self.opt
 
     def ensure(self, ctx: TrainContext, data: dict[str, torch.Tensor]) -> None:
@@ -352,7 +383,7 @@ class LaSRO(Method):
         """n random prompts, K samples each with their own initial noise (off-policy exploration), the
         1-step and 2-step latents and their black-box rewards, shaped (n, K, ...)."""
         prompts = [pool[int(i)] for i in torch.randint(0, len(pool), (n,), generator=generator)]
-        x_T, z = draw_noise(ctx.model, image_generators(n * self.k, generator), two_step_sampler(ctx.model, self.cfg["t_mid"]))
+        x_T, z = draw_noise(ctx.model, image_generators(n * self.k, generator), two_step_sampler(ctx.model, self.spec.t_mid))
         return self.samples(ctx, prompts, x_T, z)
 
     @torch.no_grad()
@@ -360,7 +391,7 @@ class LaSRO(Method):
         """The K samples of each prompt from given noise (prompt-major rows of ``x_T`` and ``z``), made,
         decoded and scored ``gen.batch_size`` at a time (every sample has its own noise: chunks change none)."""
         model, k, n = ctx.model, self.k, len(prompts)
-        sampler = two_step_sampler(model, self.cfg["t_mid"])
+        sampler = two_step_sampler(model, self.spec.t_mid)
         cond = repeat_cond(model.encode_prompts(prompts), k)
         every = [p for p in prompts for _ in range(k)]
         parts = []
@@ -393,8 +424,8 @@ class LaSRO(Method):
             loss, logs = self.surrogate_loss(batch, ctx.model.encode_prompts(batch["prompts"]))
             opt.zero_grad(set_to_none=True)
             loss.backward()
-        if float(self.cfg["rm_max_grad_norm"] or 0):
-            torch.nn.utils.clip_grad_norm_(self.surrogate.parameters(), float(self.cfg["rm_max_grad_norm"]))
+        if self.spec.rm_max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(self.surrogate.parameters(), self.spec.rm_max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         self.surrogate.requires_grad_(False)
@@ -402,9 +433,9 @@ class LaSRO(Method):
 
     # ---- held-out ranking accuracy ------------------------------------------------------------------
     def heldout_set(self, ctx: TrainContext, prompts: list[str]) -> dict:
-        seed = int(self.cfg["seed"])
+        seed = self.spec.seed
         gens = [torch.Generator().manual_seed(derived_seed("lasro-heldout", p, i, seed)) for p in range(len(prompts)) for i in range(self.k)]
-        held = self.samples(ctx, prompts, *draw_noise(ctx.model, gens, two_step_sampler(ctx.model, self.cfg["t_mid"])))
+        held = self.samples(ctx, prompts, *draw_noise(ctx.model, gens, two_step_sampler(ctx.model, self.spec.t_mid)))
         held["pairs"] = sum(int(ranked_pairs(held[r]).sum()) for r in ("r1", "r2"))
         return held
 
@@ -424,7 +455,7 @@ class LaSRO(Method):
 
     def adapts(self, ctx: TrainContext) -> bool:
         """Alg. 2's alternation: after every ``gen_steps`` generator steps, ``adapt_steps`` surrogate steps."""
-        return ctx.micro == 0 and ctx.step > 0 and ctx.step % int(self.cfg["gen_steps"]) == 0 and int(self.cfg["adapt_steps"]) > 0
+        return ctx.micro == 0 and ctx.step > 0 and ctx.step % self.spec.gen_steps == 0 and self.spec.adapt_steps > 0
 
     # ---- stage 2: one generator step, after adapting the surrogate every gen_steps steps -------------
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
@@ -434,40 +465,40 @@ class LaSRO(Method):
         prompts = [train[int(i)] for i in torch.randint(0, len(train), (n,), generator=generator)]
         gens = image_generators(n * k, generator)
         i1, i2 = torch.randint(0, k, (n,), generator=generator), torch.randint(0, k, (n,), generator=generator)
-        sampler = two_step_sampler(model, self.cfg["t_mid"])
+        sampler = two_step_sampler(model, self.spec.t_mid)
         x_T, z = draw_noise(model, gens, sampler)
         logs: dict = {}
         if self.adapts(ctx):
-            for a in range(int(self.cfg["adapt_steps"])):  # the first adaptation step uses this step's K samples, the others fresh ones
-                batch = self.samples(ctx, prompts, x_T, z) if a == 0 else self.off_policy(ctx, train, int(self.cfg["rm_batch_size"]), generator)
+            for a in range(self.spec.adapt_steps):  # the first adaptation step uses this step's K samples, the others fresh ones
+                batch = self.samples(ctx, prompts, x_T, z) if a == 0 else self.off_policy(ctx, train, self.spec.rm_batch_size, generator)
                 logs |= self.surrogate_step(ctx, batch)
         rows = torch.arange(n) * k
         cond = model.encode_prompts(prompts)
         x1, _ = first_step(model, x_T[rows + i1], cond, sampler)
         x1_b, eps_b = first_step(model, x_T[rows + i2], cond, sampler)  # the 2-step sample's own first step
-        if self.cfg["detach_first_step"]:
+        if self.spec.detach_first_step:
             x1_b, eps_b = x1_b.detach(), eps_b.detach()
         x2 = second_step(model, x_T[rows + i2], x1_b, eps_b, z[rows + i2], cond, sampler)
         self.surrogate.requires_grad_(False)
         s1, s2 = self.surrogate(x1, cond).float(), self.surrogate(x2, cond).float()
-        if self.cfg["normalize"]:
+        if self.spec.normalize:
             self.normalizer.update(torch.cat([s1, s2]))
             f = self.normalizer
         else:
             f = lambda s: s
-        loss = generator_loss(s1, s2, f, float(self.cfg["lambda_1"]), float(self.cfg["lambda_2"]))
+        loss = generator_loss(s1, s2, f, self.spec.lambda_1, self.spec.lambda_2)
         logs |= {"r_phi_1": s1.mean().item(), "r_phi_2": s2.mean().item()}
-        if self.cfg["reg"] == "reference" and float(self.cfg["reg_weight"]):
+        if self.spec.reg == "reference" and self.spec.reg_weight:
             reg = reference_regularizer(ctx, data, generator)
-            loss = loss + float(self.cfg["reg_weight"]) * reg
+            loss = loss + self.spec.reg_weight * reg
             logs["reg"] = reg.item()
         return loss, logs
 
     # ---- the regularizer's data: samples of the base model ----------------------------------------
     @torch.no_grad()
     def reg_samples(self, ctx: TrainContext, prompts: list[str]) -> dict[str, torch.Tensor]:
-        per = int(self.cfg["reg_samples_per_prompt"])
-        seed = int(self.cfg["seed"])
+        per = self.spec.reg_samples_per_prompt
+        seed = self.spec.seed
         index = torch.arange(len(prompts)).repeat_interleave(per)
         gens = [torch.Generator().manual_seed(derived_seed("lasro-reg", int(p), i % per, seed)) for i, p in enumerate(index)]
         every = [prompts[int(p)] for p in index]
@@ -505,7 +536,7 @@ class LaSRO(Method):
             opt.load_state_dict({"state": opt_state, "param_groups": opt.state_dict()["param_groups"]})
 
     def data_manifest(self, ctx: TrainContext, data) -> dict:
-        out = {"source": "online", "pretrain_steps": int(self.cfg["pretrain_steps"]), "k": self.k}
+        out = {"source": "online", "pretrain_steps": self.spec.pretrain_steps, "k": self.k}
         if "pretrain_accuracy" in data:
             curve = data["pretrain_accuracy"].tolist()
             out |= {"heldout_pairs": int(data["heldout_pairs"]), "heldout_accuracy_before": curve[0][3], "heldout_accuracy_after": curve[-1][3],
@@ -517,31 +548,31 @@ class LaSRO(Method):
         surrogate's pre-training on K off-policy samples per prompt) and one generator step (the 1-step
         and 2-step outputs with gradient, the regularizer, and the surrogate's adaptation samples); every
         no-gradient batch runs ``gen.batch_size`` samples at a time."""
-        cfg, n, k, c = self.cfg, p.batch_size, self.k, p.cfg
-        held = int(cfg["heldout_prompts"])
+        cfg, n, k, c = self.spec, p.batch_size, self.k, p.cfg
+        held = self.spec.heldout_prompts
         train = max((p.prompts or 0) - held, 0)
 
         def two_step(m):  # x1 and x2 of m samples, each decoded and scored
             work = p.sampling(m, p.sample_batch_size, steps=2, decode=False, rewards=False)
             return work + p.passes(decode=[(b, 2 * calls) for b, calls in p.sampling(m, p.sample_batch_size).decode], rewards=2 * m)
 
-        prepare = two_step(int(cfg["rm_batch_size"]) * k).times(int(cfg["pretrain_steps"])) + (two_step(held * k) if held else p.passes())
-        if cfg["reg"] == "reference":
-            prepare = prepare + p.sampling(train * int(cfg["reg_samples_per_prompt"]), p.sample_batch_size, decode=False, rewards=False)
+        prepare = two_step(self.spec.rm_batch_size * k).times(self.spec.pretrain_steps) + (two_step(held * k) if held else p.passes())
+        if cfg.reg == "reference":
+            prepare = prepare + p.sampling(train * self.spec.reg_samples_per_prompt, p.sample_batch_size, decode=False, rewards=False)
         adapt = p.passes()
-        if int(cfg["adapt_steps"]):
-            adapt = two_step(n * k) + two_step(int(cfg["rm_batch_size"]) * k).times(int(cfg["adapt_steps"]) - 1)
+        if self.spec.adapt_steps:
+            adapt = two_step(n * k) + two_step(self.spec.rm_batch_size * k).times(self.spec.adapt_steps - 1)
         generator = p.passes(grad=[(n * c, 3)])  # x1, the 2-step sample's first step (detached after), x2
-        if cfg["reg"] == "reference" and float(cfg["reg_weight"]):
+        if cfg.reg == "reference" and self.spec.reg_weight:
             generator = generator + p.passes(grad=[(n * c, 1)], nograd=[(n * c, 1)])
         parts = ["conv_in", "time_proj", "time_embedding", "add_time_proj", "add_embedding", "down_blocks", "mid_block"]
-        surrogate = p.part_parameters(parts, cfg.get("rm_backbone")) if p.part_parameters else 0
-        backbone = cfg.get("rm_backbone")
+        surrogate = p.part_parameters(parts, cfg.rm_backbone) if p.part_parameters else 0
+        backbone = cfg.rm_backbone
         return p.work(
             generator, before=adapt, prepare=prepare,
             networks=[("surrogate reward (UNet encoder, float32, AdamW)", surrogate, 16)],
             trained_encoders=[
-                ("the surrogate's training step", backbone, 4 * int(cfg["rm_batch_size"]), False),  # its own backward, before the generator's passes
+                ("the surrogate's training step", backbone, 4 * self.spec.rm_batch_size, False),  # its own backward, before the generator's passes
                 ("the surrogate on the generator's x1 and x2", backbone, 2 * n, True),
             ],
         )

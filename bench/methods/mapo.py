@@ -14,10 +14,13 @@ x / (exp(x) - 1) falls as x grows, so the margin rises when l_w falls or l_l ris
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from bench.methods.preference_data import PairMethod, predict_pairs
+from bench.methods.preference_data import PairMethod, PairSpec, predict_pairs
+from bench.schema import MISSING, above, setting
 
 
 def mapo_loss(err_w, err_l, beta: float, snr_value: float, num_train_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,12 +31,17 @@ def mapo_loss(err_w, err_l, beta: float, snr_value: float, num_train_timesteps: 
 
 
 class MaPO(PairMethod):
+    @dataclass(kw_only=True)
+    class Spec(PairSpec):
+        beta: float = setting(MISSING, "official --beta_mapo (0.1)", above(0))
+        snr_value: float = setting(0.5, "official --snr_value (the s in s*l / (exp(s*l) - 1))", above(0))
+
     uses_reference = False  # reference-free: a full fine-tuning keeps no frozen copy of the UNet
 
     def loss(self, ctx, data, generator: torch.Generator):
         win, lose = predict_pairs(ctx, self.pairs(ctx, data, generator), generator, reference=False)
         (err_w, _), (err_l, _) = win.errors(), lose.errors()
-        losses, log_odds = mapo_loss(err_w, err_l, float(self.cfg["beta"]), float(self.cfg["snr_value"]), ctx.model.num_train_timesteps)
+        losses, log_odds = mapo_loss(err_w, err_l, self.spec.beta, self.spec.snr_value, ctx.model.num_train_timesteps)
         return losses.mean(), {"implicit_acc": float((log_odds > 0).float().mean())}
 
     def plan_micro(self, p):

@@ -11,6 +11,7 @@ sampled; a round is a pure function of the weights at its start and the seed.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ from bench.errors import writing
 from bench.generate import image_seed
 from bench.method import Method, TrainContext
 from bench.models.diffusion import gaussian_log_prob
+from bench.schema import MethodSpec, RewardSpec, at_least, one_of, setting
 
 
 def reduce_log_prob(log_prob: torch.Tensor, x: torch.Tensor, reduction: str) -> torch.Tensor:
@@ -72,16 +74,38 @@ def preference(reward_0: torch.Tensor, reward_1: torch.Tensor, ties: str) -> tor
     return torch.where(sign == 0, torch.full_like(sign, -1.0 if ties == "second" else 0.0), sign)
 
 
-class OnlineRounds:
-    """The round buffer of an online method configured by ``prompts_per_round``,
-    ``samples_per_prompt``, ``epochs_per_round`` and ``seed``."""
+@dataclass(kw_only=True)
+class OnlineSpec(RewardSpec):
+    """The settings of the online rounds every online recipe shares."""
 
-    def __init__(self, cfg: dict, name: str):
-        self.cfg, self.name = cfg, name
-        self.prompts_per_round = int(cfg["prompts_per_round"])
-        self.samples_per_prompt = int(cfg.get("samples_per_prompt", 2))
-        self.epochs = int(cfg["epochs_per_round"])
-        self.seed = int(cfg["seed"])
+    prompts_per_round: int = setting(16, "training prompts sampled per round", at_least(1))
+    epochs_per_round: int = setting(1, "passes over a round's training units", at_least(1))
+
+
+@dataclass(kw_only=True)
+class SampledSpec(OnlineSpec):
+    """Online rounds of a recipe that samples a chosen number of trajectories per prompt (not a pair)."""
+
+    samples_per_prompt: int = setting(2, "trajectories sampled per prompt in a round", at_least(1))
+
+
+@dataclass(kw_only=True)
+class LogProbSpec(MethodSpec):
+    """How a recipe reduces a transition's log-density over latent elements."""
+
+    logprob_reduction: str = setting("mean", "mean: over latent elements, as the public DDPO, D3PO and SPO codes; sum: the papers' densities", one_of("mean", "sum"))
+
+
+class OnlineRounds:
+    """The round buffer of an online method: ``prompts_per_round`` prompts, ``samples_per_prompt``
+    trajectories each, ``epochs_per_round`` passes, seeded by ``seed`` (from the recipe's spec)."""
+
+    def __init__(self, spec: OnlineSpec, samples_per_prompt: int, name: str):
+        self.name = name
+        self.prompts_per_round = spec.prompts_per_round
+        self.samples_per_prompt = samples_per_prompt
+        self.epochs = spec.epochs_per_round
+        self.seed = spec.seed
 
     def batches_per_epoch(self, batch_size: int, units_per_prompt: int = 1) -> int:
         return math.ceil(self.prompts_per_round * units_per_prompt / batch_size)
@@ -143,9 +167,10 @@ class OnlineMethod(Method):
     """
 
     name = "online"
+    Spec = OnlineSpec
 
     def samples_per_prompt(self) -> int:
-        return int(self.cfg.get("samples_per_prompt", 2))
+        return 2  # a pair; a recipe with ``samples_per_prompt`` in its spec reads it
 
     def units_per_prompt(self, ctx: TrainContext) -> int:
         return 1
@@ -154,16 +179,12 @@ class OnlineMethod(Method):
         """How many consecutive units belong to one trajectory (or pair): 1, or its trained steps."""
         return 1
 
-    @property
-    def logprob_reduction(self) -> str:
-        return str(self.cfg.get("logprob_reduction") or "sum")
-
     def rounds(self) -> OnlineRounds:
-        return OnlineRounds({**self.cfg, "samples_per_prompt": self.samples_per_prompt()}, self.name)
+        return OnlineRounds(self.spec, self.samples_per_prompt(), self.name)
 
     def steps_per_round(self, ctx: TrainContext) -> int:
         """Optimizer steps per round: its micro-batches over all epochs, ``grad_accum`` per step."""
-        micro_batches = self.rounds().batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx)) * int(self.cfg["epochs_per_round"])
+        micro_batches = self.rounds().batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx)) * self.spec.epochs_per_round
         return math.ceil(micro_batches / ctx.grad_accum)
 
     def prepare(self, ctx: TrainContext) -> dict:
@@ -184,7 +205,7 @@ class OnlineMethod(Method):
         return {
             "source": "online",
             "rounds": ctx.step // self.steps_per_round(ctx) + 1,  # ctx.step is the last step trained
-            "prompts_per_round": int(self.cfg["prompts_per_round"]),
+            "prompts_per_round": self.spec.prompts_per_round,
             "samples_per_prompt": self.samples_per_prompt(),
         }
 

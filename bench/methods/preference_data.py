@@ -22,6 +22,7 @@ import torch
 from bench.errors import UsageError
 from bench.generate import image_seed
 from bench.method import Method, TrainContext
+from bench.schema import MethodSpec, RewardSpec, at_least, between, setting
 
 
 # ---- self-generated pairs -------------------------------------------------------------------
@@ -216,22 +217,38 @@ def predict_pairs(ctx: TrainContext, pairs: Pairs, generator: torch.Generator, t
 
 
 # ---- the base class of the offline pair methods ---------------------------------------------
+@dataclass(kw_only=True)
+class DropoutSpec(MethodSpec):
+    """Training pairs (or target images) with their prompts dropped at a rate."""
+
+    prompt_dropout: float = setting(0.0, "probability of training a pair with the empty prompt (the Salesforce scripts: 0.2)", between(0, 1))
+
+
+@dataclass(kw_only=True)
+class PairSpec(DropoutSpec, RewardSpec):
+    """The pair-data settings every offline pair recipe shares: best/worst-of-K self-generated pairs."""
+
+    samples_per_prompt: int = setting(16, "pairs: the best and worst of K self-generated samples per training prompt (1: with drop_ties false, every sample)", at_least(1))
+    drop_ties: bool = setting(True, "a prompt whose K samples all score the same gives no pair (Salesforce drops tied pairs)")
+
+
 class PairMethod(Method):
     """An offline method trained on (preferred, dispreferred) pairs: self-generated best/worst-of-K
     pairs by default, target images against base-model samples when the run has target images,
     or a pair dataset when the config has a ``data`` section of the pair kind."""
 
     image_references = True  # False: a method that only needs the targets of given images
+    Spec = PairSpec
 
     def data_spec(self) -> dict:
-        return {k: self.cfg[k] for k in ("samples_per_prompt", "reward", "seed", "drop_ties")}
+        return self.as_composed("samples_per_prompt", "reward", "seed", "drop_ties")
 
     def prepare(self, ctx: TrainContext):
         if ctx.data_cfg:
             return StreamedPairs(ctx.data_cfg)
         if ctx.images is not None:
-            return image_pairs(ctx, int(self.cfg["seed"]), self.image_references)
-        return best_worst_pairs(ctx, int(self.cfg["samples_per_prompt"]), int(self.cfg["seed"]), bool(self.cfg["drop_ties"]))
+            return image_pairs(ctx, self.spec.seed, self.image_references)
+        return best_worst_pairs(ctx, self.spec.samples_per_prompt, self.spec.seed, self.spec.drop_ties)
 
     def source(self, ctx: TrainContext, data) -> MemoryPairs | StreamedPairs:
         return data if isinstance(data, StreamedPairs) else MemoryPairs(data, ctx.prompts)
@@ -239,7 +256,7 @@ class PairMethod(Method):
     def pairs(self, ctx: TrainContext, data, generator: torch.Generator) -> Pairs:
         """The next micro-batch of pairs, prompts dropped to "" at the configured rate."""
         pairs = self.source(ctx, data).sample(ctx, generator)
-        pairs.prompts = drop_prompts(pairs.prompts, float(self.cfg.get("prompt_dropout") or 0.0), generator)
+        pairs.prompts = drop_prompts(pairs.prompts, self.spec.prompt_dropout, generator)
         return pairs
 
     def data_manifest(self, ctx: TrainContext, data) -> dict:
@@ -263,7 +280,7 @@ class PairMethod(Method):
         if p.images is not None:
             encode = p.passes(encode=[(n, -(-p.images // n))])
             return encode + p.sampling(p.images, n, decode=False, rewards=False) if self.image_references else encode
-        k = int(self.cfg["samples_per_prompt"])
+        k = self.spec.samples_per_prompt
         return p.sampling(k, k).times(p.prompts or 0)
 
     def plan_micro(self, p):

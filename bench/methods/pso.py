@@ -17,11 +17,14 @@ by default (``reduction``), the scale the Gaussian log-probabilities of the refe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from bench.method import image_generators
-from bench.methods.preference_data import PairMethod, draw_noise, predict
+from bench.methods.preference_data import PairMethod, PairSpec, draw_noise, predict
+from bench.schema import MISSING, above, one_of, setting
 from bench.methods.pso_online import trajectory_logratio
 
 
@@ -34,6 +37,11 @@ def pso_loss(eps_gap_tau: torch.Tensor, logratio_rho: torch.Tensor, beta: float)
 
 class PSO(PairMethod):
     image_references = False  # given targets (a subject's photos) need no pre-sampled reference: it is sampled at every step
+
+    @dataclass(kw_only=True)
+    class Spec(PairSpec):
+        beta: float = setting(MISSING, "the DPO strength (the paper's value for concept customization: 5)", above(0))
+        reduction: str = setting("sum", "||.||^2 of the target term summed over latent elements (the scale of the reference's log-probabilities), or meaned", one_of("sum", "mean"))
 
     def prepare(self, ctx):
         ctx.model.stochastic_timesteps()  # fail before making data on a 1-step sampler
@@ -49,13 +57,13 @@ class PSO(PairMethod):
         x0 = pairs.x_w.repeat_interleave(k, dim=0)
         prompts = [p for p in pairs.prompts for _ in range(k)]
         out = predict(ctx, x0, prompts, torch.tensor(steps).repeat(n), draw_noise(x0.shape, generator, ctx))
-        err, pre = out.errors(self.cfg["reduction"])
+        err, pre = out.errors(self.spec.reduction)
         eps_gap = (err - pre).reshape(n, k).sum(1)
         # reference: a trajectory sampled now from the model being tuned, for the same prompts
         with torch.no_grad():
             _, states, _ = model.sample(pairs.prompts, image_generators(n, generator), trajectory=True)
         logratio = trajectory_logratio(ctx, torch.stack(states, 1), pairs.prompts)
-        losses, margin = pso_loss(eps_gap, logratio, float(self.cfg["beta"]))
+        losses, margin = pso_loss(eps_gap, logratio, self.spec.beta)
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}
 
     def plan_micro(self, p):

@@ -27,11 +27,15 @@ the paper is listed in ``methods/pso-dreambooth-official.yaml``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import List
+
 import torch
 import torch.nn.functional as F
 
 from bench.errors import UsageError
-from bench.methods.preference_data import PairMethod, draw_noise, image_pairs, predict, seeded_samples
+from bench.methods.preference_data import DropoutSpec, PairMethod, draw_noise, image_pairs, predict, seeded_samples
+from bench.schema import MISSING, above, at_least, one_of, setting
 
 
 def pso_dreambooth_loss(err_w, err_l, beta: float, neg_defactor: float, prior_weight: float, loss_type: str = "pso_db", ref_w=None, ref_l=None) -> torch.Tensor:
@@ -50,45 +54,54 @@ def pso_dreambooth_loss(err_w, err_l, beta: float, neg_defactor: float, prior_we
 class PSODreamBoothOfficial(PairMethod):
     image_references = False  # the references are class-prompt samples, made in prepare()
 
+    @dataclass(kw_only=True)
+    class Spec(DropoutSpec):
+        loss_type: str = setting("pso_db", "pso_db: the script's loss without a reference model; pso: with the adapter-off reference", one_of("pso_db", "pso"))
+        beta: float = setting(MISSING, "the script's beta (5)", above(0))
+        neg_defactor: float = setting(0.1, "the script's weight of the negatives' term", at_least(0))
+        prior_loss_weight: float = setting(0.5, "the script's prior-preservation weight", at_least(0))
+        num_negatives: int = setting(20, "class-prompt samples of the base model, drawn without replacement", at_least(1))
+        timesteps: List[int] = setting([750, 500, 250, 0], "the timesteps the script trains at (SDXL-Turbo's 4-step schedule)")
+
     @property
     def uses_reference(self) -> bool:
-        return self.cfg["loss_type"] == "pso"  # pso_db reads no reference model
+        return self.spec.loss_type == "pso"  # pso_db reads no reference model
 
     def data_spec(self) -> dict:
-        return {k: self.cfg[k] for k in ("seed", "num_negatives")}
+        return self.as_composed("seed", "num_negatives")
 
     def prepare(self, ctx):
         if ctx.images is None or not ctx.images.prior_prompt:
             raise UsageError("pso-dreambooth-official fine-tunes on a DreamBench subject's photos: use a dreambench suite with subject=NAME")
-        data = image_pairs(ctx, int(self.cfg["seed"]), references=False)
-        prompts = [ctx.images.prior_prompt] * int(self.cfg["num_negatives"])
-        data["latents_neg"] = seeded_samples(ctx, prompts, "pso-dreambooth-negatives", int(self.cfg["seed"]), f"negatives: {prompts[0]}")
+        data = image_pairs(ctx, self.spec.seed, references=False)
+        prompts = [ctx.images.prior_prompt] * self.spec.num_negatives
+        data["latents_neg"] = seeded_samples(ctx, prompts, "pso-dreambooth-negatives", self.spec.seed, f"negatives: {prompts[0]}")
         return data
 
     def loss(self, ctx, data, generator: torch.Generator):
-        model, cfg = ctx.model, self.cfg
+        model, spec = ctx.model, self.spec
         pairs = self.pairs(ctx, data, generator)
         n = pairs.x_w.shape[0]
         negatives = data["latents_neg"]
         if n > negatives.shape[0]:
             raise UsageError(f"train.batch_size={n} exceeds method.num_negatives={negatives.shape[0]}: the script draws negatives without replacement")
         x_l = negatives[torch.randperm(negatives.shape[0], generator=generator)[:n]].to(ctx.device, model.dtype)
-        timesteps = torch.tensor([int(t) for t in cfg["timesteps"]])
+        timesteps = torch.tensor(spec.timesteps)
         t = timesteps[torch.randint(0, len(timesteps), (n,), generator=generator)]
         noise = draw_noise(pairs.x_w.shape, generator, ctx)
-        reference = cfg["loss_type"] == "pso"
+        reference = spec.loss_type == "pso"
         out = predict(ctx, torch.cat([pairs.x_w, x_l]), pairs.prompts * 2, torch.cat([t, t]), torch.cat([noise, noise]), reference)
         err, ref = out.errors("mean")
         err_w, err_l = err.chunk(2)
         ref_w, ref_l = ref.chunk(2) if reference else (None, None)
-        losses = pso_dreambooth_loss(err_w, err_l, float(cfg["beta"]), float(cfg["neg_defactor"]), float(cfg["prior_loss_weight"]), cfg["loss_type"], ref_w, ref_l)
+        losses = pso_dreambooth_loss(err_w, err_l, spec.beta, spec.neg_defactor, spec.prior_loss_weight, spec.loss_type, ref_w, ref_l)
         return losses.mean(), {"err_w": float(err_w.mean()), "err_l": float(err_l.mean())}
 
     def plan_prepare(self, p):
         n, images = p.batch_size, p.images or 0
-        negatives = p.sampling(int(self.cfg["num_negatives"]), n, decode=False, rewards=False)  # class-prompt samples, once
+        negatives = p.sampling(self.spec.num_negatives, n, decode=False, rewards=False)  # class-prompt samples, once
         return p.passes(encode=[(n, -(-images // n))] if images else []) + negatives
 
     def plan_micro(self, p):
         both = 2 * p.batch_size  # photo and negative in one pass (and the adapter-off model with loss_type pso)
-        return p.work(p.passes(grad=[(both, 1)], nograd=[(both, 1)] if self.cfg["loss_type"] == "pso" else []))
+        return p.work(p.passes(grad=[(both, 1)], nograd=[(both, 1)] if self.spec.loss_type == "pso" else []))

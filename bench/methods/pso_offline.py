@@ -14,10 +14,13 @@ is deterministic (the model outputs its x0 estimate) and is left out, so the sum
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from bench.methods.preference_data import Pairs, PairMethod, predict_pairs
+from bench.methods.preference_data import Pairs, PairMethod, PairSpec, predict_pairs
+from bench.schema import MISSING, above, one_of, setting
 
 
 def pso_offline_loss(err_tau, pre_tau, err_rho, pre_rho, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -28,6 +31,12 @@ def pso_offline_loss(err_tau, pre_tau, err_rho, pre_rho, beta: float) -> tuple[t
 
 
 class OfflinePSO(PairMethod):
+    @dataclass(kw_only=True)
+    class Spec(PairSpec):
+        beta: float = setting(MISSING, "the DPO strength (the paper's offline value: 50)", above(0))
+        reduction: str = setting("mean", "||.||^2 meaned over latent elements, or summed; the paper does not say, and it rescales beta", one_of("mean", "sum"))
+        share_noise: bool = setting(True, "one noise draw per timestep for target and reference (not stated in the paper)")
+
     def loss(self, ctx, data, generator: torch.Generator):
         steps = ctx.model.stochastic_timesteps()
         pairs = self.pairs(ctx, data, generator)
@@ -36,11 +45,11 @@ class OfflinePSO(PairMethod):
         repeat = lambda x: x.repeat_interleave(k, dim=0)
         stacked = Pairs(repeat(pairs.x_w), repeat(pairs.x_l), [p for p in pairs.prompts for _ in range(k)])
         t = torch.tensor(steps).repeat(n)
-        tau, rho = predict_pairs(ctx, stacked, generator, t=t, share_noise=bool(self.cfg["share_noise"]))
-        reduction = self.cfg["reduction"]
+        tau, rho = predict_pairs(ctx, stacked, generator, t=t, share_noise=self.spec.share_noise)
+        reduction = self.spec.reduction
         (err_tau, pre_tau), (err_rho, pre_rho) = tau.errors(reduction), rho.errors(reduction)
         per_pair = lambda e: e.reshape(n, k)
-        losses, margin = pso_offline_loss(*map(per_pair, (err_tau, pre_tau, err_rho, pre_rho)), float(self.cfg["beta"]))
+        losses, margin = pso_offline_loss(*map(per_pair, (err_tau, pre_tau, err_rho, pre_rho)), self.spec.beta)
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}
 
     def plan_micro(self, p):

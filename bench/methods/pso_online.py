@@ -21,8 +21,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from dataclasses import dataclass
+
 from bench.method import TrainContext
-from bench.methods.online import OnlineMethod, transition_log_probs
+from bench.methods.online import OnlineMethod, OnlineSpec, transition_log_probs
+from bench.schema import MISSING, above, setting
 
 
 def pso_online_loss(logratio_tau: torch.Tensor, logratio_rho: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,6 +50,10 @@ def trajectory_logratio(ctx: TrainContext, states: torch.Tensor, prompts: list[s
 class OnlinePSO(OnlineMethod):
     name = "pso-online"
 
+    @dataclass(kw_only=True)
+    class Spec(OnlineSpec):
+        beta: float = setting(MISSING, "the DPO strength over the summed log-ratios (the paper's online value: 5)", above(0))
+
     def samples_per_prompt(self) -> int:
         return 2
 
@@ -61,7 +68,7 @@ class OnlinePSO(OnlineMethod):
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         states = torch.cat([pairs["states_tau"][idx], pairs["states_rho"][idx]]).to(**to)
         tau, rho = trajectory_logratio(ctx, states, prompts * 2).chunk(2)
-        losses, margin = pso_online_loss(tau, rho, float(self.cfg["beta"]))
+        losses, margin = pso_online_loss(tau, rho, self.spec.beta)
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean()), "round": r}
 
     def plan_micro(self, p):

@@ -17,21 +17,33 @@ Loss per image: ``-r`` or, with ``margin`` (ImageReward's ReFL uses 2 on its own
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
 from bench.errors import UsageError
 from bench.method import Method, image_generators
+from bench.schema import MISSING, RewardSpec, above, at_least, one_of, setting
 
 
 class RewardBackprop(Method):
     uses_reference = False
 
+    @dataclass(kw_only=True)
+    class Spec(RewardSpec):
+        mode: str = setting(MISSING, "draft: gradients through the last k sampler steps; refl: stop at a random step, score its x0 prediction", one_of("draft", "refl"))
+        k: int = setting(1, "draft: sampler steps the gradient flows through (DRaFT-1: the last only)", at_least(1))
+        refl_last_steps: Optional[int] = setting(None, "refl: stop among the last N sampler steps (null: any)", at_least(1))
+        margin: Optional[float] = setting(None, "loss = relu(margin - reward) (null: loss = -reward)")
+        grad_scale: float = setting(1.0, "the loss's factor", above(0))
+
     def prepare(self, ctx):
         if ctx.reward is None or not ctx.reward.differentiable:
             name = ctx.reward.name if ctx.reward is not None else None
-            raise UsageError(f"method '{self.cfg['name']}' back-propagates through its reward and {name!r} is not differentiable: set method.reward= brightness, contrast or colorfulness")
-        if self.cfg["mode"] not in ("draft", "refl"):
-            raise UsageError(f"unknown method.mode '{self.cfg['mode']}': use draft or refl")
+            raise UsageError(f"method '{self.spec.name}' back-propagates through its reward and {name!r} is not differentiable: set method.reward= brightness, contrast or colorfulness")
+        if self.spec.mode not in ("draft", "refl"):
+            raise UsageError(f"unknown method.mode '{self.spec.mode}': use draft or refl")
         return {}
 
     def loss(self, ctx, data, generator: torch.Generator):
@@ -39,26 +51,26 @@ class RewardBackprop(Method):
         prompts = [ctx.prompts[int(i)] for i in torch.randint(0, len(ctx.prompts), (n,), generator=generator)]
         gens = image_generators(n, generator)
         steps = len(model.timesteps())
-        if self.cfg["mode"] == "draft":
-            x0 = model.sample(prompts, gens, grad_last=int(self.cfg["k"]))
+        if self.spec.mode == "draft":
+            x0 = model.sample(prompts, gens, grad_last=self.spec.k)
         else:
-            last = min(steps, int(self.cfg["refl_last_steps"] or steps))
+            last = min(steps, self.spec.refl_last_steps or steps)
             stop = steps - last + int(torch.randint(0, last, (), generator=generator))
             x0 = model.sample(prompts, gens, grad_last=steps - stop, stop_at=stop)
         reward = ctx.reward.score(model.decode(x0).float(), prompts)
-        margin = self.cfg.get("margin")
-        per_image = torch.relu(float(margin) - reward) if margin is not None else -reward
-        return float(self.cfg["grad_scale"]) * per_image.mean(), {"reward": float(reward.detach().mean())}
+        margin = self.spec.margin
+        per_image = torch.relu(margin - reward) if margin is not None else -reward
+        return self.spec.grad_scale * per_image.mean(), {"reward": float(reward.detach().mean())}
 
     def plan(self, p):
         """``bench plan``: each micro-batch samples its images through the model being tuned, the last
         ``k`` steps with gradient (DRaFT) or up to a random step whose x0 prediction is scored (ReFL)."""
         n, steps = p.batch_size, p.sampler_steps
-        if self.cfg["mode"] == "draft":
-            grad = min(int(self.cfg["k"]), steps)
+        if self.spec.mode == "draft":
+            grad = min(self.spec.k, steps)
             nograd, note = steps - grad, f"DRaFT-{grad}: the last {grad} sampler step(s) with gradient"
         else:
-            last = min(steps, int(self.cfg["refl_last_steps"] or steps))
+            last = min(steps, self.spec.refl_last_steps or steps)
             grad, nograd, note = 1, steps - 1, f"ReFL: stops at a step drawn from the last {last} (counted at the latest, {steps})"
         micro = p.passes(grad=[(n * p.cfg, grad)], nograd=[(n * p.cfg, nograd)] if nograd else [], grad_decode=n, rewards=n, samples=n)
         return p.work(micro, notes=[note, "the VAE decoder and the reward run with gradient: their activations are not in the estimate"])

@@ -12,18 +12,26 @@ Self-generated samples are the latents the sampler produced, so no re-encoding i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from bench.methods.preference_data import PairMethod
+from bench.methods.preference_data import PairMethod, PairSpec
+from bench.schema import one_of, setting
 
 
 class SFT(PairMethod):
     image_references = False
     uses_reference = False  # no frozen model: a full fine-tuning keeps no copy of the UNet
+
+    @dataclass(kw_only=True)
+    class Spec(PairSpec):
+        timesteps: str = setting("uniform", "uniform over [0, T), or sampler: only the sampler's own timesteps", one_of("uniform", "sampler"))
+
     def loss(self, ctx, data, generator: torch.Generator):
         pairs = self.pairs(ctx, data, generator)
         cond = ctx.model.encode_prompts(pairs.prompts)
-        steps = ctx.model.timesteps() if self.cfg["timesteps"] == "sampler" else None
+        steps = ctx.model.timesteps() if self.spec.timesteps == "sampler" else None
         return ctx.model.diffusion_loss(pairs.x_w, cond, generator, timesteps=steps).mean(), {}
 
     def plan_micro(self, p):

@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
+from typing import Optional
 from pathlib import Path
 
 import torch
@@ -65,8 +67,9 @@ from bench.errors import TrainingError, UsageError
 from bench.generate import image_seed
 from bench.method import Method, TrainContext
 from bench.methods.d3po import d3po_loss
-from bench.methods.online import unit_log_probs
+from bench.methods.online import LogProbSpec, OnlineSpec, unit_log_probs
 from bench.models.diffusion import Conditioning
+from bench.schema import MISSING, above, at_least, inside, setting
 
 
 # ---- the loss -----------------------------------------------------------------------------------
@@ -161,11 +164,11 @@ class StepwiseRounds:
     of every round sampled so far are kept in ``rounds/index.json``; round files are kept back to
     the round of the last checkpoint."""
 
-    def __init__(self, cfg: dict, name: str):
-        self.cfg, self.name = cfg, name
-        self.prompts_per_round = int(cfg["prompts_per_round"])
-        self.epochs = int(cfg.get("epochs_per_round", 1))
-        self.seed = int(cfg["seed"])
+    def __init__(self, spec, name: str):
+        self.spec, self.name = spec, name
+        self.prompts_per_round = spec.prompts_per_round
+        self.epochs = spec.epochs_per_round
+        self.seed = spec.seed
         self._cache: tuple[Path, dict] | None = None
 
     def folder(self, ctx: TrainContext) -> Path:
@@ -198,7 +201,7 @@ class StepwiseRounds:
                 empty = next((q for q, c in enumerate(reversed(counts)) if c), len(counts))  # rounds in a row with no pair
                 if empty >= math.ceil(len(ctx.prompts) / self.prompts_per_round):
                     raise TrainingError(
-                        f"spo: no pair passed method.threshold={self.cfg['threshold']} in {empty} rounds in a row (a whole epoch of prompts): "
+                        f"spo: no pair passed method.threshold={self.spec.threshold} in {empty} rounds in a row (a whole epoch of prompts): "
                         "the preference model's scores differ too little for it; lower method.threshold"
                     )
             n = self.steps_of(counts[r], ctx)
@@ -244,15 +247,26 @@ class StepwiseRounds:
 class SPO(Method):
     name = "spo"
 
+    @dataclass(kw_only=True)
+    class Spec(OnlineSpec, LogProbSpec):
+        beta: float = setting(MISSING, "official train.beta (the code's coefficient of the KL divergence)", above(0))
+        eps: float = setting(0.1, "likelihood ratios clipped to [1 - eps, 1 + eps] (official train.eps)", inside(0, 1))
+        num_candidates: int = setting(4, "K candidates from each shared state (official: 4 SD1.5, 2 SDXL)", at_least(2))
+        divert_start_step: int = setting(0, "transitions before the first branch (official 4 of 20 DDIM steps)", at_least(0))
+        num_inner_step: int = setting(0, "transitions each candidate runs alone before the next scoring (official: 0 SD1.5, 3 SDXL)", at_least(0))
+        threshold: float = setting(0.0, "keep a pair when softmax(best, worst) differs by more than this (official 0.3 / 0.4)", at_least(0))
+        prompts_per_round: int = setting(8, "prompts sampled per round (official: 40 SD1.5, 8 SDXL)", at_least(1))
+        sample_batch_size: Optional[int] = setting(None, "prompts per sampling pass (null: the whole round); images do not depend on it", at_least(1))
+
     def rounds(self) -> StepwiseRounds:
-        return StepwiseRounds(self.cfg, self.name)
+        return StepwiseRounds(self.spec, self.name)
 
     def prepare(self, ctx: TrainContext) -> dict:
         last = len(ctx.model.stochastic_timesteps()) - 1
-        if int(self.cfg["divert_start_step"]) > last:
-            raise UsageError(f"spo: divert_start_step={self.cfg['divert_start_step']} but the training sampler has stochastic transitions 0..{last}: lower it or set train.sampler.steps")
-        if self.cfg.get("logprob_reduction", "mean") not in ("mean", "sum"):
-            raise UsageError(f"spo: logprob_reduction={self.cfg['logprob_reduction']}: use mean (the official code) or sum")
+        if self.spec.divert_start_step > last:
+            raise UsageError(f"spo: divert_start_step={self.spec.divert_start_step} but the training sampler has stochastic transitions 0..{last}: lower it or set train.sampler.steps")
+        if self.spec.logprob_reduction not in ("mean", "sum"):
+            raise UsageError(f"spo: logprob_reduction={self.spec.logprob_reduction}: use mean (the official code) or sum")
         self._rounds = self.rounds()
         return {}
 
@@ -274,17 +288,17 @@ class SPO(Method):
         return lambda latents, prompts, t: ctx.rewards(latents, prompts)
 
     def sample_round(self, ctx: TrainContext, r: int) -> dict:
-        cfg, rounds = self.cfg, self._rounds
+        rounds = self._rounds
         index = rounds.prompt_indices(len(ctx.prompts), r)
-        chunk = int(cfg.get("sample_batch_size") or len(index))
+        chunk = self.spec.sample_batch_size or len(index)
         score = self.score_fn(ctx)
         parts = []
         for lo in range(0, len(index), chunk):
             sub = index[lo : lo + chunk]
             gens = [torch.Generator().manual_seed(image_seed(self.name, r, lo + n, rounds.seed)) for n in range(len(sub))]
             out = stepwise_resample(
-                ctx.model, [ctx.prompts[int(i)] for i in sub], gens, score, int(cfg["num_candidates"]),
-                int(cfg["divert_start_step"]), int(cfg.get("num_inner_step", 0)), float(cfg["threshold"]),
+                ctx.model, [ctx.prompts[int(i)] for i in sub], gens, score, self.spec.num_candidates,
+                self.spec.divert_start_step, self.spec.num_inner_step, self.spec.threshold,
             )
             out["prompt"] = sub[out["prompt"]]
             parts.append(out)
@@ -314,9 +328,9 @@ class SPO(Method):
         prompts = [ctx.prompts[int(i)] for i in batch["prompt_index"][units]] * 2
         x_t = torch.cat([states[:, 0], states[:, 2]]).to(**to)
         x_prev = torch.cat([states[:, 1], states[:, 3]]).to(**to)
-        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True, reduction=self.cfg.get("logprob_reduction", "mean"))
+        logratio = unit_log_probs(ctx, x_t, x_prev, step.repeat(2), prompts, reference=True, reduction=self.spec.logprob_reduction)
         win, lose = logratio.chunk(2)
-        beta, eps = float(self.cfg["beta"]), float(self.cfg["eps"])
+        beta, eps = self.spec.beta, self.spec.eps
         losses = spo_loss(win, lose, beta, eps)
         ratio = lambda lr: torch.clamp(torch.exp(lr.detach()), 1 - eps, 1 + eps).mean().item()
         return losses.mean(), {"round": r, "ratio_win": ratio(win), "ratio_lose": ratio(lose)}
@@ -334,7 +348,7 @@ class SPO(Method):
             "rounds": covered,
             "epochs": round(covered / per_epoch, 4),
             "prompts_per_round": rounds.prompts_per_round,
-            "candidates": int(self.cfg["num_candidates"]),
+            "candidates": self.spec.num_candidates,
             "pairs": int(sum(counts[:covered])),
             "pairs_per_round": [int(v) for v in counts[:covered]][:1000],
         }
@@ -343,10 +357,10 @@ class SPO(Method):
         """``bench plan``: a round of step-wise resampling (``sample_batch_size`` prompts at a time, K
         candidates each from the branch on), at most every trained transition of every prompt kept as a
         pair, and one micro-batch of pairs (win and lose transition, model and reference)."""
-        cfg, n, k = self.cfg, p.batch_size, int(self.cfg["num_candidates"])
-        prompts = int(cfg["prompts_per_round"])
-        chunk = int(cfg.get("sample_batch_size") or prompts)
-        last, divert, inner = p.stochastic_steps - 1, int(cfg["divert_start_step"]), int(cfg.get("num_inner_step", 0))
+        spec, n, k = self.spec, p.batch_size, self.spec.num_candidates
+        prompts = spec.prompts_per_round
+        chunk = spec.sample_batch_size or prompts
+        last, divert, inner = p.stochastic_steps - 1, spec.divert_start_step, spec.num_inner_step
 
         def one(b):  # the round's work for b prompts
             work = p.passes(nograd=[(b * p.cfg, divert + 1)], samples=b)  # the shared prefix and the first branch's prediction
@@ -362,6 +376,6 @@ class SPO(Method):
         pairs = prompts * (last - divert + 1)
         passes = p.split(2 * n * p.cfg, min(n, last - divert + 1))
         return p.work(
-            p.passes(grad=passes, nograd=passes), round=round_, steps_per_round=-(-pairs // (n * p.grad_accum)) * int(cfg.get("epochs_per_round", 1)),
+            p.passes(grad=passes, nograd=passes), round=round_, steps_per_round=-(-pairs // (n * p.grad_accum)) * spec.epochs_per_round,
             notes=[f"a round keeps at most {pairs} pairs (those past method.threshold): at most {-(-pairs // (n * p.grad_accum))} optimizer steps per epoch of it"],
         )
