@@ -69,58 +69,17 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
 
 
 def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = None) -> DictConfig:
-    """Build the resolved config for a command from its ``key=value`` arguments.
+    """Build the resolved config for a command from its ``key=value`` arguments: the chosen presets,
+    their sections merged in order, the protocol cell's settings, the overrides, then the check.
 
     ``cell`` is one evaluation of a protocol (``bench.protocol.expand``): its suite, unless the
     arguments name one, and its settings (``{"seed": 0, "gen.steps": 4, ...}``) go on top of the
     suite and method and under the arguments; ``cell["record"]`` lands in ``protocol.cell``.
     """
-    from bench.registry import DATASETS, METHODS, MODELS, PROTOCOLS, SUITES
-
     pairs = parse_overrides(args)
     cfg = OmegaConf.create(DEFAULTS)
-    choices = {k: v for k, v in pairs if k in GROUPS}
-    if cell is not None and "suite" not in choices:
-        choices["suite"] = cell["suite"]
-    for group in GROUPS:
-        if group in choices:
-            cfg[group] = choices[group] or None
-    for group in require:
-        if cfg[group] is None:
-            raise UsageError(f"`{group}=NAME` is required here (`bench ls {group}s` lists them)")
-    registries = {"model": MODELS, "method": METHODS, "suite": SUITES, "data": DATASETS, "protocol": PROTOCOLS}
-    if cfg.method is not None:
-        cfg.method = load_entry_config(METHODS, str(cfg.method))
-        if "model" not in choices and cfg.method.get("base_model"):
-            cfg.model = cfg.method.base_model  # a paper preset names the base it was tuned for
-        if "data" not in choices and cfg.method.get("base_data"):
-            cfg.data = cfg.method.base_data  # ... and the dataset (PSO's style run: the Pokemon set)
-    if cfg.data is not None and str(cfg.data) not in DATASETS.names() and ("/" in str(cfg.data) or str(cfg.data).endswith(".parquet")):
-        source = str(cfg.data)  # data=FILE.parquet or a folder: pairs in the Pick-a-Pic v2 schema, or captioned images
-        if not Path(source).exists():
-            raise UsageError(
-                f"data={source}: no such file or folder (give a .parquet file or folder in the Pick-a-Pic v2 schema, "
-                "a folder of images with metadata.jsonl, or a name from `bench ls datasets`)"
-            )
-        images = any((Path(source) / m).is_file() for m in ("metadata.jsonl", "metadata.csv"))
-        cfg.data = load_entry_config(DATASETS, "imagefolder" if images else "pickapic-v2")
-        cfg.data.source, cfg.data.name = source, Path(source).name
-        cfg.data.revision = None  # a local copy: the hub commit of the dataset YAML does not apply
-    for group in GROUPS:
-        if cfg[group] is not None and not isinstance(cfg[group], DictConfig):
-            cfg[group] = load_entry_config(registries[group], str(cfg[group]))
-    if cfg.suite is not None:  # the shared suite keys a suite's YAML leaves out (the suite enters no hash)
-        for key, default in defaults_of(SuiteKeys, SUITE_SHARED).items():
-            cfg.suite.setdefault(key, default)
-    # Suite protocol, then method settings, over the defaults.
-    if cfg.suite is not None and "gen" in cfg.suite:
-        cfg.gen = OmegaConf.merge(cfg.gen, cfg.suite.gen)
-    if cfg.method is not None:
-        for section in ("train", "gen"):
-            if section in cfg.method:
-                cfg[section] = OmegaConf.merge(cfg[section], cfg.method[section])
-    if cfg.protocol is not None:
-        cfg.protocol.cell = (cell or {}).get("record")
+    choose_presets(cfg, {k: v for k, v in pairs if k in GROUPS}, require, cell)
+    merge_sections(cfg, cell)
     OmegaConf.set_struct(cfg, True)
     if cfg.protocol is not None and cfg.protocol.get("suites"):
         for name in cfg.protocol.suites:  # protocol.suites.NAME.KEY=VALUE: a suite key for that suite's cells only (its source)
@@ -130,9 +89,73 @@ def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = 
             OmegaConf.update(cfg, key, value, merge=True)
         except OmegaConfBaseException:
             raise UsageError(f"protocol '{cfg.protocol.name}' sets unknown config key '{key}'{_close_keys(cfg, key)}") from None
+    apply_overrides(cfg, [(k, v) for k, v in pairs if k not in GROUPS])
+    validate(cfg, {k for k, _ in pairs}, set((cell or {}).get("set", {})))
+    return cfg
+
+
+def choose_presets(cfg: DictConfig, choices: dict, require: tuple[str, ...], cell: dict | None) -> None:
+    """Load the chosen model, method, suite, data and protocol presets into ``cfg``; a method preset
+    names its base model and data when the arguments do not, and ``data=FILE`` takes a local file."""
+    from bench.registry import DATASETS, METHODS, MODELS, PROTOCOLS, SUITES
+
+    if cell is not None and "suite" not in choices:
+        choices["suite"] = cell["suite"]
+    for group in GROUPS:
+        if group in choices:
+            cfg[group] = choices[group] or None
+    for group in require:
+        if cfg[group] is None:
+            raise UsageError(f"`{group}=NAME` is required here (`bench ls {group}s` lists them)")
+    if cfg.method is not None:
+        cfg.method = load_entry_config(METHODS, str(cfg.method))
+        if "model" not in choices and cfg.method.get("base_model"):
+            cfg.model = cfg.method.base_model  # a paper preset names the base it was tuned for
+        if "data" not in choices and cfg.method.get("base_data"):
+            cfg.data = cfg.method.base_data  # ... and the dataset (PSO's style run: the Pokemon set)
+    if cfg.data is not None and str(cfg.data) not in DATASETS.names() and ("/" in str(cfg.data) or str(cfg.data).endswith(".parquet")):
+        cfg.data = local_data(str(cfg.data))
+    registries = {"model": MODELS, "method": METHODS, "suite": SUITES, "data": DATASETS, "protocol": PROTOCOLS}
+    for group in GROUPS:
+        if cfg[group] is not None and not isinstance(cfg[group], DictConfig):
+            cfg[group] = load_entry_config(registries[group], str(cfg[group]))
+
+
+def local_data(source: str) -> DictConfig:
+    """``data=FILE.parquet`` or a folder: pairs in the Pick-a-Pic v2 schema, or captioned images."""
+    from bench.registry import DATASETS
+
+    if not Path(source).exists():
+        raise UsageError(
+            f"data={source}: no such file or folder (give a .parquet file or folder in the Pick-a-Pic v2 schema, "
+            "a folder of images with metadata.jsonl, or a name from `bench ls datasets`)"
+        )
+    images = any((Path(source) / m).is_file() for m in ("metadata.jsonl", "metadata.csv"))
+    data = load_entry_config(DATASETS, "imagefolder" if images else "pickapic-v2")
+    data.source, data.name = source, Path(source).name
+    data.revision = None  # a local copy: the hub commit of the dataset YAML does not apply
+    return data
+
+
+def merge_sections(cfg: DictConfig, cell: dict | None) -> None:
+    """The suite's shared keys it leaves out, then its ``gen``, then the method's ``train`` and ``gen``,
+    over the defaults; the protocol cell's record."""
+    if cfg.suite is not None:  # the shared suite keys a suite's YAML leaves out (the suite enters no hash)
+        for key, default in defaults_of(SuiteKeys, SUITE_SHARED).items():
+            cfg.suite.setdefault(key, default)
+    if cfg.suite is not None and "gen" in cfg.suite:
+        cfg.gen = OmegaConf.merge(cfg.gen, cfg.suite.gen)
+    if cfg.method is not None:
+        for section in ("train", "gen"):
+            if section in cfg.method:
+                cfg[section] = OmegaConf.merge(cfg[section], cfg.method[section])
+    if cfg.protocol is not None:
+        cfg.protocol.cell = (cell or {}).get("record")
+
+
+def apply_overrides(cfg: DictConfig, pairs: list[tuple[str, str]]) -> None:
+    """The command line's ``key=value`` overrides, last; an unknown key names the closest one."""
     for key, value in pairs:
-        if key in GROUPS:
-            continue
         group = key.split(".")[0]
         if group in GROUPS and cfg[group] is None:  # method.seed=3 without a method would invent a section
             raise UsageError(f"{key}={value}: sets a key of the {group}, and no {group} is chosen; add {group}=NAME (`bench ls {group}s`)")
@@ -143,8 +166,6 @@ def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = 
             if current is not KeyError:  # the key is there: a mapping given for a list, or the reverse
                 raise UsageError(f"{key}={value}: does not fit the value it replaces ({show(current)}); write one of the same shape") from None
             raise UsageError(f"unknown config key '{key}' ({key}={value}){_close_keys(cfg, key)}") from None
-    validate(cfg, {k for k, _ in pairs}, set((cell or {}).get("set", {})))
-    return cfg
 
 
 def validate(cfg: DictConfig, given: set[str], from_protocol: set[str] = frozenset()) -> None:
