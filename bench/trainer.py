@@ -413,7 +413,7 @@ class Trainer:
                 update_ema(ema, unet, float(tc["ema_decay"]))
             history.append(loss)
             train_log.write(step + 1, loss, opt.param_groups[0]["lr"], logs)
-            bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()})
+            bar.set_postfix(loss=f"{loss:.4f}", **{k: f"{v:.3g}" for k, v in logs.items()}, refresh=False)  # shown at the next redraw: a batch log keeps its pace
             if (step + 1) % int(tc["save_every"]) == 0 and step + 1 < steps:
                 if tc.get("keep_checkpoints"):  # before the resumable state: a kill between the two redoes this step's snapshot
                     self._keep(unet, ema, step + 1, history, lora)

@@ -232,7 +232,7 @@ def test_a_cache_of_earlier_versions_is_adopted_once_and_serves_the_same_bytes(c
     lines = [r.getMessage() for r in caplog.records if "content key" in r.getMessage()]
     assert len(lines) == 3, lines  # base images, the checkpoint, the tuned model's images
     assert lines[0].startswith("image store: 4 stored images") and lines[2].startswith("image store: 4 stored images")
-    assert lines[1].startswith(f"checkpoint {legacy_ckpt.name} moved to its content key sft-") and "(final)" in lines[1]
+    assert lines[1].startswith(f"checkpoint {legacy_ckpt.name} moved to its content key sft-") and "(final, train.jsonl)" in lines[1]
     for label in ("base", "sft"):
         (run,) = (tmp_path / "out-adopted").glob(f"micro-tiny-{label}-*")
         assert json.loads((run / "manifest.json").read_text())["timings"]["generated"] == 0
