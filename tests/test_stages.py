@@ -83,3 +83,24 @@ def test_copy_weights_refuses_a_misfit_before_copying_anything():
     plain = base_copy(wrapped)
     assert [n for n, _ in plain.named_parameters()] == ["0.weight", "0.bias"]  # the LoRA layer gone, the base weights kept
     assert any("lora_" in n for n, _ in wrapped.named_parameters())  # the original keeps its adapters
+
+
+def test_self_generated_pairs_keep_the_rewards_they_were_ranked_by():
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench.methods.preference_data import MemoryPairs
+
+    data = {
+        "latents_w": torch.arange(4.0).reshape(4, 1, 1, 1), "latents_l": -torch.arange(4.0).reshape(4, 1, 1, 1),
+        "prompt_index": torch.tensor([0, 1, 2, 3]), "reward_w": torch.tensor([0.9, 0.8, 0.7, 0.6], dtype=torch.float64),
+        "reward_l": torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64), "ties_dropped": torch.tensor(0),
+    }
+    ctx = SimpleNamespace(batch_size=3, device=torch.device("cpu"), model=SimpleNamespace(dtype=torch.float32))
+    pairs = MemoryPairs(data, ["a", "b", "c", "d"]).sample(ctx, torch.Generator().manual_seed(0))
+    rows = pairs.x_w.flatten().long()
+    assert torch.equal(pairs.reward_w, data["reward_w"][rows]) and torch.equal(pairs.reward_l, data["reward_l"][rows])
+    assert pairs.prompts == [["a", "b", "c", "d"][int(i)] for i in rows]
+    del data["reward_w"], data["reward_l"]  # given target images: no rewards
+    assert MemoryPairs(data, ["a", "b", "c", "d"]).sample(ctx, torch.Generator()).reward_w is None

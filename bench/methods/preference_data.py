@@ -99,6 +99,8 @@ class Pairs:
     x_w: torch.Tensor  # preferred latents (B, C, h, w)
     x_l: torch.Tensor | None  # dispreferred latents (None: targets only)
     prompts: list[str]
+    reward_w: torch.Tensor | None = None  # the rewards a self-generated pair was ranked by (None: a dataset's or given images)
+    reward_l: torch.Tensor | None = None
 
 
 class MemoryPairs:
@@ -112,7 +114,8 @@ class MemoryPairs:
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         prompts = [self.prompts[int(i)] for i in self.data["prompt_index"][idx]]
         x_l = self.data["latents_l"][idx].to(**to) if "latents_l" in self.data else None
-        return Pairs(self.data["latents_w"][idx].to(**to), x_l, prompts)
+        rewards = [self.data[k][idx] if k in self.data else None for k in ("reward_w", "reward_l")]
+        return Pairs(self.data["latents_w"][idx].to(**to), x_l, prompts, *rewards)
 
     def manifest(self) -> dict:
         return {"source": "self-generated", "pairs": int(self.data["latents_w"].shape[0]), "ties_dropped": int(self.data["ties_dropped"])}
