@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -56,10 +56,15 @@ class TrainContext:
     grad_accum: int = 1
     workdir: Path | None = None  # the run's checkpoint folder: online methods keep their sampled rounds here
     save_every: int = 1  # checkpoint interval: what a resume can need
-    step: int = 0  # set by the trainer before each micro-batch: streamed data reads by position
-    micro: int = 0
+    step: int = 0  # the optimizer step of this micro-batch (``at``): streamed data and online rounds read by position
+    micro: int = 0  # the micro-batch within the step
     images: TargetImages | None = None  # given target images (a DreamBench subject, a style set); prompts are their captions
     sample_batch_size: int | None = None  # how many images a method samples in one batch while training (gen.batch_size)
+
+    def at(self, step: int, micro: int = 0) -> TrainContext:
+        """This context at one micro-batch: the trainer hands each loss call its own, so the step a
+        method reads is an argument, never a field of a shared context set from outside."""
+        return replace(self, step=step, micro=micro)
 
     @contextmanager
     def reference(self):

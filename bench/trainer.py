@@ -423,7 +423,7 @@ class Trainer:
         unet.eval().requires_grad_(False)
         if tc["gradient_checkpointing"]:
             unet.disable_gradient_checkpointing()
-        return self._finish(unet, ema, history, lora, self.method.data_manifest(ctx, data))
+        return self._finish(unet, ema, history, lora, self.method.data_manifest(ctx.at(steps - 1, ctx.grad_accum - 1), data))  # as of the last micro-batch
 
     def _accelerator(self, start: int):
         """accelerate's Accelerator (mixed precision; ``train.log_with``'s trackers where installed) and
@@ -472,10 +472,9 @@ class Trainer:
         for group in opt.param_groups:
             group["lr"] = peak_lr(tc) * lr_factor(tc["lr_schedule"], step, int(tc["warmup_steps"]), int(tc["steps"]))
         for micro in range(ctx.grad_accum):
-            ctx.step, ctx.micro = step, micro
             gen = torch.Generator().manual_seed(micro_seed(int(tc["seed"]), step, micro))
             with accel.autocast():
-                loss, logs = self.method.loss(ctx, data, gen)
+                loss, logs = self.method.loss(ctx.at(step, micro), data, gen)
             if not torch.isfinite(loss):
                 if all(torch.isfinite(p).all() for p in params):  # keep the progress, never diverged weights
                     self._save(self.model.unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
