@@ -187,7 +187,7 @@ def test_shared_backbone_loads_once():
     assert first.loaded() is second.loaded() and len(_LOADED) == 1
 
 
-@pytest.mark.parametrize("metric_cls,file_hint", [(clip_metrics.PickScore, "model.safetensors"), (clip_metrics.ClipH14, "open_clip_pytorch_model.bin")])
+@pytest.mark.parametrize("metric_cls,file_hint", [(clip_metrics.PickScore, "model.safetensors"), (clip_metrics.ClipH14, "open_clip_model.safetensors")])
 def test_missing_weights_offline_is_one_line_naming_the_file_and_prefetch(metric_cls, file_hint):
     tensors, _ = images(n=1)
     with pytest.raises(WeightsMissingError) as err:

@@ -27,19 +27,9 @@ BENCH = Path(bench.__file__).parent
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 CLIP_SCORE_METRICS = ("clip-h14", "clip-l14", "clip-b32", "clip-i", "clip-t", "aesthetic")
-OPEN_CLIP = "open_clip downloads a pretrained tag's weights itself (download_pretrained passes no revision)"
 
 # (where, hub id) -> why it stays on `main`. Only add an id with its reason; a pinned id must leave the list.
 UNPINNED: dict[tuple[str, str], str] = {
-    **{(f"metric {m}", repo): OPEN_CLIP for m, repo in [
-        ("clip-h14", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"),  # the same repo is pinned where transformers loads it (PickScore's tokenizer)
-        ("clip-l14", "timm/vit_large_patch14_clip_224.openai"), ("aesthetic", "timm/vit_large_patch14_clip_224.openai"),
-        ("clip-b32", "timm/vit_base_patch32_clip_224.openai"), ("clip-i", "timm/vit_base_patch32_clip_224.openai"),
-        ("clip-t", "timm/vit_base_patch32_clip_224.openai"), ("t2i-complex-3in1-owlv2", "timm/vit_base_patch32_clip_224.openai"),
-    ]},
-    **{(where, f"florence-community/Florence-2-{size}"): "the transformers-native conversion: only microsoft/Florence-2-* commits were found, another repository"
-       for where, size in [("metric text_alignment", "large"), ("bench.metrics.text_alignment.FLORENCE_REPOS", "large"),
-                           ("bench.metrics.text_alignment.FLORENCE_REPOS", "base")]},  # size=base is an option of text_alignment
     ("metric aesthetic", "christophschuhmann/improved-aesthetic-predictor"): "a GitHub repository, not a hub id: the head is fetched at commit 6934dd8 by URL, sha256-checked",
     ("suites/pickapic.yaml", "yuvalkirstain/pickapic_v1_no_images"): "no commit of it could be verified",
     ("suites/protocols/dspo-table1.yaml", "yuvalkirstain/pickapic_v2_no_images"): "no commit of it could be verified",
@@ -77,8 +67,8 @@ def metric_pins() -> list[tuple[str, str, str | None]]:
             repo = "/".join(model_id.split("/")[:2])  # SPO's "owner/name/checkpoint.bin"
             if HUB_ID.match(repo):
                 out.append((where, repo, part.info.revision or next((f.revision for f in files if f.repo == repo), None)))
-            if open_clip_repo(part):
-                out.append((where, open_clip_repo(part), None))
+            if open_clip_repo(part):  # fetched by us at its pin, then loaded by open_clip from the file
+                out.append((where, open_clip_repo(part), part.pin(open_clip_repo(part))))
     return out
 
 
@@ -126,8 +116,10 @@ def yaml_pins() -> list[tuple[str, str, str | None]]:
 
 def all_pins() -> list[tuple[str, str, str | None]]:
     from bench.metrics.nlp import SPACY_REPO, SPACY_REVISION
+    from bench.metrics.text_alignment import FLORENCE_REPOS, FLORENCE_REVISIONS
 
-    return metric_pins() + yaml_pins() + [("bench.metrics.nlp", SPACY_REPO, SPACY_REVISION)]
+    florence = [("bench.metrics.text_alignment", FLORENCE_REPOS[size], FLORENCE_REVISIONS[size]) for size in FLORENCE_REPOS]  # text_alignment's size option
+    return metric_pins() + yaml_pins() + [("bench.metrics.nlp", SPACY_REPO, SPACY_REVISION), *florence]
 
 
 def test_the_collection_finds_the_ids_the_issue_names():
@@ -181,6 +173,9 @@ def test_the_pins_are_the_researched_commits():
     assert pins["sayakpaul/drawbench"] == "ad794cba698c253ffdb6d18eff3fc87b004c1135"
     assert pins["playgroundai/MJHQ-30K"] == "15b0a659e066e763d0e9a6cd8f00e25f8af5e084"
     assert pins["zhwang/HPDv2"] == "b9517430f34b1080d4f741118d2a440155a165cd"
+    assert pins["florence-community/Florence-2-large"] == "4271c66b88cdbc05735372ec13b2360108de5317"
+    assert pins["timm/vit_large_patch14_clip_224.openai"] == "18d0535469bb561bf468d76c1d73aa35156c922b"
+    assert pins["timm/vit_base_patch32_clip_224.openai"] == "a6f597a30f7b82c51704746581f9a4e41421e878"
     laion = {v for w, r, v in all_pins() if r == "laion/CLIP-ViT-H-14-laion2B-s32B-b79K" and v}
     assert laion == {"1c2b8495b28150b8a4922ee1c8edee224c284c0c"}
 
@@ -238,8 +233,8 @@ def test_prefetch_takes_the_secondary_repositories_at_their_own_pins(hub):
     assert ("yuvalkirstain/PickScore_v1", "a4e4367c6dfa7288a00c550414478f865b875800") in asked
     assert ("FacebookAI/roberta-large", "722cf37b1afa9454edce342e7895e588b6ff1d59") in asked
     assert ("spacy/en_core_web_sm", "8fb6f8155286360bf5486fe399e2738d1df7ded2") in asked
-    assert ("florence-community/Florence-2-large", None) in asked  # unpinned (UNPINNED says why)
-    assert {r for r, _, v in hub.calls if v is None} == {"florence-community/Florence-2-large"}
+    assert ("florence-community/Florence-2-large", "4271c66b88cdbc05735372ec13b2360108de5317") in asked
+    assert {r for r, _, v in hub.calls if v is None} == set()
 
 
 class Stop(Exception):
@@ -280,7 +275,7 @@ def test_loading_asks_for_the_pins_of_the_secondary_repositories(hub, monkeypatc
         ("yuvalkirstain/PickScore_v1", clip.PICKSCORE_REVISION), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", clip.LAION_H14_REVISION),
         ("google-bert/bert-base-uncased", imagereward.BERT_TOKENIZER_REVISION),
         ("yuvalkirstain/PickScore_v1", clip.PICKSCORE_REVISION), ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", clip.LAION_H14_REVISION),
-        ("florence-community/Florence-2-large", None), ("florence-community/Florence-2-large", None),
+        ("florence-community/Florence-2-large", text_alignment.FLORENCE_REVISIONS["large"]), ("florence-community/Florence-2-large", text_alignment.FLORENCE_REVISIONS["large"]),
         ("FacebookAI/roberta-large", text_alignment.BERT_REVISION),
     ]
     files = [(r, f, v) for r, f, v in hub.calls]
@@ -363,3 +358,30 @@ def test_dpt_loads_the_pytorch_bin_of_its_pinned_commit_from_the_hub_cache_offli
     (model,) = MidasDepth().load_official()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), tiny.state_dict().values()))
     assert "pytorch_model.bin" in MidasDepth.hub_files[0].patterns
+
+
+def test_open_clip_weights_load_at_their_pin_with_the_tags_preprocessing(hub, monkeypatch, tmp_path):
+    """open_clip fetches a tag's weights from the hub's main; we fetch the same file at the pinned commit
+    and load it from disk with the preprocessing open_clip applies for the tag (equal, checked here with
+    weight loading off: ViT-B-32 'openai')."""
+    import open_clip
+
+    from bench.metrics import clip
+
+    weights = tmp_path / clip.OPEN_CLIP_WEIGHTS
+    weights.write_bytes(b"")
+    fetched = []
+    monkeypatch.setattr("huggingface_hub.hf_hub_download", lambda repo, name, **kw: fetched.append((repo, name, kw.get("revision"))) or str(weights))
+    real_create = open_clip.create_model_and_transforms
+    made = {}
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", lambda arch, **kw: made.setdefault("ours", real_create(arch, load_weights=False, **kw)))
+    clip.ClipB32().load_official()
+    assert fetched == [("timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors", "a6f597a30f7b82c51704746581f9a4e41421e878")]
+    monkeypatch.setattr(open_clip.factory, "download_pretrained", lambda cfg, **kw: str(weights))
+    theirs = real_create("ViT-B-32", pretrained="openai", load_weights=False)
+    ours = made["ours"]
+    assert repr(ours[2]) == repr(theirs[2]) and repr(ours[1]) == repr(theirs[1])  # the eval and train transforms
+    assert type(ours[0].visual.transformer.resblocks[0].mlp.gelu) is type(theirs[0].visual.transformer.resblocks[0].mlp.gelu)
+    for arch, tag in (("ViT-L-14", "openai"), ("ViT-H-14", "laion2b_s32b_b79k")):
+        cfg = open_clip.get_pretrained_cfg(arch, tag)
+        assert clip.tag_preprocess(cfg) == {f"image_{k}": cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if cfg.get(k) is not None}

@@ -158,26 +158,60 @@ def _register_tiny_open_clip() -> str:
     return "bench-tiny-clip"
 
 
+OPEN_CLIP_WEIGHTS = "open_clip_model.safetensors"  # what open_clip's download_pretrained fetches from an hf_hub tag (its safetensors alternative)
+# open_clip's pretrained tags, each at a commit of its hub repository (snapshot folders of open_clip's own downloads
+# in several public projects, and /resolve/<commit>/ URLs); open_clip itself would fetch `main`.
+OPEN_CLIP_REVISIONS = {
+    "laion/CLIP-ViT-H-14-laion2B-s32B-b79K": LAION_H14_REVISION,
+    "timm/vit_large_patch14_clip_224.openai": "18d0535469bb561bf468d76c1d73aa35156c922b",
+    "timm/vit_base_patch32_clip_224.openai": "a6f597a30f7b82c51704746581f9a4e41421e878",
+}
+
+
+def tag_preprocess(cfg: dict) -> dict:
+    """The preprocessing keywords open_clip applies for a pretrained tag (its mean, std, interpolation and
+    resize mode merged over the model's), for loading the same weights from a file."""
+    return {f"image_{key}": cfg[key] for key in ("mean", "std", "interpolation", "resize_mode") if cfg.get(key) is not None}
+
+
 class OpenClipScore(LearnedMetric):
     """CLIP score: the cosine between the image's and the prompt's open_clip embeddings (the PSO and
     Diffusion-DPO tables print this raw cosine; torchmetrics' CLIPScore is max(100 * cos, 0)).
 
-    Unpinned: open_clip downloads a pretrained tag's weights itself (``download_pretrained``, which
-    passes no revision), so they follow the hub repository's ``main`` (``tests/test_pins.py`` lists them)."""
+    The weights are open_clip's for the pretrained tag, fetched by us at a pinned commit of the tag's hub
+    repository (open_clip would fetch ``main``) and loaded with the tag's preprocessing (``tag_preprocess``),
+    as ``create_model_and_transforms(arch, pretrained=tag)`` loads them (tested equal)."""
 
     arch, tag = "ViT-H-14", "laion2b_s32b_b79k"
 
-    @property
-    def weight_files(self) -> str:
+    @classmethod
+    def hub_repo(cls) -> str | None:
+        """The hub repository of the pretrained tag; None where the tag is a local weights file."""
         import open_clip
 
-        return f"{open_clip.get_pretrained_cfg(self.arch, self.tag)['hf_hub'].rstrip('/')} (open_clip_model.safetensors or open_clip_pytorch_model.bin)"
+        cfg = open_clip.get_pretrained_cfg(cls.arch, cls.tag)
+        return cfg["hf_hub"].rstrip("/") if cfg.get("hf_hub") else None
+
+    @property
+    def hub_files(self) -> tuple:
+        repo = self.hub_repo()
+        return (HubFiles(repo, OPEN_CLIP_REVISIONS[repo], (OPEN_CLIP_WEIGHTS,)),) if repo else ()
+
+    @property
+    def weight_files(self) -> str:
+        repo = self.hub_repo()
+        return f"{repo}@{OPEN_CLIP_REVISIONS[repo][:7]} ({OPEN_CLIP_WEIGHTS})" if repo else self.tag
 
     def load_official(self):
         import open_clip
+        from huggingface_hub import hf_hub_download
 
-        with quiet_root_logger():  # open_clip logs to the root logger, its download failure at ERROR before raising
-            model, _, preprocess = open_clip.create_model_and_transforms(self.arch, pretrained=self.tag)
+        repo, weights, keywords = self.hub_repo(), self.tag, {}  # a local file: loaded as open_clip loads a path
+        if repo:
+            weights = hf_hub_download(repo, OPEN_CLIP_WEIGHTS, **self.hub_kwargs(repo))
+            keywords = tag_preprocess(open_clip.get_pretrained_cfg(self.arch, self.tag))
+        with quiet_root_logger():  # open_clip logs to the root logger
+            model, _, preprocess = open_clip.create_model_and_transforms(self.arch, pretrained=weights, **keywords)
             return model, preprocess, open_clip.get_tokenizer(self.arch)
 
     def load_tiny(self):
@@ -190,12 +224,6 @@ class OpenClipScore(LearnedMetric):
 
     def backbone(self) -> tuple:
         return ("open_clip", self.arch, self.tag)  # CLIP-I and CLIP-T on the same backbone share the loaded model
-
-    def download(self) -> list[str]:
-        import open_clip
-
-        cfg = open_clip.get_pretrained_cfg(self.arch, self.tag)
-        return [open_clip.download_pretrained(cfg)]
 
     def embed_images(self, images: torch.Tensor) -> torch.Tensor:
         model, preprocess, _ = self.loaded()

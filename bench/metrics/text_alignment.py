@@ -40,9 +40,9 @@ from bench.io import scratch_dir
 from bench.metrics import HubFiles, LearnedMetric, MetricInfo
 
 FLORENCE_REPOS = {"large": "florence-community/Florence-2-large", "base": "florence-community/Florence-2-base"}
-# Unpinned (main): no commit of the florence-community conversions could be verified here (the commits found
-# are microsoft/Florence-2-*'s, a different repository with the remote-code checkpoint); tests/test_pins.py lists them.
-FLORENCE_REVISIONS: dict[str, str | None] = {"large": None, "base": None}
+# Commits of the florence-community conversions (not microsoft/Florence-2-*, the remote-code checkpoints), each the
+# snapshot or pinned revision of several public projects: large with model.safetensors sha256 7715423d..., base 62f3e696...
+FLORENCE_REVISIONS: dict[str, str] = {"large": "4271c66b88cdbc05735372ec13b2360108de5317", "base": "00921df66db728a9ceb750f5eca43e5c203a2051"}
 CAPTION_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>")
 NUM_BEAMS, MAX_NEW_TOKENS = 3, 1024  # the Florence-2 model card's generate() arguments
 
