@@ -128,18 +128,37 @@ def start_builds(cache: Path) -> list:
     return [subprocess.Popen([sys.executable, "-c", code, n, str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in missing]
 
 
+SESSION_CACHE = pytest.StashKey[tuple]()
+
+
+def session_cache(config) -> tuple[Path, list]:
+    """The session's cache folder and the background builds of its embedded models, made once. During
+    development ``BENCH_TEST_CACHE=DIR`` keeps the built models (only they) across sessions; a build is
+    keyed by the hash of its spec and builder source, so a stale one is never reused. CI leaves it unset."""
+    if SESSION_CACHE not in config.stash:
+        cache = config._tmp_path_factory.mktemp("bench-cache")
+        keep = os.environ.get("BENCH_TEST_CACHE")
+        if keep:
+            (Path(keep) / "models").mkdir(parents=True, exist_ok=True)
+            (cache / "models").symlink_to(Path(keep) / "models")
+        config.stash[SESSION_CACHE] = (cache, start_builds(cache))
+    return config.stash[SESSION_CACHE]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """The tests that load no built model run first, while the models build in the background (started
+    here, when a selected test needs them): the first test that loads one then rarely waits."""
+    needs_models = lambda item: "cache_dir" in item.fixturenames
+    items.sort(key=needs_models)  # stable: each group keeps its order
+    if any(needs_models(item) for item in items):
+        session_cache(config)
+
+
 @pytest.fixture(scope="session")
-def cache_dir(tmp_path_factory):
-    """One cache per test session: the tiny models are built (and pre-trained) once, in the background
-    from the first test that asks for the cache (``start_builds``). During development
-    ``BENCH_TEST_CACHE=DIR`` keeps the built models (only they) across sessions; a build is keyed by the
-    hash of its spec and builder source, so a stale one is never reused. CI leaves it unset."""
-    cache = tmp_path_factory.mktemp("bench-cache")
-    keep = os.environ.get("BENCH_TEST_CACHE")
-    if keep:
-        (Path(keep) / "models").mkdir(parents=True, exist_ok=True)
-        (cache / "models").symlink_to(Path(keep) / "models")
-    builds = start_builds(cache)
+def cache_dir(request):
+    """One cache per test session, its tiny models built (and pre-trained) once in the background."""
+    cache, builds = session_cache(request.config)
     yield cache
     for build in builds:  # a session that needed none of them does not wait for them (a killed build leaves no model behind)
         build.kill()

@@ -210,6 +210,7 @@ def outputs(out: Path) -> dict[str, bytes]:
     return {f"{p.parent.name}/{p.name}": p.read_bytes() for p in sorted(out.glob("*/*")) if p.name in ("scores.parquet", "summary.json", "table.md")}
 
 
+@pytest.mark.slow  # four `bench run`s from empty caches (about 8 minutes on 2 cores); the keys are checked fast above
 def test_a_cache_of_earlier_versions_is_adopted_once_and_serves_the_same_bytes(cache_dir, tmp_path, monkeypatch, caplog):
     assert main(["prefetch", "model=tiny", f"cache_dir={cache_dir}"]) == 0
     old = cache_with_models(tmp_path / "old", cache_dir)
