@@ -20,7 +20,7 @@ import pytest
 
 from bench.cli import main
 from bench.generate import ImageStore
-from bench.html_report import load_run, write_report
+from bench.html_report import write_report
 from bench.report import leaderboard, summarize
 from bench.trainlog import TrainLog, read_train_log, train_log_path
 
