@@ -230,29 +230,6 @@ def test_help_lists_every_key_with_type_default_and_comment(cli):
     assert code == 0 and "prompts=FILE" in out and "gen.batch_size" not in out
 
 
-def test_every_registered_preset_composes():
-    for name in METHODS.names():
-        compose([f"method={name}"])
-    for name in MODELS.names():
-        compose([f"model={name}"])
-    for name in SUITES.names():
-        compose([f"suite={name}"])
-    for name in DATASETS.names():
-        compose([f"data={name}"])
-    cells = 0
-    for name in PROTOCOLS.names():
-        cfg = to_dict(compose([f"protocol={name}"]))
-        p = cfg["protocol"]
-        if p["expressible"] is False or p["per_subject"]:  # no cells here, or cells that need the DreamBench photos
-            continue
-        for model in p["variants"]:
-            args = [f"protocol={name}"] + ([f"protocol.model={model}"] if model != "default" else [])
-            for cell in protocols.expand(to_dict(compose(args)), args):
-                compose(args, cell=cell)
-                cells += 1
-    assert cells > 20
-
-
 def test_the_schema_knows_every_sampler_kind():
     from bench.models.diffusion import SAMPLER_KINDS as KINDS
 
