@@ -11,11 +11,10 @@ from PIL import Image
 
 import bench.models
 import bench.runner
-from bench import protocol as protocols
 from bench.config import compose, to_dict
 from bench.errors import DataError, UsageError
 from bench.metrics import Metric, MetricInfo
-from bench.registry import DATASETS, METHODS, METRICS, MODELS, PROTOCOLS, SUITES, Entry
+from bench.registry import METHODS, METRICS, SUITES, Entry
 from bench.schema import SAMPLER_KINDS, keys
 from bench.suite import load_suite
 
