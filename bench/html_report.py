@@ -22,7 +22,7 @@ from bench import charts
 from bench.errors import DataError
 from bench.generate import ImageStore
 from bench.io import cache_root, write_text
-from bench.trainlog import read_train_log, train_log_path
+from bench.trainlog import finite_number, read_train_log, train_log_path
 
 THUMB_PX = 256  # an image larger than this is embedded downscaled, as JPEG
 JPEG_QUALITY = 85
@@ -195,7 +195,7 @@ def build_grid(runs: list[RunView], metrics: list[str], higher: dict[str, bool],
             grid.groups.setdefault(c, []).append(label)
         grid.prompts.append({
             "index": index, "text": texts[index], "groups": labels,
-            "gains": {m: _num(gains[m].get(index)) for m in metrics},
+            "gains": {m: finite_number(gains[m].get(index)) for m in metrics},
             "columns": _columns(runs, frames, metrics, thumbs, grid),
         })
     grid.groups = {c: sorted(set(v)) for c, v in grid.groups.items()}
@@ -223,23 +223,15 @@ def _columns(runs, frames: dict[int, pd.DataFrame], metrics: list[str], thumbs: 
             grid.missing += thumb is None
             cells.append({
                 "run": k, "key": key, "src": thumb[0] if thumb else None, "px": display_px(thumb[1]) if thumb else 96,
-                "where": str(run.store.path(key)), "scores": {m: _num(row[m]) for m in metrics if m in row.index and _num(row[m]) is not None},  # a scoped metric: its prompts only
+                "where": str(run.store.path(key)), "scores": {m: x for m in metrics if m in row.index and (x := finite_number(row[m])) is not None},  # a scoped metric: its prompts only
             })
         columns.append({"image_index": image_index, "seed": seed, "cells": cells})
     return columns
 
 
-def _num(x) -> float | None:
-    try:
-        x = float(x)
-    except (TypeError, ValueError):
-        return None
-    return None if x != x else x
-
-
 def fmt(x, signed: bool = False) -> str:
     """4 significant digits as the tables print them; '-' for a missing value."""
-    x = _num(x)
+    x = finite_number(x)
     if x is None:
         return "-"
     return f"{x:+.4g}" if signed else f"{x:.4g}"
@@ -270,7 +262,7 @@ def headline(runs: list[RunView]) -> list[dict]:
                 "p": fmt(d.get("p_holm")) if d else "", "baseline": d.get("baseline", "") if d else "",
                 "win": fmt(w["value"]) if w else "", "win_ci": _interval(w.get("ci")) if w else "",
                 "wtl": f"{w.get('wins')}/{w.get('ties')}/{w.get('losses')}" if w else "",
-                "detectable": f"±{(d or m)['detectable']:.2g}" if _num((d or m).get("detectable")) is not None else "-",
+                "detectable": f"±{(d or m)['detectable']:.2g}" if finite_number((d or m).get("detectable")) is not None else "-",
             })
         out.append({"name": name, "direction": "↑" if info.get("higher_is_better") else "↓", "scale": info.get("scale", ""),
                     "version": info.get("version", ""), "non_canonical": NON_CANONICAL in str(info.get("scale", "")).upper(), "rows": rows})

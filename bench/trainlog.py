@@ -46,8 +46,8 @@ def read_train_log(path) -> list[dict]:
     return rows
 
 
-def _number(value) -> float | None:
-    """A log value as a plain float (tensors, numpy scalars), None where it is not a finite number."""
+def finite_number(value) -> float | None:
+    """A value as a plain float (tensors, numpy scalars), None where it is not a finite number."""
     try:
         x = float(value)
     except (TypeError, ValueError):
@@ -67,8 +67,8 @@ class TrainLog:
 
     def write(self, step: int, loss: float, lr: float, logs: dict) -> None:
         """The line of optimizer step ``step`` (1-based: the steps done), flushed at once."""
-        row = {"step": int(step), "loss": _number(loss), "lr": _number(lr)}
-        row |= {str(k): _number(v) for k, v in logs.items() if _number(v) is not None}
+        row = {"step": int(step), "loss": finite_number(loss), "lr": finite_number(lr)}
+        row |= {str(k): x for k, v in logs.items() if (x := finite_number(v)) is not None}
         with writing(self.path.parent), open(self.path, "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
         if self.trackers is not None:
