@@ -109,60 +109,18 @@ def published(*overrides: str) -> list[str]:
     return [f"suite.canonical.count={len(prompts)}", f"suite.canonical.sha256={prompts_sha256(prompts)}"]
 
 
-EMBEDDED = ("tiny-fewstep", "tiny-sdxl-fewstep", "tiny")  # the embedded models the tests load, the longest builds first
-
-
-def start_builds(cache: Path) -> list:
-    """Build the embedded models that are not in ``cache`` yet, each in a background process: a build
-    runs on one thread, so on 2 cores two go at once while the first tests run, and a test that loads a
-    model waits on its build lock (``bench.models.pipeline_location``) rather than building it again."""
-    import subprocess
-    import sys
-
-    from bench.config import compose, to_dict
-    from bench.models import embedded_build_path
-
-    code = "import sys; from pathlib import Path; from bench.config import compose, to_dict; from bench.models import pipeline_location; " \
-           "pipeline_location(to_dict(compose(['model=' + sys.argv[1]]))['model'], Path(sys.argv[2]))"
-    missing = [n for n in EMBEDDED if not (embedded_build_path(to_dict(compose([f"model={n}"]))["model"], cache) / "model_index.json").exists()]
-    return [subprocess.Popen([sys.executable, "-c", code, n, str(cache)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for n in missing]
-
-
-SESSION_CACHE = pytest.StashKey[tuple]()
-
-
-def session_cache(config) -> tuple[Path, list]:
-    """The session's cache folder and the background builds of its embedded models, made once. During
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """One cache per test session; the first test that loads an embedded model builds it there, in
+    seconds, from the pre-trained weights the package ships (``bench.models.prebuilt``). During
     development ``BENCH_TEST_CACHE=DIR`` keeps the built models (only they) across sessions; a build is
     keyed by the hash of its spec and builder source, so a stale one is never reused. CI leaves it unset."""
-    if SESSION_CACHE not in config.stash:
-        cache = config._tmp_path_factory.mktemp("bench-cache")
-        keep = os.environ.get("BENCH_TEST_CACHE")
-        if keep:
-            (Path(keep) / "models").mkdir(parents=True, exist_ok=True)
-            (cache / "models").symlink_to(Path(keep) / "models")
-        config.stash[SESSION_CACHE] = (cache, start_builds(cache))
-    return config.stash[SESSION_CACHE]
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    """The tests that load no built model run first, while the models build in the background (started
-    here, when a selected test needs them): the first test that loads one then rarely waits."""
-    needs_models = lambda item: "cache_dir" in item.fixturenames
-    items.sort(key=needs_models)  # stable: each group keeps its order
-    if any(needs_models(item) for item in items):
-        session_cache(config)
-
-
-@pytest.fixture(scope="session")
-def cache_dir(request):
-    """One cache per test session, its tiny models built (and pre-trained) once in the background."""
-    cache, builds = session_cache(request.config)
-    yield cache
-    for build in builds:  # a session that needed none of them does not wait for them (a killed build leaves no model behind)
-        build.kill()
-        build.wait()
+    cache = tmp_path_factory.mktemp("bench-cache")
+    keep = os.environ.get("BENCH_TEST_CACHE")
+    if keep:
+        (Path(keep) / "models").mkdir(parents=True, exist_ok=True)
+        (cache / "models").symlink_to(Path(keep) / "models")
+    return cache
 
 
 @pytest.fixture

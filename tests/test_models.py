@@ -307,9 +307,51 @@ def test_a_build_is_the_same_on_any_thread_count(tmp_path):
     assert len(files[0]) == 4 and files[0] == files[1]  # unet, vae, two text encoders
 
 
+def _file_digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_build_from_shipped_weights_writes_the_bytes_of_the_full_build(tmp_path, monkeypatch):
+    """The pre-training result, written to and read back from the shipped file format, and the seed
+    give every file of the build that ran the pre-training (the SDXL layout, cut to 3 steps)."""
+    from bench.models import prebuilt
+    from bench.models.tiny import build_tiny_pipeline, pretrained_weights
+
+    spec = to_dict(compose(["model=tiny-sdxl-fewstep"]))["model"]["build"]
+    spec = {**spec, **{k: {**spec[k], "steps": 3} for k in ("pretrain", "pretrain_vae")}}
+    build_tiny_pipeline(spec, tmp_path / "full")
+    monkeypatch.setattr(prebuilt, "SHIPPED", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    prebuilt.save_shipped("tiny-test", pretrained_weights(tmp_path / "full", spec))
+    shipped = prebuilt.shipped_weights("tiny-test")
+    assert {k.split(".")[0] for k in shipped["tensors"]} == {"unet", "vae"} and shipped["vae_scaling_factor"] > 1
+    build_tiny_pipeline(spec, tmp_path / "restored", shipped)
+    full = _file_digests(tmp_path / "full")
+    assert len(full) == 14 and _file_digests(tmp_path / "restored") == full
+    assert prebuilt.shipped_weights("tiny-elsewhere") is None
+
+
+def test_every_embedded_model_has_its_shipped_weights():
+    """A spec or builder edit changes a build hash: the shipped files must be written again, or every
+    fresh cache would pre-train for minutes."""
+    from bench.models.prebuilt import SHIPPED, embedded_builds
+
+    shipped = {p.stem for p in SHIPPED.glob("*.safetensors")}
+    assert shipped == set(embedded_builds()), "stale shipped weights: run `python -m bench.models.prebuilt`"
+
+
 @pytest.mark.slow  # three full builds of every tiny model at 16, 2 and 1 threads: about 15 minutes on 2 cores
 @pytest.mark.parametrize("name", ["tiny", "tiny-fewstep", "tiny-sdxl-fewstep"])
-def test_a_full_build_is_the_same_on_any_thread_count(name, tmp_path):
-    spec = to_dict(compose([f"model={name}"]))["model"]["build"]
-    digests = [{str(k): hashlib.sha256(v).hexdigest() for k, v in f.items()} for f in _builds_under((16, 2, 1), spec, tmp_path)]
-    assert digests[0] == digests[1] == digests[2]
+def test_a_full_build_is_the_same_on_any_thread_count_and_equals_the_shipped_one(name, model_cfg, cache_dir, tmp_path):
+    from bench.models.tiny import build_tiny_pipeline
+
+    cfg = model_cfg(name)
+    for threads in (16, 2, 1):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            build_tiny_pipeline(cfg["build"], tmp_path / str(threads))
+        finally:
+            torch.set_num_threads(before)
+    shipped = _file_digests(Path(pipeline_location(cfg, cache_dir)[0]))
+    assert all(_file_digests(tmp_path / str(n)) == shipped for n in (16, 2, 1))

@@ -42,9 +42,10 @@ def embedded_build_path(model_cfg: dict, cache_dir: Path) -> Path:
 def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None, dict]:
     """Where the pipeline lives (hub id or folder), its revision, and what identifies its weights.
 
-    Embedded models are built on first use into ``<cache>/models/tiny-<hash>``; the hash covers the
-    whole build spec and the builder's source, so editing either rebuilds, and two names for one
-    spec (``tiny`` and ``tiny-onestep``, the same weights with another sampler) share one build.
+    Embedded models are built on first use into ``<cache>/models/tiny-<hash>``, from the pre-trained
+    weights the package ships for that hash (``bench.models.prebuilt``) or else by pre-training; the
+    hash covers the whole build spec and the builder's source, so editing either rebuilds, and two
+    names for one spec (``tiny`` and ``tiny-onestep``, the same weights with another sampler) share one build.
     Processes sharing a cache build it once: the others wait on its lock file and load it.
     """
     source = model_cfg["source"]
@@ -55,13 +56,14 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
         if not (path / "model_index.json").exists():
             from filelock import FileLock
 
+            from bench.models.prebuilt import shipped_weights
             from bench.models.tiny import build_tiny_pipeline
 
             with writing(path.parent):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with FileLock(path.with_name(f".{path.name}.lock")):  # released by the kernel when its process dies
                     if not (path / "model_index.json").exists():  # not built by another process while this one waited
-                        build_tiny_pipeline(spec, path)
+                        build_tiny_pipeline(spec, path, shipped_weights(path.name))
         return str(path), None, {"source": "tiny", "build_hash": digest}
     return source, model_cfg.get("revision"), {"source": source, "revision": model_cfg.get("revision")}
 

@@ -1,9 +1,10 @@
 """Build the embedded tiny models offline and save them as ordinary diffusers pipelines.
 
-The tiny models have random weights drawn with a fixed seed from a config; they
-are written once to the cache with ``save_pretrained`` and then loaded through
-the very same ``from_pretrained`` path a hub id takes, so tests exercise the
-real loading code without a download.
+The tiny models have random weights drawn with a fixed seed from a config, then a
+short seeded pre-training (whose result ``bench.models.prebuilt`` ships, so a build
+usually only draws and loads); they are written once to the cache with
+``save_pretrained`` and then loaded through the very same ``from_pretrained`` path
+a hub id takes, so tests exercise the real loading code without a download.
 """
 
 from __future__ import annotations
@@ -157,49 +158,27 @@ def one_thread():
 
 
 @one_thread()
-def build_tiny_pipeline(spec: dict, directory: Path) -> None:
+def build_tiny_pipeline(spec: dict, directory: Path, pretrained: dict | None = None) -> None:
     """Build a tiny Stable-Diffusion-layout (or, with ``layout: sdxl``, SDXL-layout: two text
     encoders, pooled-text and size conditioning) pipeline from ``spec`` and save it to ``directory``,
-    on one thread so that every machine builds the same bits.
+    on one thread so that the thread count cannot change its bits.
 
+    ``pretrained``: the result of a pre-training already done (``pretrained_weights`` of an earlier
+    build of this spec, as ``bench.models.prebuilt`` ships them), put in place of running it again.
     Written to a temporary sibling folder first and renamed, so a killed build
     never leaves a half-written model behind.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
-
-    from bench.models.diffusion import encode_text
-
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
-    sdxl = spec.get("layout") == "sdxl"
     try:
-        torch.manual_seed(int(spec["seed"]))
-        unet = UNet2DConditionModel(**spec["unet"])
-        vae = AutoencoderKL(**spec["vae"])
-        text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])) if sdxl else None
-        clip_tokenizer_files(tmp / "_tok")
-        tokenizer = CLIPTokenizer.from_pretrained(tmp / "_tok")
-        scheduler = DDPMScheduler(**spec["scheduler"])
-        encoders = [text_encoder, text_encoder_2] if sdxl else [text_encoder]
-        resolution = unet.config.sample_size * 2 ** (len(vae.config.block_out_channels) - 1)
-        encode = lambda prompts: encode_text(prompts, [tokenizer] * len(encoders), encoders, resolution, "cpu", torch.float32)
-        if spec.get("pretrain_vae"):
-            pretrain_autoencoder(vae, resolution, spec["pretrain_vae"], int(spec["seed"]))
-        if spec.get("pretrain"):
-            pretrain_on_synthetic_latents(unet, encode, scheduler, spec["pretrain"], int(spec["seed"]), vae if spec.get("pretrain_vae") else None)
-        if sdxl:
-            pipe = StableDiffusionXLPipeline(
-                unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-                tokenizer_2=tokenizer, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-            )
+        pipe = initial_pipeline(spec, tmp / "_tok")
+        if pretrained is None:
+            pretrain(pipe, spec)
         else:
-            pipe = StableDiffusionPipeline(
-                unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-            )
+            load_pretrained(pipe, pretrained)
+        pipe.tokenizer.backend_tokenizer.no_truncation()  # saved as built, not with the padding the pre-training's calls left set
+        pipe.tokenizer.backend_tokenizer.no_padding()
         pipe.save_pretrained(tmp)
         shutil.rmtree(tmp / "_tok")
         if directory.exists():
@@ -209,3 +188,62 @@ def build_tiny_pipeline(spec: dict, directory: Path) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def initial_pipeline(spec: dict, tokenizer_dir: Path):
+    """The pipeline with every weight drawn from ``spec["seed"]``, before any pre-training."""
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    torch.manual_seed(int(spec["seed"]))
+    unet = UNet2DConditionModel(**spec["unet"])
+    vae = AutoencoderKL(**spec["vae"])
+    text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
+    sdxl = spec.get("layout") == "sdxl"
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])) if sdxl else None
+    clip_tokenizer_files(tokenizer_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    scheduler = DDPMScheduler(**spec["scheduler"])
+    if sdxl:
+        return StableDiffusionXLPipeline(
+            unet=unet, vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=tokenizer, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        )
+    return StableDiffusionPipeline(
+        unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def pretrain(pipe, spec: dict) -> None:
+    """The spec's pre-trainings, in place: the VAE's (``pretrain_vae``), then the UNet's (``pretrain``)."""
+    from bench.models.diffusion import encode_text
+
+    encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
+    resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    encode = lambda prompts: encode_text(prompts, [pipe.tokenizer] * len(encoders), encoders, resolution, "cpu", torch.float32)
+    if spec.get("pretrain_vae"):
+        pretrain_autoencoder(pipe.vae, resolution, spec["pretrain_vae"], int(spec["seed"]))
+    if spec.get("pretrain"):
+        pretrain_on_synthetic_latents(pipe.unet, encode, pipe.scheduler, spec["pretrain"], int(spec["seed"]), pipe.vae if spec.get("pretrain_vae") else None)
+
+
+def pretrained_weights(directory: Path, spec: dict) -> dict:
+    """What the pre-trainings of a build in ``directory`` changed: the weights of the parts they
+    trained (``unet.*``, ``vae.*``, as float32 tensors) and the VAE's ``scaling_factor``; the rest of
+    the pipeline is drawn from the seed again."""
+    from safetensors.torch import load_file
+
+    parts = (["vae"] if spec.get("pretrain_vae") else []) + (["unet"] if spec.get("pretrain") else [])
+    tensors = {f"{part}.{k}": v for part in parts for k, v in load_file(Path(directory) / part / "diffusion_pytorch_model.safetensors").items()}
+    scaling = json.loads((Path(directory) / "vae" / "config.json").read_text())["scaling_factor"]
+    return {"tensors": tensors, "vae_scaling_factor": scaling if spec.get("pretrain_vae") else None}
+
+
+def load_pretrained(pipe, pretrained: dict) -> None:
+    for part in ("unet", "vae"):
+        state = {k.removeprefix(part + "."): v for k, v in pretrained["tensors"].items() if k.startswith(part + ".")}
+        if state:
+            getattr(pipe, part).load_state_dict(state, strict=True)
+    if pretrained["vae_scaling_factor"] is not None:
+        pipe.vae.register_to_config(scaling_factor=float(pretrained["vae_scaling_factor"]))

@@ -1,0 +1,87 @@
+"""The pre-trained weights of the embedded tiny models, shipped with the package.
+
+A tiny model is built from its spec: weights drawn from a seed, then a short pre-training on one CPU
+thread (minutes: about 2 for ``tiny``, 6 for the few-step ones). The draw is cheap and the same
+everywhere, the pre-training is neither: float32 CPU kernels pick their blocking by instruction set,
+so another CPU could end in other bits. So the weights the pre-trainings produced are shipped here,
+one file per build hash (``tiny-<hash>.safetensors``, the name of the build's cache folder), and a
+build with a shipped file draws the rest from the seed and loads them: the same bytes as a full build
+(tested), on any machine, in seconds. A spec or builder edit changes the hash, so a stale file is
+never used: that build pre-trains, and ``python -m bench.models.prebuilt`` writes the new files.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+SHIPPED = Path(__file__).parent / "prebuilt"
+
+
+def shipped_weights(build_name: str) -> dict | None:
+    """The shipped pre-training result of the build ``tiny-<hash>``, or None."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = SHIPPED / f"{build_name}.safetensors"
+    if not path.exists():
+        return None
+    with safe_open(path, "pt") as f:
+        scaling = f.metadata().get("vae_scaling_factor")
+    return {"tensors": load_file(path), "vae_scaling_factor": float(scaling) if scaling else None}
+
+
+def save_shipped(build_name: str, weights: dict) -> None:
+    """Write ``pretrained_weights`` as ``shipped_weights`` reads them (the scaling factor exact, as repr)."""
+    from safetensors.torch import save_file
+
+    scaling = weights["vae_scaling_factor"]
+    metadata = {"vae_scaling_factor": repr(scaling)} if scaling is not None else {}
+    save_file(weights["tensors"], SHIPPED / f"{build_name}.safetensors", metadata=metadata)
+
+
+def embedded_builds() -> dict[str, dict]:
+    """Every registered embedded model's build, by build folder name (two names for one spec, such
+    as ``tiny`` and ``tiny-onestep``, share one)."""
+    from bench.config import compose, to_dict
+    from bench.models import embedded_build_path
+    from bench.registry import MODELS
+
+    builds = {}
+    for name in MODELS.names():
+        model = to_dict(compose([f"model={name}"]))["model"]
+        if model["source"] == "tiny":
+            builds.setdefault(embedded_build_path(model, Path(".")).name, model["build"])
+    return builds
+
+
+def _pretrain_and_extract(build_name: str, spec: dict, scratch: str) -> tuple[str, dict]:
+    from bench.models.tiny import build_tiny_pipeline, pretrained_weights
+
+    folder = Path(scratch) / build_name
+    build_tiny_pipeline(spec, folder)
+    return build_name, pretrained_weights(folder, spec)
+
+
+def write_shipped(scratch: Path, workers: int = 2) -> list[str]:
+    """Pre-train every embedded build that has no shipped file (``workers`` at once, each on one
+    thread), write their files and remove the files no build names any more."""
+    builds = embedded_builds()
+    missing = {n: s for n, s in builds.items() if not (SHIPPED / f"{n}.safetensors").exists()}
+    SHIPPED.mkdir(exist_ok=True)
+    with ProcessPoolExecutor(workers) as pool:
+        for name, weights in pool.map(_pretrain_and_extract, missing, missing.values(), [str(scratch)] * len(missing)):
+            save_shipped(name, weights)
+            print(f"wrote {SHIPPED / name}.safetensors", flush=True)
+    for stale in sorted(set(p.stem for p in SHIPPED.glob("*.safetensors")) - set(builds)):
+        (SHIPPED / f"{stale}.safetensors").unlink()
+        print(f"removed {stale}.safetensors (no registered model builds it)", flush=True)
+    return sorted(missing)
+
+
+if __name__ == "__main__":  # python -m bench.models.prebuilt [SCRATCH_DIR]: after editing a tiny spec or bench/models/tiny.py
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as scratch:
+        write_shipped(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(scratch))
