@@ -19,7 +19,8 @@ COMMANDS_HELP = {  # command -> (synopsis, what it does); `bench COMMAND --help`
     "run": ("bench run suite=S method=M [model=X] [key=value ...]", "train a method (or reuse its checkpoint), generate, score, compare with the base model"),
     "eval": ("bench eval suite=S model=X [key=value ...]", "evaluate a model without training"),
     "train": ("bench train method=M [data=D] [key=value ...]", "train a method only and print the checkpoint folder"),
-    "ls": ("bench ls [methods|suites|models|metrics|datasets|protocols]", "list registered methods | suites | models | metrics | datasets | protocols"),
+    "ls": ("bench ls [methods|suites|models|metrics|datasets|protocols] [suite=FILE] [method=FILE]",
+           "list registered methods | suites | models | metrics | datasets | protocols, and suites or methods given by path (checked)"),
     "leaderboard": ("bench leaderboard [out=runs] [dest=DIR] [papers=true]", "one table over every run under out= (markdown, CSV and a sortable HTML page); papers=true: the papers' numbers beside ours"),
     "report": ("bench report run=DIR [run=DIR ...] [out=FILE.html] [report.max_prompts=200] [cache_dir=DIR]",
                "a self-contained HTML page of one run (with its base) or several side by side: tables, image grid, charts, training curves"),
@@ -129,11 +130,16 @@ def with_base_protocol(args: list[str]) -> list[str]:
     from bench.config import load_entry_config
     from bench.registry import METHODS
 
+    from bench.registry import is_path
+
     keys = {a.split("=", 1)[0] for a in args}
     method = next((a.split("=", 1)[1] for a in args if a.startswith("method=")), None)
-    if not method or keys & {"suite", "protocol"} or method not in METHODS.names():
+    if not method or keys & {"suite", "protocol"} or (method not in METHODS.names() and not is_path(method)):
         return args
-    base = load_entry_config(METHODS, method).get("base_protocol")
+    try:
+        base = load_entry_config(METHODS, method).get("base_protocol")
+    except UsageError:  # a bad path: composition says so, in its own words
+        return args
     return [*args, f"protocol={base}"] if base else args
 
 
@@ -192,9 +198,17 @@ def cmd_train(args):
 
 
 def cmd_ls(args):
+    """``bench ls [KIND ...] [suite=FILE] [method=FILE|module:Class]``: the registered entries of each
+    kind, and the presets given by path beside them (composed and checked as a run would, so a bad one
+    is its one-line error)."""
     from bench.registry import REGISTRIES
 
-    kinds = args or list(REGISTRIES)
+    given = [a for a in args if "=" in a]
+    kinds = [a for a in args if "=" not in a]
+    extra: dict[str, list[tuple[str, str]]] = {}
+    for key, value in parse_path_args(given):
+        extra.setdefault(f"{key}s", []).append(path_row(key, value))
+    kinds = kinds or list(extra) or list(REGISTRIES)
     for kind in kinds:
         if kind not in REGISTRIES:
             raise UsageError(f"unknown listing '{kind}': use one of {', '.join(REGISTRIES)}")
@@ -203,10 +217,31 @@ def cmd_ls(args):
             from bench.protocol import describe_rows
 
             rows = describe_rows(rows)
+        rows = rows + extra.get(kind, [])
         print(f"{kind}:")
         width = max((len(n) for n, _ in rows), default=0)
         for name, description in rows:
             print(f"  {name:<{width}}  {description}")
+
+
+def parse_path_args(args: list[str]) -> list[tuple[str, str]]:
+    """The ``suite=FILE`` and ``method=FILE`` arguments of `bench ls`."""
+    from bench.config import parse_overrides
+
+    pairs = parse_overrides(args)
+    bad = sorted({k for k, _ in pairs} - {"suite", "method"})
+    if bad:
+        raise UsageError(f"`bench ls` takes suite=FILE and method=FILE (presets given by path) beside the kinds; got {', '.join(bad)}")
+    return pairs
+
+
+def path_row(key: str, value: str) -> tuple[str, str]:
+    """A preset given by path as a row of `bench ls`: its name, description and file, once it composes."""
+    from bench.config import compose
+
+    section = compose([f"{key}={value}"])[key]
+    where = section.get("_path") or "registered"
+    return str(section.name), f"{section.get('description') or ''} [{where}]".strip()
 
 
 def cmd_leaderboard(args):

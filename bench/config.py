@@ -38,12 +38,18 @@ def stable_hash(obj) -> str:
 
 
 def load_entry_config(registry, name: str, _seen=()) -> DictConfig:
-    """A registry entry as a config; ``extends: other`` inherits from another entry of the same kind."""
+    """A registry entry as a config; ``extends: other`` inherits from another entry of the same kind (a
+    name, or a path: relative to the folder of the YAML that extends it). A preset given by path
+    (``suite=/any/mine.yaml``, ``method=my_module:MyRecipe``; ``Registry.path_entry``) is named after its
+    file (or class) and records where it came from in ``_path``."""
+    from bench.registry import is_path
+
     if name in _seen:
         raise UsageError(f"{registry.kind} '{name}' extends itself through {' -> '.join(_seen)}")
-    target = registry.get(name)
+    entry = registry.entry(name)
+    target = entry.load()
     if isinstance(target, (str, Path)):
-        cfg = OmegaConf.load(target)
+        cfg = read_yaml(target, registry.kind)
         cfg["_dir"] = str(Path(target).parent)
     elif isinstance(target, dict):
         cfg = OmegaConf.create(target)
@@ -52,10 +58,38 @@ def load_entry_config(registry, name: str, _seen=()) -> DictConfig:
     else:
         raise UsageError(f"{registry.kind} '{name}' is registered as {target!r}, which is no config")
     base = cfg.pop("extends", None)
+    if base and registry.by_path and is_path(str(base)) and ":" not in str(base) and not Path(str(base)).is_absolute() and cfg.get("_dir"):
+        base = str(Path(cfg["_dir"]) / str(base))  # a path beside this YAML
     if base:
-        cfg = OmegaConf.merge(load_entry_config(registry, base, (*_seen, name)), cfg)
-    cfg["name"] = name
+        cfg = OmegaConf.merge(load_entry_config(registry, str(base), (*_seen, name)), cfg)
+    cfg.pop("_path", None)
+    if entry.name != name:  # given by path: the file (or module:Class) in error lines and `bench ls`
+        cfg["_path"] = entry.source
+    cfg["name"] = entry.name
     return cfg
+
+
+def read_yaml(path, kind: str) -> DictConfig:
+    """A preset YAML as a config: anything but a mapping of keys (a list, a bare word, invalid YAML) is
+    one line naming the file and what to write."""
+    import yaml
+
+    try:
+        top = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise UsageError(f"{kind} file {path} is not valid YAML ({getattr(err, 'problem', None) or type(err).__name__}{where}): write one `key: value` per line") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{kind} file {path} is not UTF-8 text: give a YAML file of `key: value` lines") from None
+    if top is not None and not isinstance(top, dict):
+        raise UsageError(f"{kind} file {path} holds {_a(type(top).__name__)}, not a mapping of keys: write one `key: value` per line "
+                         f"(`bench run --help` lists a {kind}'s keys)")
+    return OmegaConf.load(path)
+
+
+def _a(type_name: str) -> str:
+    return {"list": "a list", "str": "a single value", "int": "a number", "float": "a number", "bool": "a single value"}.get(type_name, f"a {type_name}")
 
 
 def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
@@ -219,9 +253,9 @@ def check_section(cfg: DictConfig, group: str, where) -> None:
     if cls is not MethodSpec:
         for key in unknown_keys(cls, cfg[group]):
             close = close_key(cls, key)
-            listing = f"bench run method={cfg.method.name} --help" if group == "method" else "bench run --help"
+            listing = f"bench run method={preset_key(cfg.method)} --help" if group == "method" else "bench run --help"
             hint = f"; did you mean {group}.{close}?" if close else f"; `{listing}` lists the keys"
-            raise UsageError(f"unknown key '{group}.{key}' in {group} '{cfg[group].name}' ({preset_file(registry, str(cfg[group].name), key)}){hint}")
+            raise UsageError(f"unknown key '{group}.{key}' in {group} '{cfg[group].name}' ({preset_file(registry, preset_key(cfg[group]), key)}){hint}")
     check(cls, cfg[group], f"{group}.", where)
 
 
@@ -231,22 +265,58 @@ def recipe_spec(method: DictConfig) -> type:
 
     name, target = str(method.name), method.get("recipe")
     if not target:
-        raise UsageError(f"method '{name}' names no recipe: add `recipe: module:Class` to {preset_file(METHODS, name, 'recipe')}")
+        raise UsageError(f"method '{name}' names no recipe: add `recipe: module:Class` to {preset_file(METHODS, preset_key(method), 'recipe')}")
+    return getattr(import_recipe(method), "Spec", MethodSpec)
+
+
+def import_recipe(method) -> type:
+    """The recipe class of a method section (``recipe: module:Class``, or ``path/to/file.py:Class``
+    relative to the preset's folder or the working folder), checked against ``bench.method.Method``;
+    one that does not import, or is no class, is one line naming it and the fix."""
+    from bench.registry import Entry
+
+    name, target = str(method.get("name")), method.get("recipe")
+    if not target:
+        raise UsageError(f"method '{name}' names no recipe (`recipe: module:Class` in its YAML)")
+    target = str(target)
+    where = f"method.recipe={target} (in method '{name}')"
+    if ":" not in target:
+        raise UsageError(f"{where}: name a class as module:Class or path/to/file.py:Class (a subclass of bench.method.Method)")
+    module = target.rpartition(":")[0] if target.rpartition(":")[0].endswith(".py") else target.partition(":")[0]
+    fix = ("check the file's path (relative to the method's YAML or the current folder)" if module.endswith(".py") else
+           f"put {module.split('.')[0]}.py in the current folder or on PYTHONPATH, or give path/to/file.py:Class")
+    search = tuple(d for d in [method.get("_dir")] if d)
     try:
-        cls = Entry(name, str(target), source=f"recipe: {target} of method '{name}'", base="bench.method:Method").load()
-    except (ImportError, AttributeError) as err:
-        raise UsageError(f"method.recipe={target} (in method '{name}'): does not import ({err}); use module:Class of a bench.method.Method") from None
-    return getattr(cls, "Spec", MethodSpec)
+        cls = Entry(name, target, source=f"recipe: {target} of method '{name}'", base="bench.method:Method").load(search)
+    except AttributeError:
+        raise UsageError(f"{where}: {module} has no {target.rpartition(':')[2]}; name a class it defines") from None
+    except (ImportError, SyntaxError, OSError) as err:
+        raise UsageError(f"{where}: does not import ({type(err).__name__}: {_one_line(err)}); {fix}") from None
+    if not isinstance(cls, type):
+        raise UsageError(f"{where}: is {type(cls).__name__} {cls!r:.60}, not a class; name a subclass of bench.method.Method")
+    return cls
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def preset_key(section) -> str:
+    """What finds a preset section's entry again: its name, or the path it was given by."""
+    return str(section.get("_path") or section.get("name"))
 
 
 def preset_file(registry, name: str, dotted: str) -> str:
     """Where preset ``name`` (or the ``extends:`` parent that wrote it) sets ``dotted``: its file, or its
     entry; the preset's own where none does."""
+    from bench.registry import is_path
+
     own, seen = None, []
     while name and name not in seen:
         seen.append(name)
         entry = registry.entry(name)
-        target = registry.get(name)
+        target = entry.load()
         if isinstance(target, (str, Path)):
             raw, where = OmegaConf.to_container(OmegaConf.load(target)), str(target)
         else:
@@ -259,6 +329,8 @@ def preset_file(registry, name: str, dotted: str) -> str:
         if tree is not KeyError:
             return where
         name = raw.get("extends")
+        if name and isinstance(target, (str, Path)) and registry.by_path and is_path(str(name)) and ":" not in str(name) and not Path(str(name)).is_absolute():
+            name = str(Path(target).parent / str(name))  # a path beside the YAML that extends it
     return own
 
 

@@ -10,12 +10,22 @@ entry point's value is loaded and must be a YAML path, a config dict or a class)
 Surprises are errors: a name declared twice, or a plugin that shadows a built-in, is one line naming
 both sources (the first would otherwise win silently, and a run would not be what its name says), and
 a class target is checked against the kind's base class when it is loaded.
+
+Suites and methods are also taken by path, with no install step (``suite=/any/mine.yaml``,
+``method=./mine.yaml``, ``method=my_module:MyRecipe``, ``method=path/to/file.py:MyRecipe``):
+``Registry.entry`` answers such a value with an entry of its own, named after the file (or class), that
+is not added to the registry; ``import_target`` loads a recipe from a file or from the working folder.
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib
+import importlib.util
+import os
+import re
+import sys
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -32,11 +42,11 @@ class Entry:
     source: str = ""  # where it was declared (a file, an entry point and its package), for error lines
     base: str | None = None  # "module:Class" a class target must subclass
 
-    def load(self) -> Any:
-        """Resolve the target: import ``module:Object`` strings, keep the rest; a class is checked
-        against ``base``."""
-        if isinstance(self.target, str) and ":" in self.target and not self.target.endswith(".yaml"):
-            self.target = import_target(self.target)
+    def load(self, search: tuple = ()) -> Any:
+        """Resolve the target: import ``module:Object`` strings (``file.py:Object`` loads that file, relative
+        to a folder of ``search`` or the working folder), keep the rest; a class is checked against ``base``."""
+        if isinstance(self.target, str) and ":" in self.target and not self.target.endswith((".yaml", ".yml")):
+            self.target = import_target(self.target, search)
         if self.base and isinstance(self.target, type):
             base = import_target(self.base)
             if not issubclass(self.target, base):
@@ -48,22 +58,78 @@ class Entry:
         return self.target
 
 
-def import_target(target: str) -> Any:
-    """The object a ``module:Object.attr`` string names."""
-    module, _, attr = target.partition(":")
-    obj = importlib.import_module(module)
+def import_target(target: str, search: tuple = ()) -> Any:
+    """The object a ``module:Object.attr`` string names. ``path/to/file.py:Object`` loads that file (a
+    relative path from the first folder of ``search`` that holds it, else the working folder); a module
+    that is not importable as it stands is looked for in ``search`` and the working folder too (a user's
+    recipe beside their YAML, or where `bench` is run), so a plugin needs no install step."""
+    module, _, attr = target.rpartition(":") if target.rpartition(":")[0].endswith(".py") else target.partition(":")
+    if module.endswith(".py"):
+        obj = load_file_module(find_file(module, search))
+    else:
+        try:
+            obj = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            folders = [str(Path(d).resolve()) for d in (*search, Path.cwd())]
+            if err.name != module.split(".")[0] or all(d in sys.path for d in folders):
+                raise
+            sys.path.extend(d for d in dict.fromkeys(folders) if d not in sys.path)
+            obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
     return obj
 
 
+def find_file(path: str, search: tuple = ()) -> Path:
+    """``path`` as given, or relative to the first folder of ``search`` that holds it, else the working folder."""
+    if Path(path).is_absolute():
+        return Path(path)
+    return next((Path(d) / path for d in search if (Path(d) / path).is_file()), Path.cwd() / path)
+
+
+def load_file_module(path: Path):
+    """The module of a Python file, loaded under a name of its own (its stem and a hash of its absolute
+    path) and kept in ``sys.modules``, so its source is found and hashed as a recipe's
+    (``bench.trainer.recipe_source_hash``); loaded again when the file has changed. Its folder goes on
+    ``sys.path``, so it imports the modules beside it."""
+    path = Path(path).resolve()
+    if not path.is_file():
+        raise ModuleNotFoundError(f"no such file: {path}", name=str(path))
+    source = path.read_bytes()
+    digest = hashlib.sha256(source).hexdigest()
+    stem = re.sub(r"\W", "_", path.stem)
+    name = f"bench_user_{stem}_{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    module = sys.modules.get(name)
+    if module is not None and getattr(module, "__bench_sha256__", None) == digest:
+        return module
+    if str(path.parent) not in sys.path:
+        sys.path.append(str(path.parent))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(name, None)
+        raise
+    module.__bench_sha256__ = digest
+    return module
+
+
+def is_path(value: str) -> bool:
+    """Whether a preset value is a file or ``module:Class`` rather than a registered name."""
+    value = str(value)
+    return value.endswith((".yaml", ".yml")) or "/" in value or os.sep in value or (":" in value and "://" not in value)
+
+
 class Registry:
     """Name -> Entry for one kind of component ("model", "method", ...)."""
 
-    def __init__(self, kind: str, group: str, base: str | None = None):
+    def __init__(self, kind: str, group: str, base: str | None = None, by_path: bool = False):
         self.kind = kind
         self.group = group
         self.base = base  # "module:Class" every class entry subclasses
+        self.by_path = by_path  # a value that is a path (or module:Class) names a preset outside the registry
         self._entries: dict[str, Entry] = {}
         self._plugins_loaded = False
 
@@ -108,6 +174,8 @@ class Registry:
 
     def entry(self, name: str) -> Entry:
         self._load_plugins()
+        if name not in self._entries and self.by_path and is_path(name):
+            return self.path_entry(name)
         if name not in self._entries:
             close = difflib.get_close_matches(name, list(self._entries), n=3, cutoff=0.5)
             hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -118,6 +186,23 @@ class Registry:
 
     def get(self, name: str) -> Any:
         return self.entry(name).load()
+
+    def path_entry(self, value: str) -> Entry:
+        """A preset given by path instead of a name, not added to the registry: a YAML file (absolute, or
+        relative to the working folder), named after its stem; for a kind with a base class (a method) also
+        ``module:Class`` or ``path/to/file.py:Class``, a preset of the class alone, named after the class."""
+        value = str(value)
+        if ":" in value and self.base and not value.endswith((".yaml", ".yml")):
+            name = value.rpartition(":")[2].split(".")[-1]
+            return Entry(name, {"recipe": value, "_dir": str(Path.cwd())}, f"(given as {value})", value, self.base)
+        path = Path(value).expanduser().absolute()
+        if not path.is_file():
+            what = "is a folder, not a file" if path.is_dir() else "no such file"
+            raise UsageError(
+                f"{self.kind}={value}: {what} ({path}); give the path of a {self.kind} YAML, absolute or relative to the "
+                f"current folder, or a name from `bench ls {self.kind}s`"
+            )
+        return Entry(path.stem, path, _yaml_description(path), str(path), self.base)
 
     def describe(self) -> list[tuple[str, str]]:
         return [(n, self._entries[n].description) for n in self.names()]
@@ -142,8 +227,8 @@ def _yaml_description(path: Path) -> str:
 
 
 MODELS = Registry("model", "bench.models")
-METHODS = Registry("method", "bench.methods", base="bench.method:Method")  # a method's class is its YAML's ``recipe``
-SUITES = Registry("suite", "bench.suites")
+METHODS = Registry("method", "bench.methods", base="bench.method:Method", by_path=True)  # a method's class is its YAML's ``recipe``
+SUITES = Registry("suite", "bench.suites", by_path=True)
 METRICS = Registry("metric", "bench.metrics", base="bench.metrics:Metric")
 DATASETS = Registry("dataset", "bench.datasets")
 PROTOCOLS = Registry("protocol", "bench.protocols")  # a paper's evaluation protocol: suites, seeds, samplers, metrics, checkpoint choice

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from bench import report
 from bench.distribution import SetScorer, real_set
-from bench.config import compose, stable_hash, to_dict
+from bench.config import compose, import_recipe, stable_hash, to_dict
 from bench.errors import DataError, UsageError
 from bench.html_report import write_report
 from bench.generate import GenerationStats, ImageJob, ImageStore, generate, plan_images
@@ -356,7 +356,7 @@ class Session:
     def resolve_method(self):
         """The recipe class and reward, checked before any work so a typo costs no compute."""
         method_cfg = self.cfg["method"]
-        recipe = METHODS.entry(method_cfg["name"])  # validates the name
+        recipe = METHODS.entry(str(method_cfg.get("_path") or method_cfg["name"]))  # validates the name (or the path it was given by)
         targets = self.suite.train_images or (self.cfg.get("data") or {}).get("kind") == "images"
         if self.suite.subjects and not self.suite.train_images:
             raise UsageError(f"suite '{self.suite.name}' covers {len(self.suite.subjects)} subjects: set subject=NAME to fine-tune on one ({', '.join(self.suite.subjects)})")
@@ -364,7 +364,7 @@ class Session:
             method_cfg["reward"] = self.suite.reward
             if method_cfg["reward"] is None:
                 raise UsageError(f"method '{recipe.name}' needs a reward and suite '{self.suite.name}' names none: set method.reward=NAME (`bench ls metrics`)")
-        cls = _import_recipe(method_cfg.get("recipe"), recipe.name)
+        cls = import_recipe(method_cfg)
         if self.cfg.get("data") or (targets and not method_cfg.get("reward")):  # a pair dataset or target images: no reward
             return cls(method_cfg), None
         reward = make_metric(method_cfg["reward"], self.cfg["scorers"]).to(self.device) if method_cfg.get("reward") else None
@@ -429,12 +429,9 @@ class Session:
         return None
 
 
-def _import_recipe(target: str | None, name: str):
-    from bench.registry import Entry
-
-    if not target:
-        raise UsageError(f"method '{name}' names no recipe (`recipe: module:Class` in its YAML)")
-    return Entry(name, target, source=f"recipe: {target} of method '{name}'", base="bench.method:Method").load()
+def _import_recipe(target: str | None, name: str, folder: str | None = None):
+    """The recipe class ``target`` names (``bench.config.import_recipe``)."""
+    return import_recipe({"name": name, "recipe": target, "_dir": folder})
 
 
 def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:

@@ -170,7 +170,8 @@ class Config:
 @dataclass
 class SuiteKeys:
     metrics: List[str] = setting(MISSING, "the metrics every image is scored with (`bench ls metrics`)", NONEMPTY)
-    limit: Optional[int] = setting(None, "evaluate only the first N prompts (null: all)", at_least(1))
+    limit: Optional[int] = setting(None, "evaluate only the first N prompts (null: all); with limit_by, the first N of each group", at_least(1))
+    limit_by: Optional[str] = setting(None, "the column whose groups `limit` takes N prompts of each (null: the prompt set, for a suite of prompt_sets; else the first N in all)")
     images_per_prompt: int = setting(1, "", at_least(1))
     reward: Optional[str] = setting(None, "default training reward for methods on this suite")
     source: Optional[str] = setting(None, "a local prompt file (or folder) in place of the suite's prompts")
@@ -181,6 +182,7 @@ class SuiteKeys:
     name: Optional[str] = setting(None, "the suite's name (set at composition)")
     description: Optional[str] = setting(None, "one line for `bench ls suites`")
     _dir: Optional[str] = setting(None, "the suite's folder (set at composition)")
+    _path: Optional[str] = setting(None, "the YAML file of a suite given by path, suite=FILE (set at composition)")
     extends: Optional[str] = setting(None, "another suite this one starts from")
     kind: Optional[str] = setting(None, "prompts (default), dreambench or distribution (FID/KID against reference images)")
     prompts: Any = setting(None, "the prompt file: a path beside the YAML, an https:// URL, or {hub, file, split, revision}")
@@ -234,6 +236,7 @@ class MethodSpec:
     name: Optional[str] = setting(None, "the preset's name (set at composition)")
     description: Optional[str] = setting(None, "one line for `bench ls methods`")
     _dir: Optional[str] = setting(None, "the preset's folder (set at composition)")
+    _path: Optional[str] = setting(None, "the YAML file, or module:Class, of a preset given by path, method=FILE (set at composition)")
     extends: Optional[str] = setting(None, "the preset this one starts from")
     train: Optional[Dict[str, Any]] = setting(None, "train.* settings of the preset (checked as train.*)")
     gen: Optional[Dict[str, Any]] = setting(None, "gen.* settings of the preset (checked as gen.*)")
@@ -256,7 +259,7 @@ class RewardSpec(MethodSpec):
 
 
 # the keys of a method preset that document it (or are set at composition) and configure no recipe
-DOC_KEYS = ("recipe", "name", "description", "_dir", "extends", "train", "gen", "code_differences", "base_model", "base_data", "base_protocol")
+DOC_KEYS = ("recipe", "name", "description", "_dir", "_path", "extends", "train", "gen", "code_differences", "base_model", "base_data", "base_protocol")
 SECTIONS = {"suite": SuiteKeys, "model": ModelKeys, "method": MethodSpec}
 
 
@@ -300,7 +303,7 @@ def build_spec(cls, cfg):
 
 
 # the suite keys every suite gets (its YAML may leave them out); the others are the suite's own
-SUITE_SHARED = ("limit", "images_per_prompt", "reward", "source", "allow_empty_prompts", "prompts_per_subject", "fid_resolution")
+SUITE_SHARED = ("limit", "limit_by", "images_per_prompt", "reward", "source", "allow_empty_prompts", "prompts_per_subject", "fid_resolution")
 
 
 def defaults_of(cls, only=None) -> dict:

@@ -243,7 +243,7 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
     groups = group_labels(cfg, rows, where, set_column)
     real = _real_images(cfg, rows, where)
     is_canonical = is_published(cfg, prompts, where)
-    keep = limited(len(prompts), cfg.get("limit"), groups.get(set_column) if set_column else None)
+    keep = limited(len(prompts), cfg.get("limit"), limit_labels(cfg, rows, where, groups, set_column))
     check_empty_prompts(cfg, [(i, prompts[i]) for i in keep], where)
     if len(keep) < len(prompts):
         prompts, groups = [prompts[i] for i in keep], {k: [v[i] for i in keep] for k, v in groups.items()}
@@ -290,9 +290,26 @@ def group_labels(cfg: dict, rows: list[dict], where: str, set_column: str | None
     return groups
 
 
+def limit_labels(cfg: dict, rows: list[dict], where: str, groups: dict[str, list[str]], set_column: str | None) -> list[str] | None:
+    """Each prompt's label in the column ``suite.limit`` takes N prompts of each group of: ``limit_by``
+    (any column of the prompt file, matched without regard to case), by default the prompt set of a
+    suite of ``prompt_sets``; None (the first N in all) for any other suite without ``limit_by``."""
+    column = cfg.get("limit_by") or set_column
+    if not column or not cfg.get("limit"):
+        return None
+    if column in groups:
+        return groups[column]
+    key = _find_column(rows[0], column)
+    if key is None:
+        columns = ", ".join(dict.fromkeys(k for row in rows[:1] for k in row)) or "none"
+        raise DataError(f"suite.limit_by={column}: {where} has no column {column} (its columns: {columns}); name one of them, or null for the first N prompts")
+    return ["" if r.get(key) is None else str(r.get(key)) for r in rows]
+
+
 def limited(count: int, limit, sets: list[str] | None) -> list[int]:
-    """The prompt indices ``suite.limit`` keeps: the first N, or the first N of every prompt set, so a
-    smoke run reaches every set's metrics."""
+    """The prompt indices ``suite.limit`` keeps: the first N, or with ``sets`` (each prompt's label in the
+    ``limit_by`` column, or its prompt set) the first N of every label, in file order, so a smoke run
+    reaches every group's (and every set's) metrics."""
     if not limit:
         return list(range(count))
     n = int(limit)

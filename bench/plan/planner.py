@@ -412,8 +412,8 @@ class _Planner:
 
         cfg = self.cfg
         method_cfg = dict(cfg["method"])
-        METHODS.entry(method_cfg["name"])
-        cls = _import_recipe(method_cfg.get("recipe"), method_cfg["name"])
+        METHODS.entry(str(method_cfg.get("_path") or method_cfg["name"]))
+        cls = _import_recipe(method_cfg.get("recipe"), method_cfg["name"], method_cfg.get("_dir"))
         tc = cfg["train"]
         targets, reward = self.targets_and_reward(method_cfg)
         method = cls(method_cfg)
