@@ -172,7 +172,7 @@ class SuiteKeys:
     metrics: List[str] = setting(MISSING, "the metrics every image is scored with (`bench ls metrics`)", NONEMPTY)
     limit: Optional[int] = setting(None, "evaluate only the first N prompts (null: all); with limit_by, the first N of each group", at_least(1))
     limit_by: Optional[str] = setting(None, "the column whose groups `limit` takes N prompts of each (null: the prompt set, for a suite of prompt_sets; else the first N in all)")
-    images_per_prompt: int = setting(1, "", at_least(1))
+    images_per_prompt: int = setting(1, "images generated per prompt (each with its own seed)", at_least(1))
     reward: Optional[str] = setting(None, "default training reward for methods on this suite")
     source: Optional[str] = setting(None, "a local prompt file (or folder) in place of the suite's prompts")
     allow_empty_prompts: bool = setting(False, "true: generate images of empty prompts (Pick-a-Pic's test set keeps one); false: an empty prompt is an error")
@@ -183,7 +183,7 @@ class SuiteKeys:
     description: Optional[str] = setting(None, "one line for `bench ls suites`")
     _dir: Optional[str] = setting(None, "the suite's folder (set at composition)")
     _path: Optional[str] = setting(None, "the YAML file of a suite given by path, suite=FILE (set at composition)")
-    extends: Optional[str] = setting(None, "another suite this one starts from")
+    extends: Optional[str] = setting(None, "another suite this one starts from: a name, or a YAML path relative to this one")
     kind: Optional[str] = setting(None, "prompts (default), dreambench or distribution (FID/KID against reference images)")
     prompts: Any = setting(None, "the prompt file: a path beside the YAML, an https:// URL, or {hub, file, split, revision}")
     prompt_column: Any = setting(None, "the column (or columns, first present wins) holding the prompt")
@@ -232,12 +232,12 @@ class MethodSpec:
     """The keys every method preset may hold: the ones that document it or say how the harness runs it
     (none of them configures the loss). A recipe's ``Spec`` subclasses it with its own settings."""
 
-    recipe: Optional[str] = setting(None, "module:Class of the recipe (required in a preset)")
+    recipe: Optional[str] = setting(None, "the recipe class, a bench.method.Method: module:Class, or path/to/file.py:Class relative to the YAML (required in a preset)")
     name: Optional[str] = setting(None, "the preset's name (set at composition)")
     description: Optional[str] = setting(None, "one line for `bench ls methods`")
     _dir: Optional[str] = setting(None, "the preset's folder (set at composition)")
     _path: Optional[str] = setting(None, "the YAML file, or module:Class, of a preset given by path, method=FILE (set at composition)")
-    extends: Optional[str] = setting(None, "the preset this one starts from")
+    extends: Optional[str] = setting(None, "the preset this one starts from: a name, or a YAML path relative to this one")
     train: Optional[Dict[str, Any]] = setting(None, "train.* settings of the preset (checked as train.*)")
     gen: Optional[Dict[str, Any]] = setting(None, "gen.* settings of the preset (checked as gen.*)")
     code_differences: Optional[List[str]] = setting(None, "where the preset differs from the authors' code (`bench plan` prints them)")
@@ -505,3 +505,41 @@ def check(cls, tree, prefix: str = "", where: Callable[[str], str] = lambda key:
             # shown as written: -1, not -1.0
             raise bad_value(prefix + key, _get(known, key), f, "not allowed" if rule.names else "out of range", where(prefix + key))
     return typed
+
+
+# ---- the README's key tables -------------------------------------------------------------------
+TABLES = {"SuiteKeys": SuiteKeys, "MethodSpec": MethodSpec}  # README.md: <!-- keys:NAME --> ... <!-- /keys -->
+
+
+def markdown_table(cls) -> str:
+    """Every key of a preset schema as a markdown table: key, type (and range), default, meaning."""
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("<", "&lt;")
+
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for f in fields_of(cls):
+        rule = f.metadata.get("rule")
+        kind = ("any" if _base(f.type)[0] is Any else _type_name(f)) + (f" {rule.text}" if rule and not rule.names else "")
+        default = "required" if _default(f) is MISSING else f"`{_yaml(_default(f))}`"
+        meaning = f.metadata.get("help") or ""
+        if rule and rule.names and rule.text not in meaning:
+            meaning = f"{rule.text}; {meaning}" if meaning else rule.text
+        lines.append(f"| `{f.name}` | {cell(kind)} | {default} | {cell(meaning)} |")
+    return "\n".join(lines)
+
+
+def readme_tables(text: str) -> str:
+    """``text`` with each ``<!-- keys:NAME -->`` ... ``<!-- /keys -->`` block replaced by the table of
+    ``TABLES[NAME]``: ``python -m bench.schema`` rewrites README.md, and a test checks it is current."""
+    def table(match):
+        return f"{match.group(1)}\n{markdown_table(TABLES[match.group(2)])}\n{match.group(3)}"
+
+    return re.sub(r"(<!-- keys:(\w+) -->)\n(?:[^<]*?\n)?(<!-- /keys -->)", table, text)
+
+
+if __name__ == "__main__":
+    from pathlib import Path
+
+    readme = Path(__file__).resolve().parents[1] / "README.md"
+    readme.write_text(readme_tables(readme.read_text(encoding="utf-8")), encoding="utf-8")
+    print(f"rewrote the key tables of {readme}")

@@ -102,9 +102,10 @@ def module_source(name: str) -> str | None:
     return Path(origin).read_bytes().decode()
 
 
-def recipe_imports(name: str, source: str) -> set[str]:
+def recipe_imports(name: str, source: str, local: Path | None = None) -> set[str]:
     """The modules of ``bench.methods`` that the source of module ``name`` imports (read from its
-    import statements with ``ast``, nothing executed; relative imports resolved)."""
+    import statements with ``ast``, nothing executed; relative imports resolved), and with ``local`` (a
+    user's recipe file's folder) the imported modules whose file lies in that folder."""
     import ast
 
     package = name.rpartition(".")[0]
@@ -120,13 +121,31 @@ def recipe_imports(name: str, source: str) -> set[str]:
                 base = f"{root}.{base}" if base else root
             found.add(base)
             found.update(f"{base}.{alias.name}" for alias in node.names)  # `from bench.methods import online`
-    return {m for m in found if m.startswith(RECIPE_PACKAGE + ".") and module_source(m) is not None}
+    return {m for m in found if (m.startswith(RECIPE_PACKAGE + ".") or _beside(m, local)) and module_source(m) is not None}
+
+
+def _beside(name: str, folder: Path | None) -> bool:
+    """Whether module ``name`` is loaded from a file in ``folder``."""
+    import sys
+
+    origin = getattr(sys.modules.get(name), "__file__", None) if folder is not None else None
+    return bool(origin) and Path(origin).resolve().parent == folder
+
+
+def _user_folder(name: str) -> Path | None:
+    """The folder of a recipe module outside ``bench.methods`` (a user's file): its sibling modules
+    enter its hash as ``bench.methods`` modules enter a shipped recipe's."""
+    import sys
+
+    origin = getattr(sys.modules.get(name), "__file__", None)
+    return Path(origin).resolve().parent if origin and not name.startswith(RECIPE_PACKAGE + ".") else None
 
 
 def recipe_source_hash(method: Method) -> str | None:
     """sha256 of the source of the method's module and of the ``bench.methods`` modules it imports,
     transitively (``pso_online`` imports ``online``; ``sft`` imports ``preference_data``), so editing
-    one recipe retrains that recipe and those built on its code, and no other. The planner hooks
+    one recipe retrains that recipe and those built on its code, and no other. A user's recipe (a file or
+    module outside ``bench.methods``) hashes the same way, with the modules beside it that it imports. The planner hooks
     (``Method.plan``) are left out. The core (``bench.trainer``, ``bench.method``, ``bench.models``)
     does not enter: its changes are held to the same numbers by the byte-identical and loss-value
     tests, and entering it would retrain every checkpoint at any edit."""
@@ -134,10 +153,10 @@ def recipe_source_hash(method: Method) -> str | None:
     source = module_source(own)
     if source is None:
         return None
-    seen, todo = {own: source}, [own]
+    seen, todo, local = {own: source}, [own], _user_folder(own)
     while todo:
         name = todo.pop()
-        for dep in recipe_imports(name, seen[name]) - set(seen):
+        for dep in recipe_imports(name, seen[name], local) - set(seen):
             seen[dep] = module_source(dep)
             todo.append(dep)
     h = hashlib.sha256(without_plan_hooks(source).encode())
