@@ -51,8 +51,10 @@ class Entry:
             base = import_target(self.base)
             if not issubclass(self.target, base):
                 where = f" ({self.source})" if self.source else ""
+                module = sys.modules.get(self.target.__module__)
+                shown = (f"{module.__file__}:" if self.target.__module__.startswith("bench_user_") and module is not None else f"{self.target.__module__}.")
                 raise UsageError(
-                    f"'{self.name}'{where} is {self.target.__module__}.{self.target.__qualname__}, which is no "
+                    f"'{self.name}'{where} is {shown}{self.target.__qualname__}, which is no "
                     f"{base.__module__}.{base.__name__}: a plugin class must subclass it"
                 )
         return self.target
