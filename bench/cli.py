@@ -56,6 +56,7 @@ examples:
   bench run suite=micro method=sft seeds=0,1,2
   bench run protocol=pso-table1 method=pso-online-dmd2
   bench eval suite=micro model=tiny gen.batch_size=1
+  bench run suite=./mine.yaml method=./my_method.yaml   (a suite or method by path; method=module:Class too)
   bench ls methods
   bench plan method=pso-online-dmd2 suite=parti
 """
