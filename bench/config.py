@@ -290,11 +290,26 @@ def import_recipe(method) -> type:
         cls = Entry(name, target, source=f"recipe: {target} of method '{name}'", base="bench.method:Method").load(search)
     except AttributeError:
         raise UsageError(f"{where}: {module} has no {target.rpartition(':')[2]}; name a class it defines") from None
-    except (ImportError, SyntaxError, OSError) as err:
-        raise UsageError(f"{where}: does not import ({type(err).__name__}: {_one_line(err)}); {fix}") from None
+    except (ImportError, OSError) as err:
+        raise UsageError(f"{where}: does not import ({type(err).__name__}: {_one_line(err)}{_raised_at(err)}); {fix}") from None
+    except Exception as err:  # a user's module that does not compile or fails as it runs (in a shipped recipe: a bug, its traceback)
+        if module.startswith("bench."):
+            raise
+        message = err.msg if isinstance(err, SyntaxError) else _one_line(err)
+        raise UsageError(f"{where}: fails on import ({type(err).__name__}: {message}{_raised_at(err)}); fix the module") from None
     if not isinstance(cls, type):
         raise UsageError(f"{where}: is {type(cls).__name__} {cls!r:.60}, not a class; name a subclass of bench.method.Method")
     return cls
+
+
+def _raised_at(err: BaseException) -> str:
+    """`` at FILE:LINE`` of a user's module where the error was raised (a syntax error's own line), or ""."""
+    import traceback
+
+    if isinstance(err, SyntaxError) and err.filename and err.lineno:
+        return f" at {err.filename}:{err.lineno}"
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if "importlib" not in f.filename and not f.filename.startswith(str(Path(__file__).parent))]
+    return f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
 
 
 def _one_line(err: BaseException) -> str:

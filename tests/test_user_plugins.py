@@ -186,6 +186,9 @@ def test_a_recipe_by_module_or_file_composes_with_its_spec_and_its_source_keys_t
         ({"m.yaml": "recipe: gone.py:Recipe\n"}, ["run", "method=m.yaml"], r"method.recipe=gone.py:Recipe \(in method 'm'\): does not import \(ModuleNotFoundError: no such file: .*gone.py\); check the file's path"),
         ({"m.yaml": "recipe: bench.methods.sft:SFTT\n"}, ["run", "method=m.yaml"], r"method.recipe=bench.methods.sft:SFTT \(in method 'm'\): bench.methods.sft has no SFTT; name a class it defines"),
         ({"m.yaml": "just a sentence\n"}, ["run", "method=m.yaml"], r"method file .*m.yaml holds a single value, not a mapping of keys"),
+        ({"boom.py": "import math\nx = 1 / 0\n"}, ["run", "method=boom.py:Recipe"],
+         r"method.recipe=boom.py:Recipe \(in method 'Recipe'\): fails on import \(ZeroDivisionError: division by zero at .*boom.py:2\); fix the module"),
+        ({"syn.py": "def f(:\n"}, ["run", "method=syn.py:Recipe"], r"fails on import \(SyntaxError: invalid syntax at .*syn.py:1\); fix the module"),
     ],
 )
 def test_a_bad_path_is_one_line_and_leaves_no_run_folder(cli, tmp_path, monkeypatch, clean_imports, files, args, expected):
