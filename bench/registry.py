@@ -197,7 +197,7 @@ class Registry:
         if ":" in value and self.base and not value.endswith((".yaml", ".yml")):
             name = value.rpartition(":")[2].split(".")[-1]
             return Entry(name, {"recipe": value, "_dir": str(Path.cwd())}, f"(given as {value})", value, self.base)
-        path = Path(value).expanduser().absolute()
+        path = Path(os.path.abspath(Path(value).expanduser()))  # normalized: ../mine.yaml names the file itself
         if not path.is_file():
             what = "is a folder, not a file" if path.is_dir() else "no such file"
             raise UsageError(

@@ -99,6 +99,26 @@ def test_limit_by_takes_n_prompts_of_each_group_and_limit_alone_the_first_n(suit
     assert len(prompts()) == 7
 
 
+def test_extends_takes_a_path_beside_the_yaml_and_a_typo_names_the_file_that_wrote_it(suite_file, cli):
+    child = suite_file.parent / "sub" / "child.yaml"
+    child.parent.mkdir()
+    child.write_text("extends: ../mine.yaml\nimages_per_prompt: 2\n")
+    suite = to_dict(compose([f"suite={child}"]))["suite"]
+    assert suite["name"] == "child" and suite["_path"] == str(child) and suite["_dir"] == str(child.parent)
+    assert suite["images_per_prompt"] == 2 and suite["group_columns"] == ["group"] and suite["metrics"] == ["brightness", "contrast"]
+    with suite_file.open("a") as f:
+        f.write("images_per_promt: 3\n")
+    code, _, err = cli("eval", f"suite={child}")
+    assert code == 2 and f"unknown key 'suite.images_per_promt' in suite 'child' ({suite_file}); did you mean suite.images_per_prompt?" in error_line(err)
+
+
+def test_a_suite_whose_prompt_file_is_missing_is_one_line_and_leaves_no_run_folder(cli, tmp_path):
+    (tmp_path / "lost.yaml").write_text("prompts: lost.csv\nmetrics: [brightness]\n")
+    code, _, err = cli("eval", f"suite={tmp_path / 'lost.yaml'}")
+    assert code == 3 and f"prompt file not found: {tmp_path / 'lost.csv'}" in error_line(err)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_ls_lists_a_suite_and_a_method_by_path_beside_the_registered_ones(cli, suite_file, tmp_path):
     method = tmp_path / "sft-mine.yaml"
     method.write_text("extends: sft\ndescription: sft, my way\nsamples_per_prompt: 4\n")
