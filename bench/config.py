@@ -261,7 +261,7 @@ def check_section(cfg: DictConfig, group: str, where) -> None:
 
 def recipe_spec(method: DictConfig) -> type:
     """The ``Spec`` of a method section's recipe (``recipe: module:Class``), imported to read it."""
-    from bench.registry import METHODS, Entry
+    from bench.registry import METHODS
 
     name, target = str(method.name), method.get("recipe")
     if not target:

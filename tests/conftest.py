@@ -24,6 +24,9 @@ def force_offline() -> None:
 
 force_offline()
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one of several pytest workers: one CPU thread each, or they oversubscribe the cores
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
 
 class NetworkBlockedError(ConnectionRefusedError):
     """An OSError, as a refused connection is: code under test reports it as it would a real one."""

@@ -125,7 +125,7 @@ def test_ls_lists_a_suite_and_a_method_by_path_beside_the_registered_ones(cli, s
     code, out, err = cli("ls", "suites", "methods", f"suite={suite_file}", f"method={method}")
     assert code == 0, err
     suites, methods = out.split("methods:")
-    assert re.search(rf"^  micro +embedded offline suite", suites, re.M)
+    assert re.search(r"^  micro +embedded offline suite", suites, re.M)
     assert re.search(rf"^  mine +my prompts in three groups \[{re.escape(str(suite_file))}\]$", suites, re.M)
     assert re.search(r"^  sft +supervised fine-tuning", methods, re.M)
     assert re.search(rf"^  sft-mine +sft, my way \[{re.escape(str(method))}\]$", methods, re.M)
