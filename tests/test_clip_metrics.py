@@ -167,6 +167,7 @@ def test_tiny_scorers_are_seeded_and_labelled():
     assert info.model_id == "tiny-random" and "NOT MEANINGFUL" in info.scale and info.version.endswith("+tiny-random")
 
 
+@pytest.mark.slow  # a fresh process loading five tiny scorers (about 15 s)
 def test_tiny_scorers_leave_no_scratch_folders_behind(tmp_path):
     """Tiny tokenizer and config files live in /tmp only while the process runs."""
     code = (

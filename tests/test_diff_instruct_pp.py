@@ -312,6 +312,7 @@ def test_a_one_step_generator_is_only_evaluated_as_one(cli, tmp_path):
     assert code == 0, err  # distilling from a multi-step teacher is fine: only evaluation needs the one-step sampler
 
 
+@pytest.mark.slow  # two trainings (about 8 s); test_di_pp_runs_end_to_end_and_starts_from_a_diff_instruct_checkpoint trains DI++ by default
 def test_di_pp_trains_its_diff_instruct_stage_first(cli, tmp_path):
     """init_from: the alignment starts from the checkpoint of the Diff-Instruct preset, trained first on the same model."""
     code, out, err = cli("run", "suite=micro", "model=tiny-onestep", "method=di-pp", "suite.limit=2", "train.steps=2", "train.batch_size=2",

@@ -61,6 +61,7 @@ def test_pairs_are_best_and_worst_of_k(loaded):
         assert pairs["reward_w"][p] == rewards.max() and pairs["reward_l"][p] == rewards.min()
 
 
+@pytest.mark.slow  # a full run (about 25 s); tests/test_preference_training.py trains diffusion-dpo through the CLI by default
 def test_bench_run_diffusion_dpo_end_to_end(cli, tmp_path):
     code, out, err = cli("run", "suite=micro", "method=diffusion-dpo", "suite.limit=4", "train.steps=6", "method.samples_per_prompt=3")
     assert code == 0, err

@@ -201,6 +201,7 @@ def test_a_read_only_cache_is_one_line_naming_it_and_the_fix(cache_dir, tmp_path
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.slow  # fault injection (about 17 s)
 def test_a_full_disk_is_one_line_naming_the_folder_and_the_fix(cache_dir, tmp_path, capsys, monkeypatch):
     """ENOSPC where a write reaches the disk: at the image store's fsync, and in a checkpoint that
     safetensors writes (it reports the OS error in its message)."""

@@ -182,6 +182,7 @@ def test_generator_loss_of_a_step_equals_the_objective_by_hand(fewstep_lora):
     assert all(p.grad is None for p in method.surrogate.parameters())
 
 
+@pytest.mark.slow  # 200 surrogate pre-training steps (about 25 s); test_lasro_end_to_end trains LaSRO by default
 def test_pretraining_raises_the_heldout_ranking_accuracy(fewstep_lora):
     """Alg. 1 on the tiny model: the surrogate orders held-out pairs (prompts it never trained on)
     by brightness at chance before pre-training and well above chance after."""

@@ -297,36 +297,29 @@ def _builds_under(threads: tuple[int, ...], spec: dict, root) -> list[dict]:
     return files
 
 
-def test_a_build_is_the_same_on_any_thread_count(tmp_path):
-    """Builds of one spec (the SDXL layout, both text encoders; pre-training cut to 3 steps) from
-    processes set to 16 threads and to 1 give the same bytes: the builder runs on one thread (float32
-    CPU reductions otherwise depend on how many threads split them)."""
-    spec = to_dict(compose(["model=tiny-sdxl-fewstep"]))["model"]["build"]
-    spec = {**spec, **{k: {**spec[k], "steps": 3} for k in ("pretrain", "pretrain_vae") if k in spec}}
-    files = _builds_under((16, 1), spec, tmp_path)
-    assert len(files[0]) == 4 and files[0] == files[1]  # unet, vae, two text encoders
-
-
 def _file_digests(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def test_a_build_from_shipped_weights_writes_the_bytes_of_the_full_build(tmp_path, monkeypatch):
-    """The pre-training result, written to and read back from the shipped file format, and the seed
-    give every file of the build that ran the pre-training (the SDXL layout, cut to 3 steps)."""
+def test_a_build_is_the_same_on_any_thread_count_and_from_shipped_weights(tmp_path, monkeypatch):
+    """Builds of one spec (the SDXL layout, both text encoders; pre-training cut to 3 steps) from
+    processes set to 16 threads and to 1 give the same bytes: the builder runs on one thread (float32
+    CPU reductions otherwise depend on how many threads split them). The pre-training result, written to
+    and read back from the shipped file format, and the seed then give every file of that build."""
     from bench.models import prebuilt
     from bench.models.tiny import build_tiny_pipeline, pretrained_weights
 
     spec = to_dict(compose(["model=tiny-sdxl-fewstep"]))["model"]["build"]
-    spec = {**spec, **{k: {**spec[k], "steps": 3} for k in ("pretrain", "pretrain_vae")}}
-    build_tiny_pipeline(spec, tmp_path / "full")
+    spec = {**spec, **{k: {**spec[k], "steps": 3} for k in ("pretrain", "pretrain_vae") if k in spec}}
+    files = _builds_under((16, 1), spec, tmp_path)
+    assert len(files[0]) == 4 and files[0] == files[1]  # unet, vae, two text encoders
     monkeypatch.setattr(prebuilt, "SHIPPED", tmp_path / "shipped")
     (tmp_path / "shipped").mkdir()
-    prebuilt.save_shipped("tiny-test", pretrained_weights(tmp_path / "full", spec))
+    prebuilt.save_shipped("tiny-test", pretrained_weights(tmp_path / "1", spec))
     shipped = prebuilt.shipped_weights("tiny-test")
     assert {k.split(".")[0] for k in shipped["tensors"]} == {"unet", "vae"} and shipped["vae_scaling_factor"] > 1
     build_tiny_pipeline(spec, tmp_path / "restored", shipped)
-    full = _file_digests(tmp_path / "full")
+    full = _file_digests(tmp_path / "1")
     assert len(full) == 14 and _file_digests(tmp_path / "restored") == full
     assert prebuilt.shipped_weights("tiny-elsewhere") is None
 

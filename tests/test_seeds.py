@@ -123,6 +123,7 @@ def test_seeds_trains_once_and_reports_per_seed_means_their_spread_and_the_poole
     assert base_summary["winrate"] == {} and base_summary["metrics"]["brightness"]["per_run"] == pytest.approx([float(b["brightness"].mean()) for b in base], rel=1e-12)
 
 
+@pytest.mark.slow  # a second sweep (about 25 s); tests/test_end_to_end.py checks a cached rerun by default
 def test_a_second_identical_call_generates_nothing_and_rewrites_the_same_bytes(seeds_run, cache):
     out, stdout = seeds_run
     files = sorted(p for p in out.rglob("*") if p.name in ("summary.json", "table.md", "scores.parquet"))
@@ -142,6 +143,7 @@ def test_a_second_identical_call_generates_nothing_and_rewrites_the_same_bytes(s
     assert {p: p.read_bytes() for p in files} == before
 
 
+@pytest.mark.slow  # four trainings (about 50 s); the default run trains a seed sweep once in seeds_run
 def test_method_seed_trains_once_per_value_alone_and_in_a_grid_with_seeds(seeds_run, cache, tmp_path):
     out, _ = seeds_run
     trained_before = checkpoints(cache)

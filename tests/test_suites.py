@@ -145,6 +145,7 @@ def test_pickapic_and_drawbench_eval_end_to_end_with_tiny_scorers(cli, tmp_path,
 
 # ---- the paper presets of issues 3 and 4 on the parti suite, with tiny stand-ins for SDXL, the scorers and the prompts
 
+@pytest.mark.slow  # a paper preset run (about 11 s); tests/test_preference_methods.py trains offline PSO by default
 def test_offline_pso_paper_preset_runs_on_parti(cli, pairs_parquet, mini_parti):
     """`bench run suite=parti model=sdxl-dmd2 method=pso-offline-dmd2`, with the SDXL-layout tiny model,
     a local Pick-a-Pic-schema parquet for the preset's `base_data: pickapic-v2`, and tiny scorers."""
@@ -156,6 +157,7 @@ def test_offline_pso_paper_preset_runs_on_parti(cli, pairs_parquet, mini_parti):
     assert "| pickscore" in out and "| clip-h14" in out and "mean by Category (95% CI):" in out
 
 
+@pytest.mark.slow  # a paper preset run (about 11 s); tests/test_pso_online.py runs online PSO by default
 def test_online_pso_paper_preset_runs_on_parti_with_pickscore_and_the_4k_prompts(cli, mini_data, mini_parti):
     """`bench run suite=parti model=sdxl-turbo method=pso-online-turbo`: PickScore labels the pairs (tiny
     scorer here), the training prompts are SPO's 4k Pick-a-Pic prompts (the local copy)."""

@@ -44,6 +44,8 @@ def best_worst_pairs(ctx: TrainContext, k: int, seed: int, drop_ties: bool = Tru
     A prompt whose K rewards are all equal gives a tie; ties are dropped by default (as the
     Salesforce Diffusion-DPO code drops Pick-a-Pic ties) and counted in ``ties_dropped``.
     """
+    if k == 1 and drop_ties:  # one sample per prompt has nothing to compare it with: every "pair" is a tie (said before sampling)
+        raise UsageError("method.samples_per_prompt=1 draws one sample per prompt, so every pair is a tie and drop_ties drops it: set method.drop_ties=false to train on every sample")
     win, lose, index, r_win, r_lose, ties = [], [], [], [], [], 0
     for p, latents, rewards in sample_candidates(ctx, k, seed, "preference pairs: best and worst of K"):
         best, worst = int(torch.argmax(rewards)), int(torch.argmin(rewards))
@@ -57,8 +59,6 @@ def best_worst_pairs(ctx: TrainContext, k: int, seed: int, drop_ties: bool = Tru
         r_win.append(rewards[best])
         r_lose.append(rewards[worst])
     if not index:
-        if k == 1:  # one sample per prompt has nothing to compare it with: every "pair" is a tie
-            raise UsageError("method.samples_per_prompt=1 draws one sample per prompt, so every pair is a tie and drop_ties drops it: set method.drop_ties=false to train on every sample")
         raise UsageError("every self-generated pair is a tie; raise samples_per_prompt or use another reward")
     return {
         "latents_w": torch.stack(win),
