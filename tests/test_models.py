@@ -302,25 +302,30 @@ def _file_digests(folder: Path) -> dict[str, str]:
 
 
 def test_a_build_is_the_same_on_any_thread_count_and_from_shipped_weights(tmp_path, monkeypatch):
-    """Builds of one spec (the SDXL layout, both text encoders; pre-training cut to 3 steps) from
-    processes set to 16 threads and to 1 give the same bytes: the builder runs on one thread (float32
-    CPU reductions otherwise depend on how many threads split them). The pre-training result, written to
-    and read back from the shipped file format, and the seed then give every file of that build."""
+    """Builds of one spec (the SDXL layout, both text encoders; the UNet's pre-training cut to 3 steps)
+    from processes set to 16 threads and to 1 give the same bytes: the builder runs on one thread
+    (float32 CPU reductions otherwise depend on how many threads split them). A pre-training result,
+    written to and read back from the shipped file format, and the seed then give every file of its
+    build: the UNet's, and the VAE's with its scaling factor (each pre-training alone, 3 steps: with
+    both, the UNet's encodes a 4,096-image pool, 15 s a build; the slow test builds them in full)."""
     from bench.models import prebuilt
     from bench.models.tiny import build_tiny_pipeline, pretrained_weights
 
     spec = to_dict(compose(["model=tiny-sdxl-fewstep"]))["model"]["build"]
-    spec = {**spec, **{k: {**spec[k], "steps": 3} for k in ("pretrain", "pretrain_vae") if k in spec}}
-    files = _builds_under((16, 1), spec, tmp_path)
+    unet_only = {**spec, "pretrain": {**spec["pretrain"], "steps": 3}, "pretrain_vae": None}
+    files = _builds_under((16, 1), unet_only, tmp_path)
     assert len(files[0]) == 4 and files[0] == files[1]  # unet, vae, two text encoders
+    vae_only = {**spec, "pretrain": None, "pretrain_vae": {**spec["pretrain_vae"], "steps": 3}}
+    build_tiny_pipeline(vae_only, tmp_path / "vae")
     monkeypatch.setattr(prebuilt, "SHIPPED", tmp_path / "shipped")
     (tmp_path / "shipped").mkdir()
-    prebuilt.save_shipped("tiny-test", pretrained_weights(tmp_path / "1", spec))
-    shipped = prebuilt.shipped_weights("tiny-test")
-    assert {k.split(".")[0] for k in shipped["tensors"]} == {"unet", "vae"} and shipped["vae_scaling_factor"] > 1
-    build_tiny_pipeline(spec, tmp_path / "restored", shipped)
-    full = _file_digests(tmp_path / "1")
-    assert len(full) == 14 and _file_digests(tmp_path / "restored") == full
+    for name, built, build_spec, parts in (("unet", tmp_path / "1", unet_only, {"unet"}), ("vae", tmp_path / "vae", vae_only, {"vae"})):
+        prebuilt.save_shipped(f"tiny-{name}", pretrained_weights(built, build_spec))
+        shipped = prebuilt.shipped_weights(f"tiny-{name}")
+        assert {k.split(".")[0] for k in shipped["tensors"]} == parts and (shipped["vae_scaling_factor"] is None) == (name == "unet")
+        build_tiny_pipeline(build_spec, tmp_path / f"restored-{name}", shipped)
+        full = _file_digests(built)
+        assert len(full) == 14 and _file_digests(tmp_path / f"restored-{name}") == full
     assert prebuilt.shipped_weights("tiny-elsewhere") is None
 
 

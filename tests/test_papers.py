@@ -326,6 +326,7 @@ MICRO_TOY = {
 }
 
 
+@pytest.mark.slow  # a protocol run with kept checkpoints (about 9 s)
 def test_protocol_run_keeps_the_best_checkpoint_and_sits_beside_its_paper_cell(cli, cache_dir, tmp_path):
     PROTOCOLS.add("micro-toy", MICRO_TOY)
     papers = tmp_path / "papers"

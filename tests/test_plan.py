@@ -106,6 +106,7 @@ def test_lora_shapes_are_peft_s():
         assert counted == sum(p.numel() for p in unet.parameters() if p.requires_grad)
 
 
+@pytest.mark.slow  # about 9 s
 def test_emulated_autocast_equals_the_dispatcher_s(tiny_cfg):
     """What a gradient-carrying pass keeps for its backward under bf16 autocast: the emulation on meta
     tensors (batch 1: per region + per pass + per sample) equals fake CUDA tensors under torch's own

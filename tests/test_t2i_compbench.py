@@ -116,6 +116,7 @@ def test_a_malformed_or_missing_prompt_file_is_one_line(tmp_path, cli, mini):
 LIMIT = 1  # `suite.limit=4` gives the same table with 4x the images (about a minute on 2 cores)
 
 
+@pytest.mark.slow  # a full suite evaluation with four tiny scorers (about 15 s); the metrics' own tests run by default
 def test_eval_with_tiny_scorers_prints_one_metric_per_category(cli, tmp_path, mini, mini_suite):
     code, out, err = cli("eval", "suite=t2i-compbench", "model=tiny", f"suite.limit={LIMIT}", *mini_suite, "scorers=tiny")
     assert code == 0, err
