@@ -129,9 +129,7 @@ def with_base_protocol(args: list[str]) -> list[str]:
     """A paper preset names the protocol of its paper's table (``base_protocol``, as ``base_model``
     names its model): `bench run method=P` without suite= or protocol= runs that protocol."""
     from bench.config import load_entry_config
-    from bench.registry import METHODS
-
-    from bench.registry import is_path
+    from bench.registry import METHODS, is_path
 
     keys = {a.split("=", 1)[0] for a in args}
     method = next((a.split("=", 1)[1] for a in args if a.startswith("method=")), None)

@@ -42,8 +42,6 @@ def load_entry_config(registry, name: str, _seen=()) -> DictConfig:
     name, or a path: relative to the folder of the YAML that extends it). A preset given by path
     (``suite=/any/mine.yaml``, ``method=my_module:MyRecipe``; ``Registry.path_entry``) is named after its
     file (or class) and records where it came from in ``_path``."""
-    from bench.registry import is_path
-
     if name in _seen:
         raise UsageError(f"{registry.kind} '{name}' extends itself through {' -> '.join(_seen)}")
     entry = registry.entry(name)
@@ -57,16 +55,27 @@ def load_entry_config(registry, name: str, _seen=()) -> DictConfig:
         cfg = OmegaConf.create(target.default_config())
     else:
         raise UsageError(f"{registry.kind} '{name}' is registered as {target!r}, which is no config")
-    base = cfg.pop("extends", None)
-    if base and registry.by_path and is_path(str(base)) and ":" not in str(base) and not Path(str(base)).is_absolute() and cfg.get("_dir"):
-        base = str(Path(cfg["_dir"]) / str(base))  # a path beside this YAML
+    base = extended(registry, cfg.pop("extends", None), cfg.get("_dir"))
     if base:
-        cfg = OmegaConf.merge(load_entry_config(registry, str(base), (*_seen, name)), cfg)
+        cfg = OmegaConf.merge(load_entry_config(registry, base, (*_seen, name)), cfg)
     cfg.pop("_path", None)
     if entry.name != name:  # given by path: the file (or module:Class) in error lines and `bench ls`
         cfg["_path"] = entry.source
     cfg["name"] = entry.name
     return cfg
+
+
+def extended(registry, base, folder) -> str | None:
+    """What an ``extends:`` value names: a registered name as written, a relative YAML path from
+    ``folder`` (the YAML that extends it) for a kind taken by path."""
+    from bench.registry import is_path
+
+    if not base:
+        return None
+    base = str(base)
+    if folder and registry.by_path and is_path(base) and ":" not in base and not Path(base).is_absolute():
+        return str(Path(folder) / base)
+    return base
 
 
 def read_yaml(path, kind: str) -> DictConfig:
@@ -261,11 +270,6 @@ def check_section(cfg: DictConfig, group: str, where) -> None:
 
 def recipe_spec(method: DictConfig) -> type:
     """The ``Spec`` of a method section's recipe (``recipe: module:Class``), imported to read it."""
-    from bench.registry import METHODS
-
-    name, target = str(method.name), method.get("recipe")
-    if not target:
-        raise UsageError(f"method '{name}' names no recipe: add `recipe: module:Class` to {preset_file(METHODS, preset_key(method), 'recipe')}")
     return getattr(import_recipe(method), "Spec", MethodSpec)
 
 
@@ -273,11 +277,11 @@ def import_recipe(method) -> type:
     """The recipe class of a method section (``recipe: module:Class``, or ``path/to/file.py:Class``
     relative to the preset's folder or the working folder), checked against ``bench.method.Method``;
     one that does not import, or is no class, is one line naming it and the fix."""
-    from bench.registry import Entry
+    from bench.registry import METHODS, Entry
 
     name, target = str(method.get("name")), method.get("recipe")
     if not target:
-        raise UsageError(f"method '{name}' names no recipe (`recipe: module:Class` in its YAML)")
+        raise UsageError(f"method '{name}' names no recipe: add `recipe: module:Class` to {preset_file(METHODS, preset_key(method), 'recipe')}")
     target = str(target)
     where = f"method.recipe={target} (in method '{name}')"
     if ":" not in target:
@@ -325,8 +329,6 @@ def preset_key(section) -> str:
 def preset_file(registry, name: str, dotted: str) -> str:
     """Where preset ``name`` (or the ``extends:`` parent that wrote it) sets ``dotted``: its file, or its
     entry; the preset's own where none does."""
-    from bench.registry import is_path
-
     own, seen = None, []
     while name and name not in seen:
         seen.append(name)
@@ -343,9 +345,7 @@ def preset_file(registry, name: str, dotted: str) -> str:
             tree = tree.get(part, KeyError) if isinstance(tree, dict) else KeyError
         if tree is not KeyError:
             return where
-        name = raw.get("extends")
-        if name and isinstance(target, (str, Path)) and registry.by_path and is_path(str(name)) and ":" not in str(name) and not Path(str(name)).is_absolute():
-            name = str(Path(target).parent / str(name))  # a path beside the YAML that extends it
+        name = extended(registry, raw.get("extends"), Path(target).parent if isinstance(target, (str, Path)) else None)
     return own
 
 

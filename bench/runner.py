@@ -429,11 +429,6 @@ class Session:
         return None
 
 
-def _import_recipe(target: str | None, name: str, folder: str | None = None):
-    """The recipe class ``target`` names (``bench.config.import_recipe``)."""
-    return import_recipe({"name": name, "recipe": target, "_dir": folder})
-
-
 def run(cfg, progress: bool = True) -> tuple[RunResult, RunResult]:
     """Evaluate the base model, train the method (or reuse its checkpoint), evaluate, compare."""
     session = Session(cfg, progress)

@@ -386,7 +386,7 @@ class Trainer:
             "method": {k: v for k, v in self.cfg["method"].items() if not k.startswith("_") and k not in METHOD_NOTES},
             "train": train_identity(self.train_cfg),
             "prompts": prompts_sha256(self.prompts),
-            "reward": f"{self.reward.info.name}@{self.reward.info.version}" if self.reward is not None else None,  # scorers=tiny is another version
+            "reward": self._reward_version(),  # scorers=tiny is another version
             "recipe_source": recipe_source,
             "data": data_identity(data),
         } | ({"images": self.images.sha256} if self.images is not None else {})  # target images: a subject, a style set
@@ -526,6 +526,9 @@ class Trainer:
         if moved:
             log.info("checkpoint %s moved to its content key %s (%s), once; nothing retrained", legacy.name, self.root.name, ", ".join(moved))
 
+    def _reward_version(self) -> str | None:
+        return f"{self.reward.info.name}@{self.reward.info.version}" if self.reward is not None else None
+
     def _micro_batches(self) -> tuple[int, int]:
         return micro_batches(self.train_cfg, self.method.splits_micro_batches, self.cfg["method"]["name"])
 
@@ -536,7 +539,7 @@ class Trainer:
         spec = self.method.data_spec()
         if not spec or ctx.data_cfg:  # nothing to cache, or a dataset the method streams
             return self.method.prepare(ctx)
-        reward = f"{self.reward.info.name}@{self.reward.info.version}" if self.reward is not None else None
+        reward = self._reward_version()
         path = self._data_path(spec, sampler_identity(self.model.sampler), recipe_source_hash(self.method), {"reward": reward} if reward else {})
         legacy = self._data_path(spec, str(self.model.sampler), legacy_recipe_source_hash(self.method))  # before content keys
         if not path.exists() and legacy.exists() and adopt_file(legacy, path):

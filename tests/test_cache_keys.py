@@ -20,7 +20,7 @@ import bench.generate
 import bench.runner
 import bench.trainer
 from bench.cli import main
-from bench.config import compose, to_dict
+from bench.config import compose, import_recipe, to_dict
 from bench.generate import CheckpointId, ImageStore, plan_images
 from bench.method import Method
 from bench.models import Sampler, embedded_build_path, make_sampler, sampler_identity
@@ -90,7 +90,7 @@ def recipes():
     out = {}
     for name in RECIPES:
         cfg = to_dict(compose([f"method={name}"]))
-        out[name] = cfg, bench.runner._import_recipe(cfg["method"]["recipe"], name)(cfg["method"])
+        out[name] = cfg, import_recipe(cfg["method"])(cfg["method"])
     return out, train_ids(out)
 
 
@@ -122,7 +122,7 @@ def test_editing_one_recipe_file_retrains_only_the_recipes_that_import_it(edited
 
 
 def test_a_planner_hook_edit_retrains_nothing(monkeypatch):
-    recipe = bench.runner._import_recipe("bench.methods.pso_online:OnlinePSO", "pso-online")
+    recipe = import_recipe({"name": "pso-online", "recipe": "bench.methods.pso_online:OnlinePSO"})
     method = recipe.__new__(recipe)  # the hash reads only the class
     before = recipe_source_hash(method)
     monkeypatch.setattr(bench.trainer, "module_source", edited_reader("bench.methods.online", "\n\ndef plan_extra(p):\n    return p\n"))

@@ -197,7 +197,7 @@ def test_a_name_declared_twice_is_refused():
 
 def test_entries_are_checked_against_their_base_class(tmp_path, monkeypatch):
     from bench.registry import METHODS, METRICS
-    from bench.runner import _import_recipe
+    from bench.config import import_recipe
 
     assert METRICS.base == "bench.metrics:Metric" and METHODS.base == "bench.method:Method"
     reg = Registry("metric", "bench.test-no-such-group", base="bench.metrics:Metric")
@@ -207,8 +207,8 @@ def test_entries_are_checked_against_their_base_class(tmp_path, monkeypatch):
     reg.add("brightness", "bench.metrics.weightfree:Brightness")
     assert reg.get("brightness").__name__ == "Brightness"
     with pytest.raises(UsageError, match=r"is collections.OrderedDict, which is no bench.method.Method"):
-        _import_recipe("collections:OrderedDict", "mine")
-    assert _import_recipe("bench.methods.sft:SFT", "sft").__name__ == "SFT"
+        import_recipe({"name": "mine", "recipe": "collections:OrderedDict"})
+    assert import_recipe({"name": "sft", "recipe": "bench.methods.sft:SFT"}).__name__ == "SFT"
 
 
 def test_builtin_registries():

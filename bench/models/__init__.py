@@ -10,7 +10,7 @@ from bench.errors import UsageError, WeightsMissingError, writing
 from bench.io import hub_offline
 from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler, sampler_identity
 
-__all__ = ["DiffusionModel", "Sampler", "embedded_build_path", "load_model", "make_sampler", "pipeline_location", "sampler_identity"]
+__all__ = ["DiffusionModel", "Sampler", "embedded_build_name", "embedded_build_path", "load_model", "make_sampler", "pipeline_location", "sampler_identity"]
 
 
 def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
@@ -30,13 +30,17 @@ def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
     )
 
 
-def embedded_build_path(model_cfg: dict, cache_dir: Path) -> Path:
-    """``<cache>/models/tiny-<hash>``: where an embedded model's build lives, the hash covering its
-    build spec and the builder's source."""
+def embedded_build_name(model_cfg: dict) -> str:
+    """``tiny-<hash>``: an embedded model's build, the hash covering its build spec and the builder's
+    source (the name of its cache folder and of its shipped weights, ``bench.models.prebuilt``)."""
     import bench.models.tiny as builder
 
-    digest = stable_hash({"spec": model_cfg["build"], "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
-    return Path(cache_dir) / "models" / f"tiny-{digest}"
+    return "tiny-" + stable_hash({"spec": model_cfg["build"], "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
+
+
+def embedded_build_path(model_cfg: dict, cache_dir: Path) -> Path:
+    """``<cache>/models/tiny-<hash>``: where an embedded model's build lives."""
+    return Path(cache_dir) / "models" / embedded_build_name(model_cfg)
 
 
 def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None, dict]:

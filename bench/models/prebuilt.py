@@ -12,7 +12,6 @@ never used: that build pre-trains, and ``python -m bench.models.prebuilt`` write
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -22,14 +21,13 @@ SHIPPED = Path(__file__).parent / "prebuilt"
 def shipped_weights(build_name: str) -> dict | None:
     """The shipped pre-training result of the build ``tiny-<hash>``, or None."""
     from safetensors import safe_open
-    from safetensors.torch import load_file
 
     path = SHIPPED / f"{build_name}.safetensors"
     if not path.exists():
         return None
     with safe_open(path, "pt") as f:
         scaling = f.metadata().get("vae_scaling_factor")
-    return {"tensors": load_file(path), "vae_scaling_factor": float(scaling) if scaling else None}
+        return {"tensors": {k: f.get_tensor(k) for k in f.keys()}, "vae_scaling_factor": float(scaling) if scaling else None}
 
 
 def save_shipped(build_name: str, weights: dict) -> None:
@@ -45,14 +43,14 @@ def embedded_builds() -> dict[str, dict]:
     """Every registered embedded model's build, by build folder name (two names for one spec, such
     as ``tiny`` and ``tiny-onestep``, share one)."""
     from bench.config import compose, to_dict
-    from bench.models import embedded_build_path
+    from bench.models import embedded_build_name
     from bench.registry import MODELS
 
     builds = {}
     for name in MODELS.names():
         model = to_dict(compose([f"model={name}"]))["model"]
         if model["source"] == "tiny":
-            builds.setdefault(embedded_build_path(model, Path(".")).name, model["build"])
+            builds.setdefault(embedded_build_name(model), model["build"])
     return builds
 
 
@@ -64,14 +62,16 @@ def _pretrain_and_extract(build_name: str, spec: dict, scratch: str) -> tuple[st
     return build_name, pretrained_weights(folder, spec)
 
 
-def write_shipped(scratch: Path, workers: int = 2) -> list[str]:
+def write_shipped(workers: int = 2) -> list[str]:
     """Pre-train every embedded build that has no shipped file (``workers`` at once, each on one
     thread), write their files and remove the files no build names any more."""
+    import tempfile
+
     builds = embedded_builds()
     missing = {n: s for n, s in builds.items() if not (SHIPPED / f"{n}.safetensors").exists()}
     SHIPPED.mkdir(exist_ok=True)
-    with ProcessPoolExecutor(workers) as pool:
-        for name, weights in pool.map(_pretrain_and_extract, missing, missing.values(), [str(scratch)] * len(missing)):
+    with ProcessPoolExecutor(workers) as pool, tempfile.TemporaryDirectory() as scratch:
+        for name, weights in pool.map(_pretrain_and_extract, missing, missing.values(), [scratch] * len(missing)):
             save_shipped(name, weights)
             print(f"wrote {SHIPPED / name}.safetensors", flush=True)
     for stale in sorted(set(p.stem for p in SHIPPED.glob("*.safetensors")) - set(builds)):
@@ -80,8 +80,5 @@ def write_shipped(scratch: Path, workers: int = 2) -> list[str]:
     return sorted(missing)
 
 
-if __name__ == "__main__":  # python -m bench.models.prebuilt [SCRATCH_DIR]: after editing a tiny spec or bench/models/tiny.py
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as scratch:
-        write_shipped(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(scratch))
+if __name__ == "__main__":  # python -m bench.models.prebuilt: after editing a tiny spec or bench/models/tiny.py
+    write_shipped()

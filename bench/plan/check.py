@@ -53,18 +53,17 @@ def training_micro_batch(args: list[str], cache_dir: Path, device: str = "cpu", 
     """One real micro-batch (loss and backward) of an offline pair method on synthetic pairs, set up as
     ``bench.trainer.Trainer`` sets it up, with gradients and optimizer state already allocated (as
     from the second micro-batch on), against the plan of ``bench train ARGS``."""
-    from bench.config import compose, to_dict
+    from bench.config import compose, import_recipe, to_dict
     from bench.method import TrainContext
     from bench.models import load_model, make_sampler
     from bench.plan.planner import make_plan
-    from bench.runner import _import_recipe
     from bench.trainer import add_lora, make_optimizer, micro_batches, mixed_precision
 
     args = [*args, f"device={device}", f"cache_dir={cache_dir}"]
     plan = make_plan("train", args)
     cfg = to_dict(compose(args))
     tc = cfg["train"]
-    method = _import_recipe(cfg["method"]["recipe"], cfg["method"]["name"], cfg["method"].get("_dir"))(cfg["method"])
+    method = import_recipe(cfg["method"])(cfg["method"])
     micro, _ = micro_batches(tc, method.splits_micro_batches, cfg["method"]["name"])
     model = load_model(cfg["model"], cache_dir, make_sampler({**cfg["model"]["sampler"], **(tc.get("sampler") or {})})).to(device, torch.float32)
     unet, frozen = model.unet, None

@@ -407,13 +407,13 @@ class _Planner:
         from bench.models import make_sampler
         from bench.plan import arch
         from bench.registry import METHODS
-        from bench.runner import _import_recipe
+        from bench.config import import_recipe
         from bench.trainer import micro_batches, mixed_precision
 
         cfg = self.cfg
         method_cfg = dict(cfg["method"])
         METHODS.entry(str(method_cfg.get("_path") or method_cfg["name"]))
-        cls = _import_recipe(method_cfg.get("recipe"), method_cfg["name"], method_cfg.get("_dir"))
+        cls = import_recipe(method_cfg)
         tc = cfg["train"]
         targets, reward = self.targets_and_reward(method_cfg)
         method = cls(method_cfg)
