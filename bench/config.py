@@ -80,21 +80,27 @@ def extended(registry, base, folder) -> str | None:
 
 def read_yaml(path, kind: str) -> DictConfig:
     """A preset YAML as a config: anything but a mapping of keys (a list, a bare word, invalid YAML) is
-    one line naming the file and what to write."""
+    one line naming the file and what to write. Parsed once by OmegaConf (every preset is read at every
+    composition); only a file that is no mapping is read again, to say what it holds."""
     import yaml
 
     try:
-        top = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{kind} file {path} is not UTF-8 text: give a YAML file of `key: value` lines") from None
+    try:
+        cfg = OmegaConf.load(path)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         raise UsageError(f"{kind} file {path} is not valid YAML ({getattr(err, 'problem', None) or type(err).__name__}{where}): write one `key: value` per line") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{kind} file {path} is not UTF-8 text: give a YAML file of `key: value` lines") from None
-    if top is not None and not isinstance(top, dict):
-        raise UsageError(f"{kind} file {path} holds {_a(type(top).__name__)}, not a mapping of keys: write one `key: value` per line "
-                         f"(`bench run --help` lists a {kind}'s keys)")
-    return OmegaConf.load(path)
+    except OSError:  # a bare number: OmegaConf takes no such type
+        cfg = None
+    if isinstance(cfg, DictConfig) and (len(cfg) == 0 or ":" in text):  # OmegaConf reads a bare word as {word: null}
+        return cfg
+    top = yaml.safe_load(text)
+    raise UsageError(f"{kind} file {path} holds {_a(type(top).__name__)}, not a mapping of keys: write one `key: value` per line "
+                     f"(`bench run --help` lists a {kind}'s keys)")
 
 
 def _a(type_name: str) -> str:

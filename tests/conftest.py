@@ -115,14 +115,18 @@ def published(*overrides: str) -> list[str]:
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """One cache per test session; the first test that loads an embedded model builds it there, in
-    seconds, from the pre-trained weights the package ships (``bench.models.prebuilt``). During
-    development ``BENCH_TEST_CACHE=DIR`` keeps the built models (only they) across sessions; a build is
-    keyed by the hash of its spec and builder source, so a stale one is never reused. CI leaves it unset."""
+    seconds, from the pre-trained weights the package ships (``bench.models.prebuilt``). The pytest
+    workers share one models folder (beside their own temporary folders; a build's file lock makes
+    one of them build it). During development ``BENCH_TEST_CACHE=DIR`` keeps the built models (only
+    they) across sessions; a build is keyed by the hash of its spec and builder source, so a stale one
+    is never reused. CI leaves it unset."""
     cache = tmp_path_factory.mktemp("bench-cache")
     keep = os.environ.get("BENCH_TEST_CACHE")
-    if keep:
-        (Path(keep) / "models").mkdir(parents=True, exist_ok=True)
-        (cache / "models").symlink_to(Path(keep) / "models")
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    models = Path(keep) / "models" if keep else tmp_path_factory.getbasetemp().parent / "bench-models" if worker else None
+    if models is not None:
+        models.mkdir(parents=True, exist_ok=True)
+        (cache / "models").symlink_to(models)
     return cache
 
 
