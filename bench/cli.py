@@ -122,7 +122,7 @@ def cmd_run(args):
         print(json.dumps({"run_dir": str(tuned.run_dir), "base_run_dir": str(base.run_dir), "summary": tuned.summary}, indent=1))
         return
     print(tuned.table)
-    print(f"\nreport: {tuned.run_dir / 'report.html'}\nrun folder: {tuned.run_dir}   (base model: {base.run_dir})")
+    print(f"\n{report_line(tuned.run_dir)}run folder: {tuned.run_dir}   (base model: {base.run_dir})")
 
 
 def with_base_protocol(args: list[str]) -> list[str]:
@@ -181,7 +181,12 @@ def cmd_eval(args):
         print(json.dumps({"run_dir": str(result.run_dir), "summary": result.summary}, indent=1))
         return
     print(result.table)
-    print(f"\nreport: {result.run_dir / 'report.html'}\nrun folder: {result.run_dir}")
+    print(f"\n{report_line(result.run_dir)}run folder: {result.run_dir}")
+
+
+def report_line(run_dir: Path) -> str:
+    """``report: FILE`` and a newline where the run wrote its report.html (``report.html=false``: none)."""
+    return f"report: {run_dir / 'report.html'}\n" if (run_dir / "report.html").is_file() else ""
 
 
 def cmd_train(args):

@@ -237,7 +237,8 @@ class Session:
         write_json(plan.run_dir / "summary.json", summary)
         write_text(plan.run_dir / "table.md", table + "\n")
         write_json(plan.run_dir / "manifest.json", self.manifest(plan, scored, summary, timings, protocol_extra))
-        self.write_report(plan.run_dir)
+        if (self.cfg.get("report") or {}).get("html", True):
+            self.write_report(plan.run_dir)
         return RunResult(plan.run_dir, summary, table, timings)
 
     def write_report(self, run_dir: Path) -> None:

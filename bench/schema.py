@@ -142,6 +142,7 @@ class Stats:
 
 @dataclass
 class Report:
+    html: bool = setting(True, "write report.html into the run folder of every `bench run` and `bench eval` (false: a sweep that no one opens; `bench report run=DIR` writes it later)")
     max_prompts: int = setting(200, "report.html's image grid shows at most this many prompts: those with the largest |paired difference| on the first metric", at_least(1))
 
 

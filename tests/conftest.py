@@ -132,7 +132,8 @@ def cache_dir(tmp_path_factory):
 
 @pytest.fixture
 def cli(cache_dir, tmp_path, capsys):
-    """Run ``bench`` in-process: returns (exit code, stdout, stderr); out= defaults to tmp_path/runs."""
+    """Run ``bench`` in-process: returns (exit code, stdout, stderr); out= defaults to tmp_path/runs, and
+    report.html to false (0.5 s an evaluation; the tests that read the page ask for it)."""
     from bench.cli import main
 
     def run(*args: str, cache: Path | None = None):
@@ -143,6 +144,8 @@ def cli(cache_dir, tmp_path, capsys):
                 argv.append(f"cache_dir={cache or cache_dir}")
             if "out" not in keys and argv[0] in ("run", "eval"):
                 argv.append(f"out={tmp_path / 'runs'}")
+            if "report.html" not in keys and argv[0] in ("run", "eval"):  # its own tests write it (tests/test_report_html.py)
+                argv.append("report.html=false")
         code = main(argv)
         captured = capsys.readouterr()
         return code, captured.out, captured.err
