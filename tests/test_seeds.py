@@ -25,7 +25,7 @@ from bench.report import _fmt
 from bench.seeds import parse_seeds
 
 METRICS = ["brightness", "colorfulness", "contrast", "jpeg_compressibility"]
-SFT = ["suite=micro", "method=sft", "suite.limit=4", "train.steps=12", "train.save_every=4", "method.samples_per_prompt=2"]
+SFT = ["suite=micro", "method=sft", "suite.limit=4", "train.steps=12", "train.save_every=4", "method.samples_per_prompt=2", "report.html=false"]
 
 
 def bench(*argv: str) -> tuple[int, str]:
