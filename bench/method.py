@@ -6,10 +6,14 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 * ``Spec``: the recipe's settings as a dataclass (``bench.schema.MethodSpec`` and its shared
   groups); the recipe reads them typed from ``self.spec``, never with a default of its own.
 * ``data_spec()``: what determines the prepared data; the trainer caches the
-  tensors ``prepare()`` returns under the hash of this spec.
-* ``prepare(ctx)``: make the training data once (sample from the base model,
-  label with a reward ...) as a dict of tensors, or return an object that
-  streams it (a pair dataset given as ``data=``; never cached).
+  tensors ``prepare()`` returns under the hash of this spec (``cached_data_spec(ctx)``: none where
+  this run's source is streamed).
+* ``prepare(ctx)``: the method's data source. Data made once (sampled from the base model, labelled
+  with a reward, target images encoded ...) comes back as a dict of tensors, which the trainer caches
+  under ``cached_data_spec(ctx)``; data read as training goes comes back as an object the loss reads
+  (a pair dataset given as ``data=``, the rounds an online method samples into ``ctx.rounds``). Such
+  an object may define ``checkpointed(step)``: the trainer calls it after each resumable checkpoint,
+  so it can let go of what no resume can read again (online rounds before that step).
 * ``loss(ctx, data, generator)``: one micro-batch loss; all randomness comes
   from ``generator``, which the trainer seeds from (seed, step, micro-batch),
   so a resumed run repeats exactly what an uninterrupted run would do.
@@ -25,13 +29,16 @@ owns the loop (optimizer, accumulation, precision, EMA, checkpoints, resume).
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from bench.errors import writing
 from bench.images import TargetImages
 from bench.io import progress
 from bench.metrics import Metric
@@ -40,6 +47,65 @@ from bench.schema import MethodSpec, build_spec
 
 if TYPE_CHECKING:  # the planner's view of a method (`bench plan`)
     from bench.plan.work import PlanContext, Work
+
+
+class RoundStore:
+    """Where an online method keeps the rounds it samples while it trains: the trainer gives a folder
+    beside its checkpoints, so a resumed run reads back exactly what the killed one sampled; without
+    one (a method called outside the trainer) rounds stay in memory. Round ``r`` is
+    ``round-{r:06d}.safetensors``; ``index.json`` is the method's own record of its rounds, if any."""
+
+    def __init__(self, folder: Path | None = None):
+        self.folder = Path(folder) if folder is not None else None
+        self._memory: dict[int, dict] = {}
+        self._index: object = None
+
+    def path(self, r: int) -> Path | None:
+        return self.folder / f"round-{r:06d}.safetensors" if self.folder is not None else None
+
+    def load(self, r: int) -> dict[str, torch.Tensor] | None:
+        """Round r as saved, or None where it was never sampled (or was dropped)."""
+        if self.folder is None:
+            return self._memory.get(r)
+        return load_file(self.path(r)) if self.path(r).exists() else None
+
+    def save(self, r: int, data: dict[str, torch.Tensor]) -> None:
+        data = {k: v.contiguous() for k, v in data.items()}
+        if self.folder is None:
+            self._memory[r] = data
+            return
+        with writing(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.path(r).with_suffix(".tmp")
+            save_file(data, tmp)
+            tmp.replace(self.path(r))
+
+    def drop_before(self, r: int) -> None:
+        """Delete every round before ``r``: a resume never reads them again (at SDXL size a round of
+        256 trajectories is about 670 MB)."""
+        if self.folder is None:
+            self._memory = {q: d for q, d in self._memory.items() if q >= r}
+            return
+        for old in self.folder.glob("round-*.safetensors"):
+            if int(old.stem.split("-")[1]) < r:
+                old.unlink()
+
+    def read_index(self):
+        """The method's record of its rounds (None before the first): JSON, written with ``write_index``."""
+        if self.folder is None:
+            return copy.deepcopy(self._index)
+        path = self.folder / "index.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_index(self, index) -> None:
+        if self.folder is None:
+            self._index = copy.deepcopy(index)
+            return
+        with writing(self.folder):
+            self.folder.mkdir(parents=True, exist_ok=True)
+            tmp = self.folder / "index.json.tmp"
+            tmp.write_text(json.dumps(index))
+            tmp.replace(self.folder / "index.json")
 
 
 @dataclass
@@ -52,10 +118,9 @@ class TrainContext:
     batch_size: int
     progress: bool = True
     frozen_unet: torch.nn.Module | None = None  # full fine-tuning keeps a frozen copy as reference (where the method uses one)
-    data_cfg: dict | None = None  # a pair dataset (``data=``) in place of self-generated data
+    data_cfg: dict | None = None  # the run's ``data=`` section as given (a pair dataset, a captioned image set): the method decides what it reads
     grad_accum: int = 1
-    workdir: Path | None = None  # the run's checkpoint folder: online methods keep their sampled rounds here
-    save_every: int = 1  # checkpoint interval: what a resume can need
+    rounds: RoundStore = field(default_factory=lambda: RoundStore())  # where online rounds live: the trainer's, beside its checkpoints
     step: int = 0  # the optimizer step of this micro-batch (``at``): streamed data and online rounds read by position
     micro: int = 0  # the micro-batch within the step
     images: TargetImages | None = None  # given target images (a DreamBench subject, a style set); prompts are their captions
@@ -84,6 +149,17 @@ class TrainContext:
                 yield
             finally:
                 unet.enable_adapters()
+
+    @property
+    def base_unet(self) -> torch.nn.Module:
+        """The UNet with the base model's weights, to copy from (a teacher, a surrogate's backbone): the
+        frozen copy under full fine-tuning, else the model's own, whose LoRA layers ``base_copy`` leaves out."""
+        return self.frozen_unet if self.frozen_unet is not None else self.model.unet
+
+    @property
+    def full_finetune(self) -> bool:
+        """Whether every weight trains (no LoRA adapters on the UNet)."""
+        return not getattr(self.model.unet, "peft_config", None)
 
     def bar(self, iterable, desc: str):
         return progress(iterable, self.progress, desc=desc)
@@ -126,6 +202,11 @@ class Method:
 
     def data_spec(self) -> dict:
         return {}
+
+    def cached_data_spec(self, ctx: TrainContext) -> dict:
+        """The spec the trainer caches this run's prepared data under: ``data_spec()``, or nothing
+        where ``prepare`` returns a source read as training goes (a pair dataset, online rounds)."""
+        return self.data_spec()
 
     def as_composed(self, *keys: str) -> dict:
         """``keys`` as the preset wrote them (the typed value where it left one out): a data cache key

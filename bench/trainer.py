@@ -33,7 +33,7 @@ from bench.images import TargetImages
 from bench.suite import prompts_sha256
 from bench.trainlog import TrainLog, tracker_kwargs
 from bench.io import adopt_file, progress, write_json
-from bench.method import Method, TrainContext
+from bench.method import Method, RoundStore, TrainContext
 from bench.models.diffusion import DiffusionModel, sampler_identity
 from bench.weights import copy_weights
 
@@ -367,9 +367,8 @@ class Trainer:
     def __init__(self, cfg: dict, model: DiffusionModel, method: Method, prompts: list[str], reward, device, cache_dir: Path, progress=True, images: TargetImages | None = None):
         self.cfg, self.train_cfg = cfg, cfg["train"]
         self.model, self.method, self.prompts, self.reward, self.images = model, method, prompts, reward, images
-        data = cfg.get("data") or {}
-        self.pair_data = data if data and data.get("kind", "pairs") == "pairs" else None  # image datasets arrive as ``images``
         self.device, self.cache_dir, self.progress = device, Path(cache_dir), progress
+        self.data_source = None  # what ``prepare`` returned, once training starts
         self.train_id = CheckpointId(
             stable_hash(self._identity(sampler_identity(model.sampler), recipe_source_hash(method)))[:16],
             legacy=stable_hash(self._identity(str(model.sampler), legacy_recipe_source_hash(method)))[:16],  # before content keys
@@ -422,6 +421,7 @@ class Trainer:
         opt = make_optimizer(params, tc)
         lr_factor(tc["lr_schedule"], 0, 0, steps)  # a mistyped schedule fails before data is made
         data = self._data(ctx)
+        self.data_source = data  # ``_save`` tells it of each checkpoint (online rounds let go of what no resume reads)
         ema = {n: p.detach().clone() for n, p in unet.named_parameters() if p.requires_grad} if tc["ema_decay"] else None
         start, history = self._resume(unet, opt, ema)
         accel, train_log = self._accelerator(start)
@@ -478,7 +478,7 @@ class Trainer:
         micro_batch, accum = self._micro_batches()
         return TrainContext(
             self.model, self.prompts, self.reward, int(tc["seed"]), self.device, micro_batch, self.progress, frozen,
-            data_cfg=self.pair_data, grad_accum=accum, workdir=self.root, save_every=int(tc["save_every"]), images=self.images,
+            data_cfg=self.cfg.get("data") or None, grad_accum=accum, rounds=RoundStore(self.root / "rounds"), images=self.images,
             sample_batch_size=int(self.cfg["gen"]["batch_size"]),
         )
 
@@ -536,8 +536,10 @@ class Trainer:
         return mixed_precision(self.train_cfg["mixed_precision"], self.device.type)
 
     def _data(self, ctx: TrainContext):
-        spec = self.method.data_spec()
-        if not spec or ctx.data_cfg:  # nothing to cache, or a dataset the method streams
+        """The method's data source: what ``prepare`` made, cached under its data spec, or a source it
+        reads as training goes (a pair dataset, online rounds), which is never cached."""
+        spec = self.method.cached_data_spec(ctx)
+        if not spec:
             return self.method.prepare(ctx)
         reward = self._reward_version()
         path = self._data_path(spec, sampler_identity(self.model.sampler), recipe_source_hash(self.method), {"reward": reward} if reward else {})
@@ -588,6 +590,9 @@ class Trainer:
             for old in self._step_dirs():
                 if old != target:
                     shutil.rmtree(old, ignore_errors=True)
+        checkpointed = getattr(self.data_source, "checkpointed", None)
+        if checkpointed is not None:
+            checkpointed(step)
 
     def _resume(self, unet, opt, ema) -> tuple[int, list[float]]:
         dirs = [d for d in self._step_dirs() if (d / "state.json").exists()]

@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from bench.method import TrainContext
+from bench.method import RoundStore, TrainContext
 from bench.methods.d3po import D3PO, d3po_loss
 from bench.methods.ddpo import DDPO, advantages, ppo_loss
 from bench.methods.online import transition_log_probs
@@ -76,10 +76,10 @@ def test_one_step_moves_the_objective(name, fewstep_lora, tmp_path):
     model = copy.deepcopy(fewstep_lora).to(dtype=torch.float32)
     cfg = {"prompts_per_round": 4, "epochs_per_round": 1, "seed": 0, "reward": "brightness"}
     method = D3PO({**cfg, "beta": 1.0, "eps": 0.5}) if name == "d3po" else DDPO({**cfg, "samples_per_prompt": 4, "clip_range": 0.5, "adv_clip_max": 5.0})
-    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 64, progress=False, workdir=tmp_path)
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 64, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     spr = method.steps_per_round(ctx)
     assert spr == 1  # batch 64 holds the whole round: 4 pairs x 3 steps, or 16 trajectories x 3 steps
-    batch = method.rounds().get(ctx, 0, spr)
+    batch = method.rounds(ctx).get(ctx, 0)
 
     def objective():
         if name == "d3po":  # preferred minus dispreferred log-ratio against the reference

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from bench.config import compose, to_dict
-from bench.method import TrainContext
+from bench.method import RoundStore, TrainContext
 from bench.metrics.weightfree import Brightness
 from bench.models import make_sampler
 from test_pso_online import perturbed
@@ -114,7 +114,7 @@ def test_online_official_loss_equals_the_authors_code(name, sdxl_lora, tmp_path)
     k = len(steps) - 1
     assert k == (3 if turbo else 7)
     method = D3PO(method_cfg)
-    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 4 * k, progress=False, workdir=tmp_path)
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 4 * k, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     _, batch, units = method.next_units(ctx)
     assert len(units) == 4 * k and torch.equal((units // k).unique(), torch.arange(4))  # whole pairs at all their steps
     loss, _ = method.loss(ctx, {}, torch.Generator())
@@ -182,7 +182,7 @@ def test_official_presets_walk_each_round_once_per_epoch(sdxl_lora, tmp_path):
     model.sampler = make_sampler({**cfg["model"]["sampler"], **tc["sampler"]})
     method = D3PO({**method_cfg, "prompts_per_round": 8})
     accum = tc["grad_accum"] * tc["batch_size"] // tc["micro_batch_size"]
-    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path, grad_accum=accum)
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, rounds=RoundStore(tmp_path / "rounds"), grad_accum=accum)
     assert method.steps_per_round(ctx) == 1  # 8 pairs x 7 steps = 56 units = 28 micro-batches of 2, under one step's 112
     seen = []
     for micro in range(28):

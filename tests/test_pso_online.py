@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.method import TrainContext
+from bench.method import RoundStore, TrainContext
 from bench.methods.pso_online import OnlinePSO, pso_online_loss, trajectory_logratio
 from bench.metrics.weightfree import Brightness
 
@@ -71,7 +71,7 @@ def test_trajectory_logratio_equals_the_gaussian_closed_form(fewstep_lora):
 
 def test_round_pairs_are_reward_ordered_and_kept(fewstep_lora, tmp_path):
     model = copy.deepcopy(fewstep_lora)
-    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path)
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     method = OnlinePSO(CFG)
     pairs = method.round_pairs(ctx, 0)
     assert pairs["states_tau"].shape == (4, 5, 4, 8, 8) and (pairs["reward_tau"] >= pairs["reward_rho"]).all()
@@ -83,7 +83,7 @@ def test_round_pairs_are_reward_ordered_and_kept(fewstep_lora, tmp_path):
     # the recorded sampler log-probabilities are the model's own, and the states follow the sampler
     from bench.methods.online import transition_log_probs
 
-    raw = method.rounds().get(ctx, 0, method.steps_per_round(ctx))
+    raw = method.rounds(ctx).get(ctx, 0)
     prompts = [PROMPTS[int(i)] for i in raw["prompt_index"] for _ in range(2)]
     states = raw["states"].flatten(0, 1).double()
     with torch.no_grad():
@@ -91,7 +91,7 @@ def test_round_pairs_are_reward_ordered_and_kept(fewstep_lora, tmp_path):
     torch.testing.assert_close(lp, raw["log_probs"].flatten(0, 1)[:, 1], rtol=1e-6, atol=1e-6)
     assert (tmp_path / "rounds" / "round-000000.safetensors").exists()
     # read back, not resampled, even after the weights change
-    perturbed_ctx = TrainContext(perturbed(fewstep_lora), PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path)
+    perturbed_ctx = TrainContext(perturbed(fewstep_lora), PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     assert all(torch.equal(pairs[k], v) for k, v in method.round_pairs(perturbed_ctx, 0).items())
     other = method.round_pairs(perturbed_ctx, 1)
     assert not torch.equal(other["states_tau"], pairs["states_tau"])
@@ -99,7 +99,7 @@ def test_round_pairs_are_reward_ordered_and_kept(fewstep_lora, tmp_path):
 
 def test_one_step_raises_the_trajectory_margin(fewstep_lora, tmp_path):
     model = copy.deepcopy(fewstep_lora).to(dtype=torch.float32)
-    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 4, progress=False, workdir=tmp_path)
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 4, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     method = OnlinePSO(CFG)
     pairs = method.round_pairs(ctx, 0)
     prompts = [PROMPTS[int(i)] for i in pairs["prompt_index"]]

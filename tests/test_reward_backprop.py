@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from bench.errors import UsageError
-from bench.method import TrainContext
+from bench.method import RoundStore, TrainContext
 from bench.methods.reward_backprop import RewardBackprop
 from bench.metrics.weightfree import Brightness, JpegCompressibility
 
@@ -111,7 +111,7 @@ def test_gors_fits_the_best_sample_of_each_prompt_by_hand(fewstep_lora, tmp_path
 
     model = copy.deepcopy(fewstep_lora)
     method = GORS({"prompts_per_round": 4, "samples_per_prompt": 3, "epochs_per_round": 1, "seed": 0, "timesteps": "sampler"})
-    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, workdir=tmp_path)
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 2, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     with torch.no_grad():
         loss, logs = method.loss(ctx, {}, torch.Generator().manual_seed(4))
         _, batch, units = method.next_units(ctx)

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from bench.errors import DataError, WeightsMissingError
-from bench.method import TrainContext
+from bench.method import RoundStore, TrainContext
 from bench.methods.spo import SPO, best_and_worst, spo_loss, stepwise_resample
 from bench.metrics.weightfree import Brightness
 from bench.models.diffusion import Sampler
@@ -104,7 +104,7 @@ def test_loss_equals_the_official_expression(fewstep_lora, monkeypatch):
     states = torch.stack([traj[rows, step], traj[rows, step + 1], traj[rows, step], traj[rows, step + 1] + 0.3 * other], 1)
     batch = {"states": states, "step": step, "prompt_index": torch.tensor([0, 1, 2, 0, 1, 2])}
     method = SPO(CFG)
-    monkeypatch.setattr(method, "next_units", lambda ctx: (0, batch, torch.arange(6)))
+    monkeypatch.setattr(method, "next_units", lambda ctx, rounds=None: (0, batch, torch.arange(6)))
     params = [p for p in model.unet.parameters() if p.requires_grad]
 
     ours, logs = method.loss(ctx, {}, torch.Generator())
@@ -223,7 +223,7 @@ def test_inner_steps_pair_whole_chains(fewstep_lora):
 # ---- (c) training moves the objective; rounds kept for resume -------------------------------------
 def test_one_step_raises_the_win_margin(fewstep_lora, tmp_path):
     model = copy.deepcopy(fewstep_lora).to(dtype=torch.float32)
-    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 12, progress=False, workdir=tmp_path)
+    ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 12, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     method = SPO(CFG)
     method.prepare(ctx)
     r, batch, units = method.next_units(ctx)
@@ -262,7 +262,7 @@ def test_rounds_without_pairs_are_skipped_then_refused(fewstep_lora, tmp_path):
         def score(self, images, prompts, refs=None):
             return torch.zeros(len(images), dtype=torch.float64)
 
-    ctx = TrainContext(copy.deepcopy(fewstep_lora), PROMPTS, Flat(), 0, torch.device("cpu"), 4, progress=False, workdir=tmp_path)
+    ctx = TrainContext(copy.deepcopy(fewstep_lora), PROMPTS, Flat(), 0, torch.device("cpu"), 4, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     method = SPO(dict(CFG, prompts_per_round=2))  # 2 rounds an epoch
     method.prepare(ctx)
     with pytest.raises(TrainingError, match="no pair passed method.threshold=0.0 in 2 rounds"):

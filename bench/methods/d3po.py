@@ -57,7 +57,7 @@ class D3PO(OnlineMethod):
         return self.units_per_prompt(ctx)  # a pair's steps travel together
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
-        r, batch, units = self.next_units(ctx)
+        r, batch, units = self.next_units(ctx, data)
         k = self.units_per_prompt(ctx)
         pair, step = units // k, units % k
         prompts = [ctx.prompts[int(i)] for i in batch["prompt_index"][pair]] * 2

@@ -62,7 +62,7 @@ class DDPO(OnlineMethod):
         return len(ctx.model.stochastic_timesteps())  # a trajectory's steps travel together, as ddpo-pytorch batches them
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
-        r, batch, units = self.next_units(ctx)
+        r, batch, units = self.next_units(ctx, data)
         s, k = self.samples_per_prompt(), len(ctx.model.stochastic_timesteps())
         traj, step = units // k, units % k
         states = batch["states"].flatten(0, 1)[traj]

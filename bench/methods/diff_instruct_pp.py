@@ -262,7 +262,7 @@ class DiffInstructPP(Method):
         meta = path / "train.json"
         if not (path / "weights.safetensors").exists() or not meta.exists():
             raise UsageError(f"method.init={path}: not a finished checkpoint (weights.safetensors and train.json); use the folder `bench train` prints")
-        if json.loads(meta.read_text())["lora_rank"] or ctx.frozen_unet is None:
+        if json.loads(meta.read_text())["lora_rank"] or not ctx.full_finetune:
             raise UsageError("method.init takes a full fine-tuning checkpoint into a full fine-tuning run (train.full_finetune=true, train.lora_rank=0)")
         misfit = lambda n: UsageError(f"method.init={path} does not fit model '{ctx.model.name}' ({n} unknown tensors)")
         copy_weights(ctx.model.unet, load_file(path / "weights.safetensors"), misfit)
@@ -270,7 +270,7 @@ class DiffInstructPP(Method):
     @staticmethod
     def _copy_teacher(ctx) -> torch.nn.Module:
         """A trainable full copy of the frozen teacher (the generator's LoRA layers, if any, left out)."""
-        return base_copy(ctx.frozen_unet if ctx.frozen_unet is not None else ctx.model.unet).requires_grad_(True).train()
+        return base_copy(ctx.base_unet).requires_grad_(True).train()
 
     # ---- pieces a test can call ------------------------------------------------------------------
     def generate(self, ctx, prompts: Sequence[str], generators: Sequence[torch.Generator], cond: Conditioning | None = None) -> torch.Tensor:

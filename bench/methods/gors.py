@@ -31,7 +31,7 @@ class GORS(OnlineMethod):
         return self.spec.samples_per_prompt
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
-        r, batch, units = self.next_units(ctx)  # a unit is a prompt of the round
+        r, batch, units = self.next_units(ctx, data)  # a unit is a prompt of the round
         best = batch["rewards"][units].argmax(1)
         x0 = batch["states"][units, best, -1].to(ctx.device, ctx.model.dtype)
         prompts = [ctx.prompts[int(batch["prompt_index"][int(u)])] for u in units]

@@ -343,7 +343,7 @@ class LaSRO(Method):
     def build(self, ctx: TrainContext) -> None:
         """The surrogate, initialized from the base UNet (the frozen copy under full fine-tuning) or,
         with ``rm_backbone``, from another latent model's UNet (the paper: Segmind-Vega)."""
-        unet = ctx.frozen_unet if ctx.frozen_unet is not None else ctx.model.unet
+        unet = ctx.base_unet
         if self.spec.rm_backbone:
             unet = load_backbone(self.spec.rm_backbone).to(ctx.device, ctx.model.dtype)
         self.surrogate = LatentSurrogate(unet, self.spec.rm_timestep, self.spec.rm_head_layers, self.spec.rm_head_groups, self.spec.seed)

@@ -5,21 +5,19 @@ prompts from the *current* model with its own stochastic sampler, recording ever
 sampler's log-probability of each transition, and the reward of the final image. The trainer's
 steps then walk over the round in a seeded order. Rounds are saved next to the checkpoints (back
 to the last checkpoint's round), so a resumed run trains on exactly what the interrupted one
-sampled; a round is a pure function of the weights at its start and the seed.
+sampled; a round is a pure function of the weights at its start and the seed. The rounds are the
+method's data source (``prepare`` returns them, the loss reads them); the trainer owns their folder
+(``ctx.rounds``) and, after each checkpoint, lets go of the rounds no resume can read.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
-
 import torch
-from safetensors.torch import load_file, save_file
 
-from bench.errors import writing
 from bench.generate import image_seed
-from bench.method import Method, TrainContext
+from bench.method import Method, RoundStore, TrainContext
 from bench.models.diffusion import gaussian_log_prob
 from bench.schema import MethodSpec, RewardSpec, at_least, one_of, setting
 
@@ -98,36 +96,33 @@ class LogProbSpec(MethodSpec):
 
 class OnlineRounds:
     """The round buffer of an online method: ``prompts_per_round`` prompts, ``samples_per_prompt``
-    trajectories each, ``epochs_per_round`` passes, seeded by ``seed`` (from the recipe's spec)."""
+    trajectories each, ``epochs_per_round`` passes, seeded by ``seed`` (from the recipe's spec);
+    with ``steps_per_round`` (a training's), round r trains steps [r x steps_per_round, (r + 1) x steps_per_round)."""
 
-    def __init__(self, spec: OnlineSpec, samples_per_prompt: int, name: str):
+    def __init__(self, spec: OnlineSpec, samples_per_prompt: int, name: str, steps_per_round: int | None = None, store: RoundStore | None = None):
         self.name = name
         self.prompts_per_round = spec.prompts_per_round
         self.samples_per_prompt = samples_per_prompt
         self.epochs = spec.epochs_per_round
         self.seed = spec.seed
+        self.steps_per_round, self.store = steps_per_round, store
 
     def batches_per_epoch(self, batch_size: int, units_per_prompt: int = 1) -> int:
         return math.ceil(self.prompts_per_round * units_per_prompt / batch_size)
 
-    def get(self, ctx: TrainContext, r: int, steps_per_round: int) -> dict[str, torch.Tensor]:
-        """Round r's samples: drawn with the current weights the first time, read back after."""
-        path = Path(ctx.workdir) / "rounds" / f"round-{r:06d}.safetensors"
-        if path.exists():
-            return load_file(path)
-        data = self.sample(ctx, r)
-        with writing(path.parent):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file(data, tmp)
-            tmp.replace(path)
-        # A resume restarts at the last checkpoint, a multiple of train.save_every: rounds before the one
-        # it falls in are never read again (at SDXL size a round of 256 trajectories is about 670 MB).
-        first_needed = (ctx.step // ctx.save_every * ctx.save_every) // steps_per_round
-        for old in path.parent.glob("round-*.safetensors"):
-            if int(old.stem.split("-")[1]) < first_needed:
-                old.unlink()
+    def get(self, ctx: TrainContext, r: int) -> dict[str, torch.Tensor]:
+        """Round r's samples: drawn with the current weights the first time, read back after (from
+        this buffer's store, else the context's)."""
+        store = self.store or ctx.rounds
+        data = store.load(r)
+        if data is None:
+            data = self.sample(ctx, r)
+            store.save(r, data)
         return data
+
+    def checkpointed(self, step: int) -> None:
+        """A resume restarts at ``step`` at the earliest: the rounds before the one it falls in go."""
+        self.store.drop_before(step // self.steps_per_round)
 
     @torch.no_grad()
     def sample(self, ctx: TrainContext, r: int) -> dict[str, torch.Tensor]:
@@ -179,23 +174,28 @@ class OnlineMethod(Method):
         """How many consecutive units belong to one trajectory (or pair): 1, or its trained steps."""
         return 1
 
-    def rounds(self) -> OnlineRounds:
-        return OnlineRounds(self.spec, self.samples_per_prompt(), self.name)
+    def rounds(self, ctx: TrainContext | None = None) -> OnlineRounds:
+        """The round buffer; with ``ctx``, bound to that training's store and steps per round."""
+        if ctx is None:
+            return OnlineRounds(self.spec, self.samples_per_prompt(), self.name)
+        return OnlineRounds(self.spec, self.samples_per_prompt(), self.name, self.steps_per_round(ctx), ctx.rounds)
 
     def steps_per_round(self, ctx: TrainContext) -> int:
         """Optimizer steps per round: its micro-batches over all epochs, ``grad_accum`` per step."""
         micro_batches = self.rounds().batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx)) * self.spec.epochs_per_round
         return math.ceil(micro_batches / ctx.grad_accum)
 
-    def prepare(self, ctx: TrainContext) -> dict:
+    def prepare(self, ctx: TrainContext) -> OnlineRounds:
         ctx.model.stochastic_timesteps()  # fail now, not after the first round, on a 1-step sampler
-        return {}
+        return self.rounds(ctx)
 
-    def next_units(self, ctx: TrainContext) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
-        """The round this micro-batch trains on, its samples, and the indices of its units."""
-        rounds, spr = self.rounds(), self.steps_per_round(ctx)
+    def next_units(self, ctx: TrainContext, rounds: OnlineRounds | None = None) -> tuple[int, dict[str, torch.Tensor], torch.Tensor]:
+        """The round this micro-batch trains on, its samples, and the indices of its units; from
+        ``rounds`` (what ``prepare`` returned), else a buffer on the context's store."""
+        rounds = rounds or self.rounds(ctx)
+        spr = self.steps_per_round(ctx)
         r, within = divmod(ctx.step, spr)
-        batch = rounds.get(ctx, r, spr)
+        batch = rounds.get(ctx, r)
         per_epoch = rounds.batches_per_epoch(ctx.batch_size, self.units_per_prompt(ctx))
         epoch, b = divmod((within * ctx.grad_accum + ctx.micro) % (per_epoch * rounds.epochs), per_epoch)
         order = rounds.order(r, epoch, rounds.prompts_per_round * self.units_per_prompt(ctx), self.unit_group(ctx))

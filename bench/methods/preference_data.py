@@ -227,6 +227,13 @@ class DropoutSpec(MethodSpec):
     prompt_dropout: float = setting(0.0, "probability of training a pair with the empty prompt (the Salesforce scripts: 0.2)", between(0, 1))
 
 
+def pair_dataset(ctx: TrainContext) -> dict | None:
+    """The run's ``data=`` section where it is a pair dataset (``kind: pairs``, the default), else None
+    (no section, or captioned images, which arrive as ``ctx.images``)."""
+    data = ctx.data_cfg
+    return data if data and data.get("kind", "pairs") == "pairs" else None
+
+
 @dataclass(kw_only=True)
 class PairSpec(DropoutSpec, RewardSpec):
     """The pair-data settings every offline pair recipe shares: best/worst-of-K self-generated pairs."""
@@ -246,9 +253,12 @@ class PairMethod(Method):
     def data_spec(self) -> dict:
         return self.as_composed("samples_per_prompt", "reward", "seed", "drop_ties")
 
+    def cached_data_spec(self, ctx: TrainContext) -> dict:
+        return {} if pair_dataset(ctx) else self.data_spec()  # a pair dataset streams as training goes
+
     def prepare(self, ctx: TrainContext):
-        if ctx.data_cfg:
-            return StreamedPairs(ctx.data_cfg)
+        if pair_dataset(ctx):
+            return StreamedPairs(pair_dataset(ctx))
         if ctx.images is not None:
             return image_pairs(ctx, self.spec.seed, self.image_references)
         return best_worst_pairs(ctx, self.spec.samples_per_prompt, self.spec.seed, self.spec.drop_ties)

@@ -59,10 +59,10 @@ class OnlinePSO(OnlineMethod):
 
     def round_pairs(self, ctx: TrainContext, r: int) -> dict[str, torch.Tensor]:
         """Round r as (target, reference) pairs: Alg. 2 makes the second trajectory the target on ties."""
-        return as_pairs(self.rounds().get(ctx, r, self.steps_per_round(ctx)))
+        return as_pairs(self.rounds(ctx).get(ctx, r))
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
-        r, batch, idx = self.next_units(ctx)
+        r, batch, idx = self.next_units(ctx, data)
         pairs = as_pairs(batch)
         prompts = [ctx.prompts[int(i)] for i in pairs["prompt_index"][idx]]
         to = dict(device=ctx.device, dtype=ctx.model.dtype)

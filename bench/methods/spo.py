@@ -54,18 +54,15 @@ its start and the seed.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from typing import Optional
-from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from bench.errors import TrainingError, UsageError
 from bench.generate import image_seed
-from bench.method import Method, TrainContext
+from bench.method import Method, RoundStore, TrainContext
 from bench.methods.d3po import d3po_loss
 from bench.methods.online import LogProbSpec, OnlineSpec, unit_log_probs
 from bench.models.diffusion import Conditioning
@@ -161,22 +158,22 @@ def stepwise_resample(model, prompts: list[str], gens: list[torch.Generator], sc
 class StepwiseRounds:
     """Rounds of ``prompts_per_round`` prompts, each kept pair a training unit; a round of V pairs
     takes ceil(V / (batch_size x grad_accum)) x ``epochs_per_round`` optimizer steps. The pair counts
-    of every round sampled so far are kept in ``rounds/index.json``; round files are kept back to
-    the round of the last checkpoint."""
+    of every round sampled so far are the store's index (``{"pairs": [...]}``); after a checkpoint,
+    the rounds that end before it go."""
 
-    def __init__(self, spec, name: str):
+    def __init__(self, spec, name: str, ctx: TrainContext | None = None):
         self.spec, self.name = spec, name
         self.prompts_per_round = spec.prompts_per_round
         self.epochs = spec.epochs_per_round
         self.seed = spec.seed
-        self._cache: tuple[Path, dict] | None = None
+        self.ctx = ctx  # the training whose store and batch geometry the rounds use
+        self._cache: tuple[int, dict] | None = None
 
-    def folder(self, ctx: TrainContext) -> Path:
-        return Path(ctx.workdir) / "rounds"
+    def store(self, ctx: TrainContext) -> RoundStore:
+        return ctx.rounds
 
     def counts(self, ctx: TrainContext) -> list[int]:
-        path = self.folder(ctx) / "index.json"
-        return json.loads(path.read_text())["pairs"] if path.exists() else []
+        return (self.store(ctx).read_index() or {}).get("pairs", [])
 
     def steps_of(self, pairs: int, ctx: TrainContext) -> int:
         return math.ceil(pairs / (ctx.batch_size * ctx.grad_accum)) * self.epochs
@@ -195,8 +192,8 @@ class StepwiseRounds:
         while True:
             if r == len(counts):
                 if ctx.step != start:
-                    raise TrainingError(f"spo: round {r} should start at step {start}, not {ctx.step}; the rounds index in {self.folder(ctx)} is inconsistent: delete the checkpoint folder and retrain")
-                self.save(ctx, r, sample(r), counts, start)
+                    raise TrainingError(f"spo: round {r} should start at step {start}, not {ctx.step}; the rounds index in {self.store(ctx).folder} is inconsistent: delete the checkpoint folder and retrain")
+                self.save(ctx, r, sample(r), counts)
                 counts = self.counts(ctx)
                 empty = next((q for q, c in enumerate(reversed(counts)) if c), len(counts))  # rounds in a row with no pair
                 if empty >= math.ceil(len(ctx.prompts) / self.prompts_per_round):
@@ -209,35 +206,26 @@ class StepwiseRounds:
                 return r, start, self.load(ctx, r)
             start, r = start + n, r + 1
 
-    def path(self, ctx: TrainContext, r: int) -> Path:
-        return self.folder(ctx) / f"round-{r:06d}.safetensors"
+    def save(self, ctx: TrainContext, r: int, data: dict, counts: list[int]) -> None:
+        self.store(ctx).save(r, data)
+        self.store(ctx).write_index({"pairs": counts + [int(data["step"].numel())]})
 
-    def save(self, ctx: TrainContext, r: int, data: dict, counts: list[int], start: int) -> None:
-        folder = self.folder(ctx)
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(ctx, r).with_suffix(".tmp")
-        save_file({k: v.contiguous() for k, v in data.items()}, tmp)
-        tmp.replace(self.path(ctx, r))
-        index = folder / "index.json.tmp"
-        index.write_text(json.dumps({"pairs": counts + [int(data["step"].numel())]}))
-        index.replace(folder / "index.json")
-        # a resume restarts at the last checkpoint: rounds before the one it falls in are never read again
-        resume_step = ctx.step // ctx.save_every * ctx.save_every
-        first_needed, s = 0, 0
-        for q, v in enumerate(counts):
-            if s + self.steps_of(v, ctx) > resume_step:
+    def checkpointed(self, step: int) -> None:
+        """A resume restarts at ``step`` at the earliest: the rounds that end at or before it go."""
+        first_needed, end = 0, 0
+        for q, v in enumerate(self.counts(self.ctx)):
+            end += self.steps_of(v, self.ctx)
+            if end > step:
                 break
-            s, first_needed = s + self.steps_of(v, ctx), q + 1
-        for old in folder.glob("round-*.safetensors"):
-            if int(old.stem.split("-")[1]) < first_needed:
-                old.unlink()
+            first_needed = q + 1
+        self.store(self.ctx).drop_before(first_needed)
 
     def load(self, ctx: TrainContext, r: int) -> dict:
-        path = self.path(ctx, r)
-        if self._cache is None or self._cache[0] != path:
-            if not path.exists():
-                raise TrainingError(f"spo: round file {path} is missing; delete the checkpoint folder and retrain")
-            self._cache = (path, load_file(path))
+        if self._cache is None or self._cache[0] != r:
+            data = self.store(ctx).load(r)
+            if data is None:
+                raise TrainingError(f"spo: round {r} is missing from {self.store(ctx).folder}; delete the checkpoint folder and retrain")
+            self._cache = (r, data)
         return self._cache[1]
 
     def order(self, r: int, epoch: int, count: int) -> torch.Tensor:
@@ -258,8 +246,9 @@ class SPO(Method):
         prompts_per_round: int = setting(8, "prompts sampled per round (official: 40 SD1.5, 8 SDXL)", at_least(1))
         sample_batch_size: Optional[int] = setting(None, "prompts per sampling pass (null: the whole round); images do not depend on it", at_least(1))
 
-    def rounds(self) -> StepwiseRounds:
-        return StepwiseRounds(self.spec, self.name)
+    def rounds(self, ctx: TrainContext | None = None) -> StepwiseRounds:
+        """The rounds; with ``ctx``, of that training (its store, its steps per round)."""
+        return StepwiseRounds(self.spec, self.name, ctx)
 
     def prepare(self, ctx: TrainContext) -> dict:
         last = len(ctx.model.stochastic_timesteps()) - 1
@@ -267,8 +256,8 @@ class SPO(Method):
             raise UsageError(f"spo: divert_start_step={self.spec.divert_start_step} but the training sampler has stochastic transitions 0..{last}: lower it or set train.sampler.steps")
         if self.spec.logprob_reduction not in ("mean", "sum"):
             raise UsageError(f"spo: logprob_reduction={self.spec.logprob_reduction}: use mean (the official code) or sum")
-        self._rounds = self.rounds()
-        return {}
+        self._rounds = self.rounds(ctx)
+        return self._rounds
 
     # ---- sampling ------------------------------------------------------------------------------
     def score_fn(self, ctx: TrainContext):
@@ -311,8 +300,10 @@ class SPO(Method):
         }
 
     # ---- training ------------------------------------------------------------------------------
-    def next_units(self, ctx: TrainContext) -> tuple[int, dict, torch.Tensor]:
-        rounds = self._rounds
+    def next_units(self, ctx: TrainContext, rounds: StepwiseRounds | None = None) -> tuple[int, dict, torch.Tensor]:
+        """The round this micro-batch trains on, its pairs, and the indices of its units; from ``rounds``
+        (what ``prepare`` returned), else the rounds of the last ``prepare``."""
+        rounds = rounds or self._rounds
         r, start, data = rounds.locate(ctx, lambda q: self.sample_round(ctx, q))
         pairs = int(data["step"].numel())
         per_epoch = rounds.steps_of(pairs, ctx) // rounds.epochs * ctx.grad_accum  # micro-batches per epoch
@@ -321,7 +312,7 @@ class SPO(Method):
         return r, data, rounds.order(r, epoch, pairs)[slots]
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
-        r, batch, units = self.next_units(ctx)
+        r, batch, units = self.next_units(ctx, data)
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         states = batch["states"][units]
         step = batch["step"][units]
@@ -335,8 +326,7 @@ class SPO(Method):
         ratio = lambda lr: torch.clamp(torch.exp(lr.detach()), 1 - eps, 1 + eps).mean().item()
         return losses.mean(), {"round": r, "ratio_win": ratio(win), "ratio_lose": ratio(lose)}
 
-    def data_manifest(self, ctx: TrainContext, data) -> dict:
-        rounds = self._rounds
+    def data_manifest(self, ctx: TrainContext, rounds: StepwiseRounds) -> dict:
         counts, s, covered = rounds.counts(ctx), 0, 0
         for v in counts:  # the rounds that started at or before the last step trained
             if s > ctx.step:
