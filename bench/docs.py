@@ -22,7 +22,7 @@ from pathlib import Path
 from bench.schema import table_cell
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
-BLOCK = re.compile(r"(<!-- (registry|keys):([\w-]+) -->)\n(?:.*?\n)?(<!-- /\2 -->)", re.S)
+BLOCK = re.compile(r"^(<!-- (registry|keys):([\w-]+) -->)\n.*?^(<!-- /\2 -->)$", re.S | re.M)  # the first closing marker
 COMMAND = "python -m bench.docs"
 
 
