@@ -45,6 +45,19 @@ def test_table_cells_are_escaped():
     assert render(out) == out
 
 
+def test_an_installed_plugin_stays_out_of_the_generated_tables(monkeypatch):
+    """The tables list what ships here: another package's entry points are left out (`bench ls` shows them)."""
+    from importlib.metadata import EntryPoint
+
+    import bench.registry
+
+    monkeypatch.setattr(bench.registry, "entry_points", lambda group: [EntryPoint(name="theirs", value="json:loads", group=group)])
+    reg = bench.registry.Registry("dataset", "bench.datasets")
+    reg.add("ours", {"description": "shipped"}, "shipped")
+    assert [name for name, _ in reg.describe()] == ["ours", "theirs"]
+    assert reg.describe(plugins=False) == [("ours", "shipped")]
+
+
 def _links(page: Path) -> list[str]:
     """The link and image targets of a markdown page, outside code."""
     text = re.sub(r"^```.*?^```", "", page.read_text(encoding="utf-8"), flags=re.M | re.S)
