@@ -41,6 +41,7 @@ class Entry:
     description: str = ""
     source: str = ""  # where it was declared (a file, an entry point and its package), for error lines
     base: str | None = None  # "module:Class" a class target must subclass
+    plugin: bool = False  # added by an entry point (another package), not shipped here
 
     def load(self, search: tuple = ()) -> Any:
         """Resolve the target: import ``module:Object`` strings (``file.py:Object`` loads that file, relative
@@ -169,6 +170,7 @@ class Registry:
         for ep in entry_points(group=self.group):
             package = f" of package {ep.dist.name}" if getattr(ep, "dist", None) is not None else ""
             self.add(ep.name, ep.value, f"(plugin {ep.value})", f"the entry point {ep.name} = {ep.value} in group {self.group}{package}")
+            self._entries[ep.name].plugin = True
 
     def names(self) -> list[str]:
         self._load_plugins()
@@ -206,8 +208,10 @@ class Registry:
             )
         return Entry(path.stem, path, _yaml_description(path), str(path), self.base)
 
-    def describe(self) -> list[tuple[str, str]]:
-        return [(n, self._entries[n].description) for n in self.names()]
+    def describe(self, plugins: bool = True) -> list[tuple[str, str]]:
+        """(name, description) of every entry, sorted; ``plugins=False`` leaves out the entry points'
+        (the generated documentation lists what ships here, whatever else is installed)."""
+        return [(n, self._entries[n].description) for n in self.names() if plugins or not self._entries[n].plugin]
 
 
 def _source_of(target: Any) -> str:

@@ -508,15 +508,17 @@ def check(cls, tree, prefix: str = "", where: Callable[[str], str] = lambda key:
     return typed
 
 
-# ---- the README's key tables -------------------------------------------------------------------
-TABLES = {"SuiteKeys": SuiteKeys, "MethodSpec": MethodSpec}  # README.md: <!-- keys:NAME --> ... <!-- /keys -->
+# ---- the key tables of docs/extending.md ---------------------------------------------------------
+TABLES = {"SuiteKeys": SuiteKeys, "MethodSpec": MethodSpec}  # docs/*.md: <!-- keys:NAME --> ... <!-- /keys -->, written by python -m bench.docs
+
+
+def table_cell(text: str) -> str:
+    """``text`` as one markdown table cell: a pipe escaped, ``<`` as an entity (no stray HTML), lines joined."""
+    return " ".join(line.strip() for line in str(text).splitlines()).replace("|", "\\|").replace("<", "&lt;")
 
 
 def markdown_table(cls) -> str:
     """Every key of a preset schema as a markdown table: key, type (and range), default, meaning."""
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("<", "&lt;")
-
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for f in fields_of(cls):
         rule = f.metadata.get("rule")
@@ -525,22 +527,5 @@ def markdown_table(cls) -> str:
         meaning = f.metadata.get("help") or ""
         if rule and rule.names and rule.text not in meaning:
             meaning = f"{rule.text}; {meaning}" if meaning else rule.text
-        lines.append(f"| `{f.name}` | {cell(kind)} | {default} | {cell(meaning)} |")
+        lines.append(f"| `{f.name}` | {table_cell(kind)} | {default} | {table_cell(meaning)} |")
     return "\n".join(lines)
-
-
-def readme_tables(text: str) -> str:
-    """``text`` with each ``<!-- keys:NAME -->`` ... ``<!-- /keys -->`` block replaced by the table of
-    ``TABLES[NAME]``: ``python -m bench.schema`` rewrites README.md, and a test checks it is current."""
-    def table(match):
-        return f"{match.group(1)}\n{markdown_table(TABLES[match.group(2)])}\n{match.group(3)}"
-
-    return re.sub(r"(<!-- keys:(\w+) -->)\n(?:[^<]*?\n)?(<!-- /keys -->)", table, text)
-
-
-if __name__ == "__main__":
-    from pathlib import Path
-
-    readme = Path(__file__).resolve().parents[1] / "README.md"
-    readme.write_text(readme_tables(readme.read_text(encoding="utf-8")), encoding="utf-8")
-    print(f"rewrote the key tables of {readme}")

@@ -1,7 +1,7 @@
 """Suites and methods by path (issue 19, item 3): a suite YAML and a method plugin outside the repository,
 given by path (or module:Class), evaluate and train with no install step, checked as shipped presets are;
-`suite.limit_by` takes `suite.limit` prompts of each group; the README's key tables and plugin example
-are the code's (the example is read from the README and trained here)."""
+`suite.limit_by` takes `suite.limit` prompts of each group; the key tables of docs/extending.md and the plugin
+example are the code's (the example is read from the README, trained here, and the same in docs/extending.md)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ from pathlib import Path
 import pytest
 
 from bench.config import compose, import_recipe, recipe_spec, to_dict
-from bench.schema import MethodSpec, SuiteKeys, fields_of, readme_tables
+from bench.docs import COMMAND, render
+from bench.schema import MethodSpec, SuiteKeys, fields_of
 from bench.suite import load_suite
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+EXTENDING = README.parent / "docs" / "extending.md"
 PROMPTS = """prompt,group
 a red apple,fruit
 a green pear,fruit
@@ -132,12 +134,20 @@ def test_ls_lists_a_suite_and_a_method_by_path_beside_the_registered_ones(cli, s
 
 
 # ---- a method plugin: the README's example -------------------------------------------------------------
-def readme_block(language: str, first_line: str) -> str:
-    """The README's fenced ``language`` block whose first line is ``first_line``."""
-    blocks = re.findall(rf"^```{language}\n(.*?)^```", README.read_text(encoding="utf-8"), re.M | re.S)
+def readme_block(language: str, first_line: str, page: Path = README) -> str:
+    """The README's (or ``page``'s) fenced ``language`` block whose first line is ``first_line``."""
+    blocks = re.findall(rf"^```{language}\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)
     match = [b for b in blocks if b.startswith(first_line)]
-    assert len(match) == 1, f"README: no single ```{language} block starting with {first_line!r}"
+    assert len(match) == 1, f"{page.name}: no single ```{language} block starting with {first_line!r}"
     return match[0]
+
+
+def test_docs_extending_holds_the_readme_examples():
+    """The README's suite and plugin examples (trained below) are docs/extending.md's, word for word."""
+    for language, first_line in (("python", "# my_recipe.py"), ("yaml", "# my_method.yaml"), ("yaml", "# mine.yaml")):
+        assert readme_block(language, first_line, EXTENDING) == readme_block(language, first_line), (
+            f"the ```{language} block {first_line!r} differs between README.md and docs/extending.md"
+        )
 
 
 @pytest.fixture
@@ -227,10 +237,10 @@ def test_limit_by_a_column_the_prompts_lack_is_one_line(cli, suite_file, tmp_pat
     assert not (tmp_path / "runs").exists()
 
 
-# ---- the README's key tables are the schema's ----------------------------------------------------------
-def test_the_readme_tables_list_every_suite_and_method_key_as_the_schema_does():
-    text = README.read_text(encoding="utf-8")
-    assert readme_tables(text) == text, "README.md's key tables are stale: run python -m bench.schema"
+# ---- the key tables of docs/extending.md are the schema's ---------------------------------------------
+def test_the_key_tables_list_every_suite_and_method_key_as_the_schema_does():
+    text = EXTENDING.read_text(encoding="utf-8")
+    assert render(text) == text, f"docs/extending.md's generated tables are stale: run {COMMAND}"
     for name, cls in (("SuiteKeys", SuiteKeys), ("MethodSpec", MethodSpec)):
         table = text.split(f"<!-- keys:{name} -->", 1)[1].split("<!-- /keys -->", 1)[0]
         assert [re.match(r"\| `(\w+)`", line).group(1) for line in table.strip().splitlines()[2:]] == [f.name for f in fields_of(cls)]
