@@ -111,8 +111,10 @@ def cmd_run(args):
     args, seeds, train_seeds = split_sweep(args)
     args = with_base_protocol(args)
     if seeds is not None or train_seeds is not None:
+        one_process("a seed sweep")
         return _run_sweep(args, seeds, train_seeds, train=True)
     if any(a.startswith("protocol=") for a in args):
+        one_process("a protocol")
         return _run_protocol(args, train=True)
     cfg = compose(args, require=("method",))
     if cfg.gen.shard:
@@ -167,11 +169,14 @@ def cmd_eval(args):
 
     args, seeds, train_seeds = split_sweep(args)
     if seeds is not None or train_seeds is not None:
+        one_process("a seed sweep")
         return _run_sweep(args, seeds, train_seeds, train=False)
     if any(a.startswith("protocol=") for a in args):
+        one_process("a protocol")
         return _run_protocol(args, train=False)
     cfg = compose(args)
     if cfg.gen.shard:
+        one_process("gen.shard (shards by hand)")
         generated, cached, total = generate_shard(cfg)
         print(f"shard {cfg.gen.shard}: generated {generated}, already stored {cached}, of {total} images in the suite; "
               "run `bench eval` without gen.shard (same cache_dir) to score")
@@ -448,6 +453,26 @@ JSON_OUTPUT = False  # --json: run and eval print their summary as JSON
 FLAGS = {"-q": "quiet", "--quiet": "quiet", "-v": "verbose", "--verbose": "verbose", "--json": "json"}
 
 
+def quiet_unless_rank_zero() -> None:
+    """Under torchrun or accelerate launch, only rank 0 prints (its table, its progress); the other
+    ranks print warnings and errors only."""
+    from bench import io
+    from bench.ranks import launched, process_rank
+
+    if launched() and process_rank() != 0:
+        io.QUIET = True
+        logging.getLogger().setLevel(logging.WARNING)
+        sys.stdout = open(os.devnull, "w")
+
+
+def one_process(what: str) -> None:
+    """Refuse, in one line, a command that does not yet split its work across launched ranks."""
+    from bench.ranks import launched
+
+    if launched():
+        raise UsageError(f"{what} runs in one process: start it without torchrun / accelerate launch (a single `bench run` or `bench eval` splits across ranks)")
+
+
 def output_options(argv: list[str]) -> list[str]:
     """Take -q/-v/--json out of the arguments and apply them: the logging level, progress, JSON output."""
     global JSON_OUTPUT
@@ -473,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0
     command, args = argv[0], argv[1:]
+    quiet_unless_rank_zero()
     if command in COMMANDS and any(a in ("-h", "--help") for a in args):
         try:
             print(command_help(command, args))

@@ -293,10 +293,32 @@ class SetScorer:
 
     def add(self, jobs, pixels: torch.Tensor) -> None:
         """A scored batch: its jobs and their uint8 ``(N, H, W, 3)`` pixels."""
+        self.add_features(jobs, self.features(pixels))
+
+    def features(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A batch's features under each feature protocol (keyed as ``extractors``)."""
         images = thread_map(lambda p: at_resolution(Image.fromarray(p), self.real.resolution), list(pixels.cpu().numpy()))
+        return {key: extractor.features(images).detach().cpu() for key, extractor in self.extractors.items()}
+
+    def add_features(self, jobs, features: dict[str, torch.Tensor]) -> None:
+        """A batch's features (``features``: computed here, or by another rank) folded in, batch by batch
+        in the order one process scores them, so the statistics are the same sums in the same order."""
         owners = [j.prompt_index for j in jobs]
-        for key, extractor in self.extractors.items():
-            self.gen[key].add(extractor.features(images), owners)
+        for key in self.extractors:
+            self.gen[key].add(features[key], owners)
+
+
+class FeatureRecorder:
+    """Stands in for a ``SetScorer`` while a rank scores its share: keeps each batch's features, in
+    order, for rank 0 to fold in with everyone's (``SetScorer.add_features``)."""
+
+    def __init__(self, sets: SetScorer):
+        self.sets = sets
+        self.batches: dict[str, list[torch.Tensor]] = {key: [] for key in sets.extractors}
+
+    def add(self, jobs, pixels: torch.Tensor) -> None:
+        for key, feats in self.sets.features(pixels).items():
+            self.batches[key].append(feats)
 
     def reference(self, key: str) -> dict:
         """The real set's FeatureSets (overall: None, and per group), from the cache or one feature pass."""

@@ -6,6 +6,7 @@ command restarts where it stopped and ends with the same bytes.
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import subprocess
@@ -19,11 +20,12 @@ import torch
 from omegaconf import OmegaConf
 
 from bench import report
-from bench.distribution import SetScorer, real_set
+from bench.distribution import FeatureRecorder, SetScorer, real_set
 from bench.config import compose, import_recipe, stable_hash, to_dict
 from bench.errors import DataError, UsageError
 from bench.html_report import write_report
-from bench.generate import GenerationStats, ImageJob, ImageStore, generate, plan_images
+from bench.generate import GenerationStats, ImageJob, ImageStore, plan_images
+from bench.generate import generate as generate_missing
 from bench.images import TargetImages, images_from_files, read_captioned_images
 from bench.io import cache_root, write_json, write_text
 from bench.models import DiffusionModel, load_model, make_sampler, sampler_identity
@@ -31,7 +33,8 @@ from bench.metrics import DistributionMetric, Metric
 from bench.method import Method
 from bench.registry import METHODS, METRICS
 from bench.schema import parse_shard
-from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_images, write_scores
+from bench.ranks import current as current_ranks
+from bench.scoring import ID_COLUMNS, load_metrics, make_metric, score_frame, score_images, write_scores
 from bench.suite import Suite, load_suite, prompts_of, read_prompt_source
 from bench.trainer import Checkpoint, Trainer, apply_checkpoint
 from bench.trainlog import train_log_path
@@ -40,12 +43,30 @@ log = logging.getLogger(__name__)
 PACKAGES = ["diffusion-bench", "torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "pandas", "pyarrow", "pillow", "safetensors"]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
+    """The device of ``device=NAME``; under a launcher (``local_rank``), plain ``cuda`` is this rank's GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device={name} but no CUDA device is visible; use device=cpu")
+    if name == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
     return torch.device(name)
+
+
+def launched_rank() -> int | None:
+    """LOCAL_RANK where a launcher started several processes, else None."""
+    import os
+
+    from bench.ranks import launched
+
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else None
+
+
+def read_result(run_dir: Path) -> RunResult:
+    """A finished run folder's result, as rank 0 wrote it (what the other ranks return)."""
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    return RunResult(run_dir, json.loads((run_dir / "summary.json").read_text()), (run_dir / "table.md").read_text().rstrip("\n"), manifest.get("timings", {}))
 
 
 def generation_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -182,7 +203,7 @@ class Session:
     def __init__(self, cfg, progress: bool = True):
         self.cfg = to_dict(cfg)
         self.progress = progress
-        self.device = resolve_device(self.cfg["device"])
+        self.device = resolve_device(self.cfg["device"], launched_rank())
         self.dtype = generation_dtype(self.cfg["gen"]["dtype"], self.device)
         self.dtype_name = str(self.dtype).replace("torch.", "")
         self.cache = cache_root(self.cfg)
@@ -198,6 +219,7 @@ class Session:
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         self.sampler = make_sampler(self.cfg["model"]["sampler"], self.cfg["gen"]["steps"], self.cfg["gen"]["guidance"])
+        self.ranks = current_ranks()  # rank 0 of 1 outside torchrun / accelerate launch
 
     def model(self, checkpoint: Checkpoint | None = None, sampler=None) -> DiffusionModel:
         model = load_model(self.cfg["model"], self.cache, sampler or self.sampler)
@@ -225,21 +247,36 @@ class Session:
     def evaluate(self, checkpoint: Checkpoint | None, label: str, baseline: RunResult | None = None, protocol_extra: dict | None = None) -> RunResult:
         """One run folder: plan -> generate -> score -> aggregate -> write (report.html last). Each stage is keyed by what
         determines it (images by their content key, the folder by the run identity), so a killed
-        evaluation restarts where it stopped and ends with the same bytes."""
+        evaluation restarts where it stopped and ends with the same bytes. Under a launcher every rank
+        generates and scores its share; rank 0 aggregates and writes, and the others read its result."""
         clock = Clock()
         plan = self.plan_run(checkpoint, label, baseline)
-        made = generate(plan.model, plan.jobs, self.store, int(self.cfg["gen"]["batch_size"]), self.sampler, self.progress)
+        made = self.generate(plan)
         clock.lap("generate")
         scored = self.score(plan)
         clock.lap("score")
-        summary, table = self.aggregate(plan, scored)
-        timings = clock.timings(made)
+        result = self.write(plan, scored, *self.aggregate(plan, scored), clock.timings(made), protocol_extra) if scored is not None else None
+        self.ranks.barrier()  # the other ranks read what rank 0 wrote
+        return result or read_result(plan.run_dir)
+
+    def write(self, plan: RunPlan, scored: Scored, summary: dict, table: str, timings: dict, protocol_extra: dict | None) -> RunResult:
+        """The run folder's summary, table and manifest, then its report.html."""
         write_json(plan.run_dir / "summary.json", summary)
         write_text(plan.run_dir / "table.md", table + "\n")
         write_json(plan.run_dir / "manifest.json", self.manifest(plan, scored, summary, timings, protocol_extra))
         if (self.cfg.get("report") or {}).get("html", True):
             self.write_report(plan.run_dir)
         return RunResult(plan.run_dir, summary, table, timings)
+
+    def generate(self, plan: RunPlan) -> GenerationStats:
+        """Every missing image of the plan (this rank's share of the generation batches under a
+        launcher), then the counts of every rank; the scoring batches read images any rank made."""
+        batch = int(self.cfg["gen"]["batch_size"])
+        made = generate_missing(plan.model, self.ranks.share(plan.jobs, batch), self.store, batch, self.sampler, self.progress)
+        counts = self.ranks.gather("generated", {"counts": torch.tensor([made.generated, made.cached])})
+        if counts is not None:
+            made.generated, made.cached = (int(sum(c["counts"][i] for c in counts)) for i in (0, 1))
+        return made
 
     def write_report(self, run_dir: Path) -> None:
         """report.html, last: a by-product, so a failure is one warning line and the run's results stand."""
@@ -275,24 +312,53 @@ class Session:
         run_dir = Path(self.cfg["out"]) / identity.run_id(self.cfg["model"]["name"], label)
         return RunPlan(identity, run_dir, label, model, self.plan(model, checkpoint), checkpoint, baseline)
 
-    def score(self, plan: RunPlan) -> Scored:
+    def score(self, plan: RunPlan) -> Scored | None:
         """Every image under every metric in one pass over decoded batches: per-image metrics make
         columns, set-level metrics (FID, KID) collect features that ``aggregate`` reduces. The scores are
-        written at once, so a failure later loses nothing."""
+        written at once, so a failure later loses nothing. Under a launcher each rank scores its share
+        of the batches and rank 0 puts them together (None on the other ranks)."""
         metrics = load_metrics(self.metric_names, self.device, self.cfg["scorers"])
         per_image = {n: m for n, m in metrics.items() if n not in self.set_metrics}
-        st = self.cfg["stats"]
+        st, batch = self.cfg["stats"], int(self.cfg["score"]["batch_size"])
         sets = SetScorer(
-            {n: metrics[n] for n in self.set_metrics}, self.suite.groups, self.real, self.cache, self.suite.name, int(self.cfg["score"]["batch_size"]),
+            {n: metrics[n] for n in self.set_metrics}, self.suite.groups, self.real, self.cache, self.suite.name, batch,
             self.progress, int(st["n_boot_sets"]), float(st["level"]), int(st["seed"]),
         ) if self.set_metrics else None
+        shared = self.ranks.size > 1
+        recorder = FeatureRecorder(sets) if shared and sets is not None else sets
         scores = score_images(
-            plan.jobs, self.store, per_image, int(self.cfg["score"]["batch_size"]), self.device, self.progress, self.suite.references, self.suite.metric_scope, sets
+            self.ranks.share(plan.jobs, batch), self.store, per_image, batch, self.device, self.progress, self.suite.references, self.suite.metric_scope, recorder
         )
+        if shared:
+            scores = self.gather_scores(plan, scores, list(per_image), recorder, batch)
+            if scores is None:
+                return None
         for offset, (column, labels) in enumerate(self.suite.groups.items()):
             scores.insert(len(ID_COLUMNS) + offset, column, [labels[i] for i in scores["prompt_index"]])
         write_scores(scores, plan.run_dir / "scores.parquet")
         return Scored(scores, metrics, sets)
+
+    def gather_scores(self, plan: RunPlan, scores: pd.DataFrame, names: list[str], recorder: FeatureRecorder | None, batch: int) -> pd.DataFrame | None:
+        """Rank 0: every rank's scores and features put back in the order one process makes them
+        (global batch b was scored by rank b mod N), the features folded into the set-level
+        statistics batch by batch as one process folds them. None on the other ranks."""
+        mine = {"values": torch.tensor(scores[names].to_numpy(dtype="float64").reshape(len(scores), len(names)))}
+        for key, feats in (recorder.batches.items() if recorder is not None else ()):
+            mine[f"features.{key}"] = torch.cat(feats) if feats else torch.zeros(0)
+        parts = self.ranks.gather("scores", mine)
+        if parts is None:
+            return None
+        columns: dict[str, list[float]] = {n: [] for n in names}
+        offsets = [0] * len(parts)
+        for b, start in enumerate(range(0, len(plan.jobs), batch)):
+            jobs, part = plan.jobs[start : start + batch], parts[b % len(parts)]
+            lo, hi = offsets[b % len(parts)], offsets[b % len(parts)] + len(jobs)
+            offsets[b % len(parts)] = hi
+            for i, name in enumerate(names):
+                columns[name].extend(part["values"][lo:hi, i].tolist())
+            if recorder is not None:
+                recorder.sets.add_features(jobs, {key: part[f"features.{key}"][lo:hi] for key in recorder.batches})
+        return score_frame(plan.jobs, columns)
 
     def aggregate(self, plan: RunPlan, scored: Scored) -> tuple[dict, str]:
         """The summary (means, intervals, paired differences and win rates against the baseline, the
@@ -345,6 +411,7 @@ class Session:
             **({"protocol": identity.protocol | (protocol_extra or {})} if identity.protocol else {}),
             "scorers": identity.scorers,
             "device": str(self.device),
+            "processes": self.ranks.size,  # ranks that generated and scored (torchrun, accelerate launch); the results do not depend on it
             "device_name": torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else platform.processor() or platform.machine(),
             "dtype": identity.dtype,
             "versions": package_versions(),
@@ -452,7 +519,7 @@ def generate_shard(cfg, progress: bool = True) -> tuple[int, int, int]:
     model = session.model().to(session.device, session.dtype)
     jobs = session.plan(model)
     mine = jobs[index::count]
-    stats = generate(model, mine, session.store, int(session.cfg["gen"]["batch_size"]), session.sampler, progress)
+    stats = generate_missing(model, mine, session.store, int(session.cfg["gen"]["batch_size"]), session.sampler, progress)
     return stats.generated, stats.cached, len(jobs)
 
 

@@ -70,6 +70,11 @@ def score_images(
                 for i, value in zip(rows, out.double().cpu().tolist()):
                     values[i] = value
             columns[name].extend(values)
+    return score_frame(jobs, columns)
+
+
+def score_frame(jobs: list[ImageJob], columns: dict[str, list[float]]) -> pd.DataFrame:
+    """The scores table: the id columns of ``jobs``, then one float64 column per metric, in job order."""
     frame = pd.DataFrame(
         {
             "prompt_index": pd.array([j.prompt_index for j in jobs], dtype="int64"),
