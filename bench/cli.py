@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -459,10 +460,19 @@ def quiet_unless_rank_zero() -> None:
     from bench import io
     from bench.ranks import launched, process_rank
 
-    if launched() and process_rank() != 0:
+    if not launched():
+        return
+    signal.signal(signal.SIGTERM, _stopped_by_launcher)  # the launcher stops every rank when one fails
+    if process_rank() != 0:
         io.QUIET = True
         logging.getLogger().setLevel(logging.WARNING)
         sys.stdout = open(os.devnull, "w")
+
+
+def _stopped_by_launcher(signum, frame):
+    from bench.ranks import RankError, process_rank
+
+    raise RankError(f"rank {process_rank()} stopped by the launcher (another rank failed or was killed): what was finished is kept; run the same command again to resume")
 
 
 def one_process(what: str) -> None:

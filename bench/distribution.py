@@ -308,18 +308,6 @@ class SetScorer:
             self.gen[key].add(features[key], owners)
 
 
-class FeatureRecorder:
-    """Stands in for a ``SetScorer`` while a rank scores its share: keeps each batch's features, in
-    order, for rank 0 to fold in with everyone's (``SetScorer.add_features``)."""
-
-    def __init__(self, sets: SetScorer):
-        self.sets = sets
-        self.batches: dict[str, list[torch.Tensor]] = {key: [] for key in sets.extractors}
-
-    def add(self, jobs, pixels: torch.Tensor) -> None:
-        for key, feats in self.sets.features(pixels).items():
-            self.batches[key].append(feats)
-
     def reference(self, key: str) -> dict:
         """The real set's FeatureSets (overall: None, and per group), from the cache or one feature pass."""
         global REFERENCE_PASSES
@@ -391,6 +379,19 @@ class FeatureRecorder:
 
     def manifest(self) -> dict:
         return {"reference": {"folder": str(self.real.folder), **self.real.identity()}, "cache_files": self.cache_files, "reference_features_computed": self.computed}
+
+
+class FeatureRecorder:
+    """Stands in for a ``SetScorer`` while a rank scores its share: keeps each batch's features, in
+    order, for rank 0 to fold in with everyone's (``SetScorer.add_features``)."""
+
+    def __init__(self, sets: SetScorer):
+        self.sets = sets
+        self.batches: dict[str, list[torch.Tensor]] = {key: [] for key in sets.extractors}
+
+    def add(self, jobs, pixels: torch.Tensor) -> None:
+        for key, feats in self.sets.features(pixels).items():
+            self.batches[key].append(feats)
 
 
 def _cached(path: Path, with_rows: bool) -> bool:

@@ -1,0 +1,130 @@
+"""Data-parallel evaluation under torchrun: 2 CPU processes leave the run folder one process leaves
+(scores.parquet to the byte, FID and KID to the last bit), a rank killed mid-run stops the others with
+one line, and the same command run again resumes from the images already made."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from bench.ranks import Ranks
+
+REPO = Path(__file__).resolve().parents[1]
+MJHQ = {  # MJHQ-30K's meta_data.json layout: {image_id: {prompt, category}}
+    "a1f0": {"prompt": "a red fox in the snow", "category": "animals"},
+    "f9c2": {"prompt": "a bowl of ramen, studio light", "category": "food"},
+    "a7b3": {"prompt": "an owl on a branch at night", "category": "animals"},
+    "f0d1": {"prompt": "a slice of cake", "category": "food"},
+    "p5e5": {"prompt": "portrait of an old sailor", "category": "people"},
+}
+
+
+def test_each_rank_takes_every_nth_batch_and_together_they_take_each_item_once():
+    items = list(range(11))
+    shares = [Ranks(r, 3).share(items, 2) for r in range(3)]
+    assert shares == [[0, 1, 6, 7], [2, 3, 8, 9], [4, 5, 10]]  # batches [0,1] [2,3] [4,5] [6,7] [8,9] [10]
+    assert sorted(sum(shares, [])) == items and Ranks().share(items, 4) == items
+    assert Ranks(3, 4).share(items[:4], 2) == []  # more ranks than batches: a rank with nothing to do
+
+
+def mjhq(root: Path) -> list[str]:
+    """A 5-prompt MJHQ-30K stand-in (meta_data.json and one reference photo per prompt) as overrides."""
+    meta, refs = root / "meta_data.json", root / "refs"
+    meta.write_text(json.dumps(MJHQ))
+    for i, (image_id, row) in enumerate(MJHQ.items()):
+        path = refs / row["category"] / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = np.random.default_rng(i).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(pixels).resize((64, 64), Image.Resampling.BILINEAR).save(path)
+    # 5 images in batches of 2: rank 0 makes and scores batches 0 and 2, rank 1 batch 1
+    return ["suite=mjhq30k", "model=tiny", f"suite.source={meta}", f"suite.references={refs}", "scorers=tiny", "gen.steps=2",
+            "gen.batch_size=2", "score.batch_size=2", "report.html=false"]
+
+
+def torchrun(args: list[str], log: Path, nproc: int = 2) -> subprocess.Popen:
+    """``bench ARGS`` under torchrun with ``nproc`` processes (0: plain ``python -m bench``), one thread
+    each: float32 scorers sum in another order on another thread count."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    env.pop("BENCH_HOME", None)
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc else []
+    cmd = [sys.executable, *launcher, "-m", "bench", *args]
+    with open(log, "wb") as fh:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=fh, stderr=subprocess.STDOUT)
+
+
+def linked_cache(root: Path, session_cache: str) -> Path:
+    """An empty cache sharing the session's built models (a run's own images and scores start empty)."""
+    root.mkdir(parents=True)
+    models = Path(session_cache) / "models"
+    models.mkdir(exist_ok=True)
+    (root / "models").symlink_to(models.resolve())
+    return root
+
+
+def only_run(out: Path) -> Path:
+    (run,) = [d for d in out.iterdir() if d.is_dir()]
+    return run
+
+
+def test_two_processes_leave_the_run_folder_of_one(cli, cache_dir, tmp_path):
+    args = mjhq(tmp_path)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each rank runs (the pytest workers do already)
+    try:
+        code, _, err = cli("eval", *args, f"out={tmp_path / 'one'}", cache=linked_cache(tmp_path / "cache-one", cache_dir))
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0, err
+    cache_two = linked_cache(tmp_path / "cache-two", cache_dir)
+    proc = torchrun(["eval", *args, f"out={tmp_path / 'two'}", f"cache_dir={cache_two}"], tmp_path / "two.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    one, two = only_run(tmp_path / "one"), only_run(tmp_path / "two")
+    assert one.name == two.name  # the same identity: the process count is not part of it
+    assert (one / "scores.parquet").read_bytes() == (two / "scores.parquet").read_bytes()
+    sets = [json.loads((d / "summary.json").read_text())["sets"] for d in (one, two)]
+    for metric in ("fid", "kid"):
+        a, b = sets[0][metric], sets[1][metric]
+        assert a["n_images"] == b["n_images"] == 5 and a["value"] == pytest.approx(b["value"], rel=1e-9, abs=0)
+        assert a["ci"] == pytest.approx(b["ci"], rel=1e-9) and a["by_group"] == b["by_group"]
+    manifest = json.loads((two / "manifest.json").read_text())
+    assert manifest["processes"] == 2 and manifest["timings"]["generated"] == 5 and manifest["timings"]["cached"] == 0
+    log = (tmp_path / "two.log").read_text()
+    assert log.count("run folder:") == 1  # rank 0 alone prints the table
+    assert not (two / ".ranks").exists()
+
+
+@pytest.mark.slow  # about a minute: a launch killed mid-generation, then the full run (the default test above covers the split)
+def test_a_killed_rank_stops_the_others_with_one_line_and_a_rerun_resumes(cache_dir, tmp_path):
+    args = ["eval", "suite=micro", "model=tiny", "suite.limit=16", "gen.batch_size=1", "report.html=false"]
+    single = torchrun([*args, f"out={tmp_path / 'one'}", f"cache_dir={linked_cache(tmp_path / 'cache-one', cache_dir)}"], tmp_path / "one.log", nproc=0)
+    assert single.wait(timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
+    cache = linked_cache(tmp_path / "cache", cache_dir)
+    run = [*args, f"out={tmp_path / 'two'}", f"cache_dir={cache}"]
+    proc = torchrun(run, tmp_path / "killed.log")
+    images = cache / "images"
+    deadline = time.time() + 300
+    while time.time() < deadline and len(list(images.rglob("*.png"))) < 4:
+        time.sleep(0.2)
+    ranks = subprocess.run(["pgrep", "-f", "-P", str(proc.pid), "bench"], capture_output=True, text=True).stdout.split()
+    assert len(ranks) == 2, ranks
+    os.kill(int(ranks[-1]), signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    lines = [line for line in (tmp_path / "killed.log").read_text().splitlines() if line.startswith("bench: error:")]
+    assert len(lines) == 1 and "stopped by the launcher" in lines[0] and "run the same command again to resume" in lines[0], lines
+    made = len(list(images.rglob("*.png")))
+    assert 4 <= made < 32  # 16 prompts, 2 images each
+    again = torchrun(run, tmp_path / "again.log")
+    assert again.wait(timeout=600) == 0, (tmp_path / "again.log").read_text()[-3000:]
+    manifest = json.loads((only_run(tmp_path / "two") / "manifest.json").read_text())
+    assert manifest["timings"]["cached"] >= made - 1 and manifest["timings"]["generated"] + manifest["timings"]["cached"] == 32
+    assert (only_run(tmp_path / "one") / "scores.parquet").read_bytes() == (only_run(tmp_path / "two") / "scores.parquet").read_bytes()
