@@ -255,18 +255,20 @@ class Session:
         clock.lap("generate")
         scored = self.score(plan)
         clock.lap("score")
-        result = self.write(plan, scored, *self.aggregate(plan, scored), clock.timings(made), protocol_extra) if scored is not None else None
+        if scored is not None:  # rank 0, or the only process
+            summary, table = self.aggregate(plan, scored)
+            timings = clock.timings(made)
+            self.write(plan.run_dir, summary, table, self.manifest(plan, scored, summary, timings, protocol_extra))
         self.ranks.barrier()  # the other ranks read what rank 0 wrote
-        return result or read_result(plan.run_dir)
+        return RunResult(plan.run_dir, summary, table, timings) if scored is not None else read_result(plan.run_dir)
 
-    def write(self, plan: RunPlan, scored: Scored, summary: dict, table: str, timings: dict, protocol_extra: dict | None) -> RunResult:
+    def write(self, run_dir: Path, summary: dict, table: str, manifest: dict) -> None:
         """The run folder's summary, table and manifest, then its report.html."""
-        write_json(plan.run_dir / "summary.json", summary)
-        write_text(plan.run_dir / "table.md", table + "\n")
-        write_json(plan.run_dir / "manifest.json", self.manifest(plan, scored, summary, timings, protocol_extra))
+        write_json(run_dir / "summary.json", summary)
+        write_text(run_dir / "table.md", table + "\n")
+        write_json(run_dir / "manifest.json", manifest)
         if (self.cfg.get("report") or {}).get("html", True):
-            self.write_report(plan.run_dir)
-        return RunResult(plan.run_dir, summary, table, timings)
+            self.write_report(run_dir)
 
     def generate(self, plan: RunPlan) -> GenerationStats:
         """Every missing image of the plan (this rank's share of the generation batches under a

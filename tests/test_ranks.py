@@ -128,3 +128,11 @@ def test_a_killed_rank_stops_the_others_with_one_line_and_a_rerun_resumes(cache_
     manifest = json.loads((only_run(tmp_path / "two") / "manifest.json").read_text())
     assert manifest["timings"]["cached"] >= made - 1 and manifest["timings"]["generated"] + manifest["timings"]["cached"] == 32
     assert (only_run(tmp_path / "one") / "scores.parquet").read_bytes() == (only_run(tmp_path / "two") / "scores.parquet").read_bytes()
+
+
+@pytest.mark.slow  # about a minute: bench perf's four measures (a fresh store each) on 4 prompts
+def test_perf_measures_the_two_process_speed_up_with_identical_scores(cli):
+    code, out, err = cli("perf", "suite.limit=4")
+    assert code == 0, err
+    row = next(line for line in out.splitlines() if "2 processes (torchrun) over 1" in line)
+    assert "scores.parquet byte-identical" in row and float(row.split("|")[2]) > 0
