@@ -55,8 +55,9 @@ class RoundStore:
     one (a method called outside the trainer) rounds stay in memory. Round ``r`` is
     ``round-{r:06d}.safetensors``; ``index.json`` is the method's own record of its rounds, if any."""
 
-    def __init__(self, folder: Path | None = None):
+    def __init__(self, folder: Path | None = None, writes: bool = True):
         self.folder = Path(folder) if folder is not None else None
+        self.writes = writes  # False: a rank other than 0, which keeps what it samples in memory and reads rank 0's folder
         self._memory: dict[int, dict] = {}
         self._index: object = None
 
@@ -65,13 +66,13 @@ class RoundStore:
 
     def load(self, r: int) -> dict[str, torch.Tensor] | None:
         """Round r as saved, or None where it was never sampled (or was dropped)."""
-        if self.folder is None:
+        if r in self._memory or self.folder is None:
             return self._memory.get(r)
         return load_file(self.path(r)) if self.path(r).exists() else None
 
     def save(self, r: int, data: dict[str, torch.Tensor]) -> None:
         data = {k: v.contiguous() for k, v in data.items()}
-        if self.folder is None:
+        if self.folder is None or not self.writes:
             self._memory[r] = data
             return
         with writing(self.folder):
@@ -83,8 +84,8 @@ class RoundStore:
     def drop_before(self, r: int) -> None:
         """Delete every round before ``r``: a resume never reads them again (at SDXL size a round of
         256 trajectories is about 670 MB)."""
-        if self.folder is None:
-            self._memory = {q: d for q, d in self._memory.items() if q >= r}
+        self._memory = {q: d for q, d in self._memory.items() if q >= r}
+        if self.folder is None or not self.writes:
             return
         for old in self.folder.glob("round-*.safetensors"):
             if int(old.stem.split("-")[1]) < r:
@@ -92,13 +93,13 @@ class RoundStore:
 
     def read_index(self):
         """The method's record of its rounds (None before the first): JSON, written with ``write_index``."""
-        if self.folder is None:
+        if self.folder is None or (not self.writes and self._index is not None):
             return copy.deepcopy(self._index)
         path = self.folder / "index.json"
         return json.loads(path.read_text()) if path.exists() else None
 
     def write_index(self, index) -> None:
-        if self.folder is None:
+        if self.folder is None or not self.writes:
             self._index = copy.deepcopy(index)
             return
         with writing(self.folder):

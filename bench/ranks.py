@@ -15,7 +15,7 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Sequence, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
@@ -82,6 +82,28 @@ class Ranks:
                 self.store.delete_key(f"{key}/{r}")
         return parts
 
+    def map_batches(self, count: int, compute: Callable[[int], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """``compute(i)`` for every batch i < ``count``, each computed on rank i mod N and every result
+        on every rank (safetensors bytes through the store): the ranks share work whose whole result
+        each of them needs (an online method's round)."""
+        from safetensors.torch import load, save
+
+        if self.size == 1:
+            return [compute(i) for i in range(count)]
+        key, mine = f"bench/batches-{self.meetings}", range(self.rank, count, self.size)
+        for i in mine:
+            result = save({k: v.detach().cpu().contiguous() for k, v in compute(i).items()})
+            with self._lost():
+                self.store.set(f"{key}/{i}", result)
+        self.barrier()
+        with self._lost():
+            out = [load(self.store.get(f"{key}/{i}")) for i in range(count)]
+        self.barrier()
+        with self._lost():
+            for i in mine:
+                self.store.delete_key(f"{key}/{i}")
+        return out
+
     @contextmanager
     def _lost(self):
         try:
@@ -120,3 +142,16 @@ def current() -> Ranks:
 def process_rank() -> int:
     """This process's rank as the launcher set it (0 outside one), without meeting the others."""
     return int(os.environ.get("RANK", "0"))
+
+
+def join_process_group(device_type: str) -> None:
+    """Join the launcher's process group, where collectives need one (training sums its gradients
+    with an all-reduce): gloo on CPU, nccl on CUDA. Joined only once every model is built: transformers
+    writes a model's files only on rank 0 of an initialized group."""
+    import torch.distributed as dist
+
+    if launched() and not dist.is_initialized():
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend, timeout=timedelta(hours=WAIT_HOURS))

@@ -34,6 +34,8 @@ from bench.suite import prompts_sha256
 from bench.trainlog import TrainLog, tracker_kwargs
 from bench.io import adopt_file, progress, write_json
 from bench.method import Method, RoundStore, TrainContext
+from bench.ranks import current as current_ranks
+from bench.ranks import join_process_group
 from bench.models.diffusion import DiffusionModel, sampler_identity
 from bench.weights import copy_weights
 
@@ -305,6 +307,24 @@ def adopt_checkpoint_folder(old: Path, new: Path, train_id: str) -> list[str]:
     return moved
 
 
+def sum_over_ranks(ranks: int, params: list[torch.Tensor], loss: float, diverged: float | None, device) -> tuple[float, float | None]:
+    """The gradients, the step's loss and whether any rank's loss diverged, summed over the ``ranks``
+    that each computed a share of a step's micro-batches (one all-reduce of one flat buffer, as DDP does
+    it); nothing to do in one process."""
+    if ranks == 1:
+        return loss, diverged
+    import torch.distributed as dist
+
+    flags = torch.tensor([loss, float(diverged is not None), diverged if diverged is not None else 0.0], dtype=torch.float64, device=device)
+    dist.all_reduce(flags)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    for p, part in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = part.view_as(p).clone()
+    return float(flags[0]), (float(flags[2]) if flags[1] > 0 else None)
+
+
 # ---- optimizer and learning-rate schedule --------------------------------------------------
 def make_optimizer(params, tc: dict) -> torch.optim.Optimizer:
     name, lr, wd = tc["optimizer"], peak_lr(tc), float(tc["weight_decay"])
@@ -369,6 +389,7 @@ class Trainer:
         self.model, self.method, self.prompts, self.reward, self.images = model, method, prompts, reward, images
         self.device, self.cache_dir, self.progress = device, Path(cache_dir), progress
         self.data_source = None  # what ``prepare`` returned, once training starts
+        self.ranks = current_ranks()  # the launched processes that train together (rank 0 of 1 alone)
         self.train_id = CheckpointId(
             stable_hash(self._identity(sampler_identity(model.sampler), recipe_source_hash(method)))[:16],
             legacy=stable_hash(self._identity(str(model.sampler), legacy_recipe_source_hash(method)))[:16],  # before content keys
@@ -393,27 +414,34 @@ class Trainer:
     # ---- public ------------------------------------------------------------------------------
     def run(self) -> Checkpoint:
         """Train, or reuse the finished checkpoint. Processes sharing a cache train one checkpoint once:
-        the others wait on its lock file, then reuse it."""
+        the others wait on its lock file, then reuse it. The ranks of one launch train it together:
+        rank 0 holds the lock for them."""
         final = self.root / "final"
-        self._adopt_legacy()
+        if self.ranks.main:
+            self._adopt_legacy()
         if not (final / "weights.safetensors").exists():
             from filelock import FileLock
 
-            with writing(self.root.parent):
-                self.root.mkdir(parents=True, exist_ok=True)
-                lock = FileLock(self.root / ".lock")  # released by the kernel when its process dies
-                lock.acquire()
+            lock = None
+            if self.ranks.main:
+                with writing(self.root.parent):
+                    self.root.mkdir(parents=True, exist_ok=True)
+                    lock = FileLock(self.root / ".lock")  # released by the kernel when its process dies
+                    lock.acquire()
+            self.ranks.barrier()  # every rank sees what rank 0 saw once it held the lock
             try:
                 if not (final / "weights.safetensors").exists():  # not trained by another process while this one waited
                     return self._train()
             finally:
-                lock.release()
+                if lock is not None:
+                    lock.release()
         log.info("reusing trained checkpoint %s", final)
         return Checkpoint(final, self.train_id)
 
     def _train(self) -> Checkpoint:
         """trainable UNet -> context -> data -> resume -> optimizer steps -> final checkpoint."""
         tc = self.train_cfg
+        self._join_ranks()
         unet, frozen, lora = self._trainable_unet()
         params = [p for p in unet.parameters() if p.requires_grad]
         steps = int(tc["steps"])
@@ -453,7 +481,20 @@ class Trainer:
         accel = Accelerator(mixed_precision=self._precision(), cpu=self.device.type == "cpu", **trackers)
         if trackers:
             accel.init_trackers(f"{self.cfg['method']['name']}-{self.train_id}", config={k: v for k, v in self.train_cfg.items() if isinstance(v, (int, float, str, bool))})
-        return accel, TrainLog(self.root, start, accel if trackers else None)
+        return accel, TrainLog(self.root, start, accel if trackers else None, writes=self.ranks.main)
+
+    def _join_ranks(self) -> None:
+        """Under a launcher: refuse a method whose state cannot be kept equal on every rank, and join
+        the process group the gradients are summed in (gloo on CPU, nccl on CUDA)."""
+        if self.ranks.size == 1:
+            return
+        method = type(self.method)
+        if not method.splits_micro_batches or method.extra_state is not Method.extra_state:
+            raise TrainingError(
+                f"method '{self.cfg['method']['name']}' trains a network of its own inside its loss, which the ranks would "
+                "each step apart: train it in one process (without torchrun / accelerate launch), then evaluate under the launcher"
+            )
+        join_process_group(self.device.type)
 
     def _trainable_unet(self) -> tuple[torch.nn.Module, torch.nn.Module | None, bool]:
         """The UNet in training mode with what trains marked (LoRA adapters, or every weight), the
@@ -478,32 +519,37 @@ class Trainer:
         micro_batch, accum = self._micro_batches()
         return TrainContext(
             self.model, self.prompts, self.reward, int(tc["seed"]), self.device, micro_batch, self.progress, frozen,
-            data_cfg=self.cfg.get("data") or None, grad_accum=accum, rounds=RoundStore(self.root / "rounds"), images=self.images,
+            data_cfg=self.cfg.get("data") or None, grad_accum=accum, rounds=RoundStore(self.root / "rounds", writes=self.ranks.main), images=self.images,
             sample_batch_size=int(self.cfg["gen"]["batch_size"]),
         )
 
     def _optimizer_step(self, step: int, ctx: TrainContext, data, opt, params, accel, ema, history: list[float]) -> tuple[float, dict]:
         """One optimizer step: the scheduled learning rate, ``grad_accum`` micro-batches whose gradients
-        add up (each seeded from (seed, step, micro-batch)), clipping, the update. A non-finite loss
-        stops training with the progress up to the last finite weights kept."""
+        add up (each seeded from (seed, step, micro-batch); under a launcher each rank computes every
+        N-th of them and the gradients are summed across ranks, as DDP sums them), clipping, the update.
+        A non-finite loss stops training on every rank with the progress up to the last finite weights kept."""
         tc = self.train_cfg
-        total, logs = 0.0, {}
+        total, logs, diverged = 0.0, {}, None
         for group in opt.param_groups:
             group["lr"] = peak_lr(tc) * lr_factor(tc["lr_schedule"], step, int(tc["warmup_steps"]), int(tc["steps"]))
-        for micro in range(ctx.grad_accum):
+        for micro in range(self.ranks.rank, ctx.grad_accum, self.ranks.size):
             gen = torch.Generator().manual_seed(micro_seed(int(tc["seed"]), step, micro))
             with accel.autocast():
                 loss, logs = self.method.loss(ctx.at(step, micro), data, gen)
             if not torch.isfinite(loss):
-                if all(torch.isfinite(p).all() for p in params):  # keep the progress, never diverged weights
-                    self._save(self.model.unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
-                raise TrainingError(
-                    f"loss became {loss.item()} at step {step} of method '{self.cfg['method']['name']}' "
-                    f"(train.lr={tc['lr']}); progress up to the last checkpoint is kept in {self.root}: "
-                    "lower train.lr or check the method's inputs"
-                )
+                diverged = loss.item()
+                break
             accel.backward(loss / ctx.grad_accum)
             total += loss.item() / ctx.grad_accum
+        total, diverged = sum_over_ranks(self.ranks.size, params, total, diverged, self.device)
+        if diverged is not None:
+            if all(torch.isfinite(p).all() for p in params):  # keep the progress, never diverged weights
+                self._save(self.model.unet, opt, ema, step, history, keep_previous=True, only_if_new=True)
+            raise TrainingError(
+                f"loss became {diverged} at step {step} of method '{self.cfg['method']['name']}' "
+                f"(train.lr={tc['lr']}); progress up to the last checkpoint is kept in {self.root}: "
+                "lower train.lr or check the method's inputs"
+            )
         if tc["max_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(params, float(tc["max_grad_norm"]))
         opt.step()
@@ -544,9 +590,10 @@ class Trainer:
         reward = self._reward_version()
         path = self._data_path(spec, sampler_identity(self.model.sampler), recipe_source_hash(self.method), {"reward": reward} if reward else {})
         legacy = self._data_path(spec, str(self.model.sampler), legacy_recipe_source_hash(self.method))  # before content keys
-        if not path.exists() and legacy.exists() and adopt_file(legacy, path):
+        if self.ranks.main and not path.exists() and legacy.exists() and adopt_file(legacy, path):
             log.info("prepared data %s moved to its content key %s, once; nothing recomputed", legacy.name, path.name)
-        if path.exists():
+        if path.exists() or not self.ranks.main:
+            self.ranks.barrier()  # rank 0 prepares the data the others read
             return load_file(path)
         data = {k: v.contiguous() for k, v in self.method.prepare(ctx).items()}
         with writing(path.parent):
@@ -554,6 +601,7 @@ class Trainer:
             tmp = path.with_suffix(".tmp")
             save_file(data, tmp)
             tmp.replace(path)
+        self.ranks.barrier()
         return data
 
     def _data_path(self, spec, sampler, recipe_source: str | None, extra: dict | None = None) -> Path:
@@ -568,7 +616,11 @@ class Trainer:
         return sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
 
     def _save(self, unet, opt, ema, step: int, history: list[float], keep_previous=False, only_if_new=False) -> None:
+        """The resumable state after ``step`` (rank 0 writes it), then the data source is told of it."""
         target = self.root / f"step-{step:07d}"
+        if not self.ranks.main:
+            getattr(self.data_source, "checkpointed", lambda step: None)(step)
+            return
         if only_if_new and (target.exists() or step == 0):
             return
         tmp = self.root / f".tmp-step-{step:07d}"
@@ -643,7 +695,8 @@ class Trainer:
     def _keep(self, unet, ema, step: int, history: list[float], lora: bool) -> None:
         """Keep this step's evaluation weights beside the run (``train.keep_checkpoints``): a protocol
         that chooses a checkpoint by a metric (LaSRO: the lowest FID) evaluates every one of them."""
-        self._write_weights(self.root / "kept" / f"step-{step:07d}", self._eval_weights(unet, ema), step, list(history), lora, None)
+        if self.ranks.main:
+            self._write_weights(self.root / "kept" / f"step-{step:07d}", self._eval_weights(unet, ema), step, list(history), lora, None)
 
     def _finish(self, unet, ema, history, lora: bool, data_manifest: dict) -> Checkpoint:
         tc = self.train_cfg
@@ -651,7 +704,9 @@ class Trainer:
         if ema is not None:
             copy_weights(unet, ema)
         final = self.root / "final"
-        self._write_weights(final, weights, int(tc["steps"]), history, lora, data_manifest)
-        for old in self._step_dirs():
-            shutil.rmtree(old, ignore_errors=True)
+        if self.ranks.main:
+            self._write_weights(final, weights, int(tc["steps"]), history, lora, data_manifest)
+            for old in self._step_dirs():
+                shutil.rmtree(old, ignore_errors=True)
+        self.ranks.barrier()  # the checkpoint every rank returns is on disk
         return Checkpoint(final, self.train_id)

@@ -58,15 +58,19 @@ def finite_number(value) -> float | None:
 class TrainLog:
     """Appends one line per optimizer step to ``root/train.jsonl``, starting after step ``start``."""
 
-    def __init__(self, root: Path, start: int, trackers=None):
+    def __init__(self, root: Path, start: int, trackers=None, writes: bool = True):
         self.path = Path(root) / FILE
         self.trackers = trackers  # an accelerate Accelerator with trackers initialised, or None
-        kept = [r for r in read_train_log(self.path) if r["step"] <= start]
-        with writing(self.path.parent):
-            write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
+        self.writes = writes  # False: a rank other than 0 (rank 0 writes the log of the step they share)
+        if writes:
+            kept = [r for r in read_train_log(self.path) if r["step"] <= start]
+            with writing(self.path.parent):
+                write_text(self.path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept))
 
     def write(self, step: int, loss: float, lr: float, logs: dict) -> None:
         """The line of optimizer step ``step`` (1-based: the steps done), flushed at once."""
+        if not self.writes:
+            return
         row = {"step": int(step), "loss": finite_number(loss), "lr": finite_number(lr)}
         row |= {str(k): x for k, v in logs.items() if (x := finite_number(v)) is not None}
         with writing(self.path.parent), open(self.path, "a", encoding="utf-8") as fh:

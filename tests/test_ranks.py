@@ -1,6 +1,8 @@
-"""Data-parallel evaluation under torchrun: 2 CPU processes leave the run folder one process leaves
-(scores.parquet to the byte, FID and KID to the last bit), a rank killed mid-run stops the others with
-one line, and the same command run again resumes from the images already made."""
+"""Data-parallel work under torchrun on 2 CPU processes: an evaluation leaves the run folder one process
+leaves (scores.parquet to the byte, FID and KID to the last bit), training with the same global batch
+ends at the weights one process trains (each rank computes its share of a step's micro-batches, the
+gradients are summed), an online method's rounds are sampled a share per rank; a rank killed mid-run
+stops the others with one line, and the same command run again resumes."""
 
 from __future__ import annotations
 
@@ -71,6 +73,33 @@ def linked_cache(root: Path, session_cache: str) -> Path:
     return root
 
 
+def in_one_thread(cli, *args, **kw):
+    """``cli`` with torch on one thread, as each launched rank runs (the pytest workers do already)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return cli(*args, **kw)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def final_weights(cache: Path) -> dict:
+    from safetensors.torch import load_file
+
+    (path,) = cache.glob("checkpoints/*/final/weights.safetensors")
+    return load_file(path)
+
+
+def train_ranks_and_one(cli, cache_dir, tmp_path, args: list[str]) -> tuple[dict, dict, Path]:
+    """The final weights of ``bench train ARGS`` in one process and on 2 ranks (caches of their own)."""
+    one, two = linked_cache(tmp_path / "cache-one", cache_dir), linked_cache(tmp_path / "cache-two", cache_dir)
+    code, _, err = in_one_thread(cli, "train", *args, cache=one)
+    assert code == 0, err
+    proc = torchrun(["train", *args, f"cache_dir={two}"], tmp_path / "two.log")
+    assert proc.wait(timeout=600) == 0, (tmp_path / "two.log").read_text()[-3000:]
+    return final_weights(one), final_weights(two), two
+
+
 def only_run(out: Path) -> Path:
     (run,) = [d for d in out.iterdir() if d.is_dir()]
     return run
@@ -78,12 +107,7 @@ def only_run(out: Path) -> Path:
 
 def test_two_processes_leave_the_run_folder_of_one(cli, cache_dir, tmp_path):
     args = mjhq(tmp_path)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as each rank runs (the pytest workers do already)
-    try:
-        code, _, err = cli("eval", *args, f"out={tmp_path / 'one'}", cache=linked_cache(tmp_path / "cache-one", cache_dir))
-    finally:
-        torch.set_num_threads(threads)
+    code, _, err = in_one_thread(cli, "eval", *args, f"out={tmp_path / 'one'}", cache=linked_cache(tmp_path / "cache-one", cache_dir))
     assert code == 0, err
     cache_two = linked_cache(tmp_path / "cache-two", cache_dir)
     proc = torchrun(["eval", *args, f"out={tmp_path / 'two'}", f"cache_dir={cache_two}"], tmp_path / "two.log")
@@ -136,3 +160,29 @@ def test_perf_measures_the_two_process_speed_up_with_identical_scores(cli):
     assert code == 0, err
     row = next(line for line in out.splitlines() if "2 processes (torchrun) over 1" in line)
     assert "scores.parquet byte-identical" in row and float(row.split("|")[2]) > 0
+
+
+def test_two_ranks_train_the_weights_of_one_process_with_the_same_global_batch(cli, cache_dir, tmp_path):
+    # 4 micro-batches a step: rank 0 computes 0 and 2, rank 1 computes 1 and 3; the gradients are summed
+    args = ["method=sft", "model=tiny", "suite.limit=2", "method.samples_per_prompt=2", "train.steps=4", "train.batch_size=1",
+            "train.grad_accum=4", "train.save_every=2"]
+    one, two, cache = train_ranks_and_one(cli, cache_dir, tmp_path, args)
+    assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert any((one[k] != 0).any() for k in one if "lora_B" in k)  # it trained
+    (meta,) = cache.glob("checkpoints/*/final/train.json")
+    history = json.loads(meta.read_text())["history"]
+    assert len(history) == 4 and all(np.isfinite(history))
+    assert len((tmp_path / "two.log").read_text().split("checkpoint: ")) == 2  # rank 0 alone prints
+
+
+@pytest.mark.slow  # about a minute: 20 steps twice (the default test above trains 4), and an online method's shared rounds
+def test_twenty_steps_and_an_online_method_on_two_ranks_equal_one_process(cli, cache_dir, tmp_path):
+    args = ["method=sft", "model=tiny", "suite.limit=4", "method.samples_per_prompt=2", "train.steps=20", "train.batch_size=1",
+            "train.grad_accum=4", "train.save_every=5"]
+    one, two, _ = train_ranks_and_one(cli, cache_dir, tmp_path / "sft", args)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    online = ["method=pso-online", "model=tiny-fewstep", "suite.limit=4", "scorers=tiny", "train.steps=4", "train.batch_size=2",
+              "train.grad_accum=2", "method.prompts_per_round=2", "train.save_every=2", "gen.batch_size=1"]  # 4 sampling chunks a round, 2 per rank
+    one, two, cache = train_ranks_and_one(cli, cache_dir, tmp_path / "online", online)
+    assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
+    assert sorted(p.name for p in cache.glob("checkpoints/*/rounds/*")) == ["round-000002.safetensors", "round-000003.safetensors"]

@@ -19,6 +19,7 @@ import torch
 from bench.generate import image_seed
 from bench.method import Method, RoundStore, TrainContext
 from bench.models.diffusion import gaussian_log_prob
+from bench.ranks import current as current_ranks
 from bench.schema import MethodSpec, RewardSpec, at_least, one_of, setting
 
 
@@ -127,7 +128,8 @@ class OnlineRounds:
     @torch.no_grad()
     def sample(self, ctx: TrainContext, r: int) -> dict[str, torch.Tensor]:
         """Round r: every trajectory with its own generator, sampled and scored ``gen.batch_size`` at
-        a time (a round of 256 SDXL trajectories does not fit one batch; chunks change no image)."""
+        a time (a round of 256 SDXL trajectories does not fit one batch; chunks change no image); under
+        a launcher each rank samples every N-th chunk and every rank gets the whole round."""
         n, s = self.prompts_per_round, self.samples_per_prompt
         g = torch.Generator().manual_seed(image_seed(f"{self.name}-prompts", r, 0, self.seed))
         index = torch.randint(0, len(ctx.prompts), (n,), generator=g)
@@ -135,15 +137,20 @@ class OnlineRounds:
         gens = [torch.Generator().manual_seed(image_seed(self.name, r, i, self.seed)) for i in range(n * s)]
         k = len(ctx.model.stochastic_timesteps())
         chunk = ctx.sample_batch_size or len(prompts)
-        states, log_probs, rewards = [], [], []
-        for lo in range(0, len(prompts), chunk):
-            x0, traj, steps = ctx.model.sample(prompts[lo : lo + chunk], gens[lo : lo + chunk], trajectory=True)
-            rewards.append(ctx.rewards(x0, prompts[lo : lo + chunk]))
-            # log p of each stochastic transition (summed over elements), read off the Gaussians the sampler just drew from
-            log_probs.append(torch.stack([gaussian_log_prob(traj[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1).cpu())
-            states.append(torch.stack(traj, dim=1).float().cpu())  # (chunk, N + 1, C, h, w)
-        shape = lambda x: torch.cat(x).reshape(n, s, *x[0].shape[1:]).contiguous()
-        return {"states": shape(states), "log_probs": shape(log_probs), "rewards": shape(rewards), "prompt_index": index}
+
+        def one(b: int) -> dict[str, torch.Tensor]:
+            lo, hi = b * chunk, (b + 1) * chunk
+            x0, traj, steps = ctx.model.sample(prompts[lo:hi], gens[lo:hi], trajectory=True)
+            return {
+                "rewards": ctx.rewards(x0, prompts[lo:hi]),
+                # log p of each stochastic transition (summed over elements), read off the Gaussians the sampler just drew from
+                "log_probs": torch.stack([gaussian_log_prob(traj[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1).cpu(),
+                "states": torch.stack(traj, dim=1).float().cpu(),  # (chunk, N + 1, C, h, w)
+            }
+
+        parts = current_ranks().map_batches(math.ceil(len(prompts) / chunk), one)  # launched ranks sample a share each
+        shape = lambda key: torch.cat([p[key] for p in parts]).reshape(n, s, *parts[0][key].shape[1:]).contiguous()
+        return {"states": shape("states"), "log_probs": shape("log_probs"), "rewards": shape("rewards"), "prompt_index": index}
 
     def order(self, r: int, epoch: int, count: int, group: int = 1) -> torch.Tensor:
         """The seeded order in which an epoch of round r visits its ``count`` units. Units come in
