@@ -273,8 +273,10 @@ def make_executor(launcher: Launcher, folder: Path):
         params.pop("name")
         executor = submitit.LocalExecutor(folder=folder)
     else:
-        if shutil.which("sbatch") is None:
-            raise UsageError("launcher=slurm needs SLURM's sbatch on PATH: run `bench sweep` on the cluster's login node (launcher=local runs the cells on this machine)")
+        missing = [c for c in ("sbatch", "srun") if shutil.which(c) is None]
+        if missing:
+            raise UsageError(f"launcher=slurm needs SLURM's {' and '.join(missing)} on PATH: run `bench sweep` on the cluster's login node "
+                             "(launcher=local runs the cells on this machine)")
         executor = submitit.AutoExecutor(folder=folder, cluster="slurm")
     executor.update_parameters(**params)
     return executor

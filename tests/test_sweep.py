@@ -78,6 +78,23 @@ def test_executor_parameters():
     assert executor_parameters(Launcher("local", {"gpus_per_job": 0})) == {"timeout_min": 1440, "name": "bench-sweep", "gpus_per_node": 0}
 
 
+def test_slurm_executor_writes_the_job_array_script(tmp_path, monkeypatch):
+    from bench.sweep import make_executor
+
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    with pytest.raises(UsageError, match="needs SLURM's sbatch and srun on PATH"):
+        make_executor(Launcher("slurm"), tmp_path / ".sweep")
+    (tmp_path / "bin").mkdir()
+    for name in ("sbatch", "srun"):  # stand-ins: submitit only looks them up here
+        (tmp_path / "bin" / name).write_text("#!/bin/sh\nexit 1\n")
+        (tmp_path / "bin" / name).chmod(0o755)
+    executor = make_executor(Launcher("slurm", {"partition": "gpu", "time": 240, "gpus_per_job": 1, "array_parallelism": 3}), tmp_path / ".sweep")
+    script = executor._executor._make_submission_file_text("python -m cell", "uid")
+    for line in ("--partition=gpu", "--time=240", "--gpus-per-node=1", "--job-name=bench-sweep", f"--output={tmp_path}/.sweep/jobs/%j/"):
+        assert f"#SBATCH {line}" in script
+    assert executor._executor.parameters["array_parallelism"] == 3
+
+
 def test_a_cell_is_done_when_its_marker_names_finished_runs(tmp_path):
     cell = Cell(("model=tiny",), "model=tiny", False)
     folder = tmp_path / ".sweep"
