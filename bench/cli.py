@@ -1,4 +1,4 @@
-"""``bench``: run, eval, train, ls, leaderboard, report, check, perf, prefetch, plan.
+"""``bench``: run, eval, sweep, train, ls, leaderboard, report, check, perf, prefetch, plan.
 
 Arguments are ``key=value`` overrides (``suite=micro method=sft train.steps=50``).
 Every user-facing failure prints one line ``bench: error: ...`` and exits
@@ -19,6 +19,8 @@ from bench.errors import BenchError, UsageError
 COMMANDS_HELP = {  # command -> (synopsis, what it does); `bench COMMAND --help` prints both
     "run": ("bench run suite=S method=M [model=X] [key=value ...]", "train a method (or reuse its checkpoint), generate, score, compare with the base model"),
     "eval": ("bench eval suite=S model=X [key=value ...]", "evaluate a model without training"),
+    "sweep": ("bench sweep method=a,b suite=x,y [model=m,n] [seeds=0,1] [launcher=local|slurm|inline] [launcher.KEY=VALUE ...] [key=value ...]",
+              "a grid of runs, one job per cell (submitit: SLURM job arrays or local processes); skips done cells, re-submits killed jobs, writes the leaderboard"),
     "train": ("bench train method=M [data=D] [key=value ...]", "train a method only and print the checkpoint folder"),
     "ls": ("bench ls [methods|suites|models|metrics|datasets|protocols] [suite=FILE] [method=FILE]",
            "list registered methods | suites | models | metrics | datasets | protocols, and suites or methods given by path (checked)"),
@@ -58,6 +60,7 @@ examples:
   bench run protocol=pso-table1 method=pso-online-dmd2
   bench eval suite=micro model=tiny gen.batch_size=1
   bench run suite=./mine.yaml method=./my_method.yaml   (a suite or method by path; method=module:Class too)
+  bench sweep method=sft,dspo seeds=0,1 launcher=slurm launcher.partition=gpu launcher.gpus_per_job=1 out=runs/grid
   bench ls methods
   bench plan method=pso-online-dmd2 suite=parti
 """
@@ -77,6 +80,13 @@ def command_help(command: str, args: list[str] = ()) -> str:
         method = next((a.partition("=")[2] for a in args if a.startswith("method=")), None)
         if method:
             text += method_help(method)
+    if command == "sweep":
+        from bench.sweep import LAUNCHER_KEYS
+
+        text += ("\nmethod=, suite=, model= take comma lists, seeds=0,1 one cell per base seed (seed=N); every other key=value "
+                 "(`bench run --help`) goes to each cell. launcher=local (default: a process per cell on this machine), "
+                 "slurm (a job array) or inline (one cell after another in this process).\n\nlauncher keys:\n"
+                 + "\n".join(f"  launcher.{k:<18} {kind.__name__:<6} {what}" for k, (kind, what) in LAUNCHER_KEYS.items()) + "\n")
     return text
 
 
@@ -188,6 +198,22 @@ def cmd_eval(args):
         return
     print(result.table)
     print(f"\n{report_line(result.run_dir)}run folder: {result.run_dir}")
+
+
+def cmd_sweep(args):
+    """``bench sweep``: the grid's cells as jobs (``bench.sweep``), then the leaderboard over out=."""
+    from bench.sweep import sweep
+
+    one_process("a sweep")
+    outcome = sweep(args)
+    if outcome.failed:
+        lines = "\n".join(f"  {name}: {why}" for name, why in outcome.failed.items())
+        print(f"failed cells:\n{lines}", file=sys.stderr)
+        raise BenchError(f"{len(outcome.failed)} of {len(outcome.cells)} cells failed ({len(outcome.cells) - len(outcome.failed)} done): "
+                         "fix the cause and re-run the same command; the done cells are skipped")
+    print(outcome.leaderboard.read_text().rstrip("\n"))
+    print(f"\n{len(outcome.cells)} cells done ({len(outcome.ran)} run now, {len(outcome.skipped)} done already); "
+          f"leaderboard: {outcome.leaderboard}  (.csv, .html beside it)")
 
 
 def report_line(run_dir: Path) -> str:
@@ -438,6 +464,7 @@ def cmd_plan(args):
 COMMANDS = {
     "run": cmd_run,
     "eval": cmd_eval,
+    "sweep": cmd_sweep,
     "train": cmd_train,
     "ls": cmd_ls,
     "leaderboard": cmd_leaderboard,
