@@ -105,26 +105,36 @@ def only_run(out: Path) -> Path:
     return run
 
 
-def test_two_processes_leave_the_run_folder_of_one(cli, cache_dir, tmp_path):
-    args = mjhq(tmp_path)
-    code, _, err = in_one_thread(cli, "eval", *args, f"out={tmp_path / 'one'}", cache=linked_cache(tmp_path / "cache-one", cache_dir))
+def test_two_ranks_leave_the_run_folders_and_checkpoint_of_one_process(cli, cache_dir, tmp_path):
+    """`bench run` on the MJHQ stand-in: generation, per-image scores and FID/KID features split by batch,
+    training split by micro-batch (2 a step: one per rank, their gradients summed)."""
+    (tmp_path / "train.txt").write_text("a red fox\na bowl of soup\n")
+    args = ["run", *mjhq(tmp_path), "method=sft", f"method.train_prompts={tmp_path / 'train.txt'}", "method.samples_per_prompt=2",
+            "train.steps=2", "train.batch_size=1", "train.grad_accum=2", "train.save_every=1"]
+    one = linked_cache(tmp_path / "cache-one", cache_dir)
+    code, _, err = in_one_thread(cli, *args, f"out={tmp_path / 'one'}", cache=one)
     assert code == 0, err
-    cache_two = linked_cache(tmp_path / "cache-two", cache_dir)
-    proc = torchrun(["eval", *args, f"out={tmp_path / 'two'}", f"cache_dir={cache_two}"], tmp_path / "two.log")
+    two = linked_cache(tmp_path / "cache-two", cache_dir)
+    proc = torchrun([*args, f"out={tmp_path / 'two'}", f"cache_dir={two}"], tmp_path / "two.log")
     assert proc.wait(timeout=600) == 0, (tmp_path / "two.log").read_text()[-3000:]
-    one, two = only_run(tmp_path / "one"), only_run(tmp_path / "two")
-    assert one.name == two.name  # the same identity: the process count is not part of it
-    assert (one / "scores.parquet").read_bytes() == (two / "scores.parquet").read_bytes()
-    sets = [json.loads((d / "summary.json").read_text())["sets"] for d in (one, two)]
-    for metric in ("fid", "kid"):
-        a, b = sets[0][metric], sets[1][metric]
-        assert a["n_images"] == b["n_images"] == 5 and a["value"] == pytest.approx(b["value"], rel=1e-9, abs=0)
-        assert a["ci"] == pytest.approx(b["ci"], rel=1e-9) and a["by_group"] == b["by_group"]
-    manifest = json.loads((two / "manifest.json").read_text())
-    assert manifest["processes"] == 2 and manifest["timings"]["generated"] == 5 and manifest["timings"]["cached"] == 0
+    runs = {name: sorted(d for d in (tmp_path / name).iterdir() if d.is_dir()) for name in ("one", "two")}
+    assert [d.name for d in runs["one"]] == [d.name for d in runs["two"]] and len(runs["one"]) == 2  # base and tuned, the same identities
+    for a, b in zip(runs["one"], runs["two"]):
+        assert (a / "scores.parquet").read_bytes() == (b / "scores.parquet").read_bytes()
+        sets = [json.loads((d / "summary.json").read_text())["sets"] for d in (a, b)]
+        for metric in ("fid", "kid"):
+            x, y = sets[0][metric], sets[1][metric]
+            assert x["n_images"] == y["n_images"] == 5 and x["value"] == pytest.approx(y["value"], rel=1e-9, abs=0)
+            assert x["ci"] == pytest.approx(y["ci"], rel=1e-9)  # equal sums; the matrix square root may round apart on another BLAS thread count
+            groups = [{g: v["value"] for g, v in m["by_group"]["category"].items()} for m in (x, y)]
+            assert groups[0] == pytest.approx(groups[1], rel=1e-9) and len(groups[0]) == 3
+        manifest = json.loads((b / "manifest.json").read_text())
+        assert manifest["processes"] == 2 and manifest["timings"]["generated"] + manifest["timings"]["cached"] == 5
+    weights = [final_weights(c) for c in (one, two)]
+    assert max((weights[0][k] - weights[1][k]).abs().max().item() for k in weights[0]) < 1e-5
+    assert any((weights[0][k] != 0).any() for k in weights[0] if "lora_B" in k)  # it trained
     log = (tmp_path / "two.log").read_text()
-    assert log.count("run folder:") == 1  # rank 0 alone prints the table
-    assert not (two / ".ranks").exists()
+    assert log.count("run folder:") == 1 and "bench: error" not in log  # rank 0 alone prints the table
 
 
 @pytest.mark.slow  # about a minute: a launch killed mid-generation, then the full run (the default test above covers the split)
@@ -162,20 +172,7 @@ def test_perf_measures_the_two_process_speed_up_with_identical_scores(cli):
     assert "scores.parquet byte-identical" in row and float(row.split("|")[2]) > 0
 
 
-def test_two_ranks_train_the_weights_of_one_process_with_the_same_global_batch(cli, cache_dir, tmp_path):
-    # 4 micro-batches a step: rank 0 computes 0 and 2, rank 1 computes 1 and 3; the gradients are summed
-    args = ["method=sft", "model=tiny", "suite.limit=2", "method.samples_per_prompt=2", "train.steps=4", "train.batch_size=1",
-            "train.grad_accum=4", "train.save_every=2"]
-    one, two, cache = train_ranks_and_one(cli, cache_dir, tmp_path, args)
-    assert one.keys() == two.keys() and max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    assert any((one[k] != 0).any() for k in one if "lora_B" in k)  # it trained
-    (meta,) = cache.glob("checkpoints/*/final/train.json")
-    history = json.loads(meta.read_text())["history"]
-    assert len(history) == 4 and all(np.isfinite(history))
-    assert len((tmp_path / "two.log").read_text().split("checkpoint: ")) == 2  # rank 0 alone prints
-
-
-@pytest.mark.slow  # about a minute: 20 steps twice (the default test above trains 4), and an online method's shared rounds
+@pytest.mark.slow  # about a minute: 20 steps twice (the default test trains 2), and an online method's shared rounds
 def test_twenty_steps_and_an_online_method_on_two_ranks_equal_one_process(cli, cache_dir, tmp_path):
     args = ["method=sft", "model=tiny", "suite.limit=4", "method.samples_per_prompt=2", "train.steps=20", "train.batch_size=1",
             "train.grad_accum=4", "train.save_every=5"]

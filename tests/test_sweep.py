@@ -170,6 +170,7 @@ def finished(out: Path) -> dict[str, float]:
     return times
 
 
+@pytest.mark.slow  # a minute: 5 job processes; test_inline_sweep_skips_done_cells_and_reruns_a_lost_one covers the skip and re-run logic
 def test_local_sweep_a_killed_job_then_a_rerun_completes_the_grid(cache_dir, tmp_path):
     """2 models x 2 seeds through submitit's LocalExecutor: one job is killed, the sweep fails naming that
     cell, the re-run runs only it, the leaderboard has every run, and no cell is computed twice."""
