@@ -189,6 +189,7 @@ class Clock:
     def timings(self, made: GenerationStats) -> dict:
         return {
             "total_s": time.perf_counter() - self.start,
+            "plan_s": self.laps["plan"],  # loading the model, planning the images
             "generate_s": self.laps["generate"],
             "model_forward_s": made.model_seconds,
             "score_s": self.laps["score"],
@@ -251,6 +252,7 @@ class Session:
         generates and scores its share; rank 0 aggregates and writes, and the others read its result."""
         clock = Clock()
         plan = self.plan_run(checkpoint, label, baseline)
+        clock.lap("plan")
         made = self.generate(plan)
         clock.lap("generate")
         scored = self.score(plan)
