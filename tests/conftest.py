@@ -1,12 +1,15 @@
 """Test setup: never touch the network, and share one cache of built tiny models per session."""
 
 import ipaddress
+import json
 import os
 import socket
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 NETWORK_BLOCKED = "tests must not reach the network (tests/conftest.py blocks every connection but localhost)"
@@ -224,3 +227,30 @@ def pairs_parquet(tmp_path) -> Path:
     path = tmp_path / "pairs.parquet"
     pq.write_table(table, path)
     return path
+
+
+# ---- an MJHQ-30K stand-in (tests of set-level metrics) ------------------------------------------------
+def photo(seed: int, size) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
+
+
+MJHQ = {  # MJHQ-30K's meta_data.json layout: {image_id: {prompt, category}}
+    "a1f0": {"prompt": "a red fox in the snow", "category": "animals"},
+    "f9c2": {"prompt": "a bowl of ramen, studio light", "category": "food"},
+    "a7b3": {"prompt": "an owl on a branch at night", "category": "animals"},
+    "f0d1": {"prompt": "a slice of cake", "category": "food"},
+    "p5e5": {"prompt": "portrait of an old sailor", "category": "people"},
+}
+
+
+def synth_mjhq(root, wrap: str | None = None):
+    """meta_data.json and reference images at <category>/<image_id>.jpg (the zip's layout), optionally under one top folder."""
+    meta = root / "meta_data.json"
+    meta.write_text(json.dumps(MJHQ))
+    refs = root / "mjhq_refs"
+    for i, (image_id, row) in enumerate(MJHQ.items()):
+        path = (refs / wrap if wrap else refs) / row["category"] / f"{image_id}.jpg"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        photo(i, [(96, 96), (80, 64), (64, 80)][i % 3]).save(path)
+    return meta, refs

@@ -19,7 +19,7 @@ from bench import distribution
 from bench.config import compose, to_dict
 from bench.errors import DataError, UsageError
 from bench.suite import load_suite, read_prompt_rows
-from conftest import stand_in
+from conftest import photo, stand_in, synth_mjhq
 
 COCO_CSV = "coco/rohitgandikota-erasing/coco_30k.csv"  # relative to the data folder: the real one or tests/data/mini
 COCO_SHA256 = "bea67ba57b09ec8fbc6ecdfb0dc562ebbf2eb92273cad91a1cc2d006a7bd76bb"
@@ -27,32 +27,6 @@ COCO_SHA256 = "bea67ba57b09ec8fbc6ecdfb0dc562ebbf2eb92273cad91a1cc2d006a7bd76bb"
 
 def suite(name, *overrides):
     return load_suite(to_dict(compose([f"suite={name}", *overrides]))["suite"])
-
-
-def photo(seed: int, size) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)).resize(size, Image.Resampling.BILINEAR)
-
-
-MJHQ = {  # MJHQ-30K's meta_data.json layout: {image_id: {prompt, category}}
-    "a1f0": {"prompt": "a red fox in the snow", "category": "animals"},
-    "f9c2": {"prompt": "a bowl of ramen, studio light", "category": "food"},
-    "a7b3": {"prompt": "an owl on a branch at night", "category": "animals"},
-    "f0d1": {"prompt": "a slice of cake", "category": "food"},
-    "p5e5": {"prompt": "portrait of an old sailor", "category": "people"},
-}
-
-
-def synth_mjhq(root, wrap: str | None = None):
-    """meta_data.json and reference images at <category>/<image_id>.jpg (the zip's layout), optionally under one top folder."""
-    meta = root / "meta_data.json"
-    meta.write_text(json.dumps(MJHQ))
-    refs = root / "mjhq_refs"
-    for i, (image_id, row) in enumerate(MJHQ.items()):
-        path = (refs / wrap if wrap else refs) / row["category"] / f"{image_id}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        photo(i, [(96, 96), (80, 64), (64, 80)][i % 3]).save(path)
-    return meta, refs
 
 
 def run_dir_of(tmp_path, prefix):

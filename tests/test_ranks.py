@@ -14,21 +14,13 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bench.ranks import Ranks
+from conftest import synth_mjhq
 
 REPO = Path(__file__).resolve().parents[1]
-MJHQ = {  # MJHQ-30K's meta_data.json layout: {image_id: {prompt, category}}
-    "a1f0": {"prompt": "a red fox in the snow", "category": "animals"},
-    "f9c2": {"prompt": "a bowl of ramen, studio light", "category": "food"},
-    "a7b3": {"prompt": "an owl on a branch at night", "category": "animals"},
-    "f0d1": {"prompt": "a slice of cake", "category": "food"},
-    "p5e5": {"prompt": "portrait of an old sailor", "category": "people"},
-}
 
 
 def test_each_rank_takes_every_nth_batch_and_together_they_take_each_item_once():
@@ -41,13 +33,7 @@ def test_each_rank_takes_every_nth_batch_and_together_they_take_each_item_once()
 
 def mjhq(root: Path) -> list[str]:
     """A 5-prompt MJHQ-30K stand-in (meta_data.json and one reference photo per prompt) as overrides."""
-    meta, refs = root / "meta_data.json", root / "refs"
-    meta.write_text(json.dumps(MJHQ))
-    for i, (image_id, row) in enumerate(MJHQ.items()):
-        path = refs / row["category"] / f"{image_id}.jpg"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = np.random.default_rng(i).integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        Image.fromarray(pixels).resize((64, 64), Image.Resampling.BILINEAR).save(path)
+    meta, refs = synth_mjhq(root)
     # 5 images in batches of 2: rank 0 makes and scores batches 0 and 2, rank 1 batch 1
     return ["suite=mjhq30k", "model=tiny", f"suite.source={meta}", f"suite.references={refs}", "scorers=tiny", "gen.steps=2",
             "gen.batch_size=2", "score.batch_size=2", "report.html=false"]
