@@ -193,6 +193,21 @@ def is_done(folder: Path, cell: Cell) -> bool:
     return bool(dirs) and all((Path(d) / "summary.json").is_file() for d in dirs)
 
 
+def attempt_outcome(folder: Path, cell: Cell) -> tuple[str, str]:
+    """How the cell's last attempt ended, from its marker and ``attempts.jsonl`` (JSON this sweep wrote;
+    a job's result travels as a pickle, which the sweep never loads): ("done", ""), ("error", the bench
+    error's line), or ("lost", "") when it ended with neither (killed, pre-empted, crashed)."""
+    if is_done(folder, cell):
+        return "done", ""
+    path = Path(folder) / "attempts.jsonl"
+    lines = path.read_text(encoding="utf-8").splitlines() if path.is_file() else []
+    events = [json.loads(line) for line in lines if line.strip()]
+    last = next((e for e in reversed(events) if e.get("cell") == cell.id), None)
+    if last is not None and last["event"] == "error":
+        return "error", str(last.get("error", ""))
+    return "lost", ""
+
+
 def record(folder: Path, cell: Cell, event: str, **extra) -> None:
     """One line of ``attempts.jsonl`` (appended: a short write lands whole)."""
     job = os.environ.get("SLURM_ARRAY_JOB_ID") and f"{os.environ['SLURM_ARRAY_JOB_ID']}_{os.environ.get('SLURM_ARRAY_TASK_ID')}"
@@ -348,19 +363,17 @@ def follow(grid: Grid, todo: list[Cell]) -> dict[str, str]:
                 if not job.done():
                     continue
                 del running[cid]
-                try:
-                    result = job.result()
-                except Exception as err:  # killed, pre-empted, crashed: no result
-                    why = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+                state, message = attempt_outcome(grid.folder, cell)  # never job.result(): submitit pickles it
+                if state == "lost":  # killed, pre-empted, crashed: no marker and no error of its own
+                    why = f"job state {job.state}"
                     if tries < grid.launcher.retries:
                         log.warning("sweep: cell %s: job %s ended without a result (%s); re-submitting (%d of %d)",
                                     cell.name, job.job_id, why, tries + 1, grid.launcher.retries)
                         running[cid] = (cell, executor.submit(CellJob(), cell, str(grid.folder)), tries + 1)
                         continue
                     failed[cell.name] = f"job {job.job_id} ended without a result ({why}); log: {job.paths.stderr}"
-                else:
-                    if not result["ok"]:
-                        failed[cell.name] = result["error"]
+                elif state == "error":
+                    failed[cell.name] = message
                 if cell.name in failed:
                     log.warning("sweep: cell %s failed: %s", cell.name, failed[cell.name])
                 else:
