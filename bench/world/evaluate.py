@@ -3,19 +3,20 @@ as GenEval does, and measure how that holds up on degraded renders.
 
 Detection (``detect``), for an RGB image of any size on a neutral background:
 
-1. **Foreground** is every pixel whose chroma (max minus min channel, 0-255) is at least
-   ``CHROMA`` (60): the background is gray (chroma 0), every palette color has a chroma of 140 or
-   more, and the chroma of a color mixed with gray (a blurred or anti-aliased edge) falls in
-   proportion, so half-covered edge pixels stay in.
+0. **Noise**: when the median difference of horizontal neighbours estimates a noise sigma above
+   ``NOISY`` (3; a clean, blurred or JPEG render gives 0), a 3x3 median filter goes first.
+1. **Foreground** is every pixel at least ``DISTANCE`` (80, RGB distance on the 0-255 scale) from
+   the background, taken as the image's median color: every palette color lies 200 or more from
+   the world's gray, so an edge pixel half covered by an object (blurred, anti-aliased) stays in.
 2. **Objects** are its 4-connected components (``scipy.ndimage.label``) of at least ``min_area``
    pixels (0.4% of the image, 16 px at 64x64: noise specks go), holes filled.
 3. **Color**: each pixel votes, weighted by its chroma, for the palette color nearest in hue
    (hue does not move when a color is mixed with gray); the component takes the majority.
-4. **Shape** from simple geometry: ``fill`` is the component's area over its bounding box's
-   (square 1, circle pi/4 = 0.785, triangle 0.5) and ``skew`` the offset of its centroid below the
-   box center as a fraction of the box height (an upright triangle 1/6, circle and square 0). A
-   skew above 0.08 or a fill below 0.62 is a triangle; otherwise a fill of 0.89 or more is a square
-   and anything else a circle.
+4. **Shape** from simple geometry: ``skew``, the offset of the centroid below the box center as a
+   fraction of the box height (an upright triangle 1/6, circle and square 0), and ``fill``, the
+   area over the bounding box's (triangle 0.5, circle pi/4, square 1): a skew above 0.08 or a fill
+   below 0.62 is a triangle. Otherwise ``diagonal``, the extent along the two diagonals over the
+   extent along the axes (square sqrt(2), disc about 1), decides: 1.2 or more is a square.
 
 Scoring (``score``) applies ``bench.world.scene.judge`` to the detections: GenEval's rules (each
 ``include`` entry needs ``count`` objects of its class and color, ``exclude`` caps a count, for
