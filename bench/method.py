@@ -121,7 +121,7 @@ class TrainContext:
     frozen_unet: torch.nn.Module | None = None  # full fine-tuning keeps a frozen copy as reference (where the method uses one)
     data_cfg: dict | None = None  # the run's ``data=`` section as given (a pair dataset, a captioned image set): the method decides what it reads
     grad_accum: int = 1
-    rounds: RoundStore = field(default_factory=lambda: RoundStore())  # where online rounds live: the trainer's, beside its checkpoints
+    rounds: RoundStore = field(default_factory=RoundStore)  # where online rounds live: the trainer's, beside its checkpoints
     step: int = 0  # the optimizer step of this micro-batch (``at``): streamed data and online rounds read by position
     micro: int = 0  # the micro-batch within the step
     images: TargetImages | None = None  # given target images (a DreamBench subject, a style set); prompts are their captions

@@ -619,7 +619,7 @@ class Trainer:
         """The resumable state after ``step`` (rank 0 writes it), then the data source is told of it."""
         target = self.root / f"step-{step:07d}"
         if not self.ranks.main:
-            getattr(self.data_source, "checkpointed", lambda step: None)(step)
+            self._checkpointed(step)
             return
         if only_if_new and (target.exists() or step == 0):
             return
@@ -642,9 +642,13 @@ class Trainer:
             for old in self._step_dirs():
                 if old != target:
                     shutil.rmtree(old, ignore_errors=True)
-        checkpointed = getattr(self.data_source, "checkpointed", None)
-        if checkpointed is not None:
-            checkpointed(step)
+        self._checkpointed(step)
+
+    def _checkpointed(self, step: int) -> None:
+        """Tell the data source that a resume starts at ``step`` at the earliest (online rounds before it go)."""
+        hook = getattr(self.data_source, "checkpointed", None)
+        if hook is not None:
+            hook(step)
 
     def _resume(self, unet, opt, ema) -> tuple[int, list[float]]:
         dirs = [d for d in self._step_dirs() if (d / "state.json").exists()]
