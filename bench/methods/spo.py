@@ -66,6 +66,7 @@ from bench.method import Method, RoundStore, TrainContext
 from bench.methods.d3po import d3po_loss
 from bench.methods.online import LogProbSpec, OnlineSpec, unit_log_probs
 from bench.models.diffusion import Conditioning
+from bench.ranks import current as current_ranks
 from bench.schema import MISSING, above, at_least, inside, setting
 
 
@@ -281,8 +282,9 @@ class SPO(Method):
         index = rounds.prompt_indices(len(ctx.prompts), r)
         chunk = self.spec.sample_batch_size or len(index)
         score = self.score_fn(ctx)
-        parts = []
-        for lo in range(0, len(index), chunk):
+
+        def one(b: int) -> dict[str, torch.Tensor]:
+            lo = b * chunk
             sub = index[lo : lo + chunk]
             gens = [torch.Generator().manual_seed(image_seed(self.name, r, lo + n, rounds.seed)) for n in range(len(sub))]
             out = stepwise_resample(
@@ -290,7 +292,9 @@ class SPO(Method):
                 self.spec.divert_start_step, self.spec.num_inner_step, self.spec.threshold,
             )
             out["prompt"] = sub[out["prompt"]]
-            parts.append(out)
+            return out
+
+        parts = current_ranks().map_batches(math.ceil(len(index) / chunk), one)  # launched ranks sample a share of the chunks each
         states = [torch.stack([p["x_t_win"], p["x_prev_win"], p["x_t_lose"], p["x_prev_lose"]], 1) for p in parts]
         return {
             "states": torch.cat(states).float().cpu(),  # (V, 4, C, h, w): x_t and x_{t-1} of the win, then of the lose chain
