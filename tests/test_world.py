@@ -1,5 +1,6 @@
 """The micro world (issue 21, items 1-2): a seeded scene grammar, an exact renderer and an exact
-GenEval-style evaluator that accepts the renders of a caption and rejects the renders of others."""
+GenEval-style evaluator that accepts the renders of a caption and rejects the renders of others; the
+evaluator as the ``world-geneval`` metric (reading the spec from the caption) and the ``micro-world`` suite."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import csv
 import dataclasses
 import json
 import re
+import tempfile
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from bench.world import COLORS, SHAPES, TAGS, Obj, degradation_table, degrade, detect, evaluate, judge, make_prompts, render, score, write_prompt_file
@@ -157,3 +161,48 @@ def test_prompt_file_feeds_a_suite(tmp_path):
         assert score(scenes[0].render(), rows[0]["spec"]) is True
     with open(tmp_path / "world.csv", newline="") as f:
         assert next(csv.reader(f)) == ["prompt", "tag", "spec"]
+
+
+# ---- the world as a metric and a suite -----------------------------------------------------------
+def test_a_caption_gives_back_its_spec_and_a_caption_off_the_grammar_none():
+    from bench.world.scene import caption_of, every_spec, spec_of_caption
+
+    specs = every_spec()
+    assert len({caption_of(s) for s in specs}) == len(specs) == 936  # one caption per spec
+    assert all(spec_of_caption(sc.caption) == sc.spec for sc in make_prompts(20, seed=3))
+    assert spec_of_caption("a photo of a dog") is None and spec_of_caption("  a photo of  a circle ") == specs[0]
+
+
+def test_the_metric_scores_a_render_by_its_caption_at_the_tiny_models_resolution():
+    import torch
+
+    from bench.metrics.world import WorldGenEval
+    from bench.models.diffusion import from_uint8
+
+    scenes = [sc for sc in make_prompts(2, seed=5) if sc.tag in ("colors", "position", "counting")]
+    images = from_uint8(torch.from_numpy(np.stack([sc.render(32) for sc in scenes])))
+    right = WorldGenEval().score(images, [sc.caption for sc in scenes])
+    assert right.tolist() == [1.0] * len(scenes)
+    wrong = WorldGenEval().score(images, [scenes[(i + 1) % len(scenes)].caption for i in range(len(scenes))])
+    assert wrong.tolist() == [0.0] * len(scenes)  # another scene's caption: another tag or colors
+    assert torch.isnan(WorldGenEval().score(images[:1], ["a photo of a dog"])).all()
+
+
+def test_the_suites_prompt_files_are_the_grammars_draws():
+    folder = Path(__file__).resolve().parents[1] / "bench" / "suites" / "micro-world"
+    for name, n, seed in (("eval.jsonl", 8, 0), ("train.jsonl", 16, 1)):
+        fresh = write_prompt_file(Path(tempfile.mkdtemp()) / name, n_per_tag=n, seed=seed)
+        assert fresh.read_bytes() == (folder / name).read_bytes(), f"{name}: rewrite it with write_prompt_file(path, n_per_tag={n}, seed={seed})"
+
+
+def test_micro_world_evaluates_per_tag_and_the_tiny_models_noise_shows_nothing(cli, tmp_path):
+    """The embedded tiny model draws colored noise (it never saw the world): no image of it may pass as
+    a scene. Before the detector asked for a plain background, its blobs passed as shapes (single_object 1.0)."""
+    code, out, err = cli("eval", "suite=micro-world", "model=tiny", "suite.limit=2", "gen.batch_size=8", f"out={tmp_path / 'runs'}")
+    assert code == 0, err
+    assert "world-geneval" in out and all(f"| {tag} " in out for tag in TAGS)
+    (run,) = (tmp_path / "runs").iterdir()
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert len(scores) == 48 and scores["world-geneval"].tolist() == [0.0] * 48  # 2 prompts x 6 tags x 4 images
+    noise = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
+    assert all(detect(image) == [] for image in noise)

@@ -243,6 +243,7 @@ class LearnedMetric(Metric):
 # name -> ("module:Class", one-line description); imported lazily by the registry.
 BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     "brightness": ("bench.metrics.weightfree:Brightness", "mean Rec.601 luma in [0, 1] (weight-free)"),
+    "world-geneval": ("bench.metrics.world:WorldGenEval", "the micro world's exact detector under GenEval's rules: 1 if the image shows what its world caption asks (weight-free)"),
     "colorfulness": (
         "bench.metrics.weightfree:Colorfulness",
         "Hasler-Suesstrunk colorfulness on the 0-255 scale (weight-free)",

@@ -8,6 +8,10 @@ Detection (``detect``), for an RGB image of any size on a neutral background:
 1. **Foreground** is every pixel at least ``DISTANCE`` (80, RGB distance on the 0-255 scale) from
    the background, taken as the image's median color: every palette color lies 200 or more from
    the world's gray, so an edge pixel half covered by an object (blurred, anti-aliased) stays in.
+   An image whose pixels lie within half that distance of its median color on less than
+   ``BACKGROUND_SHARE`` (half) of it has no plain background: it is no scene of the world (four large
+   objects leave most of a render bare), and nothing is detected in it. Without this gate every blob
+   of a tiny model's colored noise was read as some shape (a noise image "showed a circle").
 2. **Objects** are its 4-connected components (``scipy.ndimage.label``) of at least ``min_area``
    pixels (0.4% of the image, 16 px at 64x64: noise specks go), holes filled.
 3. **Color**: each pixel votes, weighted by its chroma, for the palette color nearest in hue
@@ -48,6 +52,7 @@ MIN_AREA_FRACTION = 0.004
 SKEW_TRIANGLE = 0.08
 FILL_TRIANGLE = 0.62
 DIAGONAL_SQUARE = 1.2
+BACKGROUND_SHARE = 0.5  # a render's plain background covers most of it (4 large objects leave well over half)
 
 
 def _hue(rgb: np.ndarray) -> np.ndarray:
@@ -121,7 +126,10 @@ def detect(image, min_area: int | None = None, distance: float = DISTANCE, denoi
         a = ndimage.median_filter(a, size=(3, 3, 1), mode="nearest")
     sat = a.max(-1) - a.min(-1)
     background = np.median(a.reshape(-1, 3), axis=0)
-    labels, n = ndimage.label(np.linalg.norm(a - background, axis=-1) >= distance)
+    apart = np.linalg.norm(a - background, axis=-1)
+    if (apart < distance / 2).mean() < BACKGROUND_SHARE:
+        return []  # no plain background: not a scene of the world (a tiny model's colored noise), so no object in it
+    labels, n = ndimage.label(apart >= distance)
     if n == 0:
         return []
     min_area = max(4, round(MIN_AREA_FRACTION * h * w)) if min_area is None else min_area

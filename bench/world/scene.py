@@ -34,9 +34,12 @@ Everything is a pure function of the seed: scene ``i`` of tag ``t`` is drawn fro
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from dataclasses import asdict, dataclass, field
+from functools import cache
+from itertools import permutations, product
 from pathlib import Path
 
 import numpy as np
@@ -183,6 +186,31 @@ def caption_of(spec: dict) -> str:
     if tag == "color_attr":
         return f"a photo of {noun(inc[0]['class'], inc[0]['color'])} and {noun(inc[1]['class'], inc[1]['color'])}"
     raise ValueError(f"unknown tag {tag!r}: expected one of {', '.join(TAGS)}")
+
+
+def every_spec() -> list[dict]:
+    """Every spec the grammar can draw (the metadata of every caption it can write), in a fixed order."""
+    specs = [{"tag": "single_object", "include": [{"class": s, "count": 1}]} for s in SHAPES]
+    specs += [{"tag": "two_object", "include": [{"class": a, "count": 1}, {"class": b, "count": 1}]} for a, b in permutations(SHAPES, 2)]
+    specs += [{"tag": "counting", "include": [{"class": s, "count": n}], "exclude": [{"class": s, "count": n + 1}]} for s in SHAPES for n in COUNTS]
+    specs += [{"tag": "colors", "include": [{"class": s, "count": 1, "color": c}]} for s in SHAPES for c in COLORS]
+    for (a, b), (ca, cb) in product(permutations(SHAPES, 2), permutations(COLORS, 2)):
+        pair = [{"class": a, "count": 1, "color": ca}, {"class": b, "count": 1, "color": cb}]
+        specs.append({"tag": "color_attr", "include": pair})
+        specs += [{"tag": "position", "include": [pair[0], {**pair[1], "position": [rel, 0]}]} for rel in RELATIONS]
+    return specs
+
+
+@cache
+def _spec_by_caption() -> dict[str, dict]:
+    return {caption_of(spec): spec for spec in every_spec()}
+
+
+def spec_of_caption(caption: str) -> dict | None:
+    """The spec a caption of the grammar states (its inverse of ``caption_of``), or None for a caption the
+    world cannot write: a metric reads what to check from the prompt alone."""
+    spec = _spec_by_caption().get(" ".join(caption.strip().split()))
+    return copy.deepcopy(spec) if spec is not None else None
 
 
 def random_spec(tag: str, rng: np.random.Generator) -> dict:
