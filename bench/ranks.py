@@ -66,43 +66,49 @@ class Ranks:
     def gather(self, name: str, tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]] | None:
         """Each rank's ``tensors``, in rank order, on rank 0 (None on the others), through the store as
         safetensors bytes (no pickles)."""
-        from safetensors.torch import load, save
-
         if self.size == 1:
             return [tensors]
         key = f"bench/{name}-{self.meetings}"
-        with self._lost():
-            self.store.set(f"{key}/{self.rank}", save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}))
+        self._post(key, {self.rank: tensors})
         self.barrier()
         if not self.main:
             return None
-        with self._lost():
-            parts = [load(self.store.get(f"{key}/{r}")) for r in range(self.size)]
-            for r in range(self.size):
-                self.store.delete_key(f"{key}/{r}")
+        parts = self._read(key, range(self.size))
+        self._remove(key, range(self.size))
         return parts
 
     def map_batches(self, count: int, compute: Callable[[int], dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """``compute(i)`` for every batch i < ``count``, each computed on rank i mod N and every result
-        on every rank (safetensors bytes through the store): the ranks share work whose whole result
-        each of them needs (an online method's round)."""
-        from safetensors.torch import load, save
-
+        on every rank (through the store, as ``gather``): the ranks share work whose whole result each
+        of them needs (an online method's round)."""
         if self.size == 1:
             return [compute(i) for i in range(count)]
         key, mine = f"bench/batches-{self.meetings}", range(self.rank, count, self.size)
-        for i in mine:
-            result = save({k: v.detach().cpu().contiguous() for k, v in compute(i).items()})
-            with self._lost():
-                self.store.set(f"{key}/{i}", result)
+        self._post(key, {i: compute(i) for i in mine})
         self.barrier()
-        with self._lost():
-            out = [load(self.store.get(f"{key}/{i}")) for i in range(count)]
-        self.barrier()
-        with self._lost():
-            for i in mine:
-                self.store.delete_key(f"{key}/{i}")
+        out = self._read(key, range(count))
+        self.barrier()  # every rank has read every batch
+        self._remove(key, mine)
         return out
+
+    def _post(self, key: str, parts: dict[int, dict[str, torch.Tensor]]) -> None:
+        from safetensors.torch import save
+
+        for i, tensors in parts.items():
+            blob = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+            with self._lost():
+                self.store.set(f"{key}/{i}", blob)
+
+    def _read(self, key: str, indices) -> list[dict[str, torch.Tensor]]:
+        from safetensors.torch import load
+
+        with self._lost():
+            return [load(self.store.get(f"{key}/{i}")) for i in indices]
+
+    def _remove(self, key: str, indices) -> None:
+        with self._lost():
+            for i in indices:
+                self.store.delete_key(f"{key}/{i}")
 
     @contextmanager
     def _lost(self):

@@ -54,15 +54,6 @@ def resolve_device(name: str, local_rank: int | None = None) -> torch.device:
     return torch.device(name)
 
 
-def launched_rank() -> int | None:
-    """LOCAL_RANK where a launcher started several processes, else None."""
-    import os
-
-    from bench.ranks import launched
-
-    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else None
-
-
 def read_result(run_dir: Path) -> RunResult:
     """A finished run folder's result, as rank 0 wrote it (what the other ranks return)."""
     manifest = json.loads((run_dir / "manifest.json").read_text())
@@ -204,7 +195,8 @@ class Session:
     def __init__(self, cfg, progress: bool = True):
         self.cfg = to_dict(cfg)
         self.progress = progress
-        self.device = resolve_device(self.cfg["device"], launched_rank())
+        self.ranks = current_ranks()  # rank 0 of 1 outside torchrun / accelerate launch
+        self.device = resolve_device(self.cfg["device"], self.ranks.local_rank if self.ranks.size > 1 else None)
         self.dtype = generation_dtype(self.cfg["gen"]["dtype"], self.device)
         self.dtype_name = str(self.dtype).replace("torch.", "")
         self.cache = cache_root(self.cfg)
@@ -220,7 +212,6 @@ class Session:
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
         self.sampler = make_sampler(self.cfg["model"]["sampler"], self.cfg["gen"]["steps"], self.cfg["gen"]["guidance"])
-        self.ranks = current_ranks()  # rank 0 of 1 outside torchrun / accelerate launch
 
     def model(self, checkpoint: Checkpoint | None = None, sampler=None) -> DiffusionModel:
         model = load_model(self.cfg["model"], self.cache, sampler or self.sampler)
