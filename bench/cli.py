@@ -32,6 +32,8 @@ COMMANDS_HELP = {  # command -> (synopsis, what it does); `bench COMMAND --help`
               "score a folder of images with named metrics (prompts= only where a metric reads the prompt)"),
     "perf": ("bench perf [key=value ...]", "measure harness overhead, cached re-run time and batched generation speed"),
     "prefetch": ("bench prefetch [suite=S] [model=X] [method=M] [metrics=a,b]", "download a model, a suite's prompts and its metrics' weights ahead of an offline run"),
+    "build": ("bench build MODEL [out=DIR] [prompts=N] [cache_dir=DIR]",
+              "pre-train an embedded model (tiny, world, ...) from its seed, ignoring the shipped weights; for the world model, score the rebuild beside the shipped one"),
     "plan": ("bench plan [run|train|eval] [key=value ...]", "what the command (run, train or eval) will do and its estimated peak GPU memory, loading no weights"),
 }
 SYNOPSIS = {name: synopsis for name, (synopsis, _) in COMMANDS_HELP.items()}
@@ -447,6 +449,46 @@ def _prefetch_model(cfg: dict) -> None:
             print(f"model {model['name']} {part}: {path}")
 
 
+def cmd_build(args):
+    """``bench build MODEL``: the embedded model pre-trained from its seed into ``out=`` (default
+    ``<cache>/rebuilt/<build>``); a world model's rebuild and shipped weights are then scored by the
+    world's evaluator on ``prompts=`` captions a tag (50), side by side."""
+    import time
+
+    from bench.config import compose, to_dict
+    from bench.io import cache_root
+    from bench.models import embedded_build_name
+    from bench.models.prebuilt import SHIPPED, rebuild
+
+    names = [a for a in args if "=" not in a]
+    kv = _kv([a for a in args if "=" in a], {"out", "prompts", "cache_dir"}, "build")
+    if len(names) != 1:
+        raise UsageError(f"usage: {SYNOPSIS['build']} (one embedded model, e.g. `bench build world`)")
+    cfg = to_dict(compose([f"model={names[0]}"] + ([f"cache_dir={kv['cache_dir']}"] if "cache_dir" in kv else [])))
+    model_cfg = cfg["model"]
+    if model_cfg["source"] != "tiny":
+        raise UsageError(f"model '{names[0]}' is not embedded (source {model_cfg['source']}): `bench build` pre-trains the embedded models, see `bench ls models`")
+    build = embedded_build_name(model_cfg)
+    out = Path(kv.get("out") or cache_root(cfg) / "rebuilt" / build)
+    if (out / "model_index.json").exists():
+        raise UsageError(f"{out} already holds a build: remove it or give another out=DIR")
+    print(f"pre-training {build} from seed {model_cfg['build']['seed']} into {out} ...", flush=True)
+    print(f"built in {rebuild(model_cfg, out):.0f} s: use it as model={names[0]} model.source={out}")
+    if model_cfg["build"].get("data") == "world" and not (SHIPPED / f"{build}.safetensors").exists():
+        print(f"no shipped weights for {build} (the spec or the world's source was edited): nothing to compare with; "
+              "`python -m bench.models.prebuilt` ships them")
+    elif model_cfg["build"].get("data") == "world":
+        from bench.models import load_model
+        from bench.world.model import evaluator_scores, scores_table
+
+        n = int(kv.get("prompts", 50))
+        start = time.perf_counter()
+        shipped = evaluator_scores(load_model(model_cfg, cache_root(cfg)), n)
+        rebuilt = evaluator_scores(load_model({**model_cfg, "source": str(out)}, cache_root(cfg)), n)
+        print(f"\nthe world's evaluator, {n} captions a tag, one image each ({time.perf_counter() - start:.0f} s):\n")
+        print(scores_table({"shipped": shipped, "rebuilt": rebuilt}))
+
+
 def cmd_plan(args):
     """``bench plan [run|train|eval] key=value ...``: the images to generate, the UNet passes to train, the
     estimated peak GPU memory and where the preset differs from its authors' code (``bench.plan``)."""
@@ -474,6 +516,7 @@ COMMANDS = {
     "score": cmd_score,
     "prefetch": cmd_prefetch,
     "plan": cmd_plan,
+    "build": cmd_build,
 }
 
 

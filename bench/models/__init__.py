@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 from bench.config import stable_hash
@@ -11,6 +12,8 @@ from bench.io import hub_offline
 from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler, sampler_identity
 
 __all__ = ["DiffusionModel", "Sampler", "embedded_build_name", "embedded_build_path", "load_model", "make_sampler", "pipeline_location", "sampler_identity"]
+
+log = logging.getLogger(__name__)
 
 
 def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
@@ -31,11 +34,19 @@ def make_sampler(sampler_cfg: dict, steps=None, guidance=None) -> Sampler:
 
 
 def embedded_build_name(model_cfg: dict) -> str:
-    """``tiny-<hash>``: an embedded model's build, the hash covering its build spec and the builder's
-    source (the name of its cache folder and of its shipped weights, ``bench.models.prebuilt``)."""
+    """``tiny-<hash>`` (``world-<hash>``): an embedded model's build, the hash covering its build spec and the builder's
+    source (the name of its cache folder and of its shipped weights, ``bench.models.prebuilt``); for
+    the world model (``data: world``) also the source of the world it learns and of its pre-training."""
     import bench.models.tiny as builder
 
-    return "tiny-" + stable_hash({"spec": model_cfg["build"], "builder": hashlib.sha256(Path(builder.__file__).read_bytes()).hexdigest()})[:12]
+    sources = [Path(builder.__file__)]
+    if model_cfg["build"].get("data") == "world":
+        import bench.world as world
+
+        sources += [Path(world.__file__).parent / f"{name}.py" for name in ("scene", "render", "model")]
+    digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
+    prefix = "world" if model_cfg["build"].get("data") == "world" else "tiny"
+    return f"{prefix}-" + stable_hash({"spec": model_cfg["build"], "builder": digest})[:12]
 
 
 def embedded_build_path(model_cfg: dict, cache_dir: Path) -> Path:
@@ -56,7 +67,7 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
     if source == "tiny":
         spec = model_cfg["build"]
         path = embedded_build_path(model_cfg, cache_dir)
-        digest = path.name.removeprefix("tiny-")
+        digest = path.name.split("-", 1)[1]
         if not (path / "model_index.json").exists():
             from filelock import FileLock
 
@@ -67,7 +78,11 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with FileLock(path.with_name(f".{path.name}.lock")):  # released by the kernel when its process dies
                     if not (path / "model_index.json").exists():  # not built by another process while this one waited
-                        build_tiny_pipeline(spec, path, shipped_weights(path.name))
+                        shipped = shipped_weights(path.name)
+                        if shipped is None:
+                            log.warning("%s: no shipped pre-training for this build; pre-training it from its seed (minutes; "
+                                        "`python -m bench.models.prebuilt` ships it)", path.name)
+                        build_tiny_pipeline(spec, path, shipped)
         return str(path), None, {"source": "tiny", "build_hash": digest}
     return source, model_cfg.get("revision"), {"source": source, "revision": model_cfg.get("revision")}
 

@@ -4,7 +4,8 @@ A tiny model is built from its spec: weights drawn from a seed, then a short pre
 thread (minutes: about 2 for ``tiny``, 6 for the few-step ones). The draw is cheap and the same
 everywhere, the pre-training is neither: float32 CPU kernels pick their blocking by instruction set,
 so another CPU could end in other bits. So the weights the pre-trainings produced are shipped here,
-one file per build hash (``tiny-<hash>.safetensors``, the name of the build's cache folder), and a
+one file per build hash (``tiny-<hash>.safetensors``, the name of the build's cache folder; the
+world model's ``world-<hash>``, 25 minutes of pre-training on 2 cores, see ``bench.world.model``), and a
 build with a shipped file draws the rest from the seed and loads them: the same bytes as a full build
 (tested), on any machine, in seconds. A spec or builder edit changes the hash, so a stale file is
 never used: that build pre-trains, and ``python -m bench.models.prebuilt`` writes the new files.
@@ -15,11 +16,13 @@ from __future__ import annotations
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import torch
+
 SHIPPED = Path(__file__).parent / "prebuilt"
 
 
 def shipped_weights(build_name: str) -> dict | None:
-    """The shipped pre-training result of the build ``tiny-<hash>``, or None."""
+    """The shipped pre-training result of the build ``tiny-<hash>`` (``world-<hash>``), or None."""
     from safetensors import safe_open
 
     path = SHIPPED / f"{build_name}.safetensors"
@@ -27,16 +30,21 @@ def shipped_weights(build_name: str) -> dict | None:
         return None
     with safe_open(path, "pt") as f:
         scaling = f.metadata().get("vae_scaling_factor")
-        return {"tensors": {k: f.get_tensor(k) for k in f.keys()}, "vae_scaling_factor": float(scaling) if scaling else None}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors = {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
+    return {"tensors": tensors, "vae_scaling_factor": float(scaling) if scaling else None}
 
 
 def save_shipped(build_name: str, weights: dict) -> None:
-    """Write ``pretrained_weights`` as ``shipped_weights`` reads them (the scaling factor exact, as repr)."""
+    """Write ``pretrained_weights`` as ``shipped_weights`` reads them: the scaling factor exact (as
+    repr), and a float32 tensor that float16 holds exactly (the world model rounds its weights so)
+    as float16, half the bytes and read back to the same float32 values."""
     from safetensors.torch import save_file
 
     scaling = weights["vae_scaling_factor"]
     metadata = {"vae_scaling_factor": repr(scaling)} if scaling is not None else {}
-    save_file(weights["tensors"], SHIPPED / f"{build_name}.safetensors", metadata=metadata)
+    tensors = {k: v.half() if v.dtype == torch.float32 and torch.equal(v.half().float(), v) else v for k, v in weights["tensors"].items()}
+    save_file(tensors, SHIPPED / f"{build_name}.safetensors", metadata=metadata)
 
 
 def embedded_builds() -> dict[str, dict]:
@@ -64,20 +72,37 @@ def _pretrain_and_extract(build_name: str, spec: dict, scratch: str) -> tuple[st
 
 def write_shipped(workers: int = 2) -> list[str]:
     """Pre-train every embedded build that has no shipped file (``workers`` at once, each on one
-    thread), write their files and remove the files no build names any more."""
+    thread; then the world builds, one at a time on every thread), write their files and remove the
+    files no build names any more."""
     import tempfile
 
     builds = embedded_builds()
     missing = {n: s for n, s in builds.items() if not (SHIPPED / f"{n}.safetensors").exists()}
+    synthetic = {n: s for n, s in missing.items() if s.get("data") != "world"}
     SHIPPED.mkdir(exist_ok=True)
-    with ProcessPoolExecutor(workers) as pool, tempfile.TemporaryDirectory() as scratch:
-        for name, weights in pool.map(_pretrain_and_extract, missing, missing.values(), [scratch] * len(missing)):
+    with tempfile.TemporaryDirectory() as scratch:
+        with ProcessPoolExecutor(workers) as pool:
+            results = list(pool.map(_pretrain_and_extract, synthetic, synthetic.values(), [scratch] * len(synthetic)))
+        results += [_pretrain_and_extract(n, s, scratch) for n, s in missing.items() if n not in synthetic]
+        for name, weights in results:
             save_shipped(name, weights)
             print(f"wrote {SHIPPED / name}.safetensors", flush=True)
     for stale in sorted(set(p.stem for p in SHIPPED.glob("*.safetensors")) - set(builds)):
         (SHIPPED / f"{stale}.safetensors").unlink()
         print(f"removed {stale}.safetensors (no registered model builds it)", flush=True)
     return sorted(missing)
+
+
+def rebuild(model_cfg: dict, out: Path) -> float:
+    """Pre-train the embedded model of ``model_cfg`` from its seed into ``out`` (a pipeline folder,
+    loadable as ``model.source=out``), ignoring the shipped weights; returns the seconds it took."""
+    import time
+
+    from bench.models.tiny import build_tiny_pipeline
+
+    start = time.perf_counter()
+    build_tiny_pipeline(model_cfg["build"], Path(out))
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":  # python -m bench.models.prebuilt: after editing a tiny spec or bench/models/tiny.py

@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 
 
-def clip_tokenizer_files(directory: Path) -> None:
-    """Write the real CLIP BPE vocabulary (shipped by open_clip) as vocab.json + merges.txt.
+def clip_tokenizer_files(directory: Path, max_length: int = 77) -> None:
+    """Write the real CLIP BPE vocabulary (shipped by open_clip) as vocab.json + merges.txt, the
+    tokenizer padding to ``max_length`` tokens (CLIP's 77; the world model's captions fit in 16).
 
     ``CLIPTokenizer.from_pretrained(directory)`` then produces the same ids as
     ``open_clip.tokenize`` (except that open_clip also unescapes HTML entities such
@@ -42,7 +43,7 @@ def clip_tokenizer_files(directory: Path) -> None:
     (directory / "tokenizer_config.json").write_text(
         json.dumps(
             {
-                "model_max_length": 77,
+                "model_max_length": max_length,
                 "bos_token": "<|startoftext|>",
                 "eos_token": "<|endoftext|>",
                 "unk_token": "<|endoftext|>",
@@ -145,23 +146,24 @@ def pretrain_on_synthetic_latents(unet, encode, scheduler, cfg: dict, seed: int,
 
 
 @contextmanager
-def one_thread():
+def one_thread(enabled: bool = True):
     """Run on one CPU thread: float32 CPU kernels split their reductions by thread count, so a build
     on 2 threads and one on 16 would differ in the last bits (and a model named twice, as
     ``tiny-onestep`` names ``tiny``'s weights, would not be the same model)."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1 if enabled else threads)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
 
 
-@one_thread()
 def build_tiny_pipeline(spec: dict, directory: Path, pretrained: dict | None = None) -> None:
     """Build a tiny Stable-Diffusion-layout (or, with ``layout: sdxl``, SDXL-layout: two text
     encoders, pooled-text and size conditioning) pipeline from ``spec`` and save it to ``directory``,
-    on one thread so that the thread count cannot change its bits.
+    on one thread so that the thread count cannot change its bits. The world model (``data: world``)
+    pre-trains on every thread: on one it would not fit its 30 minutes, and its bits come from the
+    shipped file (a rebuild is checked by its scores, not its bytes).
 
     ``pretrained``: the result of a pre-training already done (``pretrained_weights`` of an earlier
     build of this spec, as ``bench.models.prebuilt`` ships them), put in place of running it again.
@@ -172,11 +174,12 @@ def build_tiny_pipeline(spec: dict, directory: Path, pretrained: dict | None = N
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
     try:
-        pipe = initial_pipeline(spec, tmp / "_tok")
-        if pretrained is None:
-            pretrain(pipe, spec)
-        else:
-            load_pretrained(pipe, pretrained)
+        with one_thread(pretrained is not None or spec.get("data") != "world"):
+            pipe = initial_pipeline(spec, tmp / "_tok")
+            if pretrained is None:
+                pretrain(pipe, spec)
+            else:
+                load_pretrained(pipe, pretrained)
         pipe.tokenizer.backend_tokenizer.no_truncation()  # saved as built, not with the padding the pre-training's calls left set
         pipe.tokenizer.backend_tokenizer.no_padding()
         pipe.save_pretrained(tmp)
@@ -201,7 +204,7 @@ def initial_pipeline(spec: dict, tokenizer_dir: Path):
     text_encoder = CLIPTextModel(CLIPTextConfig(**spec["text_encoder"]))
     sdxl = spec.get("layout") == "sdxl"
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**spec["text_encoder_2"])) if sdxl else None
-    clip_tokenizer_files(tokenizer_dir)
+    clip_tokenizer_files(tokenizer_dir, int(spec.get("tokenizer_max_length", 77)))
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     scheduler = DDPMScheduler(**spec["scheduler"])
     if sdxl:
@@ -216,12 +219,17 @@ def initial_pipeline(spec: dict, tokenizer_dir: Path):
 
 
 def pretrain(pipe, spec: dict) -> None:
-    """The spec's pre-trainings, in place: the VAE's (``pretrain_vae``), then the UNet's (``pretrain``)."""
+    """The spec's pre-trainings, in place: the VAE's (``pretrain_vae``), then the UNet's (``pretrain``),
+    on synthetic data or, with ``data: world``, on the micro world (``bench.world.model``)."""
     from bench.models.diffusion import encode_text
 
     encoders = [e for e in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if e is not None]
     resolution = pipe.unet.config.sample_size * 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     encode = lambda prompts: encode_text(prompts, [pipe.tokenizer] * len(encoders), encoders, resolution, "cpu", torch.float32)
+    if spec.get("data") == "world":
+        from bench.world.model import pretrain_world
+
+        return pretrain_world(pipe, spec, encode)
     if spec.get("pretrain_vae"):
         pretrain_autoencoder(pipe.vae, resolution, spec["pretrain_vae"], int(spec["seed"]))
     if spec.get("pretrain"):
@@ -230,20 +238,27 @@ def pretrain(pipe, spec: dict) -> None:
 
 def pretrained_weights(directory: Path, spec: dict) -> dict:
     """What the pre-trainings of a build in ``directory`` changed: the weights of the parts they
-    trained (``unet.*``, ``vae.*``, as float32 tensors) and the VAE's ``scaling_factor``; the rest of
-    the pipeline is drawn from the seed again."""
+    trained (``unet.*``, ``vae.*``, and for the world model ``text_encoder.*`` but its token
+    embedding, as float32 tensors) and the VAE's ``scaling_factor``; the rest of the pipeline is
+    drawn from the seed again."""
     from safetensors.torch import load_file
 
     parts = (["vae"] if spec.get("pretrain_vae") else []) + (["unet"] if spec.get("pretrain") else [])
     tensors = {f"{part}.{k}": v for part in parts for k, v in load_file(Path(directory) / part / "diffusion_pytorch_model.safetensors").items()}
+    if spec.get("data") == "world":
+        text = load_file(Path(directory) / "text_encoder" / "model.safetensors")
+        tensors.update({f"text_encoder.{k}": v for k, v in text.items() if "token_embedding" not in k})
     scaling = json.loads((Path(directory) / "vae" / "config.json").read_text())["scaling_factor"]
     return {"tensors": tensors, "vae_scaling_factor": scaling if spec.get("pretrain_vae") else None}
 
 
 def load_pretrained(pipe, pretrained: dict) -> None:
-    for part in ("unet", "vae"):
+    for part in ("unet", "vae", "text_encoder"):
         state = {k.removeprefix(part + "."): v for k, v in pretrained["tensors"].items() if k.startswith(part + ".")}
-        if state:
-            getattr(pipe, part).load_state_dict(state, strict=True)
+        if not state:
+            continue
+        missing, unexpected = getattr(pipe, part).load_state_dict(state, strict=False)
+        if unexpected or any("token_embedding" not in k for k in missing):  # the text encoder's token embedding stays as drawn
+            raise ValueError(f"shipped weights do not fit the {part}: missing {missing}, unexpected {unexpected}")
     if pretrained["vae_scaling_factor"] is not None:
         pipe.vae.register_to_config(scaling_factor=float(pretrained["vae_scaling_factor"]))

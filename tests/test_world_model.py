@@ -1,0 +1,98 @@
+"""The world model (issue 21, item 3): a tiny Stable-Diffusion-layout pipeline pre-trained on the micro
+world, shipped as float16 weights, whose samples the world's exact evaluator recognizes."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+
+def _digests(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(model_cfg, cache_dir):
+    """``model=world`` loaded from its shipped pre-training (seconds)."""
+    from bench.models import load_model
+
+    return load_model(model_cfg("world"), cache_dir)
+
+
+def test_a_cut_world_build_restores_from_its_shipped_file_in_float16(model_cfg, tmp_path, monkeypatch):
+    """The world pre-training, cut to 3 steps a stage on 60 scenes, trains the VAE, the UNet and the text
+    encoder's layers; its weights end rounded to float16, so the shipped file holds them as float16
+    (every tensor, the token embedding not at all: it is drawn from the seed) and a build from that file
+    and the seed has every file's bytes of the full build."""
+    from safetensors import safe_open
+
+    from bench.models import prebuilt
+    from bench.models.tiny import build_tiny_pipeline, initial_pipeline, pretrained_weights
+
+    spec = copy.deepcopy(model_cfg("world")["build"])
+    spec["scenes"]["count"] = 60
+    spec["pretrain_vae"]["steps"] = spec["pretrain"]["steps"] = 3
+    build_tiny_pipeline(spec, tmp_path / "full")
+    weights = pretrained_weights(tmp_path / "full", spec)
+    assert {k.split(".")[0] for k in weights["tensors"]} == {"unet", "vae", "text_encoder"}
+    assert not any("token_embedding" in k for k in weights["tensors"])
+    drawn = initial_pipeline(spec, tmp_path / "tok").text_encoder.state_dict()
+    trained = {k.removeprefix("text_encoder."): v for k, v in weights["tensors"].items() if k.startswith("text_encoder.")}
+    assert sum(not torch.equal(v, drawn[k]) for k, v in trained.items()) >= 20  # its layers moved
+
+    monkeypatch.setattr(prebuilt, "SHIPPED", tmp_path / "shipped")
+    (tmp_path / "shipped").mkdir()
+    prebuilt.save_shipped("world-cut", weights)
+    with safe_open(tmp_path / "shipped" / "world-cut.safetensors", "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys() if "position_ids" not in k} == {"F16"}
+    build_tiny_pipeline(spec, tmp_path / "restored", prebuilt.shipped_weights("world-cut"))
+    full = _digests(tmp_path / "full")
+    assert len(full) >= 10 and _digests(tmp_path / "restored") == full
+
+
+def test_the_world_model_is_in_tiny_layout_and_pads_captions_to_16_tokens(world):
+    """Every method runs on it unchanged: a Stable-Diffusion pipeline, 64 px from 16x16x4 latents, its
+    tokenizer padding to 16 (the longest world caption has 14 tokens with its start and end tokens)."""
+    from bench.world.scene import every_spec, caption_of
+
+    assert world.resolution == 64 and tuple(world.latent_shape()) == (4, 16, 16)
+    assert world.tokenizer.model_max_length == 16
+    longest = max(len(world.tokenizer(caption_of(s)).input_ids) for s in every_spec())
+    assert longest == 14
+
+
+def test_the_world_models_samples_are_what_the_evaluator_recognizes(world):
+    """The base world model's samples, judged by the exact evaluator: single objects mostly right,
+    counting and position clearly lower (room for methods to improve); measured numbers in docs/world.md."""
+    from bench.world.model import evaluator_scores
+
+    result = evaluator_scores(world, n_per_tag=30)
+    per_tag = result["per_tag"]
+    assert per_tag["single_object"] >= 0.6, per_tag
+    assert per_tag["position"] <= per_tag["single_object"] - 0.3 and per_tag["counting"] <= per_tag["single_object"] - 0.2, per_tag
+
+
+def test_bench_build_refuses_what_it_cannot_build(cli, tmp_path):
+    code, out, err = cli("build")
+    assert code != 0 and "usage: bench build MODEL" in err
+    code, out, err = cli("build", "sd15")
+    assert code != 0 and "model 'sd15' is not embedded" in err and "bench ls models" in err
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "model_index.json").write_text("{}")
+    code, out, err = cli("build", "world", f"out={tmp_path / 'taken'}")
+    assert code != 0 and "already holds a build" in err and (tmp_path / "taken" / "model_index.json").read_text() == "{}"
+
+
+@pytest.mark.slow  # the full world pre-training: about 27 minutes on 2 cores
+def test_a_world_rebuild_from_its_seed_scores_within_tolerance_of_the_shipped_weights(cli, cache_dir, tmp_path):
+    """``bench build world`` pre-trains from the seed on every thread (other bits than the shipped build's
+    on another CPU) and scores both on 50 captions a tag: overall within 0.1, each tag within 0.2."""
+    code, out, err = cli("build", "world", f"out={tmp_path / 'world'}", "prompts=50", f"cache_dir={cache_dir}")
+    assert code == 0, err
+    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in out.splitlines() if line.startswith("| shipped") or line.startswith("| rebuilt")}
+    shipped, rebuilt = rows["shipped"], rows["rebuilt"]
+    assert abs(shipped[-1] - rebuilt[-1]) <= 0.1 and all(abs(a - b) <= 0.2 for a, b in zip(shipped, rebuilt)), out
