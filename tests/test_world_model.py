@@ -67,13 +67,14 @@ def test_the_world_model_is_in_tiny_layout_and_pads_captions_to_16_tokens(world)
 
 def test_the_world_models_samples_are_what_the_evaluator_recognizes(world):
     """The base world model's samples, judged by the exact evaluator: single objects mostly right,
-    counting and position clearly lower (room for methods to improve); measured numbers in docs/world.md."""
+    counting lower and position far lower (room for methods to improve); measured in docs/world.md
+    (0.77, 0.50 and 0.03 on these 30 captions a tag)."""
     from bench.world.model import evaluator_scores
 
     result = evaluator_scores(world, n_per_tag=30)
     per_tag = result["per_tag"]
     assert per_tag["single_object"] >= 0.6, per_tag
-    assert per_tag["position"] <= per_tag["single_object"] - 0.3 and per_tag["counting"] <= per_tag["single_object"] - 0.2, per_tag
+    assert per_tag["position"] <= 0.1 and per_tag["counting"] < per_tag["single_object"], per_tag
 
 
 def test_bench_build_refuses_what_it_cannot_build(cli, tmp_path):
@@ -87,7 +88,7 @@ def test_bench_build_refuses_what_it_cannot_build(cli, tmp_path):
     assert code != 0 and "already holds a build" in err and (tmp_path / "taken" / "model_index.json").read_text() == "{}"
 
 
-@pytest.mark.slow  # the full world pre-training: about 27 minutes on 2 cores
+@pytest.mark.slow  # the full world pre-training: 26 to 31 minutes on 2 cores
 def test_a_world_rebuild_from_its_seed_scores_within_tolerance_of_the_shipped_weights(cli, cache_dir, tmp_path):
     """``bench build world`` pre-trains from the seed on every thread (other bits than the shipped build's
     on another CPU) and scores both on 50 captions a tag: overall within 0.1, each tag within 0.2."""
