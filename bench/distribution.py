@@ -99,6 +99,29 @@ def extracted_folder(suite: Suite, cache: Path) -> Path:
     return cache / "data" / "references" / f"{suite.name}-{stable_hash(source)[:12]}"
 
 
+def world_source(source) -> bool:
+    """``reference_source: {world: {seed, per_tag}}``: the real set is rendered, not downloaded."""
+    return isinstance(source, dict) and "world" in source
+
+
+def render_world_references(spec: dict, dest: Path) -> Path:
+    """The micro world's exact renders of ``make_prompts(per_tag, seed)`` (64 px PNGs) as a real set in
+    ``dest``: a pure function of the two numbers, written once to a sibling and renamed."""
+    from bench.world.scene import make_prompts
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part"))
+    for i, scene in enumerate(make_prompts(int(spec["per_tag"]), int(spec["seed"]))):
+        Image.fromarray(scene.render(64)).save(tmp / f"{i:05d}-{scene.tag}.png")
+    try:
+        tmp.replace(dest)
+    except OSError:
+        if not dest.is_dir():  # another worker finishing first is no failure
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
 def _image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
 
@@ -115,6 +138,8 @@ def real_set(suite: Suite, cache: Path) -> RealSet:
             raise DataError(f"suite.references={real.folder} is not a folder: {_missing_hint(suite)}")
     else:
         folder = extracted_folder(suite, cache)
+        if not folder.is_dir() and world_source(real.source):
+            render_world_references(real.source["world"], folder)
         if not folder.is_dir():
             raise DataError(f"suite '{suite.name}' has no reference images here (needed by its set-level metrics): {_missing_hint(suite)}")
     if real.names is None:
@@ -151,6 +176,8 @@ def fetch_real_images(suite: Suite, cache: Path) -> Path:
     dest = extracted_folder(suite, cache)
     if dest.is_dir():
         return dest
+    if world_source(real.source):
+        return render_world_references(real.source["world"], dest)
     if not real.source:
         raise DataError(f"suite '{suite.name}' names no reference_source to download: {_missing_hint(suite)}")
     from bench.io import fetch_url, hub_offline, split_pin

@@ -194,7 +194,7 @@ class SuiteKeys:
     group_columns: Optional[List[str]] = setting(None, "columns whose values group the prompts in the summary (a category)")
     metric_scope: Optional[Dict[str, List[str]]] = setting(None, "metric -> the prompt groups it scores (T2I-CompBench)")
     references: Optional[str] = setting(None, "a local folder of reference images (distribution suites)")
-    reference_source: Any = setting(None, "where the reference images come from: an URL or {hub, file}")
+    reference_source: Any = setting(None, "where the reference images come from: an URL, {hub, file}, or {world: {seed, per_tag}} (the micro world renders them)")
     reference_file: Optional[str] = setting(None, "the reference images' archive (distribution suites)")
     subjects: Optional[List[str]] = setting(None, "dreambench: the subjects (null: all)")
     token: Optional[str] = setting(None, "dreambench: the rare token naming the subject in prompts")

@@ -198,11 +198,13 @@ def test_the_suites_prompt_files_are_the_grammars_draws():
 def test_micro_world_evaluates_per_tag_and_the_tiny_models_noise_shows_nothing(cli, tmp_path):
     """The embedded tiny model draws colored noise (it never saw the world): no image of it may pass as
     a scene. Before the detector asked for a plain background, its blobs passed as shapes (single_object 1.0)."""
-    code, out, err = cli("eval", "suite=micro-world", "model=tiny", "suite.limit=2", "gen.batch_size=8", f"out={tmp_path / 'runs'}")
+    code, out, err = cli("eval", "suite=micro-world", "model=tiny", "suite.limit=2", "gen.batch_size=8", "suite.reference_source.world.per_tag=20", "report.html=false", f"out={tmp_path / 'runs'}")
     assert code == 0, err
-    assert "world-geneval" in out and all(f"| {tag} " in out for tag in TAGS)
+    assert "| 48       | 120                |" in out  # world-fid: 48 generated images against 120 renders (20 a tag)
+    assert all(f"| {name} " in out for name in ("world-geneval", "world-gold", "world-pick", "world-clip", "world-fid")) and all(f"| {tag} " in out for tag in TAGS)
     (run,) = (tmp_path / "runs").iterdir()
     scores = pd.read_parquet(run / "scores.parquet")
     assert len(scores) == 48 and scores["world-geneval"].tolist() == [0.0] * 48  # 2 prompts x 6 tags x 4 images
+    assert scores["world-gold"].tolist() == [0.0] * 48 and scores["world-pick"].notna().all()  # no object: no gold
     noise = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     assert all(detect(image) == [] for image in noise)

@@ -65,18 +65,6 @@ def test_the_world_model_is_in_tiny_layout_and_pads_captions_to_16_tokens(world)
     assert longest == 14
 
 
-def test_the_world_models_samples_are_what_the_evaluator_recognizes(world):
-    """The base world model's samples, judged by the exact evaluator: single objects mostly right,
-    counting lower and position far lower (room for methods to improve); measured in docs/world.md
-    (0.77, 0.50 and 0.03 on these 30 captions a tag)."""
-    from bench.world.model import evaluator_scores
-
-    result = evaluator_scores(world, n_per_tag=30)
-    per_tag = result["per_tag"]
-    assert per_tag["single_object"] >= 0.6, per_tag
-    assert per_tag["position"] <= 0.1 and per_tag["counting"] < per_tag["single_object"], per_tag
-
-
 def test_bench_build_refuses_what_it_cannot_build(cli, tmp_path):
     code, out, err = cli("build")
     assert code != 0 and "usage: bench build MODEL" in err

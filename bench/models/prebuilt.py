@@ -9,6 +9,7 @@ world model's ``world-<hash>``, 25 minutes of pre-training on 2 cores, see ``ben
 build with a shipped file draws the rest from the seed and loads them: the same bytes as a full build
 (tested), on any machine, in seconds. A spec or builder edit changes the hash, so a stale file is
 never used: that build pre-trains, and ``python -m bench.models.prebuilt`` writes the new files.
+The micro world's learned scorers ship here too (``world-scorers-<hash>``, ``bench.world.scorers``).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def shipped_weights(build_name: str) -> dict | None:
     if not path.exists():
         return None
     with safe_open(path, "pt") as f:
-        scaling = f.metadata().get("vae_scaling_factor")
+        scaling = (f.metadata() or {}).get("vae_scaling_factor")
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors = {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
     return {"tensors": tensors, "vae_scaling_factor": float(scaling) if scaling else None}
@@ -62,6 +63,13 @@ def embedded_builds() -> dict[str, dict]:
     return builds
 
 
+def world_scorers_build() -> str:
+    """The build name of the micro world's learned scorers (``bench.world.scorers``), shipped here too."""
+    from bench.world.scorers import build_name, world_build
+
+    return build_name(world_build())
+
+
 def _pretrain_and_extract(build_name: str, spec: dict, scratch: str) -> tuple[str, dict]:
     from bench.models.tiny import build_tiny_pipeline, pretrained_weights
 
@@ -72,8 +80,8 @@ def _pretrain_and_extract(build_name: str, spec: dict, scratch: str) -> tuple[st
 
 def write_shipped(workers: int = 2) -> list[str]:
     """Pre-train every embedded build that has no shipped file (``workers`` at once, each on one
-    thread; then the world builds, one at a time on every thread), write their files and remove the
-    files no build names any more."""
+    thread; then the world builds, one at a time on every thread, and the world's scorers), write
+    their files and remove the files no build names any more."""
     import tempfile
 
     builds = embedded_builds()
@@ -87,7 +95,14 @@ def write_shipped(workers: int = 2) -> list[str]:
         for name, weights in results:
             save_shipped(name, weights)
             print(f"wrote {SHIPPED / name}.safetensors", flush=True)
-    for stale in sorted(set(p.stem for p in SHIPPED.glob("*.safetensors")) - set(builds)):
+    scorers = world_scorers_build()
+    if not (SHIPPED / f"{scorers}.safetensors").exists():
+        from bench.world.scorers import write_scorers
+
+        write_scorers(SHIPPED / f"{scorers}.safetensors")
+        print(f"wrote {SHIPPED / scorers}.safetensors", flush=True)
+        missing[scorers] = {}
+    for stale in sorted(set(p.stem for p in SHIPPED.glob("*.safetensors")) - set(builds) - {scorers}):
         (SHIPPED / f"{stale}.safetensors").unlink()
         print(f"removed {stale}.safetensors (no registered model builds it)", flush=True)
     return sorted(missing)

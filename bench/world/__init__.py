@@ -2,7 +2,8 @@
 
 Scenes of 1-4 colored shapes drawn from a seeded grammar (``scene``), rendered exactly
 (``render``), and judged by an exact evaluator in GenEval's manner (``evaluate``): so a model
-trained on the world can be scored against the truth, and a reward that is hacked shows up.
+trained on the world (``model``) can be scored against the truth, and a reward that is hacked shows
+up: the gold utility (``gold``) against the learned preference trained to stand in for it (``scorers``).
 See ``docs/world.md``; ``python -m bench.world --table`` prints the evaluator's degradation table.
 """
 
