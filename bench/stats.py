@@ -6,6 +6,8 @@ prompt, DreamBench 4), so every interval here resamples or counts prompts, never
 * ``cluster_bootstrap_mean_ci``: the mean over images with a bootstrap that draws prompts with all
   their images (a cluster bootstrap), as an expanded percentile interval (Hesterberg 2015), whose
   coverage holds at the 30-odd prompts of a small suite where the plain percentile falls short;
+  where every prompt's mean is the same (a GenEval tag all wrong), the bootstrap has nothing to
+  resample, and a 0/1 verdict gets Wilson's interval over the prompts instead of a point;
 * ``paired_difference``: the mean of per-prompt differences (run minus base) with the paired
   t-interval (``scipy.stats.ttest_rel``) and a sign-flip permutation test
   (``scipy.stats.permutation_test``); ``holm`` corrects a table's p-values for its many metrics;
@@ -56,12 +58,12 @@ def cluster_bootstrap_mean_ci(values, clusters=None, n_boot: int = 1000, level: 
     if n_boot < 1:
         raise ValueError(f"n_boot must be at least 1, got {n_boot}")
     mean = float(x.mean())
-    if np.all(x == x[0]):  # constant: no spread, and no float noise from resampling
-        return mean, (mean, mean)
     keys = np.arange(x.size) if clusters is None else pd.factorize(np.asarray(clusters), sort=True)[0]
     sums = np.bincount(keys, weights=x)
     counts = np.bincount(keys).astype(float)
-    if sums.size < 2:  # one prompt: nothing to resample
+    if sums.size < 2 or np.all(sums / counts == sums[0] / counts[0]):  # every prompt's mean alike: nothing to resample
+        if np.isin(x, (0.0, 1.0)).all():  # a 0/1 verdict: Wilson's interval over the prompts, never a point
+            return mean, wilson_interval(mean * sums.size, sums.size, level)
         return mean, (mean, mean)
     idx = np.random.default_rng(seed).integers(0, sums.size, size=(n_boot, sums.size))
     boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)

@@ -31,6 +31,17 @@ def test_bootstrap_constant_and_single_value():
     assert bootstrap_mean_ci([3.5]) == (3.5, (3.5, 3.5))
 
 
+def test_a_verdict_alike_on_every_prompt_gets_wilsons_interval_over_the_prompts():
+    """A GenEval tag every image of which is wrong (or 3 of 4 right on each prompt) has no spread for the
+    bootstrap: its 0/1 verdicts get Wilson's interval with the prompts as the sample, not a point."""
+    zeros = np.zeros(32)
+    m, (lo, hi) = stats.cluster_bootstrap_mean_ci(zeros, np.repeat(np.arange(8), 4))
+    assert m == lo == 0.0 and hi == pytest.approx(sps.binomtest(0, 8).proportion_ci(0.95, "wilson").high)
+    m, (lo, hi) = stats.cluster_bootstrap_mean_ci([1, 1, 0, 1, 0, 1, 1, 1], [0, 0, 0, 0, 1, 1, 1, 1])
+    assert m == 0.75 and lo < 0.75 < hi and (lo, hi) == stats.wilson_interval(1.5, 2)
+    assert stats.cluster_bootstrap_mean_ci([1.0]) == (1.0, stats.wilson_interval(1, 1)) and stats.wilson_interval(1, 1)[0] < 0.25
+
+
 def test_bootstrap_rejects_nan_and_empty():
     with pytest.raises(ValueError, match="NaN"):
         bootstrap_mean_ci([1.0, float("nan")])
