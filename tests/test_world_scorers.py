@@ -75,22 +75,22 @@ def test_the_world_clip_matches_renders_to_their_captions():
 
 @pytest.fixture(scope="module")
 def held_out_pairs(model_cfg, cache_dir):
-    """Two samples of ``model=world`` for each of 48 captions no scorer saw (8 a tag, seed 500), and a
+    """Two samples of ``model=world`` for each of 36 captions no scorer saw (6 a tag, seed 500), and a
     render each: the preference pairs of ``preference_pairs`` (the samples serve the evaluator's test too)."""
     from bench.models import load_model
     from bench.world.scorers import preference_pairs
 
-    return preference_pairs(load_model(model_cfg("world"), cache_dir), {"scenes": {"seed": 500, "count": 48}}, seed=11)
+    return preference_pairs(load_model(model_cfg("world"), cache_dir), {"scenes": {"seed": 500, "count": 36}}, seed=11)
 
 
 def test_the_world_models_samples_are_what_the_evaluator_recognizes(held_out_pairs):
     """The base world model's samples, judged by the exact evaluator: single objects mostly right,
-    counting lower and position far lower (room for methods to improve). On these 96 samples (16 a
-    tag) 0.81, 0.44 and 0.00; at 50 captions a tag, one image each, 0.76, 0.68 and 0.02 (docs/world.md)."""
+    counting lower and position far lower (room for methods to improve). On these 72 samples (12 a
+    tag) 0.83, 0.33 and 0.00; at 50 captions a tag, one image each, 0.76, 0.68 and 0.02 (docs/world.md)."""
     from bench.world.evaluate import evaluate
     from bench.world.model import training_scenes
 
-    specs = [s.spec for s in training_scenes(500, 48)] * 2
+    specs = [s.spec for s in training_scenes(500, 36)] * 2
     per_tag = evaluate(list(held_out_pairs["a"][0::2]) + list(held_out_pairs["b"][0::2]), specs)["per_tag"]
     assert per_tag["single_object"] >= 0.6, per_tag
     assert per_tag["position"] <= 0.1 and per_tag["counting"] < per_tag["single_object"], per_tag
@@ -98,7 +98,7 @@ def test_the_world_models_samples_are_what_the_evaluator_recognizes(held_out_pai
 
 def test_the_learned_preference_is_a_proxy_of_the_gold_utility(held_out_pairs):
     """PickScore's role: on held-out pairs the preference model agrees with the gold label well above
-    chance but not always (0.82 on these 96 pairs, 0.73 on 600; PickScore agrees with Pick-a-Pic's
+    chance but not always (0.81 on these 72 pairs, 0.73 on 600; PickScore agrees with Pick-a-Pic's
     people about 0.70 of the time), and prefers a right render to a wrong one of the caption's tag."""
     from bench.world.render import render
     from bench.world.scene import layout
@@ -109,7 +109,7 @@ def test_the_learned_preference_is_a_proxy_of_the_gold_utility(held_out_pairs):
         logits = preference_logits(pick, as_float(p["a"]), as_float(p["b"]), text_ids(p["prompt"]))
     decided = p["label"] != 0.5
     agree = ((logits[:, 0] > logits[:, 1]).numpy() == (p["label"] == 1))[decided].mean()
-    assert decided.sum() >= 80 and 0.65 <= agree < 0.97, agree
+    assert decided.sum() >= 60 and 0.65 <= agree < 0.97, agree
     scenes, rng = make_prompts(30, seed=0), np.random.default_rng(1)
     wrong = [render(layout(_other_caption(s, rng), rng)) for s in scenes]
     with torch.no_grad():
