@@ -69,9 +69,20 @@ class WorldGold(Metric):
         return per_world_prompt(images, prompts, gold_utility)
 
 
-class WorldScorer(Metric):
-    """A learned scorer of the micro world (``bench.world.scorers``): its shipped weights, no download;
-    differentiable, so a reward that methods back-propagate through."""
+class OnWorldScorers:
+    """A metric on the world's shipped scorers (``bench.world.scorers``), whatever ``scorers=`` says:
+    they are small and need no download."""
+
+    def __init__(self, scorers: str = "official"):
+        self.device = torch.device("cpu")
+
+    def to(self, device):
+        self.device = torch.device(device)
+        return self
+
+
+class WorldScorer(OnWorldScorers, Metric):
+    """A learned scorer of the micro world: differentiable, so a reward that methods back-propagate through."""
 
     differentiable = True
     part = "clip"
@@ -79,12 +90,8 @@ class WorldScorer(Metric):
     def __init__(self, scorers: str = "official"):
         from bench.world.scorers import build_name, world_build
 
+        super().__init__(scorers)
         self.info = replace(self.info, model_id=build_name(world_build()))  # retrained weights: another column
-        self.device = torch.device("cpu")  # the world's own scorers whatever scorers= says: they are small and shipped
-
-    def to(self, device) -> "WorldScorer":
-        self.device = torch.device(device)
-        return self
 
     def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
         from bench.world.scorers import embeddings, scorer_model, text_ids
@@ -113,19 +120,12 @@ class WorldPick(WorldScorer):
     part = "pick"
 
 
-class WorldFID(DistributionMetric):
+class WorldFID(OnWorldScorers, DistributionMetric):
     """FID in the world: the Frechet distance of the world CLIP's unit image embeddings (64-d, in
     place of Inception's pool3) between the generated set and exact renders of the world's grammar."""
 
     info = MetricInfo(name="world-fid", version="1", higher_is_better=False,
                       scale="Frechet distance of the world CLIP's unit image embeddings (64-d) to the suite's world renders")
-
-    def __init__(self, scorers: str = "official"):
-        self.device = torch.device("cpu")
-
-    def to(self, device) -> "WorldFID":
-        self.device = torch.device(device)
-        return self
 
     def features(self, images) -> torch.Tensor:
         from bench.world.scorers import as_float, image_embeddings, scorer_model

@@ -38,8 +38,6 @@ log = logging.getLogger(__name__)
 
 RESOLUTION = 64
 MAX_TOKENS = 16  # the longest world caption is 14 tokens with its start and end
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SPEC = {
     "seed": 11,
@@ -105,9 +103,11 @@ def pixel_values(images: torch.Tensor) -> torch.Tensor:
         images = torch.nn.functional.interpolate(images, size=(RESOLUTION, RESOLUTION), mode="nearest")
     elif images.shape[-1] > RESOLUTION:
         images = torch.nn.functional.interpolate(images, size=(RESOLUTION, RESOLUTION), mode="area")
-    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
+    from torchvision.transforms.functional import normalize
+
+    from bench.metrics.clip import CLIP_MEAN, CLIP_STD
+
+    return normalize(images, CLIP_MEAN, CLIP_STD)
 
 
 def text_ids(prompts, device="cpu") -> torch.Tensor:
@@ -147,35 +147,44 @@ def degraded(images: torch.Tensor, share: float, g: torch.Generator) -> torch.Te
     return out
 
 
-def frozen_token_embedding(model) -> None:
-    model.text_model.embeddings.token_embedding.weight.requires_grad_(False)
-
-
 @torch.enable_grad()
-def train_clip(model, cfg: dict, seed: int) -> None:
-    """CLIP's contrastive loss on the renders of ``cfg["scenes"]``, duplicate captions counted positive."""
-    from bench.world.model import cosine_schedule, training_scenes
+def optimize(model, cfg: dict, seed: int, desc: str, step_loss) -> None:
+    """``cfg["steps"]`` AdamW steps at ``cfg["lr"]`` with the world model's cosine schedule on every
+    weight but the token embedding (frozen: the seed's draw); ``step_loss(g)`` is one step's loss,
+    its batch drawn from the generator ``g`` seeded ``seed``."""
+    from bench.world.model import cosine_schedule
 
-    scenes = training_scenes(int(cfg["scenes"]["seed"]), int(cfg["scenes"]["count"]))
-    images = as_float(np.stack([s.render(RESOLUTION) for s in scenes]))
-    ids = text_ids([s.caption for s in scenes])
     g = torch.Generator().manual_seed(seed)
-    frozen_token_embedding(model)
+    model.text_model.embeddings.token_embedding.weight.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg["lr"]))
     schedule = cosine_schedule(opt, int(cfg["steps"]))
     model.train()
-    for _ in progress(range(int(cfg["steps"])), desc="world CLIP", unit="step"):
-        pick = torch.randint(0, len(scenes), (int(cfg["batch_size"]),), generator=g)
-        image, text = embeddings(model, degraded(images[pick], float(cfg["degraded"]), g), ids[pick])
-        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
-        same = (ids[pick][:, None, :] == ids[pick][None, :, :]).all(-1).float()
-        targets = same / same.sum(1, keepdim=True)
-        loss = (torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
+    for _ in progress(range(int(cfg["steps"])), desc=desc, unit="step"):
+        loss = step_loss(g)
         opt.zero_grad()
         loss.backward()
         opt.step()
         schedule.step()
     model.eval()
+
+
+def train_clip(model, cfg: dict, seed: int) -> None:
+    """CLIP's contrastive loss on the renders of ``cfg["scenes"]``, duplicate captions counted positive."""
+    from bench.world.model import training_scenes
+
+    scenes = training_scenes(int(cfg["scenes"]["seed"]), int(cfg["scenes"]["count"]))
+    images = as_float(np.stack([s.render(RESOLUTION) for s in scenes]))
+    ids = text_ids([s.caption for s in scenes])
+
+    def step_loss(g):
+        pick = torch.randint(0, len(scenes), (int(cfg["batch_size"]),), generator=g)
+        image, text = embeddings(model, degraded(images[pick], float(cfg["degraded"]), g), ids[pick])
+        logits = model.logit_scale.exp().clamp(max=100) * image @ text.T
+        same = (ids[pick][:, None, :] == ids[pick][None, :, :]).all(-1).float()
+        targets = same / same.sum(1, keepdim=True)
+        return (torch.nn.functional.cross_entropy(logits, targets) + torch.nn.functional.cross_entropy(logits.T, targets)) / 2
+
+    optimize(model, cfg, seed, "world CLIP", step_loss)
 
 
 def preference_pairs(world_model, cfg: dict, seed: int, batch_size: int = 60) -> dict:
@@ -218,27 +227,17 @@ def preference_logits(model, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor
     return torch.stack([scale * (image_a * text).sum(-1), scale * (image_b * text).sum(-1)], dim=1)
 
 
-@torch.enable_grad()
 def train_preference(model, pairs: dict, cfg: dict, seed: int) -> None:
     """PickScore's objective on ``pairs``: cross-entropy of the two images' softmax against the label."""
-    from bench.world.model import cosine_schedule
-
     a, b = as_float(pairs["a"]), as_float(pairs["b"])
     ids = text_ids(pairs["prompt"])
     labels = torch.from_numpy(np.stack([pairs["label"], 1 - pairs["label"]], axis=1)).float()
-    g = torch.Generator().manual_seed(seed)
-    frozen_token_embedding(model)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=float(cfg["lr"]))
-    schedule = cosine_schedule(opt, int(cfg["steps"]))
-    model.train()
-    for _ in progress(range(int(cfg["steps"])), desc="world preference", unit="step"):
+
+    def step_loss(g):
         pick = torch.randint(0, len(ids), (int(cfg["batch_size"]),), generator=g)
-        loss = torch.nn.functional.cross_entropy(preference_logits(model, a[pick], b[pick], ids[pick]), labels[pick])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        schedule.step()
-    model.eval()
+        return torch.nn.functional.cross_entropy(preference_logits(model, a[pick], b[pick], ids[pick]), labels[pick])
+
+    optimize(model, cfg, seed, "world preference", step_loss)
 
 
 def trained_weights(model) -> dict[str, torch.Tensor]:
