@@ -1,6 +1,6 @@
 """``bench``: run, eval, sweep, train, ls, leaderboard, report, check, perf, prefetch, plan.
 
-Arguments are ``key=value`` overrides (``suite=micro method=sft train.steps=50``).
+Arguments are ``key=value`` overrides (``suite=smoke method=sft train.steps=50``).
 Every user-facing failure prints one line ``bench: error: ...`` and exits
 non-zero; tracebacks are kept for genuine bugs (or set BENCH_DEBUG=1).
 """
@@ -58,9 +58,9 @@ several seeds (run, eval):
 
 examples:
   bench run suite=micro method=sft
-  bench run suite=micro method=sft seeds=0,1,2
+  bench run suite=smoke method=sft seeds=0,1,2
   bench run protocol=pso-table1 method=pso-online-dmd2
-  bench eval suite=micro model=tiny gen.batch_size=1
+  bench eval suite=smoke model=tiny gen.batch_size=1
   bench run suite=./mine.yaml method=./my_method.yaml   (a suite or method by path; method=module:Class too)
   bench sweep method=sft,dspo seeds=0,1 launcher=slurm launcher.partition=gpu launcher.gpus_per_job=1 out=runs/grid
   bench ls methods

@@ -2,7 +2,7 @@
 
 Composition order, later wins: ``DEFAULTS`` < suite's ``gen`` < method's ``train``/``gen`` <
 a protocol cell's settings (``bench.protocol``: suite, seed, sampler, metrics) < command-line overrides. A method preset's ``base_model`` picks the model when ``model=`` is not
-given, and its ``base_data`` the dataset; ``data=`` names a pair dataset or a captioned image set (or
+given (else the suite's ``model``), and its ``base_data`` the dataset; ``data=`` names a pair dataset or a captioned image set (or
 a local parquet file, or a folder of either). The tree is in OmegaConf struct mode, so a mistyped key
 is an error that names the closest existing key, not a silently ignored value; and every value is
 checked against ``bench.schema`` (types, ranges, names) before the config is returned, so a bad one
@@ -111,7 +111,7 @@ def parse_overrides(args: list[str]) -> list[tuple[str, str]]:
     pairs = []
     for arg in args:
         if not _OVERRIDE.match(arg):
-            raise UsageError(f"malformed override '{arg}': expected key=value, e.g. train.steps=50 or suite=micro")
+            raise UsageError(f"malformed override '{arg}': expected key=value, e.g. train.steps=50 or suite=smoke")
         key, _, value = arg.partition("=")
         pairs.append((key, value))
     return pairs
@@ -165,9 +165,24 @@ def choose_presets(cfg: DictConfig, choices: dict, require: tuple[str, ...], cel
     if cfg.data is not None and str(cfg.data) not in DATASETS.names() and ("/" in str(cfg.data) or str(cfg.data).endswith(".parquet")):
         cfg.data = local_data(str(cfg.data))
     registries = {"model": MODELS, "method": METHODS, "suite": SUITES, "data": DATASETS, "protocol": PROTOCOLS}
+    if cfg.suite is not None and not isinstance(cfg.suite, DictConfig):
+        cfg.suite = load_entry_config(SUITES, str(cfg.suite))
+    if "model" not in choices and not (cfg.method is not None and cfg.method.get("base_model")) and cfg.suite is not None and cfg.suite.get("model"):
+        cfg.model = suite_model(cfg.suite.model, cfg.method.get("model_variant") if cfg.method is not None else None)
     for group in GROUPS:
         if cfg[group] is not None and not isinstance(cfg[group], DictConfig):
             cfg[group] = load_entry_config(registries[group], str(cfg[group]))
+
+
+def suite_model(name: str, variant: str | None) -> str:
+    """The model a suite names (micro: the world model its scorers judge), or its few-step or one-step
+    variant when the method asks for one (PSO: ``model_variant: fewstep``) and the model lists it."""
+    from bench.registry import MODELS
+
+    if not variant:
+        return name
+    variants = load_entry_config(MODELS, name).get("variants") or {}
+    return variants.get(variant, name)
 
 
 def local_data(source: str) -> DictConfig:

@@ -33,7 +33,7 @@ from bench.runner import Session
 
 def measure(args: list[str]) -> pd.DataFrame:
     with tempfile.TemporaryDirectory(prefix="bench-perf-") as tmp:
-        cfg = compose(["suite=micro", *args])
+        cfg = compose(["suite=smoke", *args])
         cfg.out = str(Path(tmp) / "runs")
         session = Session(cfg, progress=False)
         session.model()  # build the tiny model first: the evaluation below times the harness, not the build
@@ -66,7 +66,7 @@ def measure(args: list[str]) -> pd.DataFrame:
 
 
 def process_speedup(args: list[str], tmp: Path, models: Path) -> dict[str, dict]:
-    """``bench eval`` (suite=micro and ``args``) as 2 processes under torchrun (half the cores each), as
+    """``bench eval`` (suite=smoke and ``args``) as 2 processes under torchrun (half the cores each), as
     1 process with every core and as 1 with half of them, each with an image store of its own (the
     built models shared): per launch its manifest's timings, its wall time and its scores' bytes."""
     cores = os.cpu_count() or 2
@@ -76,7 +76,7 @@ def process_speedup(args: list[str], tmp: Path, models: Path) -> dict[str, dict]
         cache.mkdir()
         (cache / "models").symlink_to(models.resolve())
         launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"] if n > 1 else []
-        cmd = [sys.executable, *launcher, "-m", "bench", "eval", "suite=micro", *args, f"out={cache / 'runs'}", f"cache_dir={cache}", "report.html=false", "-q"]
+        cmd = [sys.executable, *launcher, "-m", "bench", "eval", "suite=smoke", *args, f"out={cache / 'runs'}", f"cache_dir={cache}", "report.html=false", "-q"]
         t0 = time.perf_counter()
         done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, capture_output=True, text=True)
         wall = time.perf_counter() - t0

@@ -152,7 +152,7 @@ class Config:
     out: str = setting("runs", "where run folders go")
     cache_dir: Optional[str] = setting(None, "models, images, checkpoints; default $BENCH_HOME or ~/.cache/bench")
     device: str = setting("auto", "auto: cuda if available, else cpu", DEVICE)
-    model: Any = setting("tiny", "a model (`bench ls models`); a method preset's `base_model` is used when model= is not given")
+    model: Any = setting("tiny", "a model (`bench ls models`); when model= is not given, a method preset's `base_model`, else the suite's `model`")
     method: Any = setting(None, "a training recipe preset (`bench ls methods`)")
     suite: Any = setting("micro", "an evaluation suite (`bench ls suites`)")
     data: Any = setting(None, "a pair dataset (pickapic-v2, FILE.parquet) or a captioned image set (FOLDER, pokemon-blip-captions) in place of self-generated data")
@@ -175,6 +175,7 @@ class SuiteKeys:
     limit_by: Optional[str] = setting(None, "the column whose groups `limit` takes N prompts of each (null: the prompt set, for a suite of prompt_sets; else the first N in all)")
     images_per_prompt: int = setting(1, "images generated per prompt (each with its own seed)", at_least(1))
     reward: Optional[str] = setting(None, "default training reward for methods on this suite")
+    model: Optional[str] = setting(None, "the model when neither model= nor the method's base_model gives one (null: the default, tiny)")
     source: Optional[str] = setting(None, "a local prompt file (or folder) in place of the suite's prompts")
     allow_empty_prompts: bool = setting(False, "true: generate images of empty prompts (Pick-a-Pic's test set keeps one); false: an empty prompt is an error")
     prompts_per_subject: Optional[int] = setting(None, "dreambench: the first N prompt templates of each subject", at_least(1))
@@ -226,6 +227,7 @@ class ModelKeys:
     unet: Optional[Dict[str, Any]] = setting(None, "a distilled UNet in place of the pipeline's: {repo, file, revision}")
     vae: Optional[Dict[str, Any]] = setting(None, "a VAE in place of the pipeline's: {repo, file, revision}")
     build: Optional[Dict[str, Any]] = setting(None, "source: tiny: the architecture and pre-training of the embedded model")
+    variants: Optional[Dict[str, str]] = setting(None, "fewstep/onestep -> the model of the same weights with that sampler, for a method's model_variant")
 
 
 @dataclass(kw_only=True)
@@ -243,6 +245,7 @@ class MethodSpec:
     gen: Optional[Dict[str, Any]] = setting(None, "gen.* settings of the preset (checked as gen.*)")
     code_differences: Optional[List[str]] = setting(None, "where the preset differs from the authors' code (`bench plan` prints them)")
     base_model: Optional[str] = setting(None, "the model when model= is not given")
+    model_variant: Optional[str] = setting(None, "fewstep or onestep: on a suite that names its model, that model's variant of this kind (its `variants`); a preset's key: on the command line, model=NAME picks the model", one_of("fewstep", "onestep"))
     base_data: Optional[str] = setting(None, "the dataset when data= is not given")
     base_protocol: Optional[str] = setting(None, "the protocol `bench run` runs when suite= is not given")
     init_from: Optional[str] = setting(None, "a preset to train first and start from")
@@ -260,7 +263,7 @@ class RewardSpec(MethodSpec):
 
 
 # the keys of a method preset that document it (or are set at composition) and configure no recipe
-DOC_KEYS = ("recipe", "name", "description", "_dir", "_path", "extends", "train", "gen", "code_differences", "base_model", "base_data", "base_protocol")
+DOC_KEYS = ("recipe", "name", "description", "_dir", "_path", "extends", "train", "gen", "code_differences", "base_model", "model_variant", "base_data", "base_protocol")
 SECTIONS = {"suite": SuiteKeys, "model": ModelKeys, "method": MethodSpec}
 
 

@@ -96,7 +96,7 @@ def wilson_interval(successes: float, n: int, level: float = 0.95) -> tuple[floa
     z = stats.norm.ppf(1 - (1 - level) / 2)
     center = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return float(max(0.0, center - half)), float(min(1.0, center + half))
+    return float(min(p, max(0.0, center - half))), float(max(p, min(1.0, center + half)))  # holds p, past rounding (p = 0 gave 7e-18)
 
 
 def winrate(run: pd.Series, base: pd.Series, higher_is_better: bool, level: float = 0.95) -> dict:

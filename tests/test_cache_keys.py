@@ -27,7 +27,7 @@ from bench.models import Sampler, embedded_build_path, make_sampler, sampler_ide
 from bench.trainer import Trainer, legacy_recipe_source_hash, module_source, recipe_source_hash
 
 STUB_MODEL = {"source": "tiny", "build_hash": "abc"}
-SFT_ARGS = ["suite=micro", "method=sft", "suite.limit=2", "train.steps=4", "train.save_every=2", "method.samples_per_prompt=2"]
+SFT_ARGS = ["suite=smoke", "method=sft", "suite.limit=2", "train.steps=4", "train.save_every=2", "method.samples_per_prompt=2"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,7 +235,7 @@ def test_a_cache_of_earlier_versions_is_adopted_once_and_serves_the_same_bytes(c
     assert lines[0].startswith("image store: 4 stored images") and lines[2].startswith("image store: 4 stored images")
     assert lines[1].startswith(f"checkpoint {legacy_ckpt.name} moved to its content key sft-") and "(final, train.jsonl)" in lines[1]
     for label in ("base", "sft"):
-        (run,) = (tmp_path / "out-adopted").glob(f"micro-tiny-{label}-*")
+        (run,) = (tmp_path / "out-adopted").glob(f"smoke-tiny-{label}-*")
         assert json.loads((run / "manifest.json").read_text())["timings"]["generated"] == 0
     assert not legacy_ckpt.exists()
 

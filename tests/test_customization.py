@@ -92,7 +92,7 @@ def test_dreambench_micro_reads_subjects_prompts_and_references(shared_data):
     with pytest.raises(DataError, match="no DreamBench subject 'corgi'.*subjects: backpack, backpack_dog"):
         load_suite(cfg["suite"], subject="corgi")
     with pytest.raises(DataError, match="subject=dog applies to DreamBench suites"):
-        load_suite(to_dict(compose(["suite=micro"]))["suite"], subject="dog")
+        load_suite(to_dict(compose(["suite=smoke"]))["suite"], subject="dog")
 
 
 def test_dreambench_micro_reads_the_stand_ins_subjects_prompts_and_references(dreambench):
@@ -121,8 +121,8 @@ def test_dreambench_without_a_folder_offline_says_how_to_get_it(tmp_path):
 def test_customization_needs_one_subject_and_reference_metrics_need_references(cli, dreambench):
     code, _, err = cli("run", "suite=dreambench-micro", "model=tiny-fewstep", "method=pso-dreambooth", f"suite.source={dreambench}")
     assert code != 0 and "set subject=NAME to fine-tune on one (dog, cat, backpack)" in err
-    code, _, err = cli("eval", "suite=micro", "suite.metrics=[brightness,ref_color]")
-    assert code != 0 and "metric ref_color compares with reference images and suite 'micro' has none" in err
+    code, _, err = cli("eval", "suite=smoke", "suite.metrics=[brightness,ref_color]")
+    assert code != 0 and "metric ref_color compares with reference images and suite 'smoke' has none" in err
 
 
 # ---- target images reach the methods ----------------------------------------------------------

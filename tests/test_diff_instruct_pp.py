@@ -304,7 +304,7 @@ def test_options_and_rewards_are_checked_before_training(tiny64, model_cfg, cach
 def test_a_one_step_generator_is_only_evaluated_as_one(cli, tmp_path):
     """Evaluating the generator with the teacher's multi-step sampler (or more steps) is an error before any work."""
     for args in (["model=tiny"], ["model=tiny-onestep", "gen.steps=2"]):
-        code, out, err = cli("run", "suite=micro", "method=di-pp", "suite.limit=2", "train.steps=2", *args)
+        code, out, err = cli("run", "suite=smoke", "method=di-pp", "suite.limit=2", "train.steps=2", *args)
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
         assert "trains a one-step generator D(z; 2.5017) at t = 625" in err and "model=<teacher>-onestep" in err
     assert not (tmp_path / "runs").exists()  # nothing was evaluated
@@ -315,10 +315,10 @@ def test_a_one_step_generator_is_only_evaluated_as_one(cli, tmp_path):
 @pytest.mark.slow  # two trainings (about 8 s); test_di_pp_runs_end_to_end_and_starts_from_a_diff_instruct_checkpoint trains DI++ by default
 def test_di_pp_trains_its_diff_instruct_stage_first(cli, tmp_path):
     """init_from: the alignment starts from the checkpoint of the Diff-Instruct preset, trained first on the same model."""
-    code, out, err = cli("run", "suite=micro", "model=tiny-onestep", "method=di-pp", "suite.limit=2", "train.steps=2", "train.batch_size=2",
+    code, out, err = cli("run", "suite=smoke", "model=tiny-onestep", "method=di-pp", "suite.limit=2", "train.steps=2", "train.batch_size=2",
                          "method.init_from=diff-instruct", "method.init_overrides=[train.steps=1,train.batch_size=2]")
     assert code == 0, err
-    (run,) = (tmp_path / "runs").glob("micro-tiny-onestep-di-pp-*")
+    (run,) = (tmp_path / "runs").glob("smoke-tiny-onestep-di-pp-*")
     init = Path(json.loads((run / "manifest.json").read_text())["config"]["method"]["init"])
     assert init.parent.name.startswith("diff-instruct-") and (init / "weights.safetensors").exists()
     assert json.loads((init / "train.json").read_text())["steps"] == 1
@@ -348,9 +348,9 @@ def test_di_pp_runs_end_to_end_and_starts_from_a_diff_instruct_checkpoint(cli):
     code, out, err = cli("train", "method=diff-instruct", "model=tiny", "train.steps=2", "train.batch_size=2", "train.save_every=1")
     assert code == 0, err
     ckpt = out.strip().split("checkpoint: ")[-1]
-    code, out, err = cli("run", "suite=micro", "model=tiny-onestep", "method=di-pp", "suite.limit=2", "train.steps=2", "train.batch_size=2", f"method.init={ckpt}")
+    code, out, err = cli("run", "suite=smoke", "model=tiny-onestep", "method=di-pp", "suite.limit=2", "train.steps=2", "train.batch_size=2", f"method.init={ckpt}")
     assert code == 0, err
-    assert "micro / tiny-onestep / di-pp vs" in out
+    assert "smoke / tiny-onestep / di-pp vs" in out
 
 
 def _onestep_fid():
@@ -376,7 +376,7 @@ def test_diff_instruct_moves_the_one_step_generator_toward_the_teacher(cli, tiny
     tuned = load_model(tiny_cfg, cache_dir)
     apply_checkpoint(tuned, ckpt)
     sigma_init, n = float(model_sigmas(teacher)[625]), 256
-    prompts = [p.strip() for p in (Path(__file__).resolve().parents[1] / "suites" / "micro" / "eval.txt").read_text().splitlines() if p.strip()]
+    prompts = [p.strip() for p in (Path(__file__).resolve().parents[1] / "suites" / "smoke" / "eval.txt").read_text().splitlines() if p.strip()]
     ref = fid.feature_stats(lambda ps, gens: teacher.sample(ps, gens, fid.teacher_sampler(teacher, 25, 4.5)), teacher, prompts, n, 10_000)
     base = fid.feature_stats(fid.one_step_sampler(teacher, teacher.unet, sigma_init), teacher, prompts, n, 0)
     trained = fid.feature_stats(fid.one_step_sampler(tuned, tuned.unet, sigma_init), tuned, prompts, n, 0)

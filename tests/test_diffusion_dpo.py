@@ -63,10 +63,10 @@ def test_pairs_are_best_and_worst_of_k(loaded):
 
 @pytest.mark.slow  # a full run (about 25 s); tests/test_preference_training.py trains diffusion-dpo through the CLI by default
 def test_bench_run_diffusion_dpo_end_to_end(cli, tmp_path):
-    code, out, err = cli("run", "suite=micro", "method=diffusion-dpo", "suite.limit=4", "train.steps=6", "method.samples_per_prompt=3")
+    code, out, err = cli("run", "suite=smoke", "method=diffusion-dpo", "suite.limit=4", "train.steps=6", "method.samples_per_prompt=3")
     assert code == 0, err
-    assert "micro / tiny / diffusion-dpo vs micro-tiny-base-" in out
-    (run,) = (tmp_path / "runs").glob("micro-tiny-diffusion-dpo-*")
+    assert "smoke / tiny / diffusion-dpo vs smoke-tiny-base-" in out
+    (run,) = (tmp_path / "runs").glob("smoke-tiny-diffusion-dpo-*")
     import json
 
     summary = json.loads((run / "summary.json").read_text())

@@ -37,11 +37,11 @@ from bench.generate import image_seed
 from bench.models import pipeline_location
 
 REPO = Path(__file__).resolve().parents[1]
-EVAL_PROMPTS = (REPO / "suites" / "micro" / "eval.txt").read_text(encoding="utf-8").splitlines()
+EVAL_PROMPTS = (REPO / "suites" / "smoke" / "eval.txt").read_text(encoding="utf-8").splitlines()
 METRICS = ["brightness", "colorfulness", "jpeg_compressibility", "contrast"]
 ID_COLUMNS = ["prompt_index", "image_index", "prompt", "seed", "image_key"]
-SMALL = ["suite.limit=4"]
-SFT_ARGS = ["suite=micro", "method=sft", "suite.limit=4", "train.steps=12", "train.save_every=4", "method.samples_per_prompt=2"]
+SMALL = ["suite=smoke", "suite.limit=4"]
+SFT_ARGS = ["suite=smoke", "method=sft", "suite.limit=4", "train.steps=12", "train.save_every=4", "method.samples_per_prompt=2"]
 
 
 # ---- helpers -----------------------------------------------------------------------------------
@@ -66,7 +66,7 @@ def pngs(cache: Path) -> dict[str, bytes]:
 
 
 def run_dir(out: Path, label: str) -> Path:
-    dirs = sorted(out.glob(f"micro-tiny-{label}-*"))
+    dirs = sorted(out.glob(f"smoke-tiny-{label}-*"))
     assert len(dirs) == 1, f"expected one {label} run folder under {out}, found {dirs}"
     return dirs[0]
 
@@ -135,7 +135,7 @@ def built(cache_dir) -> Path:
 
 @pytest.fixture(scope="module")
 def sft_run(built, tmp_path_factory) -> Path:
-    """One `bench run suite=micro method=sft ...` into the session cache; returns its out folder."""
+    """One `bench run suite=smoke method=sft ...` into the session cache; returns its out folder."""
     out = tmp_path_factory.mktemp("sft-runs")
     assert bench_main("run", *SFT_ARGS, f"cache_dir={built}", f"out={out}") == 0
     return out
@@ -232,7 +232,7 @@ def test_run_sft_end_to_end_and_cached_rerun(cli, built, sft_run, caplog):
     assert scores["prompt_index"].tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
     assert scores["image_index"].tolist() == [0, 1] * 4
     assert scores["prompt"].tolist() == [p for p in prompts for _ in range(2)]
-    assert scores["seed"].tolist() == [image_seed("micro", p, i, 0) for p in range(4) for i in range(2)]
+    assert scores["seed"].tolist() == [image_seed("smoke", p, i, 0) for p in range(4) for i in range(2)]
     assert scores["image_key"].str.fullmatch(r"[0-9a-f]{40}").all() and scores["image_key"].nunique() == 8
     for name in METRICS:
         assert scores[name].dtype == "float64" and scores[name].map(math.isfinite).all()
@@ -250,7 +250,7 @@ def test_run_sft_end_to_end_and_cached_rerun(cli, built, sft_run, caplog):
         assert 0.0 <= w["value"] <= 1.0 and w["ci"][0] <= w["value"] <= w["ci"][1]
         assert w["n_prompts"] == 4 and w["baseline"] == base_dir.name
     table = (tuned_dir / "table.md").read_text()
-    assert table.startswith(f"# micro / tiny / sft vs {base_dir.name}\n")
+    assert table.startswith(f"# smoke / tiny / sft vs {base_dir.name}\n")
     assert all(f"| {name}" in table for name in METRICS)
 
     train = json.loads((ckpt / "train.json").read_text())
@@ -386,8 +386,8 @@ def _one_error_line(err: str) -> str:
         (["eval", "train.stpes=5"], 2, ["unknown config key 'train.stpes'", "did you mean train.steps"]),
         (["eval", "garbage"], 2, ["malformed override 'garbage'", "key=value"]),
         (["eval", "suite.source=/nonexistent.txt"], 3, ["prompt file not found: /nonexistent.txt"]),
-        (["run", "method=sft", "method.reward=sharpness"], 2, ["unknown metric 'sharpness'", "did you mean brightness"]),
-        (["run", "method=sft", "suite.reward=null"], 2, ["method 'sft' needs a reward", "method.reward=NAME"]),
+        (["run", "suite=smoke", "method=sft", "method.reward=sharpness"], 2, ["unknown metric 'sharpness'", "did you mean brightness"]),
+        (["run", "suite=smoke", "method=sft", "suite.reward=null"], 2, ["method 'sft' needs a reward", "method.reward=NAME"]),
         (["eval", "gen.dtype=float8"], 2, ["gen.dtype=float8: not allowed", "float16"]),
     ],
     ids=["method", "suite", "model", "key", "override", "prompt-file", "reward", "no-reward", "dtype"],
@@ -409,14 +409,14 @@ def test_usage_errors_are_one_line(cli, args, code, needles):
 def test_malformed_prompt_files_are_one_line(cli, tmp_path, name, content, needle):
     path = tmp_path / name
     path.write_text(content)
-    code, _, err = cli("eval", f"suite.source={path}")
+    code, _, err = cli("eval", "suite=smoke", f"suite.source={path}")
     assert code == 3
     line = _one_error_line(err)
     assert f"malformed prompt file {path}" in line and needle in line
 
 
 def test_nan_loss_stops_with_exit_4_and_keeps_checkpoints(cli, built, sft_run):
-    code, _, err = cli("train", "method=sft", "train.lr=1e30", "train.steps=4", "train.save_every=100", "method.samples_per_prompt=2")
+    code, _, err = cli("train", "suite=smoke", "method=sft", "train.lr=1e30", "train.steps=4", "train.save_every=100", "method.samples_per_prompt=2")
     assert code == 4
     line = _one_error_line(err)
     assert "nan" in line.lower() and "train.lr" in line
@@ -452,7 +452,7 @@ def test_leaderboard_and_check(cli, sft_run, tmp_path):
     rows = list(csv.DictReader(io.StringIO((sft_run / "leaderboard.csv").read_text())))
     assert sorted(r["run_id"] for r in rows) == runs
     assert {r["method"] for r in rows} == {"base", "sft"}
-    assert all(run in md for run in runs) and md.count("\n| micro") == 2
+    assert all(run in md for run in runs) and md.count("\n| smoke") == 2
     tuned = run_dir(sft_run, "sft")
     summary = json.loads((tuned / "summary.json").read_text())
     sft_row = next(r for r in rows if r["method"] == "sft")

@@ -103,13 +103,13 @@ def built(cache_dir) -> Path:
 # ---- (a) SIGKILL at random moments ---------------------------------------------------------------
 @pytest.mark.slow
 def test_sft_run_killed_at_ten_random_moments_resumes_to_the_same_bytes(built, tmp_path):
-    args = ["run", "suite=micro", "method=sft", "train.steps=100", "train.save_every=5", "method.samples_per_prompt=4"]
+    args = ["run", "suite=smoke", "method=sft", "train.steps=100", "train.save_every=5", "method.samples_per_prompt=4"]
     kill_and_resume(tmp_path, built, args, "sft")
 
 
 @pytest.mark.slow
 def test_online_d3po_run_killed_at_ten_random_moments_resumes_to_the_same_bytes(built, tmp_path):
-    args = ["run", "suite=micro", "method=d3po", "model=tiny-fewstep", "train.steps=12", "train.save_every=2"]
+    args = ["run", "suite=smoke", "method=d3po", "model=tiny-fewstep", "train.steps=12", "train.save_every=2"]
     kill_and_resume(tmp_path, built, args, "d3po")
 
 
@@ -119,11 +119,11 @@ def test_two_evals_at_once_on_an_empty_cache_leave_what_one_leaves(built, tmp_pa
     """Both build the tiny model, generate and score into one cache: the model folder, images and run
     folders equal those of one process (the session cache's build and a single evaluation)."""
     cache = tmp_path / "cache"
-    procs = [spawn(["eval", "suite=micro", "model=tiny", f"cache_dir={cache}", f"out={tmp_path / f'runs{i}'}"], tmp_path / f"p{i}.log") for i in range(2)]
+    procs = [spawn(["eval", "suite=smoke", "model=tiny", f"cache_dir={cache}", f"out={tmp_path / f'runs{i}'}"], tmp_path / f"p{i}.log") for i in range(2)]
     for i, proc in enumerate(procs):
         assert proc.wait(900) == 0, (tmp_path / f"p{i}.log").read_text()[-3000:]
     single = linked_cache(tmp_path / "single", built)
-    assert main(["eval", "suite=micro", "model=tiny", f"cache_dir={single}", f"out={tmp_path / 'runs-single'}"]) == 0
+    assert main(["eval", "suite=smoke", "model=tiny", f"cache_dir={single}", f"out={tmp_path / 'runs-single'}"]) == 0
     want = outcome(single, tmp_path / "runs-single")
     for i in range(2):
         assert not differences(outcome(cache, tmp_path / f"runs{i}"), want)
@@ -194,7 +194,7 @@ def test_a_read_only_cache_is_one_line_naming_it_and_the_fix(cache_dir, tmp_path
     cache = linked_cache(tmp_path / "cache", cache_dir) if models else tmp_path / "cache"
     cache.mkdir(exist_ok=True)
     read_only(cache)
-    assert main(["eval", "suite=micro", "suite.limit=2", f"cache_dir={cache}", f"out={tmp_path / 'runs'}"]) == 6
+    assert main(["eval", "suite=smoke", "suite.limit=2", f"cache_dir={cache}", f"out={tmp_path / 'runs'}"]) == 6
     line = one_line(capsys)
     assert line.startswith(f"bench: error: cannot write in {cache} (") and "make it writable, or set cache_dir=DIR" in line
     assert ("Permission denied" in line) or ("Operation not permitted" in line)  # chmod, or chattr +i as root
@@ -212,7 +212,7 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_fix(cache_dir, tmp_pa
 
     with monkeypatch.context() as m:
         m.setattr(os, "fsync", full)
-        assert main(["eval", "suite=micro", "suite.limit=2", f"cache_dir={cache}", f"out={tmp_path / 'runs'}"]) == 6
+        assert main(["eval", "suite=smoke", "suite.limit=2", f"cache_dir={cache}", f"out={tmp_path / 'runs'}"]) == 6
     line = one_line(capsys)
     assert line.startswith(f"bench: error: no space left in {cache / 'images'}/") and "(No space left on device): free space on its disk, or set cache_dir=DIR" in line
     assert not [p for p in (cache / "images").rglob("*") if p.is_file()]  # no half-written or temporary file left

@@ -187,7 +187,7 @@ def test_pretraining_raises_the_heldout_ranking_accuracy(fewstep_lora):
     """Alg. 1 on the tiny model: the surrogate orders held-out pairs (prompts it never trained on)
     by brightness at chance before pre-training and well above chance after."""
     model = copy.deepcopy(fewstep_lora)
-    prompts = open(__import__("pathlib").Path(__file__).parents[1] / "suites" / "micro" / "train.txt").read().splitlines()[:24]
+    prompts = open(__import__("pathlib").Path(__file__).parents[1] / "suites" / "smoke" / "train.txt").read().splitlines()[:24]
     ctx = TrainContext(model, prompts, Brightness(), 0, torch.device("cpu"), 2, progress=False)
     method = LaSRO({**CFG, "k": 4, "rm_batch_size": 4, "pretrain_steps": 20, "eval_every": 10, "heldout_prompts": 8, "rm_lr": 3e-4})
     data = method.prepare(ctx)
@@ -265,10 +265,10 @@ def test_bad_options_fail_with_one_line(fewstep_lora):
 
 
 def test_lasro_end_to_end(cli):
-    code, out, err = cli("run", "suite=micro", "model=tiny-fewstep", "method=lasro", "suite.limit=2", "train.steps=2", "train.batch_size=2",
+    code, out, err = cli("run", "suite=smoke", "model=tiny-fewstep", "method=lasro", "suite.limit=2", "train.steps=2", "train.batch_size=2",
                          "method.k=2", "method.pretrain_steps=2", "method.rm_batch_size=2", "method.eval_every=1", "method.reward=jpeg_compressibility")
     assert code == 0, err
-    assert "micro / tiny-fewstep / lasro vs" in out
+    assert "smoke / tiny-fewstep / lasro vs" in out
 
 
 def test_paper_presets_compose_and_name_rewards_that_arrive_with_the_real_metrics(cli):
@@ -278,5 +278,5 @@ def test_paper_presets_compose_and_name_rewards_that_arrive_with_the_real_metric
     assert cfg["model"]["name"] == "ssd-1b-lcm" and cfg["method"]["pretrain_steps"] == 30000 and cfg["method"]["rm_backbone"] == "segmind/Segmind-Vega"
     assert to_dict(compose(["method=lasro-sdxl-turbo"]))["method"]["reg"] == "none"
     for preset in ("lasro-ssd1b-lcm", "lasro-ssd1b-lcm-attribute-binding", "lasro-ssd1b-lcm-text-alignment"):  # their rewards are registered: offline, the model's weights are what is missing
-        code, _, err = cli("train", f"method={preset}", "suite=micro")
+        code, _, err = cli("train", f"method={preset}", "suite=smoke")
         assert code != 0 and "unknown metric" not in err and "weights for model 'ssd-1b-lcm'" in err and "bench prefetch" in err and len(err.strip().splitlines()) == 1

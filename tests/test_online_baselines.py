@@ -100,10 +100,10 @@ def test_one_step_moves_the_objective(name, fewstep_lora, tmp_path):
 
 @pytest.mark.parametrize("method", ["d3po", "ddpo"])
 def test_online_baselines_end_to_end(cli, method):
-    code, out, err = cli("run", "suite=micro", "model=tiny-fewstep", f"method={method}", "suite.limit=2", "train.steps=3",
+    code, out, err = cli("run", "suite=smoke", "model=tiny-fewstep", f"method={method}", "suite.limit=2", "train.steps=3",
                          "train.batch_size=4", "method.prompts_per_round=2")
     assert code == 0, err
-    assert f"micro / tiny-fewstep / {method} vs" in out
+    assert f"smoke / tiny-fewstep / {method} vs" in out
 
 
 def test_micro_batches_accumulate_to_the_batch_they_cut(cli, cache_dir):
@@ -111,7 +111,7 @@ def test_micro_batches_accumulate_to_the_batch_they_cut(cli, cache_dir):
     one batch of 6 does (to float32 summation), and a size that does not divide the batch is one line."""
     from safetensors.torch import load_file
 
-    args = ["suite=micro", "model=tiny-fewstep", "method=d3po", "suite.limit=2", "train.steps=2", "train.batch_size=6", "method.prompts_per_round=2"]
+    args = ["suite=smoke", "model=tiny-fewstep", "method=d3po", "suite.limit=2", "train.steps=2", "train.batch_size=6", "method.prompts_per_round=2"]
     finals = []
     for extra in ([], ["train.micro_batch_size=3"]):
         code, out, err = cli("train", *args, *extra)

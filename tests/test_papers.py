@@ -45,7 +45,7 @@ def test_paper_presets_run_their_papers_protocol(cells, cli):
         if proto:  # the protocol exists and one of its cells is this preset's (a preset may also sit in another paper's table)
             assert any(c["protocol"] == proto and m in (c["methods"] or []) for c in cells), f"{m} names {proto}, which has no cell of it"
     assert with_base_protocol(["method=pso-online-dmd2-official"]) == ["method=pso-online-dmd2-official", "protocol=pso-table1"]
-    assert with_base_protocol(["method=dspo-sd15", "suite=micro"]) == ["method=dspo-sd15", "suite=micro"]
+    assert with_base_protocol(["method=dspo-sd15", "suite=smoke"]) == ["method=dspo-sd15", "suite=smoke"]
     assert with_base_protocol(["method=sft"]) == ["method=sft"]  # the tiny-scale presets name none
     code, out, err = cli("run", "method=di-pp-cfg4.5-rew1")
     assert code == 2 and out == "" and "protocol 'di-pp-table1' cannot run in this harness" in err and len(err.strip().splitlines()) == 1

@@ -66,7 +66,7 @@ def test_cli_plan_prints_work_memory_and_differences(cli):
     assert "8 prompts" in out and "sdxl-unet" in out and "UNet sample-passes 24 with gradient (1 x 24)" in out
     assert "estimated peak GPU memory" in out and "under one 80 GB GPU" in out
     assert "offline PSO's code is not released" in out
-    code, out, err = cli("plan", "eval", "suite=micro", "model=tiny")
+    code, out, err = cli("plan", "eval", "suite=smoke", "model=tiny")
     assert code == 0, err
     assert "32 prompts" in out and "evaluation" in out and "training" not in out
 

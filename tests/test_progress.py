@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-EVAL = ["eval", "suite=micro", "suite.limit=2", "model=tiny", "stats.n_boot=50", "stats.n_permutations=50"]
+EVAL = ["eval", "suite=smoke", "suite.limit=2", "model=tiny", "stats.n_boot=50", "stats.n_permutations=50"]
 
 
 @pytest.fixture

@@ -121,7 +121,7 @@ def test_one_step_raises_the_trajectory_margin(fewstep_lora, tmp_path):
 
 
 def test_bench_run_pso_online_end_to_end(cli):
-    args = ["suite=micro", "model=tiny-fewstep", "method=pso-online", "train.steps=6", "train.batch_size=2", "method.prompts_per_round=4",
+    args = ["suite=smoke", "model=tiny-fewstep", "method=pso-online", "train.steps=6", "train.batch_size=2", "method.prompts_per_round=4",
             "train.save_every=4", "suite.limit=2"]
     code, out, err = cli("train", *args)
     assert code == 0, err

@@ -125,7 +125,7 @@ def test_two_ranks_leave_the_run_folders_and_checkpoint_of_one_process(cli, cach
 
 @pytest.mark.slow  # about a minute: a launch killed mid-generation, then the full run (the default test above covers the split)
 def test_a_killed_rank_stops_the_others_with_one_line_and_a_rerun_resumes(cache_dir, tmp_path):
-    args = ["eval", "suite=micro", "model=tiny", "suite.limit=16", "gen.batch_size=1", "report.html=false"]
+    args = ["eval", "suite=smoke", "model=tiny", "suite.limit=16", "gen.batch_size=1", "report.html=false"]
     single = torchrun([*args, f"out={tmp_path / 'one'}", f"cache_dir={linked_cache(tmp_path / 'cache-one', cache_dir)}"], tmp_path / "one.log", nproc=0)
     assert single.wait(timeout=600) == 0, (tmp_path / "one.log").read_text()[-3000:]
     cache = linked_cache(tmp_path / "cache", cache_dir)

@@ -3,7 +3,7 @@ missing images, the training log (train.jsonl) and its resume; then a real tiny 
 headless Chromium (skipped, in one line, without chromium or playwright).
 
 The first tests build run folders by hand (scores, summary from ``report.summarize``, images in a store),
-so they need no model; the browser test runs `bench run suite=micro method=sft` on a 3-prompt stand-in file
+so they need no model; the browser test runs `bench run suite=smoke method=sft` on a 3-prompt stand-in file
 whose second prompt is an HTML tag, for 4 training steps.
 """
 
@@ -166,22 +166,22 @@ def test_train_log_is_cut_back_on_resume_and_skips_a_torn_line(tmp_path):
 # ---- a real run, in the browser -------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def xss_run(cache_dir, tmp_path_factory) -> Path:
-    """`bench run suite=micro method=sft` on 3 prompts (the second an HTML tag, in a file named by it) and 4
+    """`bench run suite=smoke method=sft` on 3 prompts (the second an HTML tag, in a file named by it) and 4
     training steps on 4 training prompts; returns the out folder."""
     root = tmp_path_factory.mktemp("xss-run")
     source = root / f"{XSS}.txt"
     source.write_text("a red apple\n" + XSS + "\na blue car\n", encoding="utf-8")
     (root / "train.txt").write_text("a lamp\na cup\na tree\na boat\n", encoding="utf-8")
     out = root / "runs"
-    args = ["suite=micro", "method=sft", f"suite.source={source}", f"method.train_prompts={root / 'train.txt'}", "train.steps=4",
+    args = ["suite=smoke", "method=sft", f"suite.source={source}", f"method.train_prompts={root / 'train.txt'}", "train.steps=4",
             "method.samples_per_prompt=2", "train.batch_size=4", "train.lr=1e-3"]
     assert main(["run", *args, f"cache_dir={cache_dir}", f"out={out}"]) == 0
     return out
 
 
 def test_a_real_run_writes_its_report_and_train_log(xss_run):
-    tuned = next(xss_run.glob("micro-tiny-sft-*"))
-    base = next(xss_run.glob("micro-tiny-base-*"))
+    tuned = next(xss_run.glob("smoke-tiny-sft-*"))
+    base = next(xss_run.glob("smoke-tiny-base-*"))
     manifest = json.loads((tuned / "manifest.json").read_text())
     rows = read_train_log(manifest["checkpoint"]["train_log"])
     history = json.loads((Path(manifest["checkpoint"]["path"]) / "train.json").read_text())["history"]
@@ -220,7 +220,7 @@ def open_page(pw, path: Path, shot: Path):
 
 def test_the_report_in_headless_chromium(browser, xss_run, runs, tmp_path):
     sync_playwright = browser
-    tuned = next(xss_run.glob("micro-tiny-sft-*"))
+    tuned = next(xss_run.glob("smoke-tiny-sft-*"))
     main(["leaderboard", f"out={xss_run}"])
     with sync_playwright() as pw:
         chromium, page, errors, dialogs = open_page(pw, tuned / "report.html", tmp_path / "report.png")

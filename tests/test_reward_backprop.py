@@ -129,7 +129,7 @@ def test_gors_fits_the_best_sample_of_each_prompt_by_hand(fewstep_lora, tmp_path
 
 @pytest.mark.parametrize("method", ["draft", "refl", "gors"])
 def test_reward_methods_end_to_end(cli, method):
-    code, out, err = cli("run", "suite=micro", "model=tiny-fewstep", f"method={method}", "suite.limit=2", "train.steps=2", "train.batch_size=2",
+    code, out, err = cli("run", "suite=smoke", "model=tiny-fewstep", f"method={method}", "suite.limit=2", "train.steps=2", "train.batch_size=2",
                          *(["method.prompts_per_round=2"] if method == "gors" else []))
     assert code == 0, err
-    assert f"micro / tiny-fewstep / {method} vs" in out
+    assert f"smoke / tiny-fewstep / {method} vs" in out

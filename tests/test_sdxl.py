@@ -98,8 +98,8 @@ def test_unknown_sampler_kind_is_refused_before_loading(cache_dir):
 
 def test_offline_pso_runs_on_the_sdxl_layout(cli):
     code, out, err = cli(
-        "run", "suite=micro", "model=tiny-sdxl-fewstep", "method=pso-offline", "suite.limit=4",
+        "run", "suite=smoke", "model=tiny-sdxl-fewstep", "method=pso-offline", "suite.limit=4",
         "train.steps=4", "method.samples_per_prompt=2", "train.batch_size=2",
     )
     assert code == 0, err
-    assert "micro / tiny-sdxl-fewstep / pso-offline vs micro-tiny-sdxl-fewstep-base-" in out
+    assert "smoke / tiny-sdxl-fewstep / pso-offline vs smoke-tiny-sdxl-fewstep-base-" in out

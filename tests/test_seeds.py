@@ -25,7 +25,7 @@ from bench.report import _fmt
 from bench.seeds import parse_seeds
 
 METRICS = ["brightness", "colorfulness", "contrast", "jpeg_compressibility"]
-SFT = ["suite=micro", "method=sft", "suite.limit=4", "train.steps=12", "train.save_every=4", "method.samples_per_prompt=2", "report.html=false"]
+SFT = ["suite=smoke", "method=sft", "suite.limit=4", "train.steps=12", "train.save_every=4", "method.samples_per_prompt=2", "report.html=false"]
 
 
 def bench(*argv: str) -> tuple[int, str]:
@@ -41,7 +41,7 @@ def read(path: Path) -> dict:
 
 
 def sweep_dir(out: Path, label: str) -> Path:
-    found = sorted(out.glob(f"micro-tiny-{label}-seeds-*"))
+    found = sorted(out.glob(f"smoke-tiny-{label}-seeds-*"))
     assert len(found) == 1, f"expected one {label} sweep under {out}, found {found}"
     return found[0]
 
@@ -66,7 +66,7 @@ def cache(cache_dir, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def seeds_run(cache, tmp_path_factory) -> tuple[Path, str]:
-    """`bench run suite=micro method=sft seeds=0,1,2 ...`: its out folder and stdout."""
+    """`bench run suite=smoke method=sft seeds=0,1,2 ...`: its out folder and stdout."""
     out = tmp_path_factory.mktemp("seeds-runs")
     code, stdout = bench("run", *SFT, "seeds=0,1,2", f"cache_dir={cache}", f"out={out}")
     assert code == 0
@@ -138,7 +138,7 @@ def test_a_second_identical_call_generates_nothing_and_rewrites_the_same_bytes(s
     assert [read(out / run / "manifest.json")["timings"]["cached"] for run in members] == [8] * 6
     assert sweep["timings"]["generated"] == 0 and sweep["timings"]["cached"] == 24
 
-    code, evaluated = bench("eval", "suite=micro", "suite.limit=4", "seeds=0,1,2", f"cache_dir={cache}", f"out={out}")  # `bench eval` makes the run's base sweep
+    code, evaluated = bench("eval", "suite=smoke", "suite.limit=4", "seeds=0,1,2", f"cache_dir={cache}", f"out={out}")  # `bench eval` makes the run's base sweep
     assert code == 0 and (sweep_dir(out, "base") / "table.md").read_text(encoding="utf-8") in evaluated + "\n"
     assert {p: p.read_bytes() for p in files} == before
 
@@ -171,7 +171,7 @@ def test_method_seed_trains_once_per_value_alone_and_in_a_grid_with_seeds(seeds_
     code, stdout = bench("run", *SFT, "method.seed=0,1", f"cache_dir={cache}", f"out={alone_out}")  # every training cached: no new checkpoint
     assert code == 0 and len(checkpoints(cache)) == 2
     alone = read(sweep_dir(alone_out, "sft") / "summary.json")
-    assert alone["axes"] == {"train_seed": [0, 1]} and not list(alone_out.glob("micro-tiny-base-seeds-*"))  # one base seed: no base sweep
+    assert alone["axes"] == {"train_seed": [0, 1]} and not list(alone_out.glob("smoke-tiny-base-seeds-*"))  # one base seed: no base sweep
     per_training = [pd.read_parquet(alone_out / r["run"] / "scores.parquet")["brightness"].mean() for r in alone["runs"]]
     assert per_training == pytest.approx(means[:, 0], rel=1e-12)  # the grid's seed-0 runs
     sd = alone["metrics"]["brightness"]["sd"]

@@ -100,7 +100,7 @@ def trained(tmp_path, cache_dir, tiny_cfg):
     (tmp_path / "train.txt").write_text("\n".join(TRAIN_PROMPTS) + "\n")
     cfg = compose(
         [
-            "suite=micro",
+            "suite=smoke",
             "method=sft",
             "suite.limit=2",
             f"suite.train_prompts={tmp_path / 'train.txt'}",
@@ -150,7 +150,7 @@ def test_training_lowers_the_loss_and_moves_the_model(trained):
 
     for m in (base, tuned):
         m.to(dtype=torch.float64)
-    seeds = [image_seed("micro", p, 0, 0) for p in range(2)]
+    seeds = [image_seed("smoke", p, 0, 0) for p in range(2)]
     with torch.no_grad():
         x_base = base.sample(session.suite.prompts, [torch.Generator().manual_seed(s) for s in seeds])
         x_tuned = tuned.sample(session.suite.prompts, [torch.Generator().manual_seed(s) for s in seeds])
@@ -160,7 +160,7 @@ def test_training_lowers_the_loss_and_moves_the_model(trained):
 
 
 def test_one_sample_per_prompt_asks_to_keep_its_ties(cli):
-    code, out, err = cli("train", "suite=micro", "method=sft", "method.samples_per_prompt=1", "train.steps=1")
+    code, out, err = cli("train", "suite=smoke", "method=sft", "method.samples_per_prompt=1", "train.steps=1")
     assert code == 2
     assert err.strip().splitlines()[-1].startswith("bench: error: method.samples_per_prompt=1 draws one sample per prompt")
     assert "set method.drop_ties=false" in err and "Traceback" not in err

@@ -97,7 +97,7 @@ def test_a_preset_without_a_recipe_is_refused_at_composition(register):
     "text, message",
     [
         ("prompt_dropout: abc", r"^method\.prompt_dropout=abc \(in method 'sft-bad'\): not a number; use a number in \[0, 1\] \(default 0\.0\)$"),
-        ("samples_per_prompt: 0", r"^method\.samples_per_prompt=0 \(in method 'sft-bad'\): out of range; use an integer >= 1 \(default 16\)$"),
+        ("samples_per_prompt: 0", r"^method\.samples_per_prompt=0 \(in method 'sft-bad'\): out of range; use an integer >= 1 \(default 8\)$"),
         ("timesteps: karras", r"^method\.timesteps=karras \(in method 'sft-bad'\): not allowed; use one of uniform, sampler \(default uniform\)$"),
         ("drop_ties: maybe", r"^method\.drop_ties=maybe \(in method 'sft-bad'\): not true or false; use true or false \(default true\)$"),
     ],

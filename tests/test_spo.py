@@ -271,7 +271,7 @@ def test_rounds_without_pairs_are_skipped_then_refused(fewstep_lora, tmp_path):
 
 
 def test_bench_train_spo_end_to_end(cli):
-    args = ["suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
+    args = ["suite=smoke", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
             "method.num_candidates=2", "train.save_every=2", "suite.limit=2"]
     code, out, err = cli("train", *args)
     assert code == 0, err
@@ -459,7 +459,7 @@ def test_killed_run_resumes_to_the_same_weights(cli, cache_dir, tmp_path, monkey
 
     from safetensors.torch import load_file
 
-    args = ["suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
+    args = ["suite=smoke", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
             "method.num_candidates=2", "train.save_every=2"]
     other = tmp_path / "other-cache"
     other.mkdir()
@@ -491,7 +491,7 @@ def test_killed_run_resumes_to_the_same_weights(cli, cache_dir, tmp_path, monkey
 @pytest.mark.slow
 def test_spo_raises_brightness_on_micro(cli, tmp_path):
     """A short run on the micro suite (brightness reward) beats the base model on most prompts."""
-    code, out, err = cli("run", "suite=micro", "model=tiny-fewstep", "method=spo", "train.steps=60")
+    code, out, err = cli("run", "suite=smoke", "model=tiny-fewstep", "method=spo", "train.steps=60")
     assert code == 0, err
     run = Path(out.split("run folder: ")[1].split()[0])
     summary = json.loads((run / "summary.json").read_text())

@@ -21,22 +21,22 @@ from bench.errors import UsageError
 from bench.sweep import Cell, Launcher, executor_parameters, is_done, marker, parse
 
 REPO = Path(__file__).resolve().parents[1]
-CHEAP = ["suite=micro", "suite.limit=2", "stats.n_boot=20", "stats.n_permutations=20", "report.html=false"]
+CHEAP = ["suite=smoke", "suite.limit=2", "stats.n_boot=20", "stats.n_permutations=20", "report.html=false"]
 
 
 # ---- the grid (pure) -----------------------------------------------------------------------------
 def test_grid_expands_in_a_stable_order_with_names_and_ids(tmp_path):
-    grid = parse(["method=sft,dspo", "suite=micro,parti", "seeds=1,0", "train.steps=2", f"out={tmp_path}/grid"])
+    grid = parse(["method=sft,dspo", "suite=smoke,parti", "seeds=1,0", "train.steps=2", f"out={tmp_path}/grid"])
     assert [c.name for c in grid.cells] == [
-        "method=sft suite=micro seed=0", "method=sft suite=micro seed=1", "method=sft suite=parti seed=0", "method=sft suite=parti seed=1",
-        "method=dspo suite=micro seed=0", "method=dspo suite=micro seed=1", "method=dspo suite=parti seed=0", "method=dspo suite=parti seed=1",
+        "method=sft suite=smoke seed=0", "method=sft suite=smoke seed=1", "method=sft suite=parti seed=0", "method=sft suite=parti seed=1",
+        "method=dspo suite=smoke seed=0", "method=dspo suite=smoke seed=1", "method=dspo suite=parti seed=0", "method=dspo suite=parti seed=1",
     ]
     first = grid.cells[0]
-    assert first.args == ("method=sft", "suite=micro", "seed=0", "train.steps=2", f"out={tmp_path / 'grid'}")
+    assert first.args == ("method=sft", "suite=smoke", "seed=0", "train.steps=2", f"out={tmp_path / 'grid'}")
     assert first.train and grid.out == tmp_path / "grid" and grid.folder == tmp_path / "grid" / ".sweep"
     assert len({c.id for c in grid.cells}) == 8
     # the id: the cell's arguments, not where its results go (a relative out= is made absolute)
-    again = parse(["suite=micro,parti", "method=sft,dspo", "seeds=0,1", "train.steps=2", "out=elsewhere", "cache_dir=c"])
+    again = parse(["suite=smoke,parti", "method=sft,dspo", "seeds=0,1", "train.steps=2", "out=elsewhere", "cache_dir=c"])
     assert [c.id for c in again.cells] == [c.id for c in grid.cells]
     assert f"out={Path('elsewhere').resolve()}" in again.cells[0].args and f"cache_dir={Path('c').resolve()}" in again.cells[0].args
     assert parse(["method=sft", "seeds=0,1", "train.steps=3"]).cells[0].id != parse(["method=sft", "seeds=0,1", "train.steps=2"]).cells[0].id
@@ -176,7 +176,7 @@ def test_local_sweep_a_killed_job_then_a_rerun_completes_the_grid(cache_dir, tmp
     cell, the re-run runs only it, the leaderboard has every run, and no cell is computed twice."""
     out = tmp_path / "grid"
     args = ["model=tiny,tiny-fewstep", "seeds=0,1", *CHEAP, f"cache_dir={cache_dir}", f"out={out}", "launcher=local", "launcher.retries=0", "launcher.poll=0.2"]
-    victim = "suite=micro model=tiny-fewstep seed=1"
+    victim = "suite=smoke model=tiny-fewstep seed=1"
     proc = start_sweep(args)
     killed = kill_when_started(proc, out, victim)
     stdout, stderr = proc.communicate(timeout=300)
@@ -211,7 +211,7 @@ def test_local_training_sweep_resubmits_a_killed_job(cache_dir, tmp_path):
     args = ["method=sft,dspo", "seeds=0,1", *CHEAP, "train.steps=2", "train.batch_size=2", "method.samples_per_prompt=2",
             f"cache_dir={cache_dir}", f"out={out}", "launcher.retries=1", "launcher.poll=0.2"]
     proc = start_sweep(args)
-    kill_when_started(proc, out, "method=dspo suite=micro seed=1")
+    kill_when_started(proc, out, "method=dspo suite=smoke seed=1")
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr
     assert "re-submitting (1 of 1)" in stderr and "4 cells done (4 run now, 0 done already)" in stdout

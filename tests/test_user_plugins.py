@@ -127,7 +127,7 @@ def test_ls_lists_a_suite_and_a_method_by_path_beside_the_registered_ones(cli, s
     code, out, err = cli("ls", "suites", "methods", f"suite={suite_file}", f"method={method}")
     assert code == 0, err
     suites, methods = out.split("methods:")
-    assert re.search(r"^  micro +embedded offline suite", suites, re.M)
+    assert re.search(r"^  smoke +embedded smoke-test suite", suites, re.M)
     assert re.search(rf"^  mine +my prompts in three groups \[{re.escape(str(suite_file))}\]$", suites, re.M)
     assert re.search(r"^  sft +supervised fine-tuning", methods, re.M)
     assert re.search(rf"^  sft-mine +sft, my way \[{re.escape(str(method))}\]$", methods, re.M)
@@ -163,7 +163,7 @@ def plugin(tmp_path) -> Path:
 
 
 def test_the_readme_plugin_trains_two_steps(cli, plugin, cache_dir, clean_imports):
-    assert "bench run suite=micro method=./my_method.yaml" in README.read_text()
+    assert "bench run suite=smoke method=./my_method.yaml" in README.read_text()
     code, out, err = cli("train", f"method={plugin}", "model=tiny-fewstep", "train.steps=2", "train.batch_size=2", "method.samples=2")
     assert code == 0, err
     final = Path(out.strip().splitlines()[-1].removeprefix("checkpoint: "))

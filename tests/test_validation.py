@@ -126,22 +126,22 @@ def test_a_preset_with_a_bad_value_is_named(register):
 
 
 def test_limit_now_means_the_first_n_prompts():
-    assert to_dict(compose(["suite.limit=3"]))["suite"]["limit"] == 3
-    assert len(load_suite(to_dict(compose(["suite.limit=3"]))["suite"]).prompts) == 3
+    assert to_dict(compose(["suite=smoke", "suite.limit=3"]))["suite"]["limit"] == 3
+    assert len(load_suite(to_dict(compose(["suite=smoke", "suite.limit=3"]))["suite"]).prompts) == 3
 
 
 # ---- empty prompts -----------------------------------------------------------------------------
 def test_a_blank_line_in_a_prompt_file_is_refused_unless_the_suite_allows_it(cli, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red apple\n\na boat\n   \nthe sea\n")
-    code, _, err = cli("eval", f"suite.source={prompts}", f"out={tmp_path / 'out'}")
+    code, _, err = cli("eval", "suite=smoke", f"suite.source={prompts}", f"out={tmp_path / 'out'}")
     assert code == 3
     message = one_line(err)
     assert f"{prompts} has 2 empty prompts (lines 2, 4)" in message and "suite.allow_empty_prompts=true" in message
     assert not (tmp_path / "out").exists()
-    kept = load_suite(to_dict(compose([f"suite.source={prompts}", "suite.allow_empty_prompts=true"]))["suite"])
+    kept = load_suite(to_dict(compose(["suite=smoke", f"suite.source={prompts}", "suite.allow_empty_prompts=true"]))["suite"])
     assert kept.prompts == ["a red apple", "", "a boat", "   ", "the sea"]
-    assert load_suite(to_dict(compose([f"suite.source={prompts}", "suite.limit=1"]))["suite"]).prompts == ["a red apple"]  # only the prompts evaluated
+    assert load_suite(to_dict(compose(["suite=smoke", f"suite.source={prompts}", "suite.limit=1"]))["suite"]).prompts == ["a red apple"]  # only the prompts evaluated
 
 
 @pytest.mark.parametrize("real", [False, True], ids=["stand-in", "real"])
@@ -153,7 +153,7 @@ def test_pickapic_declares_its_empty_prompt_and_other_suites_refuse_it(real, req
     empty = [i for i, p in enumerate(prompts) if p == ""]
     assert empty == ([87] if real else [2]) and len(prompts) == (500 if real else 4)
     with pytest.raises(DataError, match=rf"has 1 empty prompt \(row {empty[0] + 1}\)"):
-        load_suite(to_dict(compose(["suite=micro", f"suite.source={source}"]))["suite"])
+        load_suite(to_dict(compose(["suite=smoke", f"suite.source={source}"]))["suite"])
 
 
 # ---- bench score -------------------------------------------------------------------------------

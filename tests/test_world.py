@@ -1,6 +1,6 @@
 """The micro world (issue 21, items 1-2): a seeded scene grammar, an exact renderer and an exact
 GenEval-style evaluator that accepts the renders of a caption and rejects the renders of others; the
-evaluator as the ``world-geneval`` metric (reading the spec from the caption) and the ``micro-world`` suite."""
+evaluator as the ``world-geneval`` metric (reading the spec from the caption) and the ``micro`` suite."""
 
 from __future__ import annotations
 
@@ -189,7 +189,7 @@ def test_the_metric_scores_a_render_by_its_caption_at_the_tiny_models_resolution
 
 
 def test_the_suites_prompt_files_are_the_grammars_draws():
-    folder = Path(__file__).resolve().parents[1] / "bench" / "suites" / "micro-world"
+    folder = Path(__file__).resolve().parents[1] / "bench" / "suites" / "micro"
     for name, n, seed in (("eval.jsonl", 8, 0), ("train.jsonl", 16, 1)):
         fresh = write_prompt_file(Path(tempfile.mkdtemp()) / name, n_per_tag=n, seed=seed)
         assert fresh.read_bytes() == (folder / name).read_bytes(), f"{name}: rewrite it with write_prompt_file(path, n_per_tag={n}, seed={seed})"
@@ -198,7 +198,7 @@ def test_the_suites_prompt_files_are_the_grammars_draws():
 def test_micro_world_evaluates_per_tag_and_the_tiny_models_noise_shows_nothing(cli, tmp_path):
     """The embedded tiny model draws colored noise (it never saw the world): no image of it may pass as
     a scene. Before the detector asked for a plain background, its blobs passed as shapes (single_object 1.0)."""
-    code, out, err = cli("eval", "suite=micro-world", "model=tiny", "suite.limit=2", "gen.batch_size=8", "suite.reference_source.world.per_tag=20", "report.html=false", f"out={tmp_path / 'runs'}")
+    code, out, err = cli("eval", "suite=micro", "model=tiny", "suite.limit=2", "gen.batch_size=8", "suite.reference_source.world.per_tag=20", "report.html=false", f"out={tmp_path / 'runs'}")
     assert code == 0, err
     assert "| 48       | 120                |" in out  # world-fid: 48 generated images against 120 renders (20 a tag)
     assert all(f"| {name} " in out for name in ("world-geneval", "world-gold", "world-pick", "world-clip", "world-fid")) and all(f"| {tag} " in out for tag in TAGS)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from bench.methods.preference_data import PairMethod, PairSpec
-from bench.schema import one_of, setting
+from bench.schema import at_least, one_of, setting
 
 
 class SFT(PairMethod):
@@ -26,6 +26,7 @@ class SFT(PairMethod):
 
     @dataclass(kw_only=True)
     class Spec(PairSpec):
+        samples_per_prompt: int = setting(8, "the best of K self-generated samples per training prompt is fine-tuned on (K=8: measured on the micro world)", at_least(1))
         timesteps: str = setting("uniform", "uniform over [0, T), or sampler: only the sampler's own timesteps", one_of("uniform", "sampler"))
 
     def loss(self, ctx, data, generator: torch.Generator):
