@@ -308,7 +308,7 @@ def test_a_one_step_generator_is_only_evaluated_as_one(cli, tmp_path):
         assert code == 2 and out == "" and len(err.strip().splitlines()) == 1, err
         assert "trains a one-step generator D(z; 2.5017) at t = 625" in err and "model=<teacher>-onestep" in err
     assert not (tmp_path / "runs").exists()  # nothing was evaluated
-    code, out, err = cli("train", "method=diff-instruct", "model=tiny", "train.steps=1", "train.batch_size=2")
+    code, out, err = cli("train", "suite=smoke", "method=diff-instruct", "model=tiny", "train.steps=1", "train.batch_size=2")
     assert code == 0, err  # distilling from a multi-step teacher is fine: only evaluation needs the one-step sampler
 
 
@@ -345,7 +345,7 @@ def test_paper_presets_carry_the_five_settings():
 
 
 def test_di_pp_runs_end_to_end_and_starts_from_a_diff_instruct_checkpoint(cli):
-    code, out, err = cli("train", "method=diff-instruct", "model=tiny", "train.steps=2", "train.batch_size=2", "train.save_every=1")
+    code, out, err = cli("train", "suite=smoke", "method=diff-instruct", "model=tiny", "train.steps=2", "train.batch_size=2", "train.save_every=1")
     assert code == 0, err
     ckpt = out.strip().split("checkpoint: ")[-1]
     code, out, err = cli("run", "suite=smoke", "model=tiny-onestep", "method=di-pp", "suite.limit=2", "train.steps=2", "train.batch_size=2", f"method.init={ckpt}")
@@ -369,7 +369,7 @@ def test_diff_instruct_moves_the_one_step_generator_toward_the_teacher(cli, tiny
     from bench.trainer import Checkpoint, apply_checkpoint
 
     fid = _onestep_fid()
-    code, out, err = cli("train", "method=diff-instruct", "model=tiny")
+    code, out, err = cli("train", "suite=smoke", "method=diff-instruct", "model=tiny")
     assert code == 0, err
     ckpt = Checkpoint(Path(out.strip().split("checkpoint: ")[-1]), "")
     teacher = load_model(tiny_cfg, cache_dir)

@@ -281,7 +281,7 @@ def test_run_sft_end_to_end_and_cached_rerun(cli, built, sft_run, caplog):
 @pytest.mark.slow  # fault injection (about 20 s), with tests/test_faults.py's
 def test_sigkill_during_generation_resumes_to_identical_scores(cli, built, tmp_path):
     limit, total = 8, 16
-    args = [f"suite.limit={limit}", "gen.batch_size=2"]
+    args = ["suite=smoke", f"suite.limit={limit}", "gen.batch_size=2"]
     killed = fresh_cache(tmp_path / "killed", built)
     log = tmp_path / "eval.log"
     proc = spawn(["eval", *args, f"cache_dir={killed}", f"out={tmp_path / 'runs-killed'}"], log)

@@ -138,7 +138,7 @@ def test_two_evals_at_once_on_an_empty_cache_leave_what_one_leaves(built, tmp_pa
 def test_two_trainings_at_once_train_one_checkpoint(built, tmp_path):
     """The second waits on the checkpoint's lock and reuses what the first trained (without the lock both
     would write the same temporary data file and step folders)."""
-    args = ["train", "method=sft", "train.steps=10", "train.save_every=2", "method.samples_per_prompt=2"]
+    args = ["train", "suite=smoke", "method=sft", "train.steps=10", "train.save_every=2", "method.samples_per_prompt=2"]
     cache = linked_cache(tmp_path / "cache", built)
     procs = [spawn([*args, f"cache_dir={cache}"], tmp_path / f"t{i}.log") for i in range(2)]
     for i, proc in enumerate(procs):
@@ -223,6 +223,6 @@ def test_a_full_disk_is_one_line_naming_the_folder_and_the_fix(cache_dir, tmp_pa
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr("bench.trainer.save_file", full_safetensors)
-    assert main(["train", "method=sft", "train.steps=2", "method.samples_per_prompt=2", "suite.limit=2", f"cache_dir={cache}"]) == 6
+    assert main(["train", "suite=smoke", "method=sft", "train.steps=2", "method.samples_per_prompt=2", "suite.limit=2", f"cache_dir={cache}"]) == 6
     line = one_line(capsys)
     assert line.startswith(f"bench: error: no space left in {cache / 'data'} (No space left on device)") and "a re-run keeps the finished work" in line

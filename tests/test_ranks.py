@@ -160,11 +160,11 @@ def test_perf_measures_the_two_process_speed_up_with_identical_scores(cli):
 
 @pytest.mark.slow  # about a minute: 20 steps twice (the default test trains 2), and an online method's shared rounds
 def test_twenty_steps_and_an_online_method_on_two_ranks_equal_one_process(cli, cache_dir, tmp_path):
-    args = ["method=sft", "model=tiny", "suite.limit=4", "method.samples_per_prompt=2", "train.steps=20", "train.batch_size=1",
+    args = ["suite=smoke", "method=sft", "model=tiny", "suite.limit=4", "method.samples_per_prompt=2", "train.steps=20", "train.batch_size=1",
             "train.grad_accum=4", "train.save_every=5"]
     one, two, _ = train_ranks_and_one(cli, cache_dir, tmp_path / "sft", args)
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
-    online = ["method=pso-online", "model=tiny-fewstep", "suite.limit=4", "scorers=tiny", "train.steps=4", "train.batch_size=2",
+    online = ["suite=smoke", "method=pso-online", "model=tiny-fewstep", "suite.limit=4", "scorers=tiny", "train.steps=4", "train.batch_size=2",
               "train.grad_accum=2", "method.prompts_per_round=2", "train.save_every=2", "gen.batch_size=1"]  # 4 sampling chunks a round, 2 per rank
     one, two, cache = train_ranks_and_one(cli, cache_dir, tmp_path / "online", online)
     assert max((one[k] - two[k]).abs().max().item() for k in one) < 1e-5
