@@ -26,6 +26,7 @@ from bench.schema import SECTIONS, SUITE_SHARED, Config, MethodSpec, SuiteKeys, 
 DEFAULTS = defaults_yaml()  # the commented YAML of bench.schema.Config: every default, its comment
 
 GROUPS = ("model", "method", "suite", "data", "protocol")
+VARIANT_KEY = "method.model_variant"  # picks the model, so it is read with the presets, before the other overrides
 _OVERRIDE = re.compile(r"^[A-Za-z_][\w\-]*(\.[\w\-]+)*=.*$", re.S)
 
 
@@ -127,7 +128,7 @@ def compose(args: list[str], require: tuple[str, ...] = (), cell: dict | None = 
     """
     pairs = parse_overrides(args)
     cfg = OmegaConf.create(DEFAULTS)
-    choose_presets(cfg, {k: v for k, v in pairs if k in GROUPS}, require, cell)
+    choose_presets(cfg, {k: v for k, v in pairs if k in GROUPS or k == VARIANT_KEY}, require, cell)
     merge_sections(cfg, cell)
     OmegaConf.set_struct(cfg, True)
     if cfg.protocol is not None and cfg.protocol.get("suites"):
@@ -168,6 +169,8 @@ def choose_presets(cfg: DictConfig, choices: dict, require: tuple[str, ...], cel
     if cfg.suite is not None and not isinstance(cfg.suite, DictConfig):
         cfg.suite = load_entry_config(SUITES, str(cfg.suite))
     if "model" not in choices and not (cfg.method is not None and cfg.method.get("base_model")) and cfg.suite is not None and cfg.suite.get("model"):
+        if VARIANT_KEY in choices and cfg.method is not None:  # the command line's, over the preset's
+            cfg.method.model_variant = choices[VARIANT_KEY]
         cfg.model = suite_model(cfg.suite.model, cfg.method.get("model_variant") if cfg.method is not None else None)
     for group in GROUPS:
         if cfg[group] is not None and not isinstance(cfg[group], DictConfig):

@@ -245,7 +245,7 @@ class MethodSpec:
     gen: Optional[Dict[str, Any]] = setting(None, "gen.* settings of the preset (checked as gen.*)")
     code_differences: Optional[List[str]] = setting(None, "where the preset differs from the authors' code (`bench plan` prints them)")
     base_model: Optional[str] = setting(None, "the model when model= is not given")
-    model_variant: Optional[str] = setting(None, "fewstep or onestep: on a suite that names its model, that model's variant of this kind (its `variants`); a preset's key: on the command line, model=NAME picks the model", one_of("fewstep", "onestep"))
+    model_variant: Optional[str] = setting(None, "fewstep or onestep: on a suite that names its model, that model's variant of this kind (its `variants`)", one_of("fewstep", "onestep"))
     base_data: Optional[str] = setting(None, "the dataset when data= is not given")
     base_protocol: Optional[str] = setting(None, "the protocol `bench run` runs when suite= is not given")
     init_from: Optional[str] = setting(None, "a preset to train first and start from")

@@ -227,6 +227,7 @@ def test_the_suite_names_its_model_and_a_method_takes_its_few_step_or_one_step_v
     assert model("suite=micro", "method=pso-offline") == model("suite=micro", "method=lasro") == "world-fewstep"
     assert model("suite=micro", "method=di-pp") == "world-onestep"
     assert model("suite=micro", "method=pso-offline", "model=world") == "world"
+    assert model("suite=micro", "method=sft", "method.model_variant=fewstep") == "world-fewstep"  # on the command line too
     assert model("suite=micro", "method=pso-online-turbo") == "sdxl-turbo"
     assert model("suite=smoke", "method=pso-offline") == model("suite=smoke") == "tiny"
     with pytest.raises(UsageError, match=r"method.model_variant=twostep: not allowed"):
