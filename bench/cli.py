@@ -24,7 +24,7 @@ COMMANDS_HELP = {  # command -> (synopsis, what it does); `bench COMMAND --help`
     "train": ("bench train method=M [data=D] [key=value ...]", "train a method only and print the checkpoint folder"),
     "ls": ("bench ls [methods|suites|models|metrics|datasets|protocols] [suite=FILE] [method=FILE]",
            "list registered methods | suites | models | metrics | datasets | protocols, and suites or methods given by path (checked)"),
-    "leaderboard": ("bench leaderboard [out=runs] [dest=DIR] [papers=true]", "one table over every run under out= (markdown, CSV and a sortable HTML page); papers=true: the papers' numbers beside ours"),
+    "leaderboard": ("bench leaderboard [out=runs] [dest=DIR] [metrics=a,b] [papers=true]", "one table over every run under out= (markdown, CSV and a sortable HTML page), then each tuned run against its base; metrics=: those columns only; papers=true: the papers' numbers beside ours"),
     "report": ("bench report run=DIR [run=DIR ...] [out=FILE.html] [report.max_prompts=200] [cache_dir=DIR]",
                "a self-contained HTML page of one run (with its base) or several side by side: tables, image grid, charts, training curves"),
     "check": ("bench check run=RUN_DIR baseline=FILE", "compare run=DIR with baseline=FILE; non-zero exit outside tolerance"),
@@ -285,13 +285,14 @@ def path_row(key: str, value: str) -> tuple[str, str]:
 def cmd_leaderboard(args):
     from bench import report
 
-    kv = _kv(args, {"out", "dest", "papers"}, "leaderboard")
+    kv = _kv(args, {"out", "dest", "papers", "metrics"}, "leaderboard")
     papers = kv.get("papers", "false")
     if papers.lower() not in ("false", "0", "no", ""):
         md_path, csv_path, text = report.papers_leaderboard(kv.get("out", "runs"), kv.get("dest"), papers)
         written = [md_path, csv_path]
     else:
-        md_path, csv_path, text = report.leaderboard(kv.get("out", "runs"), kv.get("dest"))
+        metrics = [m for m in kv.get("metrics", "").split(",") if m] or None
+        md_path, csv_path, text = report.leaderboard(kv.get("out", "runs"), kv.get("dest"), metrics)
         written = [md_path, csv_path, md_path.with_suffix(".html")]
     print(text)
     print(f"\nwritten: {'  '.join(map(str, written))}")

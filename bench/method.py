@@ -209,6 +209,13 @@ class Method:
         where ``prepare`` returns a source read as training goes (a pair dataset, online rounds)."""
         return self.data_spec()
 
+    def shared_data(self, ctx: TrainContext) -> str | None:
+        """The module whose code alone makes this run's prepared data, where other recipes make the same
+        data from the same spec (best/worst-of-K samples of one model: SFT, Diffusion-DPO, DSPO ... then
+        train on one set of samples, drawn once). The trainer caches it under that module's source, not
+        the recipe's. None: the data is this recipe's own."""
+        return None
+
     def as_composed(self, *keys: str) -> dict:
         """``keys`` as the preset wrote them (the typed value where it left one out): a data cache key
         hashes them, and ``5`` and ``5.0`` hash apart, so the key stays what it was before specs."""

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bench.errors import DataError
+from bench.errors import DataError, UsageError
 from bench.io import write_text
 from bench import stats
 from bench.seeds import axes_text
@@ -300,8 +300,40 @@ def collect_runs(root) -> pd.DataFrame:
     return df.sort_values(["suite", "model", "method", "run_id"], ignore_index=True)
 
 
-def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
-    """Write leaderboard.md, leaderboard.csv and leaderboard.html for every run under ``root``."""
+def versus_base(root, metrics: list[str] | None = None) -> str:
+    """Markdown: every tuned run's paired comparison with its own base model, one row per run: for each
+    metric (``metrics``: those only, in that order) the mean per-prompt difference with its interval and
+    the win rate with its interval. '' when no run under ``root`` was compared with a base."""
+    rows, level = [], None
+    for summary_path in sorted(Path(root).rglob("summary.json")):
+        manifest_path = summary_path.with_name("manifest.json")
+        if not manifest_path.exists():
+            continue
+        summary, manifest = _read_json(summary_path, "summary"), _read_json(manifest_path, "manifest")
+        deltas, wins = summary.get("delta") or {}, summary.get("winrate") or {}
+        if not deltas or manifest.get("sweep"):
+            continue  # a base model, or a seed sweep (its runs are compared one by one)
+        level = summary.get("level", 0.95)
+        row = {k: str(manifest.get(k)) for k in ("method", "model", "run_id")}
+        for name in metrics or list(deltas):
+            d, w = deltas.get(name), wins.get(name)
+            row[f"Δ {name}"] = f"{_signed(d['value'])}{VERDICT_MARKS.get(d['verdict'], '')} {_interval(d['ci'])}" if d else "-"
+            row[f"win {name}"] = f"{_fmt(w['value'])} {_interval(w['ci'])}" if w else "-"
+        rows.append(row)
+    if not rows:
+        return ""
+    missing = [m for m in metrics or [] if all(r[f"Δ {m}"] == "-" for r in rows)]
+    if missing:
+        raise UsageError(f"metrics={','.join(missing)}: no run under {root} was compared with its base on it; name metrics of the runs' suites")
+    table = pd.DataFrame(rows).sort_values(["model", "method", "run_id"], kind="stable")
+    return (f"## Against each run's base model\n\n{_markdown(table)}\n\nΔ: mean per-prompt difference from the base model's images of the same prompts, "
+            f"{level * 100:g}% paired t-interval (* a gain, ! a loss that survives Holm's correction over the run's metrics); "
+            "win: the share of prompts on which the tuned model scores higher (ties count one half), Wilson interval.\n")
+
+
+def leaderboard(root, out_dir=None, metrics: list[str] | None = None) -> tuple[Path, Path, str]:
+    """Write leaderboard.md (the runs' means and win rates, then each tuned run against its base:
+    ``versus_base``), leaderboard.csv and leaderboard.html for every run under ``root``."""
     root = Path(root)
     df = collect_runs(root)
     if df.empty:
@@ -318,10 +350,14 @@ def leaderboard(root, out_dir=None) -> tuple[Path, Path, str]:
             _fmt(v) + VERDICT_MARKS.get(d, "") + ("" if pd.isna(s) else f" ± {_fmt(s)}")  # a sweep: mean ± sd over its runs
             for v, s, d in zip(shown[col], sd, verdict)
         ]
+    if metrics:  # those metrics' columns only (a set metric's column names its resolution)
+        shown = shown[[c for c in shown.columns if c in RUN_COLUMNS + ["seeds"] or c.removesuffix(" win").split("@")[0] in metrics]]
     shown = shown.astype(str)
     md = f"# Leaderboard\n\n{_markdown(shown)}\n"
     if any(c.endswith(" verdict") for c in df.columns):
         md += "\n* a gain over the run's base, ! a loss: a paired test on its prompts that survives Holm's correction across the run's metrics.\n"
+    against = versus_base(root, metrics)
+    md += f"\n{against}" if against else ""
     md_path = write_text(out / "leaderboard.md", md)
     csv_path = write_text(out / "leaderboard.csv", df.to_csv(index=False, lineterminator="\n"))
     from bench import html_leaderboard

@@ -151,7 +151,11 @@ def recipe_source_hash(method: Method) -> str | None:
     (``Method.plan``) are left out. The core (``bench.trainer``, ``bench.method``, ``bench.models``)
     does not enter: its changes are held to the same numbers by the byte-identical and loss-value
     tests, and entering it would retrain every checkpoint at any edit."""
-    own = type(method).__module__
+    return module_tree_hash(type(method).__module__)
+
+
+def module_tree_hash(own: str) -> str | None:
+    """sha256 of module ``own``'s source and of the recipe modules it imports, transitively (``recipe_source_hash``)."""
     source = module_source(own)
     if source is None:
         return None
@@ -588,10 +592,14 @@ class Trainer:
         if not spec:
             return self.method.prepare(ctx)
         reward = self._reward_version()
-        path = self._data_path(spec, sampler_identity(self.model.sampler), recipe_source_hash(self.method), {"reward": reward} if reward else {})
+        extra = {"reward": reward} if reward else {}
+        shared = self.method.shared_data(ctx)
+        own = self._data_path(spec, sampler_identity(self.model.sampler), recipe_source_hash(self.method), extra)
+        path = self._data_path(spec, sampler_identity(self.model.sampler), module_tree_hash(shared), extra, shared.rsplit(".", 1)[-1]) if shared else own
         legacy = self._data_path(spec, str(self.model.sampler), legacy_recipe_source_hash(self.method))  # before content keys
-        if self.ranks.main and not path.exists() and legacy.exists() and adopt_file(legacy, path):
-            log.info("prepared data %s moved to its content key %s, once; nothing recomputed", legacy.name, path.name)
+        for earlier in ([own] if shared else []) + [legacy]:  # the same data under this recipe's own key (before it was shared) or a legacy one
+            if self.ranks.main and not path.exists() and earlier.exists() and adopt_file(earlier, path):
+                log.info("prepared data %s moved to its content key %s, once; nothing recomputed", earlier.name, path.name)
         if path.exists() or not self.ranks.main:
             self.ranks.barrier()  # rank 0 prepares the data the others read
             return load_file(path)
@@ -604,13 +612,14 @@ class Trainer:
         self.ranks.barrier()
         return data
 
-    def _data_path(self, spec, sampler, recipe_source: str | None, extra: dict | None = None) -> Path:
+    def _data_path(self, spec, sampler, recipe_source: str | None, extra: dict | None = None, label: str | None = None) -> Path:
         """Where the prepared data lives: keyed by the data spec and what it is computed from (the
-        model's weights, the sampler, the prompts or target images, the recipe's own source and, in
-        ``extra``, the reward's version: ``scorers=tiny`` ranks pairs otherwise than the official one)."""
+        model's weights, the sampler, the prompts or target images, the source of the code that makes it
+        and, in ``extra``, the reward's version: ``scorers=tiny`` ranks pairs otherwise than the official
+        one). Named after the method preset, or after the module of data that recipes share (``label``)."""
         what = {"model": self.model.identity, "sampler": sampler, "prompts": self.prompts, "spec": spec, "recipe_source": recipe_source, **(extra or {})}
         key = stable_hash(what | ({"images": self.images.sha256} if self.images is not None else {}))[:16]
-        return self.cache_dir / "data" / f"{self.cfg['method']['name']}-{key}.safetensors"
+        return self.cache_dir / "data" / f"{label or self.cfg['method']['name']}-{key}.safetensors"
 
     def _step_dirs(self) -> list[Path]:
         return sorted(self.root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

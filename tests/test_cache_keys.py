@@ -177,6 +177,39 @@ def test_prepared_data_under_its_legacy_key_is_adopted_once(tmp_path, monkeypatc
     assert CountingRecipe.prepared == 1 and len([r for r in caplog.records if "prepared data" in r.getMessage()]) == 1
 
 
+def test_self_generated_pairs_are_drawn_once_for_every_pair_recipe(tmp_path, monkeypatch, caplog):
+    """SFT, Diffusion-DPO, DSPO and offline PSO on one model read the same best/worst-of-K samples: the
+    first run draws them, the others load the file, and K or the seed of the samples keys them apart."""
+    import bench.methods.preference_data as preference_data
+
+    drawn = []
+
+    def best_worst_pairs(ctx, k, seed, drop_ties):
+        drawn.append((k, seed))
+        return {"latents_w": torch.full((2, 4, 8, 8), float(k)), "latents_l": torch.zeros(2, 4, 8, 8), "prompt_index": torch.arange(2)}
+
+    monkeypatch.setattr(preference_data, "best_worst_pairs", best_worst_pairs)
+    model, ctx = SimpleNamespace(identity=STUB_MODEL, sampler=tiny_sampler()), SimpleNamespace(data_cfg=None, images=None)
+
+    def data(*overrides):
+        cfg = to_dict(compose(list(overrides)))
+        return Trainer(cfg, model, import_recipe(cfg["method"])(cfg["method"]), ["a", "b"], None, torch.device("cpu"), tmp_path)._data(ctx)
+
+    with monkeypatch.context() as before_sharing:  # under this recipe's own key: adopted, not drawn again
+        before_sharing.setattr(preference_data.PairMethod, "shared_data", lambda self, ctx: None)
+        own = data("method=sft")
+    caplog.set_level(logging.INFO)
+    for name in ("sft", "diffusion-dpo", "dspo", "pso-offline", "pso"):
+        assert torch.equal(data(f"method={name}")["latents_w"], own["latents_w"])
+    assert drawn == [(8, 0)] and len([r for r in caplog.records if "moved to its content key" in r.getMessage()]) == 1
+    data("method=diffusion-dpo", "method.samples_per_prompt=4")
+    data("method=sft", "method.seed=1")
+    assert drawn == [(8, 0), (4, 0), (8, 1)]
+    assert sorted(p.name.split("-")[0] for p in (tmp_path / "data").iterdir()) == ["preference_data"] * 3 + ["sft"]
+    dreambooth = compose(["method=dreambooth"])["method"]
+    assert import_recipe(dreambooth)(to_dict(dreambooth)).shared_data(ctx) is None  # its own data: a subject's photos
+
+
 def test_image_store_adopts_sound_legacy_images_only(tmp_path, caplog):
     import numpy as np
 

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from bench.errors import DataError
+from bench.errors import DataError, UsageError
 from bench.report import (
     check,
     collect_runs,
@@ -125,6 +125,22 @@ def test_leaderboard_one_row_per_run(tmp_path):
     assert md_path.read_text(encoding="utf-8") == md
     assert len(pd.read_csv(csv_path)) == 2
     assert sum(line.startswith(("| r1 ", "| r2 ")) for line in md.splitlines()) == 2
+
+
+def test_leaderboard_puts_each_tuned_run_beside_its_base_and_keeps_the_named_metrics(tmp_path):
+    with_base = summarize(RUN, METRICS, BASE, n_boot=50, baseline_id="b")
+    _make_run(tmp_path / "r2", "r2", "micro", "sd", "lora", with_base)
+    _make_run(tmp_path / "r1", "r1", "micro", "sd", "base", summarize(BASE, METRICS, None, n_boot=50))
+    md = leaderboard(tmp_path, tmp_path / "out")[2]
+    against = md.split("## Against each run's base model\n\n")[1].splitlines()
+    assert [c.strip() for c in against[0].split("|")[1:-1]] == ["method", "model", "run_id", "Δ brightness", "win brightness", "Δ dist", "win dist"]
+    d, w = with_base["delta"]["dist"], with_base["winrate"]["dist"]
+    row = [c.strip() for c in against[2].split("|")[1:-1]]  # one row: the base has nothing to be compared with
+    assert row[:3] == ["lora", "sd", "r2"] and against[3] == "" and row[5] == f"-0.1 [{d['ci'][0]:.4g}, {d['ci'][1]:.4g}]" and row[6] == f"1 [{w['ci'][0]:.4g}, 1]"
+    only = leaderboard(tmp_path, tmp_path / "out", ["dist"])[2]
+    assert "brightness" not in only and [c.strip() for c in only.splitlines()[2].split("|")[1:-1]] == ["run_id", "suite", "model", "method", "dist", "dist win"]
+    with pytest.raises(UsageError, match=r"^metrics=clip: no run under .* was compared with its base on it"):
+        leaderboard(tmp_path, tmp_path / "out", ["dist", "clip"])
 
 
 def test_leaderboard_errors(tmp_path):

@@ -138,7 +138,7 @@ def test_training_lowers_the_loss_and_moves_the_model(trained):
     assert not any("lora" in n for n, _ in base.unet.named_parameters())
 
     # Paired: the SFT objective on the kept samples, at the very same (t, noise) draws, before and after.
-    (data_file,) = (session.cache / "data").glob("sft-*.safetensors")
+    (data_file,) = (session.cache / "data").glob("preference_data-*.safetensors")
     data = load_file(data_file)
     assert data["latents_w"].shape == (len(TRAIN_PROMPTS), 4, 8, 8)
     x0 = data["latents_w"].repeat(32, 1, 1, 1)

@@ -122,7 +122,7 @@ def test_the_recipe_reads_typed_settings_with_the_specs_defaults():
 
     pso = PSO({"beta": 5, "seed": "3"})
     assert pso.spec.beta == 5.0 and isinstance(pso.spec.beta, float) and pso.spec.seed == 3
-    assert (pso.spec.samples_per_prompt, pso.spec.drop_ties, pso.spec.reduction, pso.spec.prompt_dropout) == (16, True, "sum", 0.0)
+    assert (pso.spec.samples_per_prompt, pso.spec.drop_ties, pso.spec.reduction, pso.spec.prompt_dropout) == (8, True, "sum", 0.0)
     rounds = D3PO({"beta": 0.1, "prompts_per_round": 4}).rounds()
     assert (rounds.prompts_per_round, rounds.samples_per_prompt, rounds.epochs, rounds.seed) == (4, 2, 1, 0)
 
@@ -204,6 +204,6 @@ def test_run_help_with_a_method_lists_its_recipes_keys(cli):
     line = next(l for l in out.splitlines() if l.strip().startswith("method.lam "))
     assert line.split()[1:4] == ["float", ">", "0"] and "[preset: 5000]" in line and "--beta_dpo" in line
     line = next(l for l in out.splitlines() if l.strip().startswith("method.samples_per_prompt "))
-    assert line.split()[1:5] == ["int", ">=", "1", "16"]
+    assert line.split()[1:5] == ["int", ">=", "1", "8"]
     code, _, err = cli("run", "method=nope", "--help")
     assert code == 2 and "unknown method 'nope'" in error_line(err)

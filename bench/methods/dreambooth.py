@@ -23,6 +23,7 @@ from bench.schema import at_least, setting
 
 
 class DreamBooth(PairMethod):
+    shares_pairs = False  # its data: the subject's photos and class-prompt samples
     uses_reference = False
 
     @dataclass(kw_only=True)

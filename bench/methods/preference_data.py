@@ -238,7 +238,7 @@ def pair_dataset(ctx: TrainContext) -> dict | None:
 class PairSpec(DropoutSpec, RewardSpec):
     """The pair-data settings every offline pair recipe shares: best/worst-of-K self-generated pairs."""
 
-    samples_per_prompt: int = setting(16, "pairs: the best and worst of K self-generated samples per training prompt (1: with drop_ties false, every sample)", at_least(1))
+    samples_per_prompt: int = setting(8, "pairs: the best and worst of K self-generated samples per training prompt (1: with drop_ties false, every sample)", at_least(1))
     drop_ties: bool = setting(True, "a prompt whose K samples all score the same gives no pair (Salesforce drops tied pairs)")
 
 
@@ -248,6 +248,7 @@ class PairMethod(Method):
     or a pair dataset when the config has a ``data`` section of the pair kind."""
 
     image_references = True  # False: a method that only needs the targets of given images
+    shares_pairs = True  # False: a recipe whose prepare() makes other data than best_worst_pairs
     Spec = PairSpec
 
     def data_spec(self) -> dict:
@@ -255,6 +256,10 @@ class PairMethod(Method):
 
     def cached_data_spec(self, ctx: TrainContext) -> dict:
         return {} if pair_dataset(ctx) else self.data_spec()  # a pair dataset streams as training goes
+
+    def shared_data(self, ctx: TrainContext) -> str | None:
+        """Self-generated pairs depend on this module's code and the data spec alone: every pair recipe reads them."""
+        return __name__ if self.shares_pairs and not pair_dataset(ctx) and ctx.images is None else None
 
     def prepare(self, ctx: TrainContext):
         if pair_dataset(ctx):

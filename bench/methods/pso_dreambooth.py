@@ -53,6 +53,7 @@ def pso_dreambooth_loss(err_w, err_l, beta: float, neg_defactor: float, prior_we
 
 class PSODreamBoothOfficial(PairMethod):
     image_references = False  # the references are class-prompt samples, made in prepare()
+    shares_pairs = False
 
     @dataclass(kw_only=True)
     class Spec(DropoutSpec):
