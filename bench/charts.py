@@ -92,6 +92,39 @@ def curves(title: str, rows: list[dict], keys: list[str]) -> str:
         return _svg(fig)
 
 
+def checkpoint_figure(title: str, steps: list[int], series: dict[str, list[tuple | None]]):
+    """Each metric's paired difference from the base model at every kept checkpoint, one panel per metric
+    side by side: ``(delta, lo, hi)`` per step, a line through the points, the interval as an error bar,
+    and zero marked. The proxy reward beside the truth it stands in for shows over-optimization."""
+    import matplotlib
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    with matplotlib.rc_context(_rc(title)):
+        fig = Figure(figsize=(2.3 * len(series) + 0.4, 2.4), layout="constrained")
+        axes = fig.subplots(1, len(series), squeeze=False)[0]
+        for j, (ax, (name, values)) in enumerate(zip(axes, series.items())):
+            points = [(s, v) for s, v in zip(steps, values) if v is not None and _finite(v[0])]
+            xs, ys = [p[0] for p in points], [p[1][0] for p in points]
+            err = [[y - (v[1] if _finite(v[1]) else y) for y, (_, v) in zip(ys, points)], [(v[2] if _finite(v[2]) else y) - y for y, (_, v) in zip(ys, points)]]
+            ax.axhline(0, color=COLORS[0], linewidth=0.6)
+            ax.errorbar(xs, ys, yerr=err, fmt="o-", color=COLORS[1 + j % (len(COLORS) - 1)], markersize=3, capsize=2, linewidth=1.2)
+            ax.set_title(_text(f"Δ {name}"), loc="left")
+            ax.set_xlabel("optimizer step")
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+            ax.grid(axis="y", linewidth=0.3)
+        fig.suptitle(_text(title), x=0.01, ha="left")
+        return fig
+
+
+def checkpoint_chart(title: str, steps: list[int], series: dict[str, list[tuple | None]]) -> str:
+    """``checkpoint_figure`` as inline SVG (saved in the style: its text stays text)."""
+    import matplotlib
+
+    with matplotlib.rc_context(_rc(title)):
+        return _svg(checkpoint_figure(title, steps, series))
+
+
 def _text(text: str) -> str:
     """A user string as plain text for matplotlib, which reads ``$...$`` as mathtext."""
     return str(text).replace("$", r"\$")

@@ -171,8 +171,10 @@ def _run_protocol(args, train: bool):
     entries = run_protocol(args, train=train)
     print(render(entries))
     out = next((a.split("=", 1)[1] for a in args if a.startswith("out=")), "runs")
-    print(f"\n{len(entries)} evaluations of protocol {entries[0]['cell']['name'] if entries else '?'}; "
-          f"`bench leaderboard papers=true out={out}` puts them beside the paper's numbers")
+    cell = entries[0]["cell"] if entries else {}
+    print(f"\n{len(entries)} evaluations of protocol {cell.get('name', '?')}; "
+          + (f"`bench leaderboard papers=true out={out}` puts them beside the paper's numbers" if cell.get("paper") else
+             f"`bench leaderboard out={out}` shows every one against its base"))
 
 
 def cmd_eval(args):

@@ -3,7 +3,8 @@
 Beside leaderboard.md's columns it shows, per run, the number of prompts, the seeds, the prompt set, a
 link to the run's report.html, the means per group (a PartiPrompts category, a DreamBench subject; shown
 with a checkbox) and marks for what limits a number: random tiny scorers, a prompt subset, a list that is
-not the published one, non-canonical metrics. Every string is escaped (jinja2's autoescaping).
+not the published one, non-canonical metrics; under it, for a protocol that evaluates every kept checkpoint,
+each metric's difference from the base over the training. Every string is escaped (jinja2's autoescaping).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bench.charts import checkpoint_chart
 from bench.html_report import NON_CANONICAL, environment, fmt
 from bench.io import write_text
 
@@ -99,8 +101,32 @@ def rows(df: pd.DataFrame, facts: dict[str, dict]) -> tuple[list[str], list[str]
     return values, group_cols, out
 
 
+def checkpoint_charts(root: Path) -> list[str]:
+    """One chart per training whose kept checkpoints a protocol evaluated (``checkpoint_step`` in the
+    manifest): each metric's paired difference from the base at every step, with its interval."""
+    trainings: dict[tuple, dict[int, dict]] = {}
+    for manifest_path in sorted(Path(root).rglob("manifest.json")):
+        manifest, summary = _json(manifest_path), _json(manifest_path.with_name("summary.json"))
+        step = (manifest.get("protocol") or {}).get("checkpoint_step")
+        if step is None or not summary.get("delta"):
+            continue
+        method = str(manifest.get("method", "?")).split("@step")[0]
+        cell = manifest["protocol"]
+        where = ", ".join(str(x) for x in (cell.get("variant"), f"seed {cell['seed']}" if "seed" in cell else None, cell.get("subject")) if x)
+        key = (cell.get("name", "?"), manifest.get("suite", "?"), manifest.get("model", "?"), method, where)
+        order = ((manifest.get("config") or {}).get("suite") or {}).get("metrics") or []  # the suite's order: the reward first, where it comes first
+        trainings.setdefault(key, {})[int(step)] = dict(sorted(summary["delta"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    charts = []
+    for (protocol, suite, model, method, where), by_step in sorted(trainings.items()):
+        steps = sorted(by_step)
+        metrics = list(by_step[steps[-1]])
+        series = {m: [(d["value"], *d["ci"]) if (d := by_step[s].get(m)) else None for s in steps] for m in metrics}
+        charts.append(checkpoint_chart(f"{method} on {suite} ({model}, {where}), protocol {protocol}", steps, series))
+    return charts
+
+
 def write(df: pd.DataFrame, root, out_dir) -> Path:
     """leaderboard.html beside leaderboard.md."""
     values, group_cols, table = rows(df, run_facts(Path(root), Path(out_dir)))
-    html = environment().get_template("leaderboard.html.j2").render(values=values, group_cols=group_cols, rows=table, marks=MARKS)
+    html = environment().get_template("leaderboard.html.j2").render(values=values, group_cols=group_cols, rows=table, marks=MARKS, charts=checkpoint_charts(Path(root)))
     return write_text(Path(out_dir) / "leaderboard.html", html)

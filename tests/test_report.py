@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -141,6 +142,28 @@ def test_leaderboard_puts_each_tuned_run_beside_its_base_and_keeps_the_named_met
     assert "brightness" not in only and [c.strip() for c in only.splitlines()[2].split("|")[1:-1]] == ["run_id", "suite", "model", "method", "dist", "dist win"]
     with pytest.raises(UsageError, match=r"^metrics=clip: no run under .* was compared with its base on it"):
         leaderboard(tmp_path, tmp_path / "out", ["dist", "clip"])
+
+
+def test_leaderboard_html_draws_each_protocol_training_over_its_kept_checkpoints(tmp_path):
+    """A protocol that evaluates every kept checkpoint (micro-overoptimization) gets one chart per training:
+    each metric's difference from the base at every step, in the suite's order; other runs get none."""
+    with_base = summarize(RUN, METRICS, BASE, n_boot=50, baseline_id="b")
+    for step in (25, 50):
+        _make_run(tmp_path / f"s{step}", f"s{step}", "micro", "world", f"refl@step{step}", with_base)
+        manifest = json.loads((tmp_path / f"s{step}" / "manifest.json").read_text())
+        manifest |= {"protocol": {"name": "curve", "variant": "default", "seed": 0, "checkpoint_step": step}, "config": {"suite": {"metrics": ["dist", "brightness"]}}}
+        write_json(tmp_path / f"s{step}" / "manifest.json", manifest)
+    _make_run(tmp_path / "r9", "r9", "micro", "world", "sft", with_base)
+    leaderboard(tmp_path, tmp_path / "out")
+    html = (tmp_path / "out" / "leaderboard.html").read_text(encoding="utf-8")
+    assert html.count("<h2>Over training</h2>") == 1 and html.count("<svg") == 1
+    chart = html[html.index("<svg"):]
+    assert "refl on micro (world, default, seed 0), protocol curve" in chart
+    assert chart.index("Δ dist") < chart.index("Δ brightness") and chart.count(">optimizer step<") == 2
+    for name in ("s25", "s50"):
+        shutil.rmtree(tmp_path / name)
+    leaderboard(tmp_path, tmp_path / "out")
+    assert "Over training" not in (tmp_path / "out" / "leaderboard.html").read_text(encoding="utf-8")
 
 
 def test_leaderboard_errors(tmp_path):
