@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -325,7 +326,9 @@ def versus_base(root, metrics: list[str] | None = None) -> str:
     missing = [m for m in metrics or [] if all(r[f"Δ {m}"] == "-" for r in rows)]
     if missing:
         raise UsageError(f"metrics={','.join(missing)}: no run under {root} was compared with its base on it; name metrics of the runs' suites")
-    table = pd.DataFrame(rows).sort_values(["model", "method", "run_id"], kind="stable")
+    numbered = lambda text: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]  # refl@step25 before refl@step100
+    rows.sort(key=lambda r: (r["model"], numbered(r["method"]), r["run_id"]))
+    table = pd.DataFrame(rows).fillna("-")  # runs of suites with other metrics leave the others' columns empty
     return (f"## Against each run's base model\n\n{_markdown(table)}\n\nΔ: mean per-prompt difference from the base model's images of the same prompts, "
             f"{level * 100:g}% paired t-interval (* a gain, ! a loss that survives Holm's correction over the run's metrics); "
             "win: the share of prompts on which the tuned model scores higher (ties count one half), Wilson interval.\n")

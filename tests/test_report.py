@@ -138,6 +138,10 @@ def test_leaderboard_puts_each_tuned_run_beside_its_base_and_keeps_the_named_met
     d, w = with_base["delta"]["dist"], with_base["winrate"]["dist"]
     row = [c.strip() for c in against[2].split("|")[1:-1]]  # one row: the base has nothing to be compared with
     assert row[:3] == ["lora", "sd", "r2"] and against[3] == "" and row[5] == f"-0.1 [{d['ci'][0]:.4g}, {d['ci'][1]:.4g}]" and row[6] == f"1 [{w['ci'][0]:.4g}, 1]"
+    for step in (10, 9):  # checkpoints in step order, not in the order of their names' characters
+        _make_run(tmp_path / f"c{step}", f"c{step}", "micro", "sd", f"lora@step{step}", summarize(RUN[["prompt_index", "image_index", "prompt", "seed", "image_key", "dist"]], {"dist": METRICS["dist"]}, BASE, n_boot=50))
+    rows = leaderboard(tmp_path, tmp_path / "out")[2].split("## Against each run's base model")[1].splitlines()[4:7]
+    assert [r.split("|")[1].strip() for r in rows] == ["lora", "lora@step9", "lora@step10"] and rows[1].split("|")[4].strip() == "-"  # no brightness in those runs
     only = leaderboard(tmp_path, tmp_path / "out", ["dist"])[2]
     assert "brightness" not in only and [c.strip() for c in only.splitlines()[2].split("|")[1:-1]] == ["run_id", "suite", "model", "method", "dist", "dist win"]
     with pytest.raises(UsageError, match=r"^metrics=clip: no run under .* was compared with its base on it"):
