@@ -92,7 +92,7 @@ def curves(title: str, rows: list[dict], keys: list[str]) -> str:
         return _svg(fig)
 
 
-def checkpoint_figure(title: str, steps: list[int], series: dict[str, list[tuple | None]]):
+def checkpoint_chart(title: str, steps: list[int], series: dict[str, list[tuple | None]]) -> str:
     """Each metric's paired difference from the base model at every kept checkpoint, one panel per metric
     side by side: ``(delta, lo, hi)`` per step, a line through the points, the interval as an error bar,
     and zero marked. The proxy reward beside the truth it stands in for shows over-optimization."""
@@ -114,15 +114,7 @@ def checkpoint_figure(title: str, steps: list[int], series: dict[str, list[tuple
             ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
             ax.grid(axis="y", linewidth=0.3)
         fig.suptitle(_text(title), x=0.01, ha="left")
-        return fig
-
-
-def checkpoint_chart(title: str, steps: list[int], series: dict[str, list[tuple | None]]) -> str:
-    """``checkpoint_figure`` as inline SVG (saved in the style: its text stays text)."""
-    import matplotlib
-
-    with matplotlib.rc_context(_rc(title)):
-        return _svg(checkpoint_figure(title, steps, series))
+        return _svg(fig)
 
 
 def _text(text: str) -> str:
