@@ -189,6 +189,16 @@ class Clock:
         }
 
 
+def fix_cpu_threads() -> None:
+    """Set the CPU thread count to what it is, which also turns MKL's dynamic threading off.
+
+    PyTorch leaves MKL free to pick each matmul's thread count until ``torch.set_num_threads`` is
+    first called, so a float32 result's last bits depended on whether the process had happened to
+    call it (building a model does, loading one does not): ReFL trained apart from its second step
+    on a warm cache. Calling it once at the start makes every run take the same path."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 class Session:
     """What every command shares: the resolved config, device, cache and suite."""
 
@@ -208,6 +218,7 @@ class Session:
                 raise UsageError(f"metric {name} compares with reference images and suite '{self.suite.name}' has none (use a dreambench suite)")
         self.set_metrics = [n for n in self.metric_names if isinstance(METRICS.get(n), type) and issubclass(METRICS.get(n), DistributionMetric)]
         self.real = None  # the real images of the set-level metrics, checked when an evaluation starts
+        fix_cpu_threads()
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,6 +79,26 @@ def test_bench_build_refuses_what_it_cannot_build(cli, tmp_path):
     (tmp_path / "taken" / "model_index.json").write_text("{}")
     code, out, err = cli("build", "world", f"out={tmp_path / 'taken'}")
     assert code != 0 and "already holds a build" in err and (tmp_path / "taken" / "model_index.json").read_text() == "{}"
+
+
+def test_training_on_a_loaded_world_model_equals_training_on_one_just_built(model_cfg, world, cache_dir, tmp_path):
+    """A process that has just built a model has called ``torch.set_num_threads``, which turns MKL's dynamic
+    threading off; one that loads the model from its cache had not, and ReFL's losses parted at its second
+    step in the last bits. Every run now sets the thread count first (``bench.runner.fix_cpu_threads``)."""
+    from bench.models import pipeline_location
+
+    folder = Path(pipeline_location(model_cfg("world"), cache_dir)[0])
+    as_a_build = "n = torch.get_num_threads(); torch.set_num_threads(1); torch.set_num_threads(n)"
+    histories = {}
+    for name, preamble in (("built", as_a_build), ("loaded", "")):
+        home = tmp_path / name
+        shutil.copytree(folder, home / "models" / folder.name)
+        script = f"import sys, torch\n{preamble}\nfrom bench.cli import main\nsys.exit(main(sys.argv[1:]))"
+        done = subprocess.run([sys.executable, "-c", script, "train", "method=refl", "suite=micro", "train.steps=2", f"cache_dir={home}"],
+                              env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        histories[name] = json.loads(next(home.glob("checkpoints/refl-*/final/train.json")).read_text())["history"]
+    assert len(histories["built"]) == 2 and histories["built"] == histories["loaded"]
 
 
 @pytest.mark.slow  # the full world pre-training: 26 to 31 minutes on 2 cores
