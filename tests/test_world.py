@@ -190,7 +190,7 @@ def test_the_metric_scores_a_render_by_its_caption_at_the_tiny_models_resolution
 
 def test_the_suites_prompt_files_are_the_grammars_draws():
     folder = Path(__file__).resolve().parents[1] / "bench" / "suites" / "micro"
-    for name, n, seed in (("eval.jsonl", 8, 0), ("train.jsonl", 16, 1)):
+    for name, n, seed in (("eval.jsonl", 8, 0), ("train.jsonl", 32, 1)):
         fresh = write_prompt_file(Path(tempfile.mkdtemp()) / name, n_per_tag=n, seed=seed)
         assert fresh.read_bytes() == (folder / name).read_bytes(), f"{name}: rewrite it with write_prompt_file(path, n_per_tag={n}, seed={seed})"
 
