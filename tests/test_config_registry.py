@@ -27,7 +27,7 @@ def test_method_train_section_merges_over_defaults():
     assert sft_yaml.train.steps != defaults.train.steps  # otherwise the check below proves nothing
     cfg = to_dict(compose(["suite=smoke", "method=sft"]))
     assert cfg["train"]["steps"] == sft_yaml.train.steps == 300
-    assert cfg["train"]["lr"] == sft_yaml.train.lr == 1e-4
+    assert cfg["train"]["lr"] == sft_yaml.train.lr == 3e-4
     assert cfg["train"]["lora_rank"] == 8
     # keys the method leaves alone keep the defaults
     assert cfg["train"]["grad_accum"] == defaults.train.grad_accum == 1

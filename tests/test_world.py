@@ -190,7 +190,7 @@ def test_the_metric_scores_a_render_by_its_caption_at_the_tiny_models_resolution
 
 def test_the_suites_prompt_files_are_the_grammars_draws():
     folder = Path(__file__).resolve().parents[1] / "bench" / "suites" / "micro"
-    for name, n, seed in (("eval.jsonl", 8, 0), ("train.jsonl", 32, 1)):
+    for name, n, seed in (("eval.jsonl", 8, 0), ("train.jsonl", 32, 1), ("compbench.jsonl", 32, 2)):
         fresh = write_prompt_file(Path(tempfile.mkdtemp()) / name, n_per_tag=n, seed=seed)
         assert fresh.read_bytes() == (folder / name).read_bytes(), f"{name}: rewrite it with write_prompt_file(path, n_per_tag={n}, seed={seed})"
 
@@ -208,3 +208,22 @@ def test_micro_world_evaluates_per_tag_and_the_tiny_models_noise_shows_nothing(c
     assert scores["world-gold"].tolist() == [0.0] * 48 and scores["world-pick"].notna().all()  # no object: no gold
     noise = np.random.default_rng(0).integers(0, 256, (3, 64, 64, 3), dtype=np.uint8)
     assert all(detect(image) == [] for image in noise)
+
+
+def test_micro_compbench_breaks_the_world_model_down_by_tag(cli, tmp_path):
+    """`micro-compbench`: 32 prompts a tag of the world's grammar (seed 2, apart from micro's), scored per
+    tag by the exact evaluator, the gold utility, CLIP and the learned preference; no set-level metric."""
+    code, out, err = cli("eval", "suite=micro-compbench", "suite.limit=1", "report.html=false", f"out={tmp_path / 'runs'}")
+    assert code == 0, err
+    assert "micro-compbench / world" in out and "world-fid" not in out
+    (run,) = (tmp_path / "runs").iterdir()
+    scores = pd.read_parquet(run / "scores.parquet")
+    assert len(scores) == 24 and list(scores.columns[-4:]) == ["world-geneval", "world-gold", "world-clip", "world-pick"]
+    first = {}
+    for line in (Path(__file__).resolve().parents[1] / "bench" / "suites" / "micro" / "compbench.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        first.setdefault(row["tag"], row["prompt"])
+    assert sorted(set(scores["prompt"])) == sorted(set(first.values()))
+    for tag in TAGS:  # each tag's row of the breakdown is the mean of its images' scores
+        mean = scores.loc[scores["prompt"] == first[tag], "world-geneval"].mean()
+        assert re.search(rf"\| {tag} +\| 1 +\| {mean:.4g} ", out), (tag, mean)
