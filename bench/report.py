@@ -298,7 +298,13 @@ def collect_runs(root) -> pd.DataFrame:
     values = [c for name in sorted(names) for c in (name, f"{name} win")] + sorted(set_names)
     metric_cols = [c for v in values for c in ((v, f"{v} sd") if sweeps else (v,))] + [f"{n} verdict" for n in sorted(judged)]
     df = pd.DataFrame(records, columns=RUN_COLUMNS + (["seeds"] if sweeps else []) + metric_cols)
-    return df.sort_values(["suite", "model", "method", "run_id"], ignore_index=True)
+    return df.sort_values(["suite", "model", "method", "run_id"], key=lambda col: col.map(in_step_order) if col.name in ("method", "run_id") else col, ignore_index=True)
+
+
+def in_step_order(label: str) -> tuple:
+    """A sort key that reads the numbers in a label as numbers: a protocol's kept checkpoints
+    (``refl@step25``, ``refl@step100``) in the order they were trained."""
+    return tuple((0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", str(label)))
 
 
 def versus_base(root, metrics: list[str] | None = None) -> str:
@@ -326,8 +332,7 @@ def versus_base(root, metrics: list[str] | None = None) -> str:
     missing = [m for m in metrics or [] if all(r[f"Δ {m}"] == "-" for r in rows)]
     if missing:
         raise UsageError(f"metrics={','.join(missing)}: no run under {root} was compared with its base on it; name metrics of the runs' suites")
-    numbered = lambda text: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", text)]  # refl@step25 before refl@step100
-    rows.sort(key=lambda r: (r["model"], numbered(r["method"]), r["run_id"]))
+    rows.sort(key=lambda r: (r["model"], in_step_order(r["method"]), r["run_id"]))
     table = pd.DataFrame(rows).fillna("-")  # runs of suites with other metrics leave the others' columns empty
     return (f"## Against each run's base model\n\n{_markdown(table)}\n\nΔ: mean per-prompt difference from the base model's images of the same prompts, "
             f"{level * 100:g}% paired t-interval (* a gain, ! a loss that survives Holm's correction over the run's metrics); "

@@ -142,6 +142,8 @@ def test_leaderboard_puts_each_tuned_run_beside_its_base_and_keeps_the_named_met
         _make_run(tmp_path / f"c{step}", f"c{step}", "micro", "sd", f"lora@step{step}", summarize(RUN[["prompt_index", "image_index", "prompt", "seed", "image_key", "dist"]], {"dist": METRICS["dist"]}, BASE, n_boot=50))
     rows = leaderboard(tmp_path, tmp_path / "out")[2].split("## Against each run's base model")[1].splitlines()[4:7]
     assert [r.split("|")[1].strip() for r in rows] == ["lora", "lora@step9", "lora@step10"] and rows[1].split("|")[4].strip() == "-"  # no brightness in those runs
+    runs = leaderboard(tmp_path, tmp_path / "out")[2].split("## Against")[0]
+    assert runs.index("| c9 ") < runs.index("| c10 ")  # the runs' table in the same order
     only = leaderboard(tmp_path, tmp_path / "out", ["dist"])[2]
     assert "brightness" not in only and [c.strip() for c in only.splitlines()[2].split("|")[1:-1]] == ["run_id", "suite", "model", "method", "dist", "dist win"]
     with pytest.raises(UsageError, match=r"^metrics=clip: no run under .* was compared with its base on it"):
