@@ -201,7 +201,7 @@ def test_micro_world_evaluates_per_tag_and_the_tiny_models_noise_shows_nothing(c
     code, out, err = cli("eval", "suite=micro", "model=tiny", "suite.limit=2", "gen.batch_size=8", "suite.reference_source.world.per_tag=20", "report.html=false", f"out={tmp_path / 'runs'}")
     assert code == 0, err
     assert "| 48       | 120                |" in out  # world-fid: 48 generated images against 120 renders (20 a tag)
-    assert all(f"| {name} " in out for name in ("world-geneval", "world-gold", "world-pick", "world-clip", "world-fid")) and all(f"| {tag} " in out for tag in TAGS)
+    assert all(f"| {name} " in out for name in ("world-geneval", "world-gold", "world-pick", "world-clip", "world-clip-i", "world-fid")) and all(f"| {tag} " in out for tag in TAGS)
     (run,) = (tmp_path / "runs").iterdir()
     scores = pd.read_parquet(run / "scores.parquet")
     assert len(scores) == 48 and scores["world-geneval"].tolist() == [0.0] * 48  # 2 prompts x 6 tags x 4 images
@@ -212,13 +212,13 @@ def test_micro_world_evaluates_per_tag_and_the_tiny_models_noise_shows_nothing(c
 
 def test_micro_compbench_breaks_the_world_model_down_by_tag(cli, tmp_path):
     """`micro-compbench`: 32 prompts a tag of the world's grammar (seed 2, apart from micro's), scored per
-    tag by the exact evaluator, the gold utility, CLIP and the learned preference; no set-level metric."""
+    tag by the exact evaluator, the gold utility, CLIP, CLIP-I and the learned preference; no set-level metric."""
     code, out, err = cli("eval", "suite=micro-compbench", "suite.limit=1", "report.html=false", f"out={tmp_path / 'runs'}")
     assert code == 0, err
     assert "micro-compbench / world" in out and "world-fid" not in out
     (run,) = (tmp_path / "runs").iterdir()
     scores = pd.read_parquet(run / "scores.parquet")
-    assert len(scores) == 24 and list(scores.columns[-4:]) == ["world-geneval", "world-gold", "world-clip", "world-pick"]
+    assert len(scores) == 24 and list(scores.columns[-5:]) == ["world-geneval", "world-gold", "world-clip", "world-clip-i", "world-pick"]
     first = {}
     for line in (Path(__file__).resolve().parents[1] / "bench" / "suites" / "micro" / "compbench.jsonl").read_text().splitlines():
         row = json.loads(line)

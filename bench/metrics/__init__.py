@@ -246,6 +246,7 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     "world-geneval": ("bench.metrics.world:WorldGenEval", "the micro world's exact detector under GenEval's rules: 1 if the image shows what its world caption asks (weight-free)"),
     "world-gold": ("bench.metrics.world:WorldGold", "the micro world's gold utility: correct (0/1) + 0.25 * object size + 0.25 * centering, from its exact detector (weight-free)"),
     "world-clip": ("bench.metrics.world:WorldClip", "CLIP score in the micro world: cos of a tiny CLIP trained on its renders (shipped weights, no download)"),
+    "world-clip-i": ("bench.metrics.world:WorldClipI", "CLIP-I in the micro world: mean cos of the world CLIP's image embeddings with 4 exact renders of the caption (its subject photos)"),
     "world-fid": ("bench.metrics.world:WorldFID", "FID in the micro world (set-level): Frechet distance of the world CLIP's image embeddings to exact renders of its grammar"),
     "world-pick": ("bench.metrics.world:WorldPick", "the micro world's learned preference (PickScore's form), trained on pairs its gold utility labelled: the proxy reward (shipped weights)"),
     "colorfulness": (

@@ -20,6 +20,7 @@ from PIL import Image
 from bench.metrics import DistributionMetric, Metric, MetricInfo
 
 RESOLUTION = 64  # the world renders and its detector is measured at 64 px
+REFERENCE_SEED = 13  # world-clip-i's renders of a caption: layouts drawn from (this, crc32 of the caption)
 
 
 def at_world_resolution(pixels: np.ndarray) -> np.ndarray:
@@ -118,6 +119,51 @@ class WorldPick(WorldScorer):
     info = MetricInfo(name="world-pick", version="1", higher_is_better=True,
                       scale="logit_scale.exp() * cos of the world preference model (PickScore's form), trained on gold-labelled pairs")
     part = "pick"
+
+
+class WorldClipI(WorldScorer):
+    """CLIP-I in the world, DreamBench's protocol with the caption's exact renders as the subject's
+    photos: the mean cos of the world CLIP's image embedding of the image with those of
+    ``REFERENCES`` renders of the scene its caption states, each laid out afresh (sizes, places and
+    free colors drawn from a seed of the caption, so every run compares with the same renders). It
+    asks whether the image looks like a true picture of its caption, where ``world-clip`` reads the
+    caption's words: a method that hacks the reward with images unlike any render loses here."""
+
+    info = MetricInfo(name="world-clip-i", version="1", higher_is_better=True,
+                      scale="mean cos of the world CLIP's image embeddings with 4 exact renders of the caption, -1 to 1; NaN off the grammar")
+    differentiable = False  # NaN off the grammar; world-clip and world-pick are the rewards
+    REFERENCES = 4
+
+    def references(self, caption: str) -> torch.Tensor | None:
+        """Unit embeddings ``(REFERENCES, 64)`` of the caption's renders, once per caption; None off the grammar."""
+        import zlib
+
+        from bench.world.render import render
+        from bench.world.scene import layout, spec_of_caption
+        from bench.world.scorers import as_float, image_embeddings, scorer_model
+
+        cache = self.__dict__.setdefault("_references", {})
+        if caption not in cache:
+            spec = spec_of_caption(caption)
+            if spec is None:
+                cache[caption] = None
+            else:
+                rng = np.random.default_rng([REFERENCE_SEED, zlib.crc32(" ".join(caption.split()).encode())])
+                renders = as_float(np.stack([render(layout(spec, rng), RESOLUTION) for _ in range(self.REFERENCES)]))
+                with torch.no_grad():
+                    cache[caption] = image_embeddings(scorer_model("clip", str(self.device)), renders.to(self.device))
+        return cache[caption]
+
+    def score(self, images: torch.Tensor, prompts: Sequence[str], refs=None) -> torch.Tensor:
+        from bench.world.scorers import image_embeddings, scorer_model
+
+        with torch.no_grad():
+            gen = image_embeddings(scorer_model("clip", str(self.device)), images.detach().to(self.device, torch.float32))
+        out = []
+        for embedding, prompt in zip(gen, prompts):
+            references = self.references(prompt)
+            out.append(float("nan") if references is None else float((references @ embedding).mean()))
+        return torch.tensor(out, dtype=torch.float64)
 
 
 class WorldFID(OnWorldScorers, DistributionMetric):
