@@ -32,8 +32,8 @@ COMMANDS_HELP = {  # command -> (synopsis, what it does); `bench COMMAND --help`
               "score a folder of images with named metrics (prompts= only where a metric reads the prompt)"),
     "perf": ("bench perf [key=value ...]", "measure harness overhead, cached re-run time and batched generation speed"),
     "prefetch": ("bench prefetch [suite=S] [model=X] [method=M] [metrics=a,b]", "download a model, a suite's prompts and its metrics' weights ahead of an offline run"),
-    "build": ("bench build MODEL [out=DIR] [prompts=N] [cache_dir=DIR]",
-              "pre-train an embedded model (tiny, world, ...) from its seed, ignoring the shipped weights; for the world model, score the rebuild beside the shipped one"),
+    "build": ("bench build MODEL [out=DIR] [prompts=N] [parts=model,scorers] [cache_dir=DIR]",
+              "pre-train an embedded model (tiny, world, ...) from its seed, ignoring the shipped weights; for the world model, its scorers too (parts=), each rebuild scored beside the shipped one"),
     "plan": ("bench plan [run|train|eval] [key=value ...]", "what the command (run, train or eval) will do and its estimated peak GPU memory, loading no weights"),
 }
 SYNOPSIS = {name: synopsis for name, (synopsis, _) in COMMANDS_HELP.items()}
@@ -454,42 +454,39 @@ def _prefetch_model(cfg: dict) -> None:
 
 def cmd_build(args):
     """``bench build MODEL``: the embedded model pre-trained from its seed into ``out=`` (default
-    ``<cache>/rebuilt/<build>``); a world model's rebuild and shipped weights are then scored by the
-    world's evaluator on ``prompts=`` captions a tag (50), side by side."""
-    import time
-
+    ``<cache>/rebuilt/<build>``), ignoring its shipped weights. For the world model its learned scorers
+    are trained again too (``parts=model,scorers``, the default; either alone), and each rebuild is
+    judged beside the shipped weights on ``prompts=`` captions a tag (50): ``bench.world.rebuild``."""
     from bench.config import compose, to_dict
     from bench.io import cache_root
     from bench.models import embedded_build_name
-    from bench.models.prebuilt import SHIPPED, rebuild
+    from bench.models.prebuilt import rebuild
 
     names = [a for a in args if "=" not in a]
-    kv = _kv([a for a in args if "=" in a], {"out", "prompts", "cache_dir"}, "build")
+    kv = _kv([a for a in args if "=" in a], {"out", "prompts", "cache_dir", "parts"}, "build")
     if len(names) != 1:
         raise UsageError(f"usage: {SYNOPSIS['build']} (one embedded model, e.g. `bench build world`)")
-    cfg = to_dict(compose([f"model={names[0]}"] + ([f"cache_dir={kv['cache_dir']}"] if "cache_dir" in kv else [])))
-    model_cfg = cfg["model"]
+    cfg = to_dict(compose([f"model={names[0]}"] + [f"{k}={kv[k]}" for k in ("cache_dir",) if k in kv]))
+    model_cfg, cache = cfg["model"], cache_root(cfg)
     if model_cfg["source"] != "tiny":
         raise UsageError(f"model '{names[0]}' is not embedded (source {model_cfg['source']}): `bench build` pre-trains the embedded models, see `bench ls models`")
+    is_world = model_cfg["build"].get("data") == "world"
+    parts = kv.get("parts", "model,scorers" if is_world else "model").split(",")
+    if not set(parts) <= ({"model", "scorers"} if is_world else {"model"}):
+        raise UsageError(f"parts= takes {'model, scorers or model,scorers' if is_world else 'model alone (scorers: the world model only)'}; got {kv['parts']}")
     build = embedded_build_name(model_cfg)
-    out = Path(kv.get("out") or cache_root(cfg) / "rebuilt" / build)
-    if (out / "model_index.json").exists():
+    out = Path(kv.get("out") or cache / "rebuilt" / build)
+    if "model" in parts and (out / "model_index.json").exists():
         raise UsageError(f"{out} already holds a build: remove it or give another out=DIR")
-    print(f"pre-training {build} from seed {model_cfg['build']['seed']} into {out} ...", flush=True)
-    print(f"built in {rebuild(model_cfg, out):.0f} s: use it as model={names[0]} model.source={out}")
-    if model_cfg["build"].get("data") == "world" and not (SHIPPED / f"{build}.safetensors").exists():
-        print(f"no shipped weights for {build} (the spec or the world's source was edited): nothing to compare with; "
-              "`python -m bench.models.prebuilt` ships them")
-    elif model_cfg["build"].get("data") == "world":
-        from bench.models import load_model
-        from bench.world.model import evaluator_scores, scores_table
+    if is_world:
+        from bench.world.rebuild import check_scorers_part, judge_rebuild
 
-        n = int(kv.get("prompts", 50))
-        start = time.perf_counter()
-        shipped = evaluator_scores(load_model(model_cfg, cache_root(cfg)), n)
-        rebuilt = evaluator_scores(load_model({**model_cfg, "source": str(out)}, cache_root(cfg)), n)
-        print(f"\nthe world's evaluator, {n} captions a tag, one image each ({time.perf_counter() - start:.0f} s):\n")
-        print(scores_table({"shipped": shipped, "rebuilt": rebuilt}))
+        check_scorers_part(parts, build, out)
+    if "model" in parts:
+        print(f"pre-training {build} from seed {model_cfg['build']['seed']} into {out} ...", flush=True)
+        print(f"built in {rebuild(model_cfg, out):.0f} s: use it as model={names[0]} model.source={out}")
+    if is_world:
+        judge_rebuild(parts, model_cfg, out, cache, int(kv.get("prompts", 50)))
 
 
 def cmd_plan(args):

@@ -79,6 +79,39 @@ def test_bench_build_refuses_what_it_cannot_build(cli, tmp_path):
     (tmp_path / "taken" / "model_index.json").write_text("{}")
     code, out, err = cli("build", "world", f"out={tmp_path / 'taken'}")
     assert code != 0 and "already holds a build" in err and (tmp_path / "taken" / "model_index.json").read_text() == "{}"
+    code, out, err = cli("build", "tiny", "parts=scorers", f"out={tmp_path / 'tiny'}")
+    assert code == 2 and "parts= takes model alone (scorers: the world model only); got scorers" in err
+    code, out, err = cli("build", "world", "parts=model,vae", f"out={tmp_path / 'world'}")
+    assert code == 2 and "parts= takes model, scorers or model,scorers; got model,vae" in err
+    assert not (tmp_path / "tiny").exists() and not (tmp_path / "world").exists()
+
+
+def test_bench_build_trains_the_world_scorers_again_and_judges_them_beside_the_shipped_ones(cli, world, cache_dir, tmp_path, monkeypatch):
+    """``bench build world parts=scorers``, its training cut to 3 steps a stage: the file under the shipped
+    name in out=, then the shipped and the rebuilt scorers on the same held-out data, where the cut build
+    is nearer chance; a second build into the same folder is refused, the first file kept."""
+    from safetensors.torch import load_file
+
+    from bench.world import rebuild, scorers
+
+    cut = copy.deepcopy(scorers.SPEC)
+    cut["clip"].update(steps=3, batch_size=16, scenes={"seed": 300, "count": 24})
+    cut["preference"].update(steps=3, batch_size=8, scenes={"seed": 400, "count": 6})
+    full = scorers.build_scorers
+    monkeypatch.setattr(scorers, "build_scorers", lambda world, spec: full(world, cut))
+    code, out, err = cli("build", "world", "parts=scorers", f"out={tmp_path}", "prompts=4", f"cache_dir={cache_dir}")
+    assert code == 0, err
+    path = tmp_path / f"{scorers.build_name(scorers.world_build())}.safetensors"
+    assert path.exists() and not (tmp_path / "model_index.json").exists() and "pre-training" not in out
+    weights = load_file(path)
+    assert {k.split(".", 1)[0] for k in weights} == {"clip", "pick"} and all(v.dtype == torch.float16 for v in weights.values())
+    assert "on the shipped model's samples" in out and "4 renders and 4 held-out captions a tag" in out
+    shipped, rebuilt = _row(out, "shipped"), _row(out, "rebuilt")
+    assert shipped[0] >= 0.8 and shipped[0] > rebuilt[0] and shipped[1] > 0.6, out
+    assert shipped == [round(v, 3) for v in rebuild.scorer_quality(scorers.scorer_weights(), rebuild.held_out_pairs(world, 4), 4).values()]
+    stamp = path.stat().st_mtime_ns
+    code, out, err = cli("build", "world", "parts=scorers", f"out={tmp_path}", f"cache_dir={cache_dir}")
+    assert code == 2 and "already holds a scorers build" in err and path.stat().st_mtime_ns == stamp
 
 
 def test_training_on_a_loaded_world_model_equals_training_on_one_just_built(model_cfg, world, cache_dir, tmp_path):
@@ -101,12 +134,22 @@ def test_training_on_a_loaded_world_model_equals_training_on_one_just_built(mode
     assert len(histories["built"]) == 2 and histories["built"] == histories["loaded"]
 
 
-@pytest.mark.slow  # the full world pre-training: 26 to 31 minutes on 2 cores
+@pytest.mark.slow  # the full world pre-training and the scorers': about 30 minutes on 2 cores
 def test_a_world_rebuild_from_its_seed_scores_within_tolerance_of_the_shipped_weights(cli, cache_dir, tmp_path):
     """``bench build world`` pre-trains from the seed on every thread (other bits than the shipped build's
-    on another CPU) and scores both on 50 captions a tag: overall within 0.1, each tag within 0.2."""
+    on another CPU) and scores both on 50 captions a tag: overall within 0.1, each tag within 0.2; then
+    trains the scorers again on the rebuild's samples: the CLIP's caption ranking and the preference's
+    agreement with the gold label each within 0.05 of the shipped scorers'."""
     code, out, err = cli("build", "world", f"out={tmp_path / 'world'}", "prompts=50", f"cache_dir={cache_dir}")
     assert code == 0, err
-    rows = {line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:-1]] for line in out.splitlines() if line.startswith("| shipped") or line.startswith("| rebuilt")}
-    shipped, rebuilt = rows["shipped"], rows["rebuilt"]
+    models, scorers = out.split("the world's scorers, ")
+    shipped, rebuilt = (_row(models, name) for name in ("shipped", "rebuilt"))
     assert abs(shipped[-1] - rebuilt[-1]) <= 0.1 and all(abs(a - b) <= 0.2 for a, b in zip(shipped, rebuilt)), out
+    shipped, rebuilt = (_row(scorers, name) for name in ("shipped", "rebuilt"))
+    assert all(abs(a - b) <= 0.05 for a, b in zip(shipped[:2], rebuilt[:2])), out
+
+
+def _row(table: str, name: str) -> list[float]:
+    """The numbers of the markdown row that starts with ``| name``."""
+    (line,) = [line for line in table.splitlines() if line.startswith(f"| {name} ")]
+    return [float(x) for x in line.split("|")[2:-1]]
