@@ -134,7 +134,7 @@ def test_training_on_a_loaded_world_model_equals_training_on_one_just_built(mode
     assert len(histories["built"]) == 2 and histories["built"] == histories["loaded"]
 
 
-@pytest.mark.slow  # the full world pre-training and the scorers': about 30 minutes on 2 cores
+@pytest.mark.slow  # the full world pre-training and the scorers': 14 to 41 minutes on 2 cores
 def test_a_world_rebuild_from_its_seed_scores_within_tolerance_of_the_shipped_weights(cli, cache_dir, tmp_path):
     """``bench build world`` pre-trains from the seed on every thread (other bits than the shipped build's
     on another CPU) and scores both on 50 captions a tag: overall within 0.1, each tag within 0.2; then

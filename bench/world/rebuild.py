@@ -1,9 +1,9 @@
 """``bench build world``: the micro world's shipped weights trained again from their seeds, and judged
 beside the shipped ones by what each is for.
 
-Two parts, each optional (``parts=model,scorers``): the world model (``bench.world.model``, 26 minutes
-on 2 cores), judged by the exact evaluator on its samples; and the learned scorers
-(``bench.world.scorers``, 15 minutes), trained on the rebuilt model's samples (on the shipped model's
+Two parts, each optional (``parts=model,scorers``): the world model (``bench.world.model``, 9 to 26
+minutes on 2 cores), judged by the exact evaluator on its samples; and the learned scorers
+(``bench.world.scorers``, 5 to 15 minutes), trained on the rebuilt model's samples (on the shipped model's
 when only the scorers are rebuilt) and judged on data none of them saw. Float32 CPU kernels pick their
 blocking by instruction set, so another CPU ends in other bits: the check is by score, not by bytes.
 This module is apart from ``scorers`` on purpose: the scorers' build hash covers that module's source.
@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-PARTS = ("model", "scorers")
 HELD_OUT_SEED = 500  # the captions of the scorers' held-out pairs (the training pairs' are seed 400)
 
 
