@@ -466,7 +466,7 @@ def cmd_build(args):
     kv = _kv([a for a in args if "=" in a], {"out", "prompts", "cache_dir", "parts"}, "build")
     if len(names) != 1:
         raise UsageError(f"usage: {SYNOPSIS['build']} (one embedded model, e.g. `bench build world`)")
-    cfg = to_dict(compose([f"model={names[0]}"] + [f"{k}={kv[k]}" for k in ("cache_dir",) if k in kv]))
+    cfg = to_dict(compose([f"model={names[0]}"] + ([f"cache_dir={kv['cache_dir']}"] if "cache_dir" in kv else [])))
     model_cfg, cache = cfg["model"], cache_root(cfg)
     if model_cfg["source"] != "tiny":
         raise UsageError(f"model '{names[0]}' is not embedded (source {model_cfg['source']}): `bench build` pre-trains the embedded models, see `bench ls models`")

@@ -75,11 +75,12 @@ def test_the_world_clip_matches_renders_to_their_captions():
 @pytest.fixture(scope="module")
 def held_out_pairs(model_cfg, cache_dir):
     """Two samples of ``model=world`` for each of 36 captions no scorer saw (6 a tag, seed 500), and a
-    render each: the preference pairs of ``preference_pairs`` (the samples serve the evaluator's test too)."""
+    render each: the preference pairs of ``preference_pairs`` that ``bench build world`` judges the scorers on
+    (the samples serve the evaluator's test too)."""
     from bench.models import load_model
-    from bench.world.scorers import preference_pairs
+    from bench.world import rebuild
 
-    return preference_pairs(load_model(model_cfg("world"), cache_dir), {"scenes": {"seed": 500, "count": 36}}, seed=11)
+    return rebuild.held_out_pairs(load_model(model_cfg("world"), cache_dir), 6)
 
 
 def test_the_world_models_samples_are_what_the_evaluator_recognizes(held_out_pairs):

@@ -6,7 +6,6 @@ minutes on 2 cores), judged by the exact evaluator on its samples; and the learn
 (``bench.world.scorers``, 5 to 15 minutes), trained on the rebuilt model's samples (on the shipped model's
 when only the scorers are rebuilt) and judged on data none of them saw. Float32 CPU kernels pick their
 blocking by instruction set, so another CPU ends in other bits: the check is by score, not by bytes.
-This module is apart from ``scorers`` on purpose: the scorers' build hash covers that module's source.
 """
 
 from __future__ import annotations
@@ -28,18 +27,12 @@ def scorers_file(out: Path) -> Path:
 
 
 def rebuild_scorers(path: Path, world_model) -> float:
-    """Train the scorers from their seed on ``world_model``'s samples into ``path`` (float16, as the
-    shipped file; each weight was rounded to it); the seconds it took."""
-    from safetensors.torch import save_file
-
-    from bench.world.scorers import SPEC, build_scorers
+    """Train the scorers from their seed on ``world_model``'s samples into ``path``, as the shipped
+    file is written; the seconds it took."""
+    from bench.world.scorers import write_scorers
 
     start = time.perf_counter()
-    weights = build_scorers(world_model, SPEC)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.half() for k, v in weights.items()}, path.with_name(path.name + ".tmp"))
-    path.with_name(path.name + ".tmp").replace(path)  # a killed build leaves no file of this name
+    write_scorers(path, world_model)
     return time.perf_counter() - start
 
 

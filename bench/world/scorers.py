@@ -304,17 +304,19 @@ def scorer_weights() -> dict[str, torch.Tensor]:
     return {k: v.float() for k, v in load_file(cached).items()}
 
 
-def write_scorers(path: Path) -> None:
-    """Build the scorers on ``model=world`` (loaded from its shipped weights) and save them to ``path``
-    as float16 (each weight was rounded to it), written to a sibling first so a killed build leaves nothing."""
+def write_scorers(path: Path, world_model=None) -> None:
+    """Build the scorers on ``world_model`` (default: ``model=world`` loaded from its shipped weights)
+    and save them to ``path`` as float16 (each weight was rounded to it), written to a sibling first so
+    a killed build leaves nothing."""
     from safetensors.torch import save_file
 
-    from bench.config import compose, to_dict
-    from bench.io import cache_root
-    from bench.models import load_model
+    if world_model is None:
+        from bench.config import compose, to_dict
+        from bench.io import cache_root
+        from bench.models import load_model
 
-    world = load_model(to_dict(compose(["model=world"]))["model"], cache_root())
-    weights = build_scorers(world)
+        world_model = load_model(to_dict(compose(["model=world"]))["model"], cache_root())
+    weights = build_scorers(world_model, SPEC)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
