@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,28 @@ def write_json(path, obj) -> Path:
 
 
 _SCRATCH: list[tempfile.TemporaryDirectory] = []
+
+
+@contextmanager
+def folder_written_whole(directory: Path):
+    """Yield a temporary sibling of ``directory`` to write into; on success it becomes ``directory``
+    (unless another process made that first: then it goes), on failure it goes, so a killed build
+    never leaves a half-written folder behind. (``bench.models.tiny`` spells the same steps out: its
+    source is in its builds' hashes.)"""
+    import shutil
+
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=directory.name + ".tmp-", dir=directory.parent))
+    try:
+        yield tmp
+        if directory.exists():
+            shutil.rmtree(tmp)
+        else:
+            tmp.rename(directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def scratch_dir(prefix: str) -> Path:

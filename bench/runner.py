@@ -479,9 +479,10 @@ class Session:
         method["init"] = str(Session(OmegaConf.create(cfg), self.progress).train().path)
 
     def train_sampler(self):
-        """The sampler a method trains through: the model's own (its card's steps), with the keys a
+        """The sampler a method trains through: the model's own (its card's steps), the model's
+        ``train_sampler`` keys over it (a flow model trains through Flow-GRPO's SDE), and the keys a
         preset names in ``train.sampler`` on top (PSO trains SDXL-Turbo at 4 steps; its card samples at 1)."""
-        return make_sampler({**self.cfg["model"]["sampler"], **(self.cfg["train"].get("sampler") or {})})
+        return make_sampler({**self.cfg["model"]["sampler"], **(self.cfg["model"].get("train_sampler") or {}), **(self.cfg["train"].get("sampler") or {})})
 
     def train_prompts(self) -> list[str]:
         """The prompts a method samples its own training data for: the method's ``train_prompts``

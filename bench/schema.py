@@ -55,7 +55,7 @@ PRECISION = Rule("one of auto, no, fp16, bf16", lambda v: v is False or v in ("a
 DEVICE = Rule("auto, cpu, cuda, cuda:N or mps", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, names=True)
 SHARD = Rule('"i/N" with 0 <= i < N, e.g. 0/4', lambda v: parse_shard(v) is not None, names=True)
 BETAS = Rule("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), names=True)
-SAMPLER_KINDS = ("ddim", "euler", "euler_ancestral", "lcm", "pndm")  # bench.models.diffusion.SAMPLER_KINDS (tested equal), without importing diffusers
+SAMPLER_KINDS = ("ddim", "euler", "euler_ancestral", "lcm", "pndm", "flow_euler", "flow_sde")  # bench.models.diffusion.SAMPLER_KINDS + bench.models.flow.FLOW_KINDS (tested equal), without importing diffusers
 NONEMPTY = Rule("a list of at least one metric name", lambda v: len(v) > 0, names=True)
 
 
@@ -208,7 +208,7 @@ class SamplerKeys:
     kind: str = setting(MISSING, "the model card's diffusers scheduler", one_of(*SAMPLER_KINDS))
     steps: int = setting(MISSING, "", at_least(1))
     guidance: float = setting(MISSING, "classifier-free guidance scale", at_least(0))
-    eta: Optional[float] = setting(None, "ddim: eta", at_least(0))
+    eta: Optional[float] = setting(None, "ddim: eta; flow_sde: Flow-GRPO's noise level a", at_least(0))
     timesteps: Optional[List[int]] = setting(None, "explicit timesteps (at their own length)")
     scheduler_config: Optional[Dict[str, Any]] = setting(None, "keys passed to the diffusers scheduler (timestep_spacing: trailing)")
     timestep_scaling: Optional[float] = setting(None, "lcm: the scheduler's timestep_scaling", above(0))
@@ -226,6 +226,8 @@ class ModelKeys:
     extends: Optional[str] = setting(None, "another model config this one starts from")
     unet: Optional[Dict[str, Any]] = setting(None, "a distilled UNet in place of the pipeline's: {repo, file, revision}")
     vae: Optional[Dict[str, Any]] = setting(None, "a VAE in place of the pipeline's: {repo, file, revision}")
+    train_sampler: Optional[Dict[str, Any]] = setting(None, "what training samples with, over `sampler` (a flow model's Flow-GRPO SDE); a preset's train.sampler goes on top")
+    max_sequence_length: Optional[int] = setting(None, "flow models: T5's prompt length (null: the pipeline's default, FLUX 512, SD3 256)", at_least(1))
     build: Optional[Dict[str, Any]] = setting(None, "source: tiny: the architecture and pre-training of the embedded model")
     variants: Optional[Dict[str, str]] = setting(None, "fewstep/onestep -> the model of the same weights with that sampler, for a method's model_variant")
 

@@ -40,7 +40,7 @@ from bench.models.diffusion import DiffusionModel, sampler_identity
 from bench.weights import copy_weights
 
 log = logging.getLogger(__name__)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_TARGETS = DiffusionModel.lora_targets  # the UNets'; a flow model names its own (FlowModel.lora_targets)
 # Keys of a method's config that document it and determine no checkpoint (``train`` and ``gen`` enter
 # through the training config): where a preset differs from the authors' code is read by `bench plan`.
 METHOD_NOTES = ("description", "train", "gen", "code_differences")
@@ -258,11 +258,11 @@ def micro_seed(seed: int, step: int, micro: int) -> int:
     return derived_seed("train", seed, step, micro)
 
 
-def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int) -> None:
+def add_lora(unet: torch.nn.Module, rank: int, alpha: float, seed: int, targets: list[str] = LORA_TARGETS) -> None:
     from peft import LoraConfig
 
     torch.manual_seed(seed)  # the A matrices are random; B starts at zero, so the model starts unchanged
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=list(targets)))
 
 
 def trainable_state(unet: torch.nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
@@ -274,7 +274,7 @@ def apply_checkpoint(model: DiffusionModel, ckpt: Checkpoint) -> None:
     """Load a finished checkpoint into the model (adds the LoRA adapter first where there is one)."""
     meta = json.loads((ckpt.path / "train.json").read_text())
     if meta["lora_rank"]:
-        add_lora(model.unet, meta["lora_rank"], meta["lora_alpha"], 0)
+        add_lora(model.unet, meta["lora_rank"], meta["lora_alpha"], 0, meta.get("lora_targets") or model.lora_targets)
     misfit = lambda n: TrainingError(f"checkpoint {ckpt.path} does not fit model '{model.name}' ({n} unknown tensors); delete it and retrain")
     copy_weights(model.unet, load_file(ckpt.path / "weights.safetensors"), misfit)
     model.unet.requires_grad_(False)
@@ -507,7 +507,7 @@ class Trainer:
         lora = bool(tc["lora_rank"]) and not tc["full_finetune"]
         frozen = None
         if lora:
-            add_lora(unet, int(tc["lora_rank"]), float(tc["lora_alpha"]), int(tc["seed"]))
+            add_lora(unet, int(tc["lora_rank"]), float(tc["lora_alpha"]), int(tc["seed"]), self.model.lora_targets)
         else:
             # the reference of full fine-tuning: a frozen copy, kept only where the method reads one (memory: a UNet in float32)
             frozen = copy.deepcopy(unet).requires_grad_(False) if self.method.uses_reference else None
@@ -694,7 +694,7 @@ class Trainer:
                     "method": self.cfg["method"]["name"],
                     "lora_rank": int(tc["lora_rank"]) if lora else 0,
                     "lora_alpha": float(tc["lora_alpha"]) if lora else 0.0,
-                    "lora_targets": LORA_TARGETS if lora else None,
+                    "lora_targets": list(self.model.lora_targets) if lora else None,
                     "steps": int(steps),
                     "data": data_manifest,
                     "loss_first": first,

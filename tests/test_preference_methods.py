@@ -40,7 +40,7 @@ def test_dspo_sd15_equals_eq13_by_hand():
     lam = 0.7
     losses, gap = dspo_sd15_loss(win, lose, lam)
     for i in range(2):
-        eps, pw, rw, pl, rl = (x[i].tolist() for x in (win.noise, win.pred, win.ref, lose.pred, lose.ref))
+        eps, pw, rw, pl, rl = (x[i].tolist() for x in (win.target, win.pred, win.ref, lose.pred, lose.ref))
         r_gap = -(lam / 2) * ((mse(pw, eps) - mse(pl, eps)) - (mse(rw, eps) - mse(rl, eps)))
         w = 1 - sig(r_gap)
         residual = [(p - e) - lam * w * (p - r) for p, e, r in zip(pw, eps, rw)]
@@ -52,11 +52,11 @@ def test_dspo_sd15_limits():
     win, lose = fixed_predictions()
     # lambda -> 0: the epsilon loss on the preferred image alone (SFT on winners)
     losses, _ = dspo_sd15_loss(win, lose, 0.0)
-    assert losses.tolist() == pytest.approx(((win.pred - win.noise) ** 2).mean(1).tolist(), rel=1e-12)
+    assert losses.tolist() == pytest.approx(((win.pred - win.target) ** 2).mean(1).tolist(), rel=1e-12)
     # theta = theta_ref (start of training): no shift, whatever lambda
-    at_init = Predictions(win.noise, win.ref, win.ref, win.t)
-    losses, _ = dspo_sd15_loss(at_init, Predictions(lose.noise, lose.ref, lose.ref, lose.t), 5.0)
-    assert losses.tolist() == pytest.approx(((win.ref - win.noise) ** 2).mean(1).tolist(), rel=1e-12)
+    at_init = Predictions(win.target, win.ref, win.ref, win.t)
+    losses, _ = dspo_sd15_loss(at_init, Predictions(lose.target, lose.ref, lose.ref, lose.t), 5.0)
+    assert losses.tolist() == pytest.approx(((win.ref - win.target) ** 2).mean(1).tolist(), rel=1e-12)
 
 
 def test_dspo_sdxl_eq47_and_the_code_gate():

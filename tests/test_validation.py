@@ -231,5 +231,6 @@ def test_help_lists_every_key_with_type_default_and_comment(cli):
 
 def test_the_schema_knows_every_sampler_kind():
     from bench.models.diffusion import SAMPLER_KINDS as KINDS
+    from bench.models.flow import FLOW_KINDS
 
-    assert SAMPLER_KINDS == KINDS
+    assert SAMPLER_KINDS == KINDS + FLOW_KINDS

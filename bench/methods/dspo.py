@@ -48,7 +48,7 @@ def dspo_sd15_loss(win: Predictions, lose: Predictions, lam: float) -> tuple[tor
     """Per-pair Eq. 13 loss (meaned over latent elements) and the reward gap r_w - r_l."""
     gap = reward_gap(win, lose, lam)
     weight = (1 - torch.sigmoid(gap)).reshape(-1, *([1] * (win.pred.dim() - 1)))
-    pred, noise, ref = at_least_fp32(win.pred), at_least_fp32(win.noise), at_least_fp32(win.ref)
+    pred, noise, ref = at_least_fp32(win.pred), at_least_fp32(win.target), at_least_fp32(win.ref)
     residual = (pred - noise) - lam * weight * (pred - ref)
     return (residual**2).flatten(1).mean(1), gap
 

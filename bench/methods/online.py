@@ -18,7 +18,7 @@ import torch
 
 from bench.generate import image_seed
 from bench.method import Method, RoundStore, TrainContext
-from bench.models.diffusion import gaussian_log_prob
+from bench.models.diffusion import Transition, gaussian_log_prob
 from bench.ranks import current as current_ranks
 from bench.schema import MethodSpec, RewardSpec, at_least, one_of, setting
 
@@ -34,16 +34,27 @@ def reduce_log_prob(log_prob: torch.Tensor, x: torch.Tensor, reduction: str) -> 
     raise ValueError(f"logprob_reduction must be sum or mean, not {reduction!r}")
 
 
-def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Tensor, i: int, prompts: list[str], cond=None, reduction: str = "sum") -> torch.Tensor:
-    """log p(x_prev | x_t) of the sampler's i-th transition under the model as it is now (per sample)."""
+def transition_at(ctx: TrainContext, x_t: torch.Tensor, i: int, prompts: list[str], cond=None, detach_uncond: bool = False) -> Transition:
+    """The Gaussian of the sampler's i-th transition from x_t under the model as it is now. With
+    ``detach_uncond`` CFG's unconditional branch carries no gradient (Flow-GRPO's code detaches it)."""
     model = ctx.model
     steps = model.timesteps()
     t, t_prev = steps[i], steps[i + 1] if i + 1 < len(steps) else -1  # a DDIM eta > 0 sampler may draw noise on its last step too
     cond = cond if cond is not None else model.encode_prompts(prompts)
     guidance = model.sampler.guidance
     uncond = model.unconditional(len(prompts)) if model.uses_cfg(guidance) else None
-    eps = model.predict_eps(x_t, t, cond, uncond, guidance)
-    step = model.transition(x_t, model.x0_from_eps(x_t, eps, t), eps, t, t_prev)
+    if uncond is not None and detach_uncond:
+        with torch.no_grad():
+            pred_u = model.predict(x_t, t, uncond)
+        prediction = pred_u + guidance * (model.predict(x_t, t, cond) - pred_u)
+    else:
+        prediction = model.predict(x_t, t, cond, uncond, guidance)  # epsilon, or a flow model's velocity
+    return model.transition(x_t, model.x0_from_prediction(x_t, prediction, t), prediction, t, t_prev)
+
+
+def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Tensor, i: int, prompts: list[str], cond=None, reduction: str = "sum") -> torch.Tensor:
+    """log p(x_prev | x_t) of the sampler's i-th transition under the model as it is now (per sample)."""
+    step = transition_at(ctx, x_t, i, prompts, cond)
     return reduce_log_prob(gaussian_log_prob(x_prev.double(), step.mean.double(), step.std.double()), x_prev, reduction)
 
 

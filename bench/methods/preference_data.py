@@ -152,9 +152,10 @@ class StreamedPairs:
 # ---- the shared forward pass ----------------------------------------------------------------
 @dataclass
 class Predictions:
-    """Epsilon predictions for a batch of noisy latents; ``ref`` is None when not asked for."""
+    """Predictions for a batch of noisy latents and what they should be, ``target``: the noise of an
+    epsilon model, noise - x0 for a flow model's velocity (its ``training_target``); ``ref`` is None when not asked for."""
 
-    noise: torch.Tensor
+    target: torch.Tensor
     pred: torch.Tensor
     ref: torch.Tensor | None
     t: torch.Tensor
@@ -164,7 +165,7 @@ class Predictions:
         (as both public DPO codebases) or summed (the papers' ||.||^2), which rescales beta."""
         if reduction not in ("mean", "sum"):
             raise ValueError(f"error reduction must be mean or sum, not {reduction!r}")
-        err = lambda p: getattr(((at_least_fp32(p) - at_least_fp32(self.noise)) ** 2).flatten(1), reduction)(1)
+        err = lambda p: getattr(((at_least_fp32(p) - at_least_fp32(self.target)) ** 2).flatten(1), reduction)(1)
         return err(self.pred), (err(self.ref) if self.ref is not None else None)
 
 
@@ -200,7 +201,7 @@ def predict(ctx: TrainContext, x0: torch.Tensor, prompts: list[str], t: torch.Te
     if reference:
         with torch.no_grad(), ctx.reference():
             ref = model.denoise(x_t, t, cond)
-    return Predictions(noise, pred, ref, t)
+    return Predictions(model.training_target(x0, noise), pred, ref, t)
 
 
 def predict_pairs(ctx: TrainContext, pairs: Pairs, generator: torch.Generator, t=None, share_noise=True, reference=True) -> tuple[Predictions, Predictions]:
@@ -215,7 +216,7 @@ def predict_pairs(ctx: TrainContext, pairs: Pairs, generator: torch.Generator, t
     noise_l = noise_w if share_noise else draw_noise(pairs.x_l.shape, generator, ctx)
     both = predict(ctx, torch.cat([pairs.x_w, pairs.x_l]), pairs.prompts * 2, torch.cat([t, t]), torch.cat([noise_w, noise_l]), reference)
     half = lambda x: x.chunk(2) if x is not None else (None, None)
-    (nw, nl), (pw, pl), (rw, rl), (tw, tl) = half(both.noise), half(both.pred), half(both.ref), half(both.t)
+    (nw, nl), (pw, pl), (rw, rl), (tw, tl) = half(both.target), half(both.pred), half(both.ref), half(both.t)
     return Predictions(nw, pw, rw, tw), Predictions(nl, pl, rl, tl)
 
 

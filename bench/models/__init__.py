@@ -10,8 +10,9 @@ from bench.config import stable_hash
 from bench.errors import UsageError, WeightsMissingError, writing
 from bench.io import hub_offline
 from bench.models.diffusion import SAMPLER_KINDS, DiffusionModel, Sampler, sampler_identity
+from bench.models.flow import FLOW_KINDS, FLOW_LAYOUTS, LAYOUTS, FlowModel
 
-__all__ = ["DiffusionModel", "Sampler", "embedded_build_name", "embedded_build_path", "load_model", "make_sampler", "pipeline_location", "sampler_identity"]
+__all__ = ["DiffusionModel", "FlowModel", "Sampler", "embedded_build_name", "embedded_builder", "embedded_build_path", "load_model", "make_sampler", "pipeline_location", "sampler_identity"]
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +41,8 @@ def embedded_build_name(model_cfg: dict) -> str:
     import bench.models.tiny as builder
 
     sources = [Path(builder.__file__)]
+    if model_cfg["build"].get("layout") in FLOW_LAYOUTS:
+        sources.append(Path(builder.__file__).with_name("tiny_flow.py"))
     if model_cfg["build"].get("data") == "world":
         import bench.world as world
 
@@ -47,6 +50,17 @@ def embedded_build_name(model_cfg: dict) -> str:
     digest = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     prefix = "world" if model_cfg["build"].get("data") == "world" else "tiny"
     return f"{prefix}-" + stable_hash({"spec": model_cfg["build"], "builder": digest})[:12]
+
+
+def embedded_builder(spec: dict):
+    """(build, pretrained_weights) of an embedded model's spec: the flow layouts' (``bench.models.tiny_flow``) or the UNet ones'."""
+    if spec.get("layout") in FLOW_LAYOUTS:
+        from bench.models.tiny_flow import build_flow_pipeline, flow_pretrained_weights
+
+        return build_flow_pipeline, flow_pretrained_weights
+    from bench.models.tiny import build_tiny_pipeline, pretrained_weights
+
+    return build_tiny_pipeline, pretrained_weights
 
 
 def embedded_build_path(model_cfg: dict, cache_dir: Path) -> Path:
@@ -72,17 +86,16 @@ def pipeline_location(model_cfg: dict, cache_dir: Path) -> tuple[str, str | None
             from filelock import FileLock
 
             from bench.models.prebuilt import shipped_weights
-            from bench.models.tiny import build_tiny_pipeline
 
             with writing(path.parent):
                 path.parent.mkdir(parents=True, exist_ok=True)
                 with FileLock(path.with_name(f".{path.name}.lock")):  # released by the kernel when its process dies
                     if not (path / "model_index.json").exists():  # not built by another process while this one waited
                         shipped = shipped_weights(path.name)
-                        if shipped is None:
+                        if shipped is None and (spec.get("pretrain") or spec.get("pretrain_vae") or spec.get("data")):
                             log.warning("%s: no shipped pre-training for this build; pre-training it from its seed (minutes; "
                                         "`python -m bench.models.prebuilt` ships it)", path.name)
-                        build_tiny_pipeline(spec, path, shipped)
+                        embedded_builder(spec)[0](spec, path, shipped)
         return str(path), None, {"source": "tiny", "build_hash": digest}
     return source, model_cfg.get("revision"), {"source": source, "revision": model_cfg.get("revision")}
 
@@ -136,10 +149,10 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         lib.utils.logging.disable_progress_bar()
 
     sampler = sampler or make_sampler(model_cfg["sampler"])
-    if sampler.kind not in SAMPLER_KINDS:
+    if sampler.kind not in SAMPLER_KINDS + FLOW_KINDS:
         raise UsageError(
             f"model '{model_cfg['name']}' uses sampler kind '{sampler.kind}', which is not implemented "
-            f"(implemented: {', '.join(SAMPLER_KINDS)})"
+            f"(implemented: {', '.join(SAMPLER_KINDS + FLOW_KINDS)})"
         )
     location, revision, identity = pipeline_location(model_cfg, cache_dir)
     try:
@@ -148,6 +161,10 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         if Path(location).exists() and not hub_offline():
             raise
         raise _missing(model_cfg, location + (f"@{revision}" if revision else ""), err) from None
+    if getattr(pipe, "transformer", None) is not None:  # a rectified-flow pipeline (SD3, FLUX)
+        return load_flow_model(pipe, model_cfg, sampler, identity)
+    if sampler.kind in FLOW_KINDS:
+        raise UsageError(f"model '{model_cfg['name']}' is an epsilon model: sampler kind '{sampler.kind}' needs a flow model (SD3, FLUX)")
     missing = [c for c in ("unet", "vae", "text_encoder", "tokenizer", "scheduler") if getattr(pipe, c, None) is None]
     if missing:
         raise WeightsMissingError(f"pipeline {location} lacks {', '.join(missing)}; only Stable-Diffusion- and SDXL-layout pipelines load here")
@@ -175,5 +192,18 @@ def load_model(model_cfg: dict, cache_dir: Path, sampler: Sampler | None = None)
         tokenizer_2=getattr(pipe, "tokenizer_2", None),
         zero_uncond=bool(getattr(pipe.config, "force_zeros_for_empty_prompt", False)),
     )
+    model.timesteps()  # an unsupported scheduler config fails here, in one line, before any work
+    return model
+
+
+def load_flow_model(pipe, model_cfg: dict, sampler: Sampler, identity: dict):
+    """A loaded SD3- or FLUX-layout pipeline as a ``FlowModel``; another transformer pipeline is refused in one line."""
+    kind = type(pipe.transformer).__name__
+    if kind not in LAYOUTS:
+        raise WeightsMissingError(f"pipeline of model '{model_cfg['name']}' has a {kind}; the flow models load SD3 and FLUX layouts ({', '.join(LAYOUTS)})")
+    if sampler.kind not in FLOW_KINDS:
+        raise UsageError(f"model '{model_cfg['name']}' is a flow model: its sampler kind must be {' or '.join(FLOW_KINDS)}, not '{sampler.kind}'")
+    default_length = 512 if LAYOUTS[kind] == "flux" else 256  # the pipelines' max_sequence_length
+    model = FlowModel(model_cfg["name"], pipe, sampler, model_cfg["resolution"], identity, model_cfg.get("max_sequence_length") or default_length)
     model.timesteps()  # an unsupported scheduler config fails here, in one line, before any work
     return model

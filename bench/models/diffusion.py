@@ -230,6 +230,8 @@ class DiffusionModel:
     model's predictions by disabling them, so no second copy sits in memory.
     """
 
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections LoRA adapts (diffusers' training scripts, the DPO and PSO codes)
+
     def __init__(
         self, name, unet, vae, text_encoder, tokenizer, scheduler_config, sampler: Sampler, resolution, identity,
         text_encoder_2=None, tokenizer_2=None, zero_uncond: bool = False,
@@ -366,6 +368,14 @@ class DiffusionModel:
         eps_u, eps_c = self.denoise(torch.cat([x_t, x_t]), t, Conditioning.cat([uncond, cond]), unet).chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
 
+    def predict(self, x_t, t, cond, uncond=None, guidance: float = 1.0, unet=None) -> torch.Tensor:
+        """The network's guided output in the model's own parametrization, what ``transition`` takes:
+        epsilon here, a flow model's velocity (``bench.models.flow``)."""
+        return self.predict_eps(x_t, t, cond, uncond, guidance, unet)
+
+    def x0_from_prediction(self, x_t, prediction, t) -> torch.Tensor:
+        return self.x0_from_eps(x_t, prediction, t)
+
     def x0_from_eps(self, x_t, eps, t: int) -> torch.Tensor:
         a = self.alpha(t)
         return (x_t - math.sqrt(1 - a) * eps) / math.sqrt(a)
@@ -385,6 +395,10 @@ class DiffusionModel:
         a = self.alphas_cumprod.to(x0.device)[torch.as_tensor(t, device=x0.device)].to(x0.dtype)
         a = a.reshape(-1, *([1] * (x0.dim() - 1))) if a.dim() else a
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+    def training_target(self, x0, noise) -> torch.Tensor:
+        """What the network learns to output for x_t = add_noise(x0, noise, t): the noise itself."""
+        return noise
 
     def transition_std(self, t: int, t_prev: int, sampler: Sampler | None = None) -> float:
         """The standard deviation of the step t -> t_prev (0: deterministic)."""
@@ -471,8 +485,8 @@ class DiffusionModel:
         for i, t in enumerate(steps):
             t_prev = steps[i + 1] if i + 1 < len(steps) else -1
             with differentiate(i):
-                eps = self.predict_eps(x, t, cond, uncond, sampler.guidance, unet=unet)
-                x0 = self.x0_from_eps(x, eps, t)
+                eps = self.predict(x, t, cond, uncond, sampler.guidance, unet=unet)
+                x0 = self.x0_from_prediction(x, eps, t)
                 if i == stop_at:
                     return self.denoised(x, x0, t, sampler)
                 step = self.transition(x, x0, eps, t, t_prev, sampler)

@@ -30,10 +30,13 @@ def shipped_weights(build_name: str) -> dict | None:
     if not path.exists():
         return None
     with safe_open(path, "pt") as f:
-        scaling = (f.metadata() or {}).get("vae_scaling_factor")
+        metadata = f.metadata() or {}
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     tensors = {k: v.float() if v.dtype == torch.float16 else v for k, v in tensors.items()}
-    return {"tensors": tensors, "vae_scaling_factor": float(scaling) if scaling else None}
+    weights = {"tensors": tensors, "vae_scaling_factor": float(metadata["vae_scaling_factor"]) if metadata.get("vae_scaling_factor") else None}
+    if metadata.get("vae_shift_factor"):  # the flow models' VAEs also shift their latents
+        weights["vae_shift_factor"] = float(metadata["vae_shift_factor"])
+    return weights
 
 
 def save_shipped(build_name: str, weights: dict) -> None:
@@ -44,6 +47,8 @@ def save_shipped(build_name: str, weights: dict) -> None:
 
     scaling = weights["vae_scaling_factor"]
     metadata = {"vae_scaling_factor": repr(scaling)} if scaling is not None else {}
+    if weights.get("vae_shift_factor") is not None:
+        metadata["vae_shift_factor"] = repr(weights["vae_shift_factor"])
     tensors = {k: v.half() if v.dtype == torch.float32 and torch.equal(v.half().float(), v) else v for k, v in weights["tensors"].items()}
     save_file(tensors, SHIPPED / f"{build_name}.safetensors", metadata=metadata)
 
@@ -71,10 +76,11 @@ def world_scorers_build() -> str:
 
 
 def _pretrain_and_extract(build_name: str, spec: dict, scratch: str) -> tuple[str, dict]:
-    from bench.models.tiny import build_tiny_pipeline, pretrained_weights
+    from bench.models import embedded_builder
 
+    build, pretrained_weights = embedded_builder(spec)
     folder = Path(scratch) / build_name
-    build_tiny_pipeline(spec, folder)
+    build(spec, folder)
     return build_name, pretrained_weights(folder, spec)
 
 
@@ -113,10 +119,10 @@ def rebuild(model_cfg: dict, out: Path) -> float:
     loadable as ``model.source=out``), ignoring the shipped weights; returns the seconds it took."""
     import time
 
-    from bench.models.tiny import build_tiny_pipeline
+    from bench.models import embedded_builder
 
     start = time.perf_counter()
-    build_tiny_pipeline(model_cfg["build"], Path(out))
+    embedded_builder(model_cfg["build"])[0](model_cfg["build"], Path(out))
     return time.perf_counter() - start
 
 

@@ -125,6 +125,9 @@ def _component(role: str, name: str) -> Component:
 def model_architecture(model_cfg: dict) -> Architecture:
     """The components ``bench.models.load_model`` would load for ``model_cfg``, without loading anything."""
     arch = Architecture(str(model_cfg["name"]), int(model_cfg["resolution"]))
+    if str(model_cfg["sampler"]["kind"]).startswith("flow_"):
+        raise UsageError(f"bench plan has no memory model of the flow transformers yet (model '{model_cfg['name']}'): run the command itself, "
+                         "or plan its UNet counterpart")
     if model_cfg["source"] == "tiny":
         spec = model_cfg["build"]
         arch.components["unet"] = Component("unet", "diffusers:UNet2DConditionModel", dict(spec["unet"]), f"tiny:{model_cfg['name']}")

@@ -85,6 +85,13 @@ class Plan:
 
 
 # ---- composing the command ----------------------------------------------------------------------
+def is_flow_model(name: str) -> bool:
+    from bench.config import load_entry_config
+    from bench.registry import MODELS
+
+    return str(load_entry_config(MODELS, name)["sampler"]["kind"]).startswith("flow_")
+
+
 def preset_commands() -> list[list[str]]:
     """``bench plan`` arguments of every method preset that names its base model (the paper and
     official presets), with what the preset needs to run at all: a DreamBench subject for the
@@ -95,7 +102,7 @@ def preset_commands() -> list[list[str]]:
     out = []
     for name in sorted(METHODS.names()):
         cfg = load_entry_config(METHODS, name)
-        if not cfg.get("base_model"):
+        if not cfg.get("base_model") or is_flow_model(str(cfg["base_model"])):  # no memory model of the flow transformers yet
             continue
         extra = ["suite=dreambench", "subject=dog"] if "dreambooth" in str(cfg.get("recipe", "")) or name.startswith("pso-dreambooth") else []
         out.append([f"method={name}", *extra])
