@@ -22,8 +22,8 @@ recipe's defaults and the ``flow-grpo`` preset, differs from those expressions (
 * ``timestep_fraction: 0.99``: only the first int(0.99 N) steps train (9 of 10: the last step, which
   lands on sigma 0, is sampled but not trained).
 
-With summed densities the ratio of a whole latent moves by far more than the code's clip range (1e-4)
-after one update, and the clip stops nearly every gradient (measured in docs/methods).
+With summed densities the ratio of a whole latent leaves the code's clip range (1e-4) after one update,
+so the clip stops the gradients of every later step of a round (measured in docs/world.md).
 
 Groups are keyed by prompt text, as the code's ``PerPromptStatTracker``: a prompt drawn twice in a
 round is one group. The reference is the model with its LoRA adapters off.
