@@ -55,27 +55,39 @@ class DDPO(OnlineMethod):
     def samples_per_prompt(self) -> int:
         return self.spec.samples_per_prompt
 
+    def trained_steps(self, ctx: TrainContext) -> int:
+        """How many of a trajectory's stochastic steps train (DDPO: all)."""
+        return len(ctx.model.stochastic_timesteps())
+
     def units_per_prompt(self, ctx: TrainContext) -> int:
-        return self.samples_per_prompt() * len(ctx.model.stochastic_timesteps())  # a trajectory at each step
+        return self.samples_per_prompt() * self.trained_steps(ctx)  # a trajectory at each trained step
 
     def unit_group(self, ctx: TrainContext) -> int:
-        return len(ctx.model.stochastic_timesteps())  # a trajectory's steps travel together, as ddpo-pytorch batches them
+        return self.trained_steps(ctx)  # a trajectory's steps travel together, as ddpo-pytorch batches them
+
+    def round_advantages(self, ctx: TrainContext, batch) -> torch.Tensor:
+        """Every trajectory's advantage in the round, flat: normalized per prompt."""
+        return advantages(batch["rewards"], self.spec.adv_clip_max).flatten()
 
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
         r, batch, units = self.next_units(ctx, data)
-        s, k = self.samples_per_prompt(), len(ctx.model.stochastic_timesteps())
+        s, k = self.samples_per_prompt(), self.trained_steps(ctx)
         traj, step = units // k, units % k
         states = batch["states"].flatten(0, 1)[traj]
         old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)  # summed over elements when sampled
-        adv = advantages(batch["rewards"], self.spec.adv_clip_max).flatten()[traj].to(ctx.device)
+        adv = self.round_advantages(ctx, batch)[traj].to(ctx.device)
         prompts = [ctx.prompts[int(batch["prompt_index"][int(i) // s])] for i in traj]
         to = dict(device=ctx.device, dtype=ctx.model.dtype)
         rows = torch.arange(len(units))
         x_t, x_prev = states[rows, step].to(**to), states[rows, step + 1].to(**to)
-        log_prob = unit_log_probs(ctx, x_t, x_prev, step, prompts, reduction=self.spec.logprob_reduction)
         old = reduce_log_prob(old, x_prev, self.spec.logprob_reduction)
-        losses = ppo_loss(log_prob, old, adv, self.spec.clip_range)
-        return losses.mean(), {"round": r}
+        losses, logs = self.unit_losses(ctx, x_t, x_prev, step, prompts, old, adv)
+        return losses.mean(), {"round": r, **logs}
+
+    def unit_losses(self, ctx: TrainContext, x_t, x_prev, step, prompts, old, adv) -> tuple[torch.Tensor, dict]:
+        """Each unit's clipped surrogate, from its log-probability now against ``old`` at sampling."""
+        log_prob = unit_log_probs(ctx, x_t, x_prev, step, prompts, reduction=self.spec.logprob_reduction)
+        return ppo_loss(log_prob, old, adv, self.spec.clip_range), {}
 
     def plan_units(self, p):
         return self.samples_per_prompt() * p.stochastic_steps

@@ -38,7 +38,7 @@ import torch
 from bench.errors import UsageError
 from bench.method import TrainContext
 from bench.methods.ddpo import DDPO, ppo_loss
-from bench.methods.online import reduce_log_prob, transition_at
+from bench.methods.online import reduce_log_prob, step_groups, transition_at
 from bench.models.diffusion import gaussian_log_prob
 from bench.schema import Rule, at_least, one_of, setting
 
@@ -91,32 +91,19 @@ class FlowGRPO(DDPO):
         """The first int(timestep_fraction x N) stochastic steps (at least one)."""
         return max(1, int(len(ctx.model.stochastic_timesteps()) * self.spec.timestep_fraction))
 
-    def units_per_prompt(self, ctx: TrainContext) -> int:
-        return self.samples_per_prompt() * self.trained_steps(ctx)
+    def round_advantages(self, ctx: TrainContext, batch) -> torch.Tensor:
+        prompts = [ctx.prompts[int(i)] for i in batch["prompt_index"] for _ in range(self.samples_per_prompt())]
+        return group_advantages(batch["rewards"].flatten(), prompts, self.spec.global_std, self.spec.adv_clip_max)
 
-    def unit_group(self, ctx: TrainContext) -> int:
-        return self.trained_steps(ctx)
-
-    def loss(self, ctx: TrainContext, data, generator: torch.Generator):
-        r, batch, units = self.next_units(ctx, data)
-        s, k = self.samples_per_prompt(), self.trained_steps(ctx)
-        traj, step = units // k, units % k
-        round_prompts = [ctx.prompts[int(i)] for i in batch["prompt_index"] for _ in range(s)]
-        adv = group_advantages(batch["rewards"].flatten(), round_prompts, self.spec.global_std, self.spec.adv_clip_max)[traj].to(ctx.device)
-        states = batch["states"].flatten(0, 1)[traj]
-        old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)  # summed over elements when sampled
-        prompts = [round_prompts[int(i)] for i in traj]
-        to = dict(device=ctx.device, dtype=ctx.model.dtype)
-        rows = torch.arange(len(units))
-        x_t, x_prev = states[rows, step].to(**to), states[rows, step + 1].to(**to)
+    def unit_losses(self, ctx: TrainContext, x_t, x_prev, step, prompts, old, adv) -> tuple[torch.Tensor, dict]:
+        """The clipped surrogate plus beta times the KL of the step to the reference's."""
         log_prob, kl = self.unit_terms(ctx, x_t, x_prev, step, prompts)
-        old = reduce_log_prob(old, x_prev, self.spec.logprob_reduction)
         policy = ppo_loss(log_prob, old, adv, self.spec.clip_range)
         ratio = torch.exp(log_prob.detach() - old)
-        logs = {"round": r, "policy_loss": float(policy.detach().mean()), "clipfrac": float(((ratio - 1).abs() > self.spec.clip_range).double().mean())}
+        logs = {"policy_loss": float(policy.detach().mean()), "clipfrac": float(((ratio - 1).abs() > self.spec.clip_range).double().mean())}
         if self.spec.beta > 0:
             logs["kl"] = float(kl.detach().mean())
-        return (policy + self.spec.beta * kl).mean(), logs
+        return policy + self.spec.beta * kl, logs
 
     def unit_terms(self, ctx: TrainContext, x_t, x_prev, step: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """log p_theta(x_prev | x_t) of each unit at its own step, and its KL to the reference's step (0 without one)."""
@@ -124,9 +111,7 @@ class FlowGRPO(DDPO):
         log_prob = torch.zeros(len(step), dtype=torch.float64, device=ctx.device)
         kl = torch.zeros_like(log_prob)
         steps = model.timesteps()
-        for i in step.unique().tolist():
-            rows = (step == i).to(ctx.device)
-            sub = [p for p, keep in zip(prompts, rows.tolist()) if keep]
+        for i, rows, sub in step_groups(step, prompts, ctx.device):
             ours = transition_at(ctx, x_t[rows], i, sub, detach_uncond=self.spec.detach_uncond)
             lp = reduce_log_prob(gaussian_log_prob(x_prev[rows].double(), ours.mean.double(), ours.std.double()), x_prev[rows], reduction)
             index = (rows.nonzero().squeeze(1),)

@@ -58,13 +58,19 @@ def transition_log_probs(ctx: TrainContext, x_t: torch.Tensor, x_prev: torch.Ten
     return reduce_log_prob(gaussian_log_prob(x_prev.double(), step.mean.double(), step.std.double()), x_prev, reduction)
 
 
+def step_groups(step: torch.Tensor, prompts: list[str], device):
+    """(i, rows, their prompts) for training units that each sit at their own sampler step ``step``:
+    one batched pass per distinct step."""
+    for i in step.unique().tolist():
+        rows = (step == i).to(device)
+        yield i, rows, [p for p, keep in zip(prompts, rows.tolist()) if keep]
+
+
 def unit_log_probs(ctx: TrainContext, x_t, x_prev, step: torch.Tensor, prompts: list[str], reference: bool = False, reduction: str = "sum") -> torch.Tensor:
     """log p_theta(x_prev | x_t) of training units that each sit at their own sampler step
-    ``step`` (one batched pass per distinct step); minus log p_ref with ``reference``."""
+    ``step``; minus log p_ref with ``reference``."""
     out = torch.zeros(len(step), dtype=torch.float64, device=ctx.device)
-    for i in step.unique().tolist():
-        rows = (step == i).to(ctx.device)
-        sub = [p for p, keep in zip(prompts, rows.tolist()) if keep]
+    for i, rows, sub in step_groups(step, prompts, ctx.device):
         lp = transition_log_probs(ctx, x_t[rows], x_prev[rows], i, sub, reduction=reduction)
         if reference:
             with torch.no_grad(), ctx.reference():

@@ -201,8 +201,6 @@ def load_flow_model(pipe, model_cfg: dict, sampler: Sampler, identity: dict):
     kind = type(pipe.transformer).__name__
     if kind not in LAYOUTS:
         raise WeightsMissingError(f"pipeline of model '{model_cfg['name']}' has a {kind}; the flow models load SD3 and FLUX layouts ({', '.join(LAYOUTS)})")
-    if sampler.kind not in FLOW_KINDS:
-        raise UsageError(f"model '{model_cfg['name']}' is a flow model: its sampler kind must be {' or '.join(FLOW_KINDS)}, not '{sampler.kind}'")
     default_length = 512 if LAYOUTS[kind] == "flux" else 256  # the pipelines' max_sequence_length
     model = FlowModel(model_cfg["name"], pipe, sampler, model_cfg["resolution"], identity, model_cfg.get("max_sequence_length") or default_length)
     model.timesteps()  # an unsupported scheduler config fails here, in one line, before any work

@@ -247,12 +247,8 @@ class DiffusionModel:
         self.sampler = sampler
         self.resolution = int(resolution)
         self.identity = identity  # what determines the weights: hub id + revision, or the build-spec hash
-        from diffusers import DDPMScheduler
-
         self.scheduler_config = dict(scheduler_config)  # the pipeline's; a sampler's scheduler is made from it
-        sched = DDPMScheduler.from_config(self.scheduler_config)
-        self.num_train_timesteps = sched.config.num_train_timesteps
-        self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
+        self.read_noise_schedule()
         self._schedules: dict[Sampler, Schedule] = {}
         self.latent_scale = 2 ** (len(vae.config.block_out_channels) - 1)
         self.scaling_factor = vae.config.scaling_factor
@@ -261,6 +257,14 @@ class DiffusionModel:
         self.dtype = torch.float32
         for module in self.modules():
             module.requires_grad_(False).eval()
+
+    def read_noise_schedule(self) -> None:
+        """T and alphas_cumprod of the pipeline's training noise schedule (DDPM's, on its config)."""
+        from diffusers import DDPMScheduler
+
+        sched = DDPMScheduler.from_config(self.scheduler_config)
+        self.num_train_timesteps = sched.config.num_train_timesteps
+        self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
 
     # ---- placement -------------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> "DiffusionModel":

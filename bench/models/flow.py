@@ -88,31 +88,19 @@ class FlowModel(DiffusionModel):
     lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
     def __init__(self, name, pipeline, sampler: Sampler, resolution, identity, max_sequence_length: int):
-        self.name = name
         self.pipeline = pipeline
         self.layout = LAYOUTS[type(pipeline.transformer).__name__]
-        self.unet = pipeline.transformer
-        self.vae = pipeline.vae
-        self.text_encoder, self.tokenizer = pipeline.text_encoder, pipeline.tokenizer
-        self.text_encoder_2, self.tokenizer_2 = pipeline.text_encoder_2, pipeline.tokenizer_2
-        self.text_encoder_3 = getattr(pipeline, "text_encoder_3", None)
+        self.text_encoder_3 = getattr(pipeline, "text_encoder_3", None)  # SD3's T5
         self.max_sequence_length = int(max_sequence_length)
-        self.sampler = sampler
-        self.resolution = int(resolution)
-        self.identity = identity
-        self.scheduler_config = dict(pipeline.scheduler.config)
-        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
-        self._schedules: dict[Sampler, FlowSchedule] = {}
-        self.latent_scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        self.scaling_factor = self.vae.config.scaling_factor
+        super().__init__(name, pipeline.transformer, pipeline.vae, pipeline.text_encoder, pipeline.tokenizer, pipeline.scheduler.config,
+                         sampler, resolution, identity, pipeline.text_encoder_2, pipeline.tokenizer_2)
         self.shift_factor = self.vae.config.shift_factor or 0.0
-        packed = self.layout == "flux"  # FLUX's transformer reads 2 x 2 patches of the latent as one token
-        self.latent_channels = self.unet.config.in_channels // 4 if packed else self.unet.config.in_channels
-        self.zero_uncond = False
-        self.device = torch.device("cpu")
-        self.dtype = torch.float32
-        for module in self.modules():
-            module.requires_grad_(False).eval()
+        if self.layout == "flux":  # FLUX's transformer reads 2 x 2 patches of the latent as one token
+            self.latent_channels //= 4
+
+    def read_noise_schedule(self) -> None:
+        """A flow model's training noise is the interpolation at sigma = t / T: no alphas."""
+        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
@@ -196,13 +184,11 @@ class FlowModel(DiffusionModel):
         return list(self.schedule(sampler).timesteps)
 
     def sigma(self, t, sampler: Sampler | None = None) -> float:
-        """sigma of the step at timestep t (-1: the end, sigma 0); t / num_train_timesteps where t is off the schedule."""
-        sch = self.schedule(sampler)
-        if isinstance(t, (int, float)) and t in sch.timesteps:
-            return sch.sigmas[sch.timesteps.index(t)]
-        if isinstance(t, (int, float)) and t < 0:
+        """sigma of the step at timestep t as the scheduler lists it (float32, as its step uses it); 0 at the end (-1)."""
+        if t < 0:
             return 0.0
-        return t / self.num_train_timesteps
+        sch = self.schedule(sampler)
+        return sch.sigmas[sch.timesteps.index(t)]
 
     def stochastic_timesteps(self, sampler: Sampler | None = None) -> list[float]:
         """Every step of the SDE (each draws noise, the last too); the ODE has none: one line naming the fix."""
@@ -213,13 +199,6 @@ class FlowModel(DiffusionModel):
                 f"the deterministic flow-matching Euler ODE: train through Flow-GRPO's SDE, train.sampler: {{kind: flow_sde, eta: 0.7}} in the preset"
             )
         return self.timesteps(sampler)
-
-    def transition_std(self, t, t_prev, sampler: Sampler | None = None) -> float:
-        sampler = sampler or self.sampler
-        if sampler.kind != "flow_sde":
-            return 0.0
-        sigma, sigma_prev = self.sigma(t, sampler), self.sigma(t_prev, sampler)
-        return self.sde_scale(sigma, sampler) * math.sqrt(sigma - sigma_prev)
 
     def sde_scale(self, sigma: float, sampler: Sampler) -> float:
         """Flow-GRPO's sigma_t = a sqrt(sigma / (1 - sigma)); at sigma = 1 the denominator uses the schedule's second sigma."""

@@ -88,33 +88,32 @@ def build_flow_pipeline(spec: dict, directory: Path, pretrained: dict | None = N
 
 
 def pretrain_flow(pipe, spec: dict) -> None:
-    """The spec's pre-trainings, in place, on the micro world's renders and captions (``data: world``,
-    the scenes of ``spec["scenes"]``) or on synthetic colour fields with random word prompts:
+    """The spec's pre-trainings, in place, on the micro world's renders and captions (the scenes of
+    ``spec["scenes"]``); a spec without them keeps its random weights:
 
-    1. the VAE's reconstruction (``pretrain_vae``), then the latents' mean and 1 / std as its
-       ``shift_factor`` and ``scaling_factor``, as FLUX and SD3 normalise their latents;
+    1. the VAE's reconstruction (``pretrain_vae``, the world model's), which sets its ``scaling_factor``
+       to 1 / std of the latents; their mean becomes its ``shift_factor``, as FLUX and SD3 normalise theirs;
     2. the transformer's flow matching on those latents (``pretrain``): ||v - (noise - x0)||^2 at
        sigma uniform in (0, 1], a share of empty prompts for CFG, AdamW with a cosine decay to zero.
 
     Trained weights end rounded to float16, so a build and the shipped file are one model."""
-    from bench.models.tiny import WORDS, synthetic_images
     from bench.world.model import encode_means, pretrain_world_autoencoder, round_to_half, scene_images, training_scenes
 
+    if not (spec.get("pretrain_vae") or spec.get("pretrain")):
+        return
+    if spec.get("data") != "world":
+        raise ValueError("the tiny flow models pre-train on the micro world: set build.data: world")
     seed, size = int(spec["seed"]), int(spec["resolution"])
-    g = torch.Generator().manual_seed(seed)
-    if spec.get("data") == "world":
-        scenes = training_scenes(int(spec["scenes"]["seed"]), int(spec["scenes"]["count"]))
-        images, captions = scene_images(scenes, size), [s.caption for s in scenes]
-    else:
-        images = synthetic_images(int(spec.get("images", 2048)), size, g) * 2 - 1
-        captions = [" ".join(WORDS[int(i)] for i in torch.randint(0, len(WORDS), (4,), generator=g)) for _ in range(len(images))]
+    scenes = training_scenes(int(spec["scenes"]["seed"]), int(spec["scenes"]["count"]))
+    images = scene_images(scenes, size)
     if spec.get("pretrain_vae"):
         pretrain_world_autoencoder(pipe.vae, images, spec["pretrain_vae"], seed)
-        latents = encode_means(pipe.vae, images[:1024])
-        pipe.vae.register_to_config(shift_factor=float(latents.mean()), scaling_factor=float(1 / latents.std()))
+    means = encode_means(pipe.vae, images)
+    if spec.get("pretrain_vae"):
+        pipe.vae.register_to_config(shift_factor=float(means[:1024].mean()))  # over the latents the scale was read from
     if spec.get("pretrain"):
-        latents = (encode_means(pipe.vae, images) - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
-        pretrain_flow_transformer(pipe, latents, captions, spec["pretrain"], seed, size)
+        latents = (means - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+        pretrain_flow_transformer(pipe, latents, [s.caption for s in scenes], spec["pretrain"], seed, size)
         round_to_half(list(pipe.transformer.parameters()) + text_parameters(pipe))
 
 
@@ -171,7 +170,7 @@ def flow_pretrained_weights(directory: Path, spec: dict) -> dict:
         for part in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if (folder / part).is_dir():
                 tensors.update({f"{part}.{k}": v for k, v in load_file(folder / part / "model.safetensors").items() if "token_embedding" not in k})
-    vae = json.loads((Path(directory) / "vae" / "config.json").read_text())
+    vae = json.loads((folder / "vae" / "config.json").read_text())
     trained = bool(spec.get("pretrain_vae"))
     return {"tensors": tensors, "vae_scaling_factor": vae["scaling_factor"] if trained else None, "vae_shift_factor": vae["shift_factor"] if trained else None}
 

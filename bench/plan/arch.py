@@ -122,10 +122,15 @@ def _component(role: str, name: str) -> Component:
     return Component(role, cfg["_class"], public(cfg), name, cfg.get("_source", ""), cfg.get("_parameters"))
 
 
+def is_flow_model(model_cfg: dict) -> bool:
+    """A rectified-flow transformer (its sampler a flow kind): no memory model here yet."""
+    return str(model_cfg["sampler"]["kind"]).startswith("flow_")
+
+
 def model_architecture(model_cfg: dict) -> Architecture:
     """The components ``bench.models.load_model`` would load for ``model_cfg``, without loading anything."""
     arch = Architecture(str(model_cfg["name"]), int(model_cfg["resolution"]))
-    if str(model_cfg["sampler"]["kind"]).startswith("flow_"):
+    if is_flow_model(model_cfg):
         raise UsageError(f"bench plan has no memory model of the flow transformers yet (model '{model_cfg['name']}'): run the command itself, "
                          "or plan its UNet counterpart")
     if model_cfg["source"] == "tiny":

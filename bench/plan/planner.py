@@ -85,24 +85,18 @@ class Plan:
 
 
 # ---- composing the command ----------------------------------------------------------------------
-def is_flow_model(name: str) -> bool:
-    from bench.config import load_entry_config
-    from bench.registry import MODELS
-
-    return str(load_entry_config(MODELS, name)["sampler"]["kind"]).startswith("flow_")
-
-
 def preset_commands() -> list[list[str]]:
     """``bench plan`` arguments of every method preset that names its base model (the paper and
     official presets), with what the preset needs to run at all: a DreamBench subject for the
     customization presets."""
     from bench.config import load_entry_config
-    from bench.registry import METHODS
+    from bench.plan.arch import is_flow_model
+    from bench.registry import METHODS, MODELS
 
     out = []
     for name in sorted(METHODS.names()):
         cfg = load_entry_config(METHODS, name)
-        if not cfg.get("base_model") or is_flow_model(str(cfg["base_model"])):  # no memory model of the flow transformers yet
+        if not cfg.get("base_model") or is_flow_model(load_entry_config(MODELS, str(cfg["base_model"]))):  # no memory model of them yet
             continue
         extra = ["suite=dreambench", "subject=dog"] if "dreambooth" in str(cfg.get("recipe", "")) or name.startswith("pso-dreambooth") else []
         out.append([f"method={name}", *extra])
