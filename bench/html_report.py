@@ -356,6 +356,11 @@ def mean_charts(runs: list[RunView]) -> list[dict]:
     for name in dict.fromkeys(m for run in runs for m in run.summary.get("metrics", {})):
         series = {lab: [_bar(run.summary["metrics"].get(name))] for lab, run in zip(labels, runs)}
         out.append({"kind": "means", "title": f"{name}: mean", "svg": charts.interval_chart(f"{name}: mean, {_level(runs)} interval", ["all prompts"], series, name)})
+        overall = {lab: (run.summary.get("overall") or {}).get("metrics", {}).get(name) for lab, run in zip(labels, runs)}
+        if any(overall.values()):  # GenEval's overall score: the mean of the tag means
+            by = next(run.summary["overall"]["by"] for run in runs if run.summary.get("overall"))
+            title = f"{name}: overall score (mean of the {by} means), {_level(runs)} interval"
+            out.append({"kind": "means", "title": title, "svg": charts.interval_chart(title, [f"mean over {by}"], {k: [_bar(v)] for k, v in overall.items()}, name)})
     for column in dict.fromkeys(g["by"] for run in runs for g in run.summary.get("by_group", [])):
         tables = {lab: next((g for g in run.summary.get("by_group", []) if g["by"] == column), None) for lab, run in zip(labels, runs)}
         groups = sorted({g for t in tables.values() if t for g in t["n_prompts"]})

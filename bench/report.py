@@ -36,11 +36,13 @@ def summarize(
     baseline_id: str | None = None,
     group_by: list[str] | tuple[str, ...] = (),
     n_permutations: int = 9999,
+    overall_by: str | None = None,
 ) -> dict:
     """Per metric: the mean with an interval that resamples prompts, the smallest shift this many
     prompts could detect, and against a baseline the paired difference, its test (Holm-corrected
     over the table's metrics) and the win rate; for each column of ``group_by`` (``subject``, a
-    PartiPrompts ``Category``) the same mean and interval per group (``bench.stats``)."""
+    PartiPrompts ``Category``) the same mean and interval per group (``bench.stats``); with
+    ``overall_by`` (GenEval's ``tag``) the mean of that column's group means, as its overall score."""
     _require_columns(scores, metrics, "scores")
     if baseline is not None:
         _require_columns(baseline, metrics, "baseline scores")
@@ -67,6 +69,29 @@ def summarize(
         _mark_significant(out["delta"], metrics, level, n_permutations)
     for column in group_by:
         out.setdefault("by_group", []).append(_group_summary(scores, metrics, column, n_boot, level, seed))
+    if overall_by:
+        out["overall"] = _overall_summary(scores, metrics, baseline, overall_by, n_boot, level, seed)
+    return out
+
+
+def _overall_summary(scores: pd.DataFrame, metrics: dict, baseline: pd.DataFrame | None, column: str, n_boot: int, level: float, seed: int) -> dict:
+    """Each metric's mean over the groups of ``column`` of the group means (GenEval's "overall score,
+    avg. over tasks"), its interval resampling prompts within groups, and against a baseline the same
+    mean of per-prompt differences (paired by prompt)."""
+    if column not in scores.columns:
+        raise DataError(f"suite.overall_by={column}: the scores have no column {column}; name one of the suite's group_columns")
+    out: dict = {"by": column, "n_groups": int(scores[column].nunique()), "metrics": {}}
+    for name, spec in metrics.items():
+        rows = _scored(scores, spec)
+        mean, ci = stats.macro_mean_ci(rows[name].to_numpy(), rows["prompt_index"].to_numpy(), rows[column].to_numpy(), n_boot, level, seed)
+        out["metrics"][name] = {"mean": mean, "ci": list(ci)}
+        if baseline is not None:
+            run_pp = rows.groupby("prompt_index")[name].mean()
+            base_pp = _scored(baseline, spec).groupby("prompt_index")[name].mean()
+            run, base = stats.paired(run_pp, base_pp, f"the overall {name}")
+            group = rows.groupby("prompt_index")[column].first().reindex(run_pp.index).to_numpy()
+            value, dci = stats.macro_mean_ci(run - base, None, group, n_boot, level, seed)
+            out["metrics"][name]["delta"] = {"value": value, "ci": list(dci)}
     return out
 
 
@@ -176,9 +201,25 @@ def render_table(summary: dict, title: str) -> str:
             for g, n in groups["n_prompts"].items()
         ]
         table += f"\nmean by {by} ({pct}):\n\n{_markdown(pd.DataFrame(rows))}\n"
+    if summary.get("overall"):
+        table += render_overall(summary["overall"], pct)
     if summary.get("sets"):
         table += render_sets(summary["sets"])
     return table
+
+
+def render_overall(overall: dict, pct: str) -> str:
+    """The overall score: the mean of the group means (GenEval's "avg. over tasks")."""
+    by, rows = overall["by"], []
+    for name, m in overall["metrics"].items():
+        row = {"metric": name, "overall": _fmt(m["mean"]), pct: _interval(m["ci"])}
+        if "delta" in m:
+            row["Δ vs base"] = f"{_signed(m['delta']['value'])} {_interval(m['delta']['ci'])}"
+        rows.append(row)
+    return (
+        f"\noverall score: the mean of the {overall['n_groups']} {by} means, each {by} weighted alike "
+        f"(intervals resample prompts within each {by}; Δ pairs them):\n\n{_markdown(pd.DataFrame(rows))}\n"
+    )
 
 
 def protocol_text(protocol: dict) -> str:

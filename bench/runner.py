@@ -376,7 +376,7 @@ class Session:
         base_scores = pd.read_parquet(baseline.run_dir / "scores.parquet") if baseline else None
         summary = report.summarize(
             scored.scores, infos, base_scores, int(st["n_boot"]), float(st["level"]), int(st["seed"]), plan.identity.baseline, list(self.suite.groups),
-            int(st["n_permutations"]),
+            int(st["n_permutations"]), self.suite.overall_by,
         )
         if scored.sets is not None:
             summary["sets"] = scored.sets.results(baseline.summary.get("sets") if baseline else None)

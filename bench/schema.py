@@ -55,7 +55,7 @@ PRECISION = Rule("one of auto, no, fp16, bf16", lambda v: v is False or v in ("a
 DEVICE = Rule("auto, cpu, cuda, cuda:N or mps", lambda v: re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", v) is not None, names=True)
 SHARD = Rule('"i/N" with 0 <= i < N, e.g. 0/4', lambda v: parse_shard(v) is not None, names=True)
 BETAS = Rule("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v), names=True)
-SAMPLER_KINDS = ("ddim", "euler", "euler_ancestral", "lcm", "pndm", "flow_euler", "flow_sde")  # bench.models.diffusion.SAMPLER_KINDS + bench.models.flow.FLOW_KINDS (tested equal), without importing diffusers
+SAMPLER_KINDS = ("ddim", "euler", "euler_ancestral", "lcm", "pndm", "flow_euler", "flow_sde", "dance_sde")  # bench.models.diffusion.SAMPLER_KINDS + bench.models.flow.FLOW_KINDS (tested equal), without importing diffusers
 NONEMPTY = Rule("a list of at least one metric name", lambda v: len(v) > 0, names=True)
 
 
@@ -193,6 +193,7 @@ class SuiteKeys:
     prompt_sets: Optional[Dict[str, Any]] = setting(None, "set name -> its prompt file (a URL or {hub, file})")
     canonical: Optional[Dict[str, Any]] = setting(None, "the published prompt set: count and sha256 a full run checks")
     group_columns: Optional[List[str]] = setting(None, "columns whose values group the prompts in the summary (a category)")
+    overall_by: Optional[str] = setting(None, "a group column whose groups' means are averaged, each alike, into the overall score (GenEval's tag)")
     metric_scope: Optional[Dict[str, List[str]]] = setting(None, "metric -> the prompt groups it scores (T2I-CompBench)")
     references: Optional[str] = setting(None, "a local folder of reference images (distribution suites)")
     reference_source: Any = setting(None, "where the reference images come from: an URL, {hub, file}, or {world: {seed, per_tag}} (the micro world renders them)")
@@ -208,7 +209,7 @@ class SamplerKeys:
     kind: str = setting(MISSING, "the model card's diffusers scheduler", one_of(*SAMPLER_KINDS))
     steps: int = setting(MISSING, "", at_least(1))
     guidance: float = setting(MISSING, "classifier-free guidance scale", at_least(0))
-    eta: Optional[float] = setting(None, "ddim: eta; flow_sde: Flow-GRPO's noise level a", at_least(0))
+    eta: Optional[float] = setting(None, "ddim: eta; flow_sde: Flow-GRPO's noise level a; dance_sde: DanceGRPO's constant diffusion coefficient", at_least(0))
     timesteps: Optional[List[int]] = setting(None, "explicit timesteps (at their own length)")
     scheduler_config: Optional[Dict[str, Any]] = setting(None, "keys passed to the diffusers scheduler (timestep_spacing: trailing)")
     timestep_scaling: Optional[float] = setting(None, "lcm: the scheduler's timestep_scaling", above(0))

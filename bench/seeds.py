@@ -218,7 +218,8 @@ def aggregate(runs: list[dict], axes: list[str], stats: dict, baseline: str | No
     base = pd.concat([_read(f, "scores.parquet") for f in base_folders], ignore_index=True) if base_folders else None
     specs = metric_specs(summaries[0], scores)
     groups = [g["by"] for g in summaries[0].get("by_group", [])]
-    pooled = summarize(scores, specs, base, int(stats["n_boot"]), float(stats["level"]), int(stats["seed"]), baseline, groups, int(stats["n_permutations"]))
+    overall_by = (summaries[0].get("overall") or {}).get("by")
+    pooled = summarize(scores, specs, base, int(stats["n_boot"]), float(stats["level"]), int(stats["seed"]), baseline, groups, int(stats["n_permutations"]), overall_by)
     keys = [{a: r[a] for a in axes} for r in runs]
     out = {
         "kind": "seeds",

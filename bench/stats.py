@@ -8,6 +8,8 @@ prompt, DreamBench 4), so every interval here resamples or counts prompts, never
   coverage holds at the 30-odd prompts of a small suite where the plain percentile falls short;
   where every prompt's mean is the same (a GenEval tag all wrong), the bootstrap has nothing to
   resample, and a 0/1 verdict gets Wilson's interval over the prompts instead of a point;
+* ``macro_mean_ci``: the unweighted mean of the groups' means (GenEval's overall score over its
+  six tags), with a bootstrap that resamples prompts within each group;
 * ``paired_difference``: the mean of per-prompt differences (run minus base) with the paired
   t-interval (``scipy.stats.ttest_rel``) and a sign-flip permutation test
   (``scipy.stats.permutation_test``); ``holm`` corrects a table's p-values for its many metrics;
@@ -68,6 +70,34 @@ def cluster_bootstrap_mean_ci(values, clusters=None, n_boot: int = 1000, level: 
     idx = np.random.default_rng(seed).integers(0, sums.size, size=(n_boot, sums.size))
     boot = sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
     alpha = expanded_alpha(sums.size, level)
+    lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+    return mean, (float(lo), float(hi))
+
+
+def macro_mean_ci(values, clusters, strata, n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> tuple[float, tuple[float, float]]:
+    """The unweighted mean over ``strata`` (GenEval's tags: its "overall score, avg. over tasks") of
+    each stratum's mean over its images, and its interval from a bootstrap that resamples the prompts
+    (``clusters``; None: each value its own) within each stratum, since the suite fixes how many
+    prompts each stratum has. The expanded percentile uses the smallest stratum's prompt count, the
+    cautious choice. A 0/1 verdict with nothing to resample gets Wilson's interval over all prompts."""
+    x = np.asarray(values, dtype=float).ravel()
+    _check(x, level, "a macro mean's interval")
+    keys = np.arange(x.size) if clusters is None else pd.factorize(np.asarray(clusters), sort=True)[0]
+    sums, counts = np.bincount(keys, weights=x), np.bincount(keys).astype(float)
+    labels = pd.Series(np.asarray(strata)).groupby(keys).agg(lambda s: s.iloc[0]).to_numpy()  # a prompt's stratum
+    members = [np.flatnonzero(labels == s) for s in pd.unique(labels)]
+    mean = float(np.mean([sums[m].sum() / counts[m].sum() for m in members]))
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(n_boot)
+    for m in members:
+        idx = m[rng.integers(0, m.size, size=(n_boot, m.size))]
+        boot += sums[idx].sum(axis=1) / counts[idx].sum(axis=1)
+    boot /= len(members)
+    if np.ptp(boot) <= 1e-12 * max(1.0, abs(mean)):  # every prompt alike within its stratum
+        if np.isin(x, (0.0, 1.0)).all():
+            return mean, wilson_interval(mean * sums.size, sums.size, level)
+        return mean, (mean, mean)
+    alpha = expanded_alpha(min(m.size for m in members), level)
     lo, hi = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
     return mean, (float(lo), float(hi))
 

@@ -61,6 +61,7 @@ class Suite:
     canonical: bool | None = None  # whether the prompts are the published set (its count and sha256), before ``limit``
     metric_scope: dict[str, list[bool]] = field(default_factory=dict)  # metric -> which prompts it scores (all if absent)
     real_images: RealImages | None = None  # the real set of set-level metrics (FID, KID)
+    overall_by: str | None = None  # a group column whose groups' means average into the overall score (GenEval's tag)
 
     @property
     def sha256(self) -> str:
@@ -263,7 +264,15 @@ def load_suite(cfg: dict, subject: str | None = None, cache: Path | None = None)
         canonical=is_canonical,
         metric_scope=_metric_scope(cfg, metrics, groups),
         real_images=real,
+        overall_by=overall_column(cfg, groups),
     )
+
+
+def overall_column(cfg: dict, groups: dict[str, list[str]]) -> str | None:
+    column = cfg.get("overall_by")
+    if column and column not in groups:
+        raise DataError(f"suite '{cfg['name']}': overall_by={column} is not among its groups ({', '.join(groups) or 'none'}); add it to group_columns")
+    return column or None
 
 
 def suite_rows(cfg: dict, base: Path, cache: Path | None) -> tuple[list[dict], str]:

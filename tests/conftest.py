@@ -254,3 +254,31 @@ def synth_mjhq(root, wrap: str | None = None):
         path.parent.mkdir(parents=True, exist_ok=True)
         photo(i, [(96, 96), (80, 64), (64, 80)][i % 3]).save(path)
     return meta, refs
+
+
+def with_lora(model, dtype=None, noise: float = 0.0, rank: int = 4):
+    """A copy of ``model`` with a trainable LoRA adapter on its own targets (rank and alpha ``rank``), its
+    weights moved by ``noise`` (``nudge``); returns the copy and the LoRA weights."""
+    import copy
+
+    from bench.trainer import add_lora
+
+    model = copy.deepcopy(model)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    add_lora(model.unet, rank, float(rank), 0, model.lora_targets)
+    params = [p for n, p in model.unet.named_parameters() if "lora" in n]
+    for p in params:
+        p.requires_grad_(True)
+    nudge(params, noise)
+    return model, params
+
+
+def nudge(params, scale: float, seed: int = 0) -> None:
+    """Add ``scale`` times seeded normal noise (one generator per weight, by its size) to ``params``."""
+    import torch
+
+    with torch.no_grad():
+        for p in params:
+            if scale:
+                p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + seed), dtype=p.dtype))

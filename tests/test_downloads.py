@@ -232,7 +232,7 @@ def shipped_urls() -> list[tuple[str, str]]:
 
 def test_every_url_the_configs_download_is_pinned_and_matches_the_copies_we_hold():
     urls = shipped_urls()
-    assert len(urls) == 14 and all(split_pin(url)[1] for _, url in urls), [u for u in urls if not split_pin(u[1])[1]]
+    assert len(urls) == 15 and all(split_pin(url)[1] for _, url in urls), [u for u in urls if not split_pin(u[1])[1]]
     copies = {  # unmodified copies in shared/data (their SOURCE.md records the same commits)
         "coco_30k.csv": SHARED_DATA / "coco" / "rohitgandikota-erasing" / "coco_30k.csv",
         "4k_training_prompts.json": SHARED_DATA / "pickapic" / "4k_training_prompts.json",

@@ -4,7 +4,6 @@ the paper, values and gradients, on the embedded tiny FLUX-layout model."""
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 
@@ -16,6 +15,7 @@ from bench.method import RoundStore, TrainContext
 from bench.methods.flow_grpo import FlowGRPO, group_advantages
 from bench.metrics.weightfree import Brightness
 from bench.models.diffusion import gaussian_log_prob
+from conftest import nudge, with_lora
 
 PROMPTS = ["a photo of a red circle", "two blue squares", "a photo of three green triangles", "a yellow circle above a square"]
 
@@ -132,22 +132,15 @@ def test_the_loss_is_the_written_out_expression(preset, flux, tmp_path):
     """Values and LoRA gradients of one micro-batch equal the expression written out unit by unit; the
     ratios are moved off 1 first (a noise on the LoRA weights), so the clip is exercised."""
     from bench.config import compose, to_dict
-    from bench.trainer import add_lora
 
     spec = to_dict(compose([f"method={preset}"]))["method"]
     cfg = {k: spec[k] for k in ("samples_per_prompt", "beta", "clip_range", "adv_clip_max", "global_std", "logprob_reduction", "kl_variance", "detach_uncond", "timestep_fraction")}
     method = FlowGRPO({**cfg, "samples_per_prompt": 3, "prompts_per_round": 2, "beta": 0.5, "clip_range": 0.05, "epochs_per_round": 1, "seed": 0, "reward": "brightness"})
-    model = copy.deepcopy(flux).to(dtype=torch.float64)
-    add_lora(model.unet, 4, 4.0, 0, model.lora_targets)
-    params = [p for n, p in model.unet.named_parameters() if "lora" in n]
-    for p in params:
-        p.requires_grad_(True)
+    model, params = with_lora(flux, torch.float64)
     ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 6, progress=False, rounds=RoundStore(tmp_path / "rounds"))
     data = method.prepare(ctx)
     data.get(ctx, 0)  # the round, sampled by the model as it is
-    with torch.no_grad():
-        for p in params:
-            p.add_((0.15 if cfg["logprob_reduction"] == "mean" else 0.003) * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel()), dtype=p.dtype))
+    nudge(params, 0.15 if cfg["logprob_reduction"] == "mean" else 0.003)
     r, batch, units = method.next_units(ctx.at(0), data)
     ours, logs = method.loss(ctx.at(0), data, torch.Generator())
     ours_grads = torch.autograd.grad(ours, params)
@@ -163,13 +156,7 @@ def test_the_loss_is_the_written_out_expression(preset, flux, tmp_path):
 def test_one_step_moves_the_advantage_weighted_likelihood(flux, tmp_path):
     """On a fresh round the policy is the sampling policy (every ratio 1); one optimizer step of the official
     preset raises sum A log p over the round's trained transitions."""
-    from bench.trainer import add_lora
-
-    model = copy.deepcopy(flux)
-    add_lora(model.unet, 4, 4.0, 0, model.lora_targets)
-    params = [p for n, p in model.unet.named_parameters() if "lora" in n]
-    for p in params:
-        p.requires_grad_(True)
+    model, params = with_lora(flux)
     method = FlowGRPO({"samples_per_prompt": 4, "prompts_per_round": 2, "beta": 0.0, "clip_range": 0.5, "global_std": True,
                        "logprob_reduction": "mean", "timestep_fraction": 0.99, "epochs_per_round": 1, "seed": 0, "reward": "brightness"})
     ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 64, progress=False, rounds=RoundStore(tmp_path / "rounds"))
@@ -207,3 +194,110 @@ def test_plan_refuses_a_flow_model_in_one_line(cli):
     code, out, err = cli("plan", "method=flow-grpo", "suite=micro")
     assert code != 0 and out == "" and len(err.strip().splitlines()) == 1
     assert "no memory model of the flow transformers" in err
+
+
+def test_offline_pso_on_a_flow_model_is_eq6_with_velocity_errors(flux, monkeypatch):
+    """Offline PSO's Eq. 6 written out with a flow model's velocity errors at the few-step sampler's sigmas but
+    the last (1, 0.75, 0.5 on tiny-flux), one noise a pair and step: values and LoRA gradients."""
+    import torch.nn.functional as F
+
+    from bench.methods import preference_data
+    from bench.methods.pso_offline import OfflinePSO, pso_timesteps
+
+    model, params = with_lora(flux, torch.float64, noise=0.1)
+    assert pso_timesteps(model) == model.timesteps()[:-1] and [model.sigma(t) for t in pso_timesteps(model)] == [1.0, 0.75, 0.5]
+    g = torch.Generator().manual_seed(0)
+    n, shape = 2, model.latent_shape()
+    data = {"latents_w": torch.randn(n, *shape, generator=g, dtype=torch.float64), "latents_l": torch.randn(n, *shape, generator=g, dtype=torch.float64),
+            "prompt_index": torch.arange(n), "ties_dropped": torch.tensor(0)}
+    noise = torch.randn(n * 3, *shape, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(preference_data, "draw_noise", lambda shape, generator, ctx: noise[: shape[0]])
+    method = OfflinePSO({"beta": 50.0, "reduction": "mean", "share_noise": True, "samples_per_prompt": 2, "reward": None, "seed": 0, "drop_ties": True, "prompt_dropout": 0.0})
+    ctx = TrainContext(model, PROMPTS[:n], None, 0, torch.device("cpu"), n, progress=False)
+    pairs = preference_data.MemoryPairs(data, PROMPTS[:n]).sample(ctx, torch.Generator().manual_seed(1))
+    ours, _ = method.loss(ctx, data, torch.Generator().manual_seed(1))
+    ours_grads = torch.autograd.grad(ours, params)
+
+    total = 0.0
+    for i in range(n):
+        cond = model.encode_prompts([pairs.prompts[i]])
+        m = 0.0
+        for k, t in enumerate(pso_timesteps(model)):
+            eps, sigma = noise[i * 3 + k : i * 3 + k + 1], t / 1000
+            for x, sign in ((pairs.x_w[i : i + 1], 1), (pairs.x_l[i : i + 1], -1)):
+                x_t = (1 - sigma) * x + sigma * eps
+                v = model.denoise(x_t, t, cond)
+                model.unet.disable_adapters()
+                with torch.no_grad():
+                    v_pre = model.denoise(x_t, t, cond)
+                model.unet.enable_adapters()
+                target = eps - x
+                m = m + sign * (((target - v) ** 2).mean() - ((target - v_pre) ** 2).mean())
+        total = total - F.logsigmoid(-50.0 * m)
+    theirs = total / n
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-9)
+    for a, b in zip(ours_grads, torch.autograd.grad(theirs, params)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-12)
+
+
+def test_velocity_dpo_draws_flow_grpos_logit_normal_timesteps(flux):
+    """The timesteps of ``timesteps: logit_normal`` are diffusers' compute_density_for_timestep_sampling
+    read into the scheduler's training timesteps, as train_sd3_dpo.py reads them (SD3.5's shift 3 included)."""
+    import diffusers
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
+    from bench.methods.preference_data import logit_normal_timesteps
+
+    ctx = TrainContext(flux, PROMPTS, None, 0, torch.device("cpu"), 4, progress=False)
+    ours = logit_normal_timesteps(ctx, 64, torch.Generator().manual_seed(3))
+    u = compute_density_for_timestep_sampling(weighting_scheme="logit_normal", batch_size=64, logit_mean=0, logit_std=1, mode_scale=1.29, generator=torch.Generator().manual_seed(3))
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler.from_config(flux.scheduler_config)
+    assert torch.equal(ours, scheduler.timesteps[(u * scheduler.config.num_train_timesteps).long()].double())
+    shifted = diffusers.FlowMatchEulerDiscreteScheduler.from_config({**flux.scheduler_config, "shift": 3.0})
+    assert shifted.timesteps[500] > scheduler.timesteps[500]  # SD3.5's shift moves the draws toward noise
+
+
+def test_velocity_dpo_is_train_sd3_dpos_loss(flux, monkeypatch):
+    """diffusion-dpo-flow's loss on tiny-flux equals train_sd3_dpo.py's written out: shared noise, one
+    logit-normal timestep a pair, mean velocity errors of the learner and the reference, -logsigmoid(-0.5
+    beta (w_diff - l_diff)); values and LoRA gradients."""
+    import torch.nn.functional as F
+
+    from bench.config import compose, to_dict
+    from bench.methods import preference_data
+    from bench.methods.diffusion_dpo import DiffusionDPO
+
+    spec = to_dict(compose(["method=diffusion-dpo-flow"]))["method"]
+    assert spec["timesteps"] == "logit_normal" and spec["beta"] == 100
+    method = DiffusionDPO({k: spec[k] for k in ("beta", "beta_convention", "timesteps", "samples_per_prompt", "reward", "seed", "drop_ties", "prompt_dropout")})
+    model, params = with_lora(flux, torch.float64, noise=0.1)
+    g = torch.Generator().manual_seed(0)
+    n, shape = 3, model.latent_shape()
+    data = {"latents_w": torch.randn(n, *shape, generator=g, dtype=torch.float64), "latents_l": torch.randn(n, *shape, generator=g, dtype=torch.float64),
+            "prompt_index": torch.arange(n), "ties_dropped": torch.tensor(0)}
+    noise = torch.randn(n, *shape, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(preference_data, "draw_noise", lambda shape, generator, ctx: noise[: shape[0]])
+    ctx = TrainContext(model, PROMPTS[:n], None, 0, torch.device("cpu"), n, progress=False)
+    ours, _ = method.loss(ctx, data, torch.Generator().manual_seed(1))
+    ours_grads = torch.autograd.grad(ours, params)
+    g = torch.Generator().manual_seed(1)
+    pairs = preference_data.MemoryPairs(data, PROMPTS[:n]).sample(ctx, g)
+    timesteps = preference_data.logit_normal_timesteps(ctx, n, g)
+    cond = model.encode_prompts(pairs.prompts * 2)
+    x = torch.cat([pairs.x_w, pairs.x_l])
+    eps, t = torch.cat([noise, noise]), torch.cat([timesteps, timesteps])
+    sigmas = (t / 1000).reshape(-1, 1, 1, 1)
+    x_t = (1 - sigmas) * x + sigmas * eps
+    pred = model.denoise(x_t, t, cond)
+    model.unet.disable_adapters()
+    with torch.no_grad():
+        pred_ref = model.denoise(x_t, t, cond)
+    model.unet.enable_adapters()
+    target = eps - x
+    theta_mse = ((pred - target) ** 2).reshape(2 * n, -1).mean(dim=1)
+    ref_mse = ((pred_ref - target) ** 2).reshape(2 * n, -1).mean(dim=1)
+    w_l_diff = (theta_mse[:n] - ref_mse[:n]) - (theta_mse[n:] - ref_mse[n:])
+    theirs = torch.mean(-F.logsigmoid(-0.5 * 100 * w_l_diff))
+    assert float(ours) == pytest.approx(float(theirs), rel=1e-9)
+    for a, b in zip(ours_grads, torch.autograd.grad(theirs, params)):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-12)

@@ -34,6 +34,8 @@ UNPINNED: dict[tuple[str, str], str] = {
     ("suites/pickapic.yaml", "yuvalkirstain/pickapic_v1_no_images"): "no commit of it could be verified",
     ("suites/protocols/dspo-table1.yaml", "yuvalkirstain/pickapic_v2_no_images"): "no commit of it could be verified",
     ("datasets/pokemon-blip-captions.yaml", "reach-vb/pokemon-blip-captions"): "no commit of it could be verified",
+    ("metric geneval-m2f", "facebook/mask2former-swin-small-coco-instance"): "no commit of it could be verified (no public project pins it)",
+    ("bench.metrics.geneval.M2F_REPO", "facebook/mask2former-swin-small-coco-instance"): "the same repository, named as a constant",
 }
 
 

@@ -65,6 +65,10 @@ class DDPO(OnlineMethod):
     def unit_group(self, ctx: TrainContext) -> int:
         return self.trained_steps(ctx)  # a trajectory's steps travel together, as ddpo-pytorch batches them
 
+    def unit_steps(self, ctx: TrainContext, r: int, traj: torch.Tensor, slot: torch.Tensor) -> torch.Tensor:
+        """The sampler step each unit trains: a trajectory's ``slot``-th trained step (DDPO: its first ones, in order)."""
+        return slot
+
     def round_advantages(self, ctx: TrainContext, batch) -> torch.Tensor:
         """Every trajectory's advantage in the round, flat: normalized per prompt."""
         return advantages(batch["rewards"], self.spec.adv_clip_max).flatten()
@@ -72,7 +76,8 @@ class DDPO(OnlineMethod):
     def loss(self, ctx: TrainContext, data, generator: torch.Generator):
         r, batch, units = self.next_units(ctx, data)
         s, k = self.samples_per_prompt(), self.trained_steps(ctx)
-        traj, step = units // k, units % k
+        traj = units // k
+        step = self.unit_steps(ctx, r, traj, units % k)
         states = batch["states"].flatten(0, 1)[traj]
         old = batch["log_probs"].flatten(0, 1)[traj, step].to(ctx.device)  # summed over elements when sampled
         adv = self.round_advantages(ctx, batch)[traj].to(ctx.device)

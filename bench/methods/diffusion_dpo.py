@@ -13,6 +13,10 @@ inside the loss and the SD1.5/SDXL value is beta = 5000. The diffusers example s
 -log sigmoid(beta' * (d_ref - d_theta)) with default beta' = 2500, so beta' = beta / 2:
 use ``from_diffusers_beta`` / ``to_diffusers_beta`` (or ``beta_convention: diffusers``).
 The reference is the same UNet with its LoRA adapters disabled (a frozen copy for full fine-tuning).
+
+On a flow model the errors are the velocity's (noise - x0, ``training_target``): the velocity form
+of flow_grpo's ``scripts/train_sd3_dpo.py``, which draws each pair's timestep logit-normally over the
+scheduler's shifted training timesteps (``timesteps: logit_normal``) with beta 100.
 """
 
 from __future__ import annotations
@@ -60,12 +64,14 @@ class DiffusionDPO(PairMethod):
     class Spec(PairSpec):
         beta: float = setting(MISSING, "Salesforce train.py convention: -logsigmoid(-0.5 * beta * (d_theta - d_ref)); 5000 for SD1.5/SDXL", above(0))
         beta_convention: str = setting("salesforce", "or diffusers: beta is then the diffusers script's (2500 there = 5000 here)", one_of("salesforce", "diffusers"))
+        timesteps: str = setting("uniform", "uniform over the T training timesteps (Salesforce); logit_normal: sigmoid(N(0, 1)) x T indexing the scheduler's training timesteps (flow_grpo's train_sd3_dpo.py)",
+                                 one_of("uniform", "logit_normal"))
 
     def beta(self) -> float:
         return beta_in_salesforce_convention(self.spec.beta, self.spec.beta_convention)
 
     def loss(self, ctx, data, generator: torch.Generator):
-        win, lose = predict_pairs(ctx, self.pairs(ctx, data, generator), generator)
+        win, lose = predict_pairs(ctx, self.pairs(ctx, data, generator), generator, timesteps=self.spec.timesteps)
         (model_w, ref_w), (model_l, ref_l) = win.errors(), lose.errors()
         losses, margin = dpo_loss(model_w, model_l, ref_w, ref_l, self.beta())
         return losses.mean(), {"implicit_acc": float((margin > 0).float().mean())}

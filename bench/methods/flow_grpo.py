@@ -82,7 +82,7 @@ class FlowGRPO(DDPO):
         return self.spec.beta > 0
 
     def prepare(self, ctx: TrainContext):
-        if self.spec.kl_variance == "sde" and self.spec.beta > 0 and not hasattr(ctx.model, "sde_scale"):
+        if self.spec.kl_variance == "sde" and self.spec.beta > 0 and ctx.model.predicts != "velocity":
             raise UsageError(f"kl_variance: sde divides by the flow SDE's sigma_t, and model '{ctx.model.name}' is no flow model: "
                              "set method.kl_variance=step (the Gaussian step's own variance)")
         return super().prepare(ctx)

@@ -13,6 +13,7 @@ method's data source (``prepare`` returns them, the loss reads them); the traine
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
 import torch
 
@@ -117,8 +118,10 @@ class OnlineRounds:
     trajectories each, ``epochs_per_round`` passes, seeded by ``seed`` (from the recipe's spec);
     with ``steps_per_round`` (a training's), round r trains steps [r x steps_per_round, (r + 1) x steps_per_round)."""
 
-    def __init__(self, spec: OnlineSpec, samples_per_prompt: int, name: str, steps_per_round: int | None = None, store: RoundStore | None = None):
+    def __init__(self, spec: OnlineSpec, samples_per_prompt: int, name: str, steps_per_round: int | None = None, store: RoundStore | None = None,
+                 policy=None):
         self.name = name
+        self.policy = policy  # None: rounds sample with the current weights; else a context (ctx -> context manager) of the weights they sample with
         self.prompts_per_round = spec.prompts_per_round
         self.samples_per_prompt = samples_per_prompt
         self.epochs = spec.epochs_per_round
@@ -152,22 +155,31 @@ class OnlineRounds:
         index = torch.randint(0, len(ctx.prompts), (n,), generator=g)
         prompts = [ctx.prompts[int(i)] for i in index for _ in range(s)]
         gens = [torch.Generator().manual_seed(image_seed(self.name, r, i, self.seed)) for i in range(n * s)]
-        k = len(ctx.model.stochastic_timesteps())
         chunk = ctx.sample_batch_size or len(prompts)
 
         def one(b: int) -> dict[str, torch.Tensor]:
-            lo, hi = b * chunk, (b + 1) * chunk
-            x0, traj, steps = ctx.model.sample(prompts[lo:hi], gens[lo:hi], trajectory=True)
-            return {
-                "rewards": ctx.rewards(x0, prompts[lo:hi]),
-                # log p of each stochastic transition (summed over elements), read off the Gaussians the sampler just drew from
-                "log_probs": torch.stack([gaussian_log_prob(traj[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1).cpu(),
-                "states": torch.stack(traj, dim=1).float().cpu(),  # (chunk, N + 1, C, h, w)
-            }
+            rows = slice(b * chunk, (b + 1) * chunk)
+            return self.sample_chunk(ctx, prompts[rows], gens[rows], self.initial_latents(ctx, r, range(n * s)[rows]))
 
-        parts = current_ranks().map_batches(math.ceil(len(prompts) / chunk), one)  # launched ranks sample a share each
-        shape = lambda key: torch.cat([p[key] for p in parts]).reshape(n, s, *parts[0][key].shape[1:]).contiguous()
-        return {"states": shape("states"), "log_probs": shape("log_probs"), "rewards": shape("rewards"), "prompt_index": index}
+        with self.policy(ctx) if self.policy else nullcontext():
+            parts = current_ranks().map_batches(math.ceil(len(prompts) / chunk), one)  # launched ranks sample a share each
+        shape = lambda key: torch.cat([p[key] for p in parts]).reshape(n, s, *parts[0][key].shape[1:]).contiguous()  # noqa: E731
+        return {**{key: shape(key) for key in parts[0]}, "prompt_index": index}
+
+    def initial_latents(self, ctx: TrainContext, r: int, samples: range) -> torch.Tensor | None:
+        """The starting noise of round r's ``samples``: None, each draws its own from its generator."""
+        return None
+
+    def sample_chunk(self, ctx: TrainContext, prompts: list[str], gens: list[torch.Generator], initial: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """One chunk's trajectories: every state, the log-probability of each stochastic transition and the reward."""
+        k = len(ctx.model.stochastic_timesteps())
+        x0, traj, steps = ctx.model.sample(prompts, gens, trajectory=True, initial=initial)
+        return {
+            "rewards": ctx.rewards(x0, prompts),
+            # log p of each stochastic transition (summed over elements), read off the Gaussians the sampler just drew from
+            "log_probs": torch.stack([gaussian_log_prob(traj[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1).cpu(),
+            "states": torch.stack(traj, dim=1).float().cpu(),  # (chunk, N + 1, C, h, w)
+        }
 
     def order(self, r: int, epoch: int, count: int, group: int = 1) -> torch.Tensor:
         """The seeded order in which an epoch of round r visits its ``count`` units. Units come in
@@ -187,6 +199,8 @@ class OnlineMethod(Method):
 
     name = "online"
     Spec = OnlineSpec
+    rounds_class = OnlineRounds  # what a round keeps of its samples (every state and log-probability, or only the final latents)
+    sampling_policy = None  # None: rounds sample with the current weights; a method's own (ctx -> context manager) picks other weights
 
     def samples_per_prompt(self) -> int:
         return 2  # a pair; a recipe with ``samples_per_prompt`` in its spec reads it
@@ -201,8 +215,8 @@ class OnlineMethod(Method):
     def rounds(self, ctx: TrainContext | None = None) -> OnlineRounds:
         """The round buffer; with ``ctx``, bound to that training's store and steps per round."""
         if ctx is None:
-            return OnlineRounds(self.spec, self.samples_per_prompt(), self.name)
-        return OnlineRounds(self.spec, self.samples_per_prompt(), self.name, self.steps_per_round(ctx), ctx.rounds)
+            return self.rounds_class(self.spec, self.samples_per_prompt(), self.name, policy=self.sampling_policy)
+        return self.rounds_class(self.spec, self.samples_per_prompt(), self.name, self.steps_per_round(ctx), ctx.rounds, self.sampling_policy)
 
     def steps_per_round(self, ctx: TrainContext) -> int:
         """Optimizer steps per round: its micro-batches over all epochs, ``grad_accum`` per step."""

@@ -186,6 +186,14 @@ def uniform_timesteps(ctx: TrainContext, n: int, generator: torch.Generator) -> 
     return torch.randint(0, ctx.model.num_train_timesteps, (n,), generator=generator)
 
 
+def logit_normal_timesteps(ctx: TrainContext, n: int, generator: torch.Generator, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    """diffusers' ``compute_density_for_timestep_sampling(weighting_scheme="logit_normal")``: u =
+    sigmoid(N(mean, std)), read at index int(u T) of the model's training timesteps (flow_grpo's DPO)."""
+    u = torch.sigmoid(torch.normal(mean=mean, std=std, size=(n,), generator=generator))  # float32, as there
+    grid = ctx.model.training_timesteps()
+    return grid[(u * len(grid)).long().clamp_max(len(grid) - 1)]
+
+
 def draw_noise(shape, generator: torch.Generator, ctx: TrainContext) -> torch.Tensor:
     return torch.randn(shape, generator=generator, dtype=torch.float64).to(ctx.device, ctx.model.dtype)
 
@@ -204,14 +212,16 @@ def predict(ctx: TrainContext, x0: torch.Tensor, prompts: list[str], t: torch.Te
     return Predictions(model.training_target(x0, noise), pred, ref, t)
 
 
-def predict_pairs(ctx: TrainContext, pairs: Pairs, generator: torch.Generator, t=None, share_noise=True, reference=True) -> tuple[Predictions, Predictions]:
+def predict_pairs(ctx: TrainContext, pairs: Pairs, generator: torch.Generator, t=None, share_noise=True, reference=True, timesteps: str = "uniform") -> tuple[Predictions, Predictions]:
     """Predictions for the preferred and the dispreferred half of a batch in one forward pass.
 
-    One timestep per pair (uniform over [0, T) unless ``t`` is given) for both images, and by
-    default one noise draw for both, as the Salesforce Diffusion-DPO and DSPO scripts do.
+    One timestep per pair (uniform over [0, T), or ``timesteps: logit_normal``, unless ``t`` is given)
+    for both images, and by default one noise draw for both, as the Salesforce Diffusion-DPO and DSPO
+    scripts do.
     """
     n = pairs.x_w.shape[0]
-    t = uniform_timesteps(ctx, n, generator) if t is None else t
+    if t is None:
+        t = logit_normal_timesteps(ctx, n, generator) if timesteps == "logit_normal" else uniform_timesteps(ctx, n, generator)
     noise_w = draw_noise(pairs.x_w.shape, generator, ctx)
     noise_l = noise_w if share_noise else draw_noise(pairs.x_l.shape, generator, ctx)
     both = predict(ctx, torch.cat([pairs.x_w, pairs.x_l]), pairs.prompts * 2, torch.cat([t, t]), torch.cat([noise_w, noise_l]), reference)

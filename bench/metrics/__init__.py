@@ -81,6 +81,23 @@ class Metric:
         raise NotImplementedError
 
 
+class ComposedMetric(Metric):
+    """A metric built from several loaded parts (a detector and CLIP), moved and prefetched together."""
+
+    def __init__(self, scorers: str = "official"):
+        self.info = scorer_info(self.info, scorers)
+        self.scorers = scorers
+        self.parts: dict[str, "LearnedMetric"] = {}
+
+    def to(self, device):
+        for part in self.parts.values():
+            part.to(device)
+        return self
+
+    def download(self) -> list[str]:
+        return [p for part in self.parts.values() for p in part.download()]
+
+
 class DistributionMetric(Metric):
     """A set-level metric (FID, KID): the whole generated set against a set of real images.
 
@@ -294,6 +311,10 @@ BUILTIN_METRICS: dict[str, tuple[str, str]] = {
     ),
     "fid": ("bench.metrics.fid:FID", "FID (set-level) on the clean-fid 'clean' protocol: PIL bicubic to 299, TorchScript Inception-v3 inception-2015-12-05.pt"),
     "kid": ("bench.metrics.fid:KID", "KID (set-level, raw) on the clean-fid 'clean' protocol: cubic polynomial kernel, 100 subsets of at most 1,000 images, seeded"),
+    "geneval-m2f": (
+        "bench.metrics.geneval:GenEvalMask2Former",
+        "GenEval's rules (objects, count, CLIP ViT-L/14 color, position) on Mask2Former Swin-S COCO instances; NON-CANONICAL: mmdetection's checkpoint unavailable",
+    ),
     "blip-vqa": (
         "bench.metrics.vqa:BlipVqa",
         "T2I-CompBench BLIP-VQA: product over the prompt's noun chunks of P(yes), BLIP model_base_vqa_capfilt_large at 480 (color, shape, texture)",

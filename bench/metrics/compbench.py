@@ -27,7 +27,7 @@ from typing import Sequence
 
 import torch
 
-from bench.metrics import HubFiles, LearnedMetric, Metric, MetricInfo, scorer_info, seeded
+from bench.metrics import ComposedMetric, HubFiles, LearnedMetric, MetricInfo, seeded
 from bench.metrics.clip import ClipB32, preprocess_each, to_pil
 
 NON_CANONICAL = "NON-CANONICAL (UniDet unavailable; boxes from OWLv2)"
@@ -386,18 +386,8 @@ class MidasDepth(LearnedMetric):
 # --------------------------------------------------------------------------- metrics
 
 
-class _CompBenchMetric(Metric):
-    """A metric built from several loaded parts, all moved together and prefetched together."""
-
-    def __init__(self, scorers: str = "official"):
-        self.info = scorer_info(self.info, scorers)
-        self.scorers = scorers
-        self.parts: dict[str, LearnedMetric] = {}
-
-    def to(self, device):
-        for part in self.parts.values():
-            part.to(device)
-        return self
+class _CompBenchMetric(ComposedMetric):
+    """A T2I-CompBench metric of several parts that parses its prompts with spaCy."""
 
     def parser(self):
         from bench.metrics.nlp import english
@@ -407,7 +397,7 @@ class _CompBenchMetric(Metric):
     def download(self) -> list[str]:
         from bench.metrics.nlp import download_spacy
 
-        return [p for part in self.parts.values() for p in part.download()] + [download_spacy()]
+        return super().download() + [download_spacy()]
 
 
 class _DetectorMetric(_CompBenchMetric):

@@ -231,6 +231,7 @@ class DiffusionModel:
     """
 
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections LoRA adapts (diffusers' training scripts, the DPO and PSO codes)
+    predicts = "epsilon"  # what the network predicts: "epsilon", or a flow model's "velocity"
 
     def __init__(
         self, name, unet, vae, text_encoder, tokenizer, scheduler_config, sampler: Sampler, resolution, identity,
@@ -265,6 +266,11 @@ class DiffusionModel:
         sched = DDPMScheduler.from_config(self.scheduler_config)
         self.num_train_timesteps = sched.config.num_train_timesteps
         self.alphas_cumprod = sched.alphas_cumprod.to(torch.float64)
+
+    def training_timesteps(self) -> torch.Tensor:
+        """The training schedule's timesteps, noisiest first, as the scheduler lists them before
+        ``set_timesteps`` (DDPM's T - 1, ..., 0), which a sampled index reads (diffusers' SD3 scripts)."""
+        return torch.arange(self.num_train_timesteps - 1, -1, -1, dtype=torch.float64)
 
     # ---- placement -------------------------------------------------------------------------
     def to(self, device=None, dtype=None) -> "DiffusionModel":
@@ -459,6 +465,7 @@ class DiffusionModel:
         unet=None,
         grad_last: int = 0,
         stop_at: int | None = None,
+        initial: torch.Tensor | None = None,
     ):
         """Run the sampler; every image draws all its noise from its own generator.
 
@@ -469,6 +476,8 @@ class DiffusionModel:
 
         Reward back-propagation: with ``grad_last=K`` only the last K steps are differentiated
         (DRaFT-K); with ``stop_at=n`` the clean estimate of step n is returned at once (ReFL).
+        ``initial`` is the starting noise, given (DanceGRPO shares one within a prompt's group); the
+        generators then draw only the steps' noise.
         """
         sampler = sampler or self.sampler
         shape = self.latent_shape()
@@ -478,7 +487,7 @@ class DiffusionModel:
         cond = self.encode_prompts(prompts, sampler.guidance)
         uncond = self.unconditional(len(prompts)) if self.uses_cfg(sampler.guidance) else None
         steps = self.timesteps(sampler)
-        x = draw() * self.initial_scale(steps[0], sampler)
+        x = (draw() if initial is None else initial.to(self.device, self.dtype)) * self.initial_scale(steps[0], sampler)
         grad = torch.is_grad_enabled()
         differentiate = lambda i: torch.set_grad_enabled(grad and (not grad_last or i >= len(steps) - grad_last))  # noqa: E731
         if sampler.kind in MULTISTEP_KINDS:

@@ -17,7 +17,9 @@ elements). Samplers, by ``kind``, on the pipeline's ``FlowMatchEulerDiscreteSche
       std  = sigma_t sqrt(-dt)
 
   with the noise level a = the sampler's ``eta`` (the official 0.7). Every step draws noise, the
-  last one too (it lands on sigma = 0 with std sigma_t sqrt(sigma_N)).
+  last one too (it lands on sigma = 0 with std sigma_t sqrt(sigma_N));
+* ``dance_sde``: DanceGRPO's SDE (XueZeyue/DanceGRPO ``flux_step``): the same step with a constant
+  diffusion coefficient sigma_t = eta (the official 0.3), so std = eta sqrt(sigma - sigma_prev).
 
 The steps are the scheduler's own ``set_timesteps`` called as each pipeline calls it (FLUX: sigmas
 linspace(1, 1/N, N) and the resolution's shift mu; SD3: the scheduler's shift, mu only with dynamic
@@ -40,7 +42,8 @@ import torch.nn.functional as F
 from bench.errors import UsageError
 from bench.models.diffusion import Conditioning, DiffusionModel, Sampler, SamplerError, Transition
 
-FLOW_KINDS = ("flow_euler", "flow_sde")
+FLOW_KINDS = ("flow_euler", "flow_sde", "dance_sde")
+SDE_KINDS = ("flow_sde", "dance_sde")
 LAYOUTS = {"FluxTransformer2DModel": "flux", "SD3Transformer2DModel": "sd3"}  # transformer class -> the embedded builds' ``layout``
 FLOW_LAYOUTS = tuple(LAYOUTS.values())
 
@@ -85,6 +88,7 @@ class FlowModel(DiffusionModel):
     """
 
     # LoRA on both streams' attention projections, as yifan123/flow_grpo's scripts (train_sd3.py's target_modules)
+    predicts = "velocity"
     lora_targets = ("attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out")
 
     def __init__(self, name, pipeline, sampler: Sampler, resolution, identity, max_sequence_length: int):
@@ -101,6 +105,13 @@ class FlowModel(DiffusionModel):
     def read_noise_schedule(self) -> None:
         """A flow model's training noise is the interpolation at sigma = t / T: no alphas."""
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+
+    def training_timesteps(self) -> torch.Tensor:
+        """The scheduler's T timesteps (sigma x T) before ``set_timesteps``: its shift applied (SD3.5's 3), as
+        ``FlowMatchEulerDiscreteScheduler.from_pretrained`` holds them."""
+        import diffusers
+
+        return diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(self.scheduler_config)).timesteps.to(torch.float64)
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]
@@ -193,7 +204,7 @@ class FlowModel(DiffusionModel):
     def stochastic_timesteps(self, sampler: Sampler | None = None) -> list[float]:
         """Every step of the SDE (each draws noise, the last too); the ODE has none: one line naming the fix."""
         sampler = sampler or self.sampler
-        if sampler.kind != "flow_sde" or not sampler.eta:
+        if sampler.kind not in SDE_KINDS or not sampler.eta:
             raise SamplerError(
                 f"trajectory methods train through the sampler's Gaussian transitions, and model '{self.name}' samples with "
                 f"the deterministic flow-matching Euler ODE: train through Flow-GRPO's SDE, train.sampler: {{kind: flow_sde, eta: 0.7}} in the preset"
@@ -201,7 +212,10 @@ class FlowModel(DiffusionModel):
         return self.timesteps(sampler)
 
     def sde_scale(self, sigma: float, sampler: Sampler) -> float:
-        """Flow-GRPO's sigma_t = a sqrt(sigma / (1 - sigma)); at sigma = 1 the denominator uses the schedule's second sigma."""
+        """Flow-GRPO's sigma_t = a sqrt(sigma / (1 - sigma)) (at sigma = 1 the denominator uses the schedule's
+        second sigma), or DanceGRPO's constant a."""
+        if sampler.kind == "dance_sde":
+            return sampler.eta
         sigmas = self.schedule(sampler).sigmas
         return sampler.eta * math.sqrt(sigma / (1 - (sigmas[1] if sigma == 1 else sigma)))
 
