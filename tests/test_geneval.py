@@ -158,6 +158,40 @@ def test_judge_checks_counts_colors_positions_and_exclusions_in_order():
     assert ge.judge(spec, {"dog": [dog_left]}, never) == (False, "expected cat>=1, found 0\nno target for dog to be left of")
 
 
+def test_the_rules_give_the_official_evaluators_verdicts_and_reasons():
+    """240 recorded cases (tests/parity/record_geneval_rules.py ran evaluate_images.py itself on them, its
+    detector and color classifier replaced by the cases' detections and colors): the same verdict and
+    the same reason, word for word, from kept_objects and judge."""
+    import json
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent / "parity"))
+    from record_geneval_rules import case_colors
+
+    recorded = json.loads((Path(__file__).parent / "data" / "geneval_rules_parity.json").read_text())["cases"]
+    assert len(recorded) == 240 and 0 < sum(c["correct"] for c in recorded) < 240
+    for case in recorded:
+        # mmdetection's boxes and scores are float32: the rules compare those values
+        dets = [ge.Instance(ge.OBJECT_NAMES.index(d["class"]), float(np.float32(d["score"])), tuple(float(v) for v in np.float32(d["box"])), None) for d in case["detections"]]
+        objects = ge.kept_objects(dets, case["spec"]["tag"], {**ge.OPTIONS, "max_overlap": case["max_overlap"]})
+        colors = lambda name, found, palette=case["palette"]: [case_colors(palette, o.box) for o in found]  # noqa: E731
+        assert ge.judge(case["spec"], objects, colors) == (case["correct"], unordered_relations(case["reason"])), case
+
+
+def unordered_relations(reason: str) -> str:
+    """A recorded reason with its relations in POSITIONS' order: evaluate_images.py joins a set of them,
+    whose order follows the recording process's string hashing."""
+    def fix(line: str) -> str:
+        head, sep, rest = line.partition(" target, found ")
+        if not sep:
+            return line
+        relations = rest.removesuffix(" target").split(" and ")  # [""] where none held: "found  target"
+        return f"{head}{sep}{' and '.join(r for r in ge.POSITIONS if r in relations)} target"
+
+    return "\n".join(fix(line) for line in reason.split("\n"))
+
+
 def test_instances_are_mmdetections_class_times_mask_scores_boxed_by_the_mask():
     class_logits = torch.full((2, 81), -20.0)
     class_logits[0, ge.OBJECT_NAMES.index("dog")] = 5.0

@@ -211,7 +211,8 @@ def judge(spec: dict, objects: dict[str, list[Instance]], colors_of: Callable[[s
                         wrong = next((t for t in matched_groups[target] if relation not in relative_position(obj.box, t.box, threshold)), None)
                         if wrong is not None:
                             matched = False
-                            reasons.append(f"expected {name} {relation} target, found {' and '.join(relative_position(obj.box, wrong.box, threshold))} target")
+                            found_relations = relative_position(obj.box, wrong.box, threshold)  # a set there: its order varies with the hash seed
+                            reasons.append(f"expected {name} {relation} target, found {' and '.join(r for r in POSITIONS if r in found_relations)} target")
                             break
         correct &= matched
         matched_groups.append(found if matched else None)
