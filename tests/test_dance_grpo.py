@@ -74,7 +74,7 @@ def method_and_context(preset, flux, tmp_path, **extra):
     from bench.config import compose, to_dict
 
     spec = to_dict(compose([f"method={preset}"]))["method"]
-    keys = ("clip_range", "adv_clip_max", "logprob_reduction", "timestep_fraction", "train_last_step", "init_same_noise")
+    keys = ("clip_range", "adv_clip_max", "logprob_reduction", "timestep_fraction", "train_last_step", "init_same_noise", "reward_on_estimate")
     method = DanceGRPO({**{k: spec[k] for k in keys}, "samples_per_prompt": 3, "prompts_per_round": 2, "epochs_per_round": 1, "seed": 0, "reward": "brightness", **extra})
     model, params = with_lora(flux, torch.float64)
     ctx = TrainContext(model, PROMPTS, Brightness(), 0, torch.device("cpu"), 6, progress=False, rounds=RoundStore(tmp_path / "rounds"))
@@ -135,6 +135,27 @@ def test_a_group_shares_its_initial_noise_and_each_trajectory_trains_its_own_ste
     fresh, ctx2, _, _ = method_and_context("dance-grpo", flux, tmp_path / "b", init_same_noise=False)
     alone = fresh.prepare(ctx2).get(ctx2, 0)["states"][:, :, 0]
     assert not torch.equal(alone[0, 0], alone[0, 1])
+
+
+def test_the_reward_scores_the_last_steps_clean_estimate(flux, tmp_path):
+    """As train_grpo_flux.py decodes pred_original of the last step: x_{N-1} - sigma_{N-1} v(x_{N-1}); the
+    paper preset scores the final sample."""
+    from bench.models.diffusion import from_uint8, to_uint8
+
+    method, ctx, _, _ = method_and_context("dance-grpo", flux, tmp_path)
+    batch = method.prepare(ctx).get(ctx, 0)
+    model, states = ctx.model, batch["states"].flatten(0, 1)
+    prompts = [PROMPTS[int(i)] for i in batch["prompt_index"] for _ in range(3)]
+    x, t = states[:, -2].double(), model.timesteps()[-1]
+    with torch.no_grad():
+        estimate = x - model.sigma(t) * model.denoise(x, t, model.encode_prompts(prompts))
+        want = Brightness().score(from_uint8(to_uint8(model.decode(estimate))), prompts)
+    assert torch.allclose(batch["rewards"].flatten(), want.double(), atol=1e-12)
+    paper, ctx2, _, _ = method_and_context("dance-grpo-paper", flux, tmp_path / "paper")
+    final = paper.prepare(ctx2).get(ctx2, 0)
+    with torch.no_grad():
+        want = Brightness().score(from_uint8(to_uint8(model.decode(final["states"].flatten(0, 1)[:, -1].double()))), prompts)
+    assert torch.allclose(final["rewards"].flatten(), want.double(), atol=1e-12)
 
 
 def test_dance_grpo_runs_on_micro(cli):

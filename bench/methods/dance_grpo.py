@@ -4,7 +4,8 @@ with a constant diffusion coefficient.
 The rounds sample ``samples_per_prompt`` trajectories per prompt through DanceGRPO's SDE
 (``dance_sde``, ``bench.models.flow``: the Flow-GRPO step with sigma_t = eta, the official 0.3), all
 of a prompt's group from one initial noise (``init_same_noise``), so the group differs only by the
-SDE's noise. The advantage is the reward less its group's mean over the group's (unbiased) std +
+SDE's noise; the code rewards the last step's clean estimate rather than the final sample
+(``reward_on_estimate``). The advantage is the reward less its group's mean over the group's (unbiased) std +
 1e-8, clipped to [-adv_clip_max, adv_clip_max] (DDPO's); the loss is PPO's clipped ratio with no
 KL term and no reference model:
 
@@ -31,13 +32,29 @@ from bench.methods.online import OnlineRounds
 from bench.schema import Rule, at_least, setting
 
 
-class SharedNoiseRounds(OnlineRounds):
-    """Rounds whose trajectories of one prompt start from one noise (DanceGRPO's ``--init_same_noise``)."""
+class DanceRounds(OnlineRounds):
+    """DanceGRPO's rounds: a prompt's trajectories start from one noise (``--init_same_noise``), and the
+    reward scores the last step's clean estimate x - sigma v where the code's does (``reward_on_estimate``)."""
 
-    def initial_latents(self, ctx: TrainContext, r: int, samples: range) -> torch.Tensor:
+    def __init__(self, spec, *args, **kwargs):
+        super().__init__(spec, *args, **kwargs)
+        self.shared_noise, self.reward_on_estimate = spec.init_same_noise, spec.reward_on_estimate
+
+    def initial_latents(self, ctx: TrainContext, r: int, samples: range) -> torch.Tensor | None:
+        if not self.shared_noise:
+            return None
         shape = ctx.model.latent_shape()
         group_noise = lambda group: torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(f"{self.name}-init", r, group, self.seed)), dtype=torch.float64)  # noqa: E731
         return torch.stack([group_noise(i // self.samples_per_prompt) for i in samples])
+
+    def rewarded_latents(self, ctx: TrainContext, x0: torch.Tensor, trajectory: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        """The code decodes ``pred_original`` of the last step (one more transformer pass here, without the noise that step draws)."""
+        if not self.reward_on_estimate:
+            return x0
+        model, guidance = ctx.model, ctx.model.sampler.guidance
+        t, x = model.timesteps()[-1], trajectory[-2]
+        uncond = model.unconditional(len(prompts)) if model.uses_cfg(guidance) else None
+        return model.x0_from_prediction(x, model.predict(x, t, model.encode_prompts(prompts, guidance), uncond, guidance), t)
 
 
 class DanceGRPO(DDPO):
@@ -50,10 +67,9 @@ class DanceGRPO(DDPO):
         timestep_fraction: float = setting(0.6, "each trajectory trains a random int(fraction x its trainable steps) of them (the code: 0.6)", Rule("in (0, 1]", lambda v: 0 < v <= 1))
         train_last_step: bool = setting(False, "whether the last transition (onto sigma 0) trains; the code never trains it, the paper's objective sums every step")
         init_same_noise: bool = setting(True, "a prompt's trajectories start from one initial noise (the code's --init_same_noise)")
+        reward_on_estimate: bool = setting(True, "the reward scores the last step's clean estimate x - sigma v (the code); false: the final sample")
 
-    @property
-    def rounds_class(self):
-        return SharedNoiseRounds if self.spec.init_same_noise else OnlineRounds
+    rounds_class = DanceRounds
 
     def trainable_steps(self, ctx: TrainContext) -> int:
         n = len(ctx.model.stochastic_timesteps())

@@ -175,11 +175,15 @@ class OnlineRounds:
         k = len(ctx.model.stochastic_timesteps())
         x0, traj, steps = ctx.model.sample(prompts, gens, trajectory=True, initial=initial)
         return {
-            "rewards": ctx.rewards(x0, prompts),
+            "rewards": ctx.rewards(self.rewarded_latents(ctx, x0, traj, prompts), prompts),
             # log p of each stochastic transition (summed over elements), read off the Gaussians the sampler just drew from
             "log_probs": torch.stack([gaussian_log_prob(traj[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1).cpu(),
             "states": torch.stack(traj, dim=1).float().cpu(),  # (chunk, N + 1, C, h, w)
         }
+
+    def rewarded_latents(self, ctx: TrainContext, x0: torch.Tensor, trajectory: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
+        """The latents the reward scores: the sampler's final ones."""
+        return x0
 
     def order(self, r: int, epoch: int, count: int, group: int = 1) -> torch.Tensor:
         """The seeded order in which an epoch of round r visits its ``count`` units. Units come in

@@ -157,7 +157,7 @@ def kept_objects(instances: Sequence[Instance], tag: str, options: dict = OPTION
     kept = {}
     for index, name in enumerate(OBJECT_NAMES):
         found = [d for d in instances if d.label == index]
-        order = np.argsort(np.array([d.score for d in found], dtype=np.float64))[::-1]  # numpy's order, ties as there
+        order = np.argsort(np.array([d.score for d in found], dtype=np.float32))[::-1]  # on mmdetection's float32 scores, as there
         ranked = [found[i] for i in order if found[i].score > threshold][: options["max_objects"]]
         chosen = []
         while ranked:
