@@ -84,7 +84,7 @@ def macro_mean_ci(values, clusters, strata, n_boot: int = 1000, level: float = 0
     _check(x, level, "a macro mean's interval")
     keys = np.arange(x.size) if clusters is None else pd.factorize(np.asarray(clusters), sort=True)[0]
     sums, counts = np.bincount(keys, weights=x), np.bincount(keys).astype(float)
-    labels = pd.Series(np.asarray(strata)).groupby(keys).agg(lambda s: s.iloc[0]).to_numpy()  # a prompt's stratum
+    labels = pd.Series(np.asarray(strata)).groupby(keys).first().to_numpy()  # a prompt's stratum
     members = [np.flatnonzero(labels == s) for s in pd.unique(labels)]
     mean = float(np.mean([sums[m].sum() / counts[m].sum() for m in members]))
     rng = np.random.default_rng(seed)

@@ -282,3 +282,37 @@ def nudge(params, scale: float, seed: int = 0) -> None:
         for p in params:
             if scale:
                 p.add_(scale * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel() + seed), dtype=p.dtype))
+
+
+def trained_weights(out: str) -> dict:
+    """The final weights of a ``bench train`` run from what it printed (``checkpoint: PATH``)."""
+    from safetensors.torch import load_file
+
+    return load_file(Path(out.split("checkpoint: ")[1].strip()) / "weights.safetensors")
+
+
+def uninterrupted_weights(cli, cache_dir, tmp_path, args: list[str]) -> dict:
+    """``bench train ARGS`` run through in a cache of its own (the built models shared), then the shared
+    cache's checkpoints cleared, so the run under test starts from nothing: its final weights."""
+    import shutil
+
+    other = tmp_path / "other-cache"
+    other.mkdir()
+    (other / "models").symlink_to(Path(cache_dir) / "models")
+    code, out, err = cli("train", *args, cache=other)
+    assert code == 0, err
+    shutil.rmtree(Path(cache_dir) / "checkpoints", ignore_errors=True)
+    return trained_weights(out)
+
+
+def interrupt_at(monkeypatch, method_cls, step: int):
+    """Make ``method_cls.loss`` raise KeyboardInterrupt at optimizer step ``step`` (a kill); returns the undo."""
+    real = method_cls.loss
+
+    def killed(self, ctx, data, generator):
+        if ctx.step == step:
+            raise KeyboardInterrupt
+        return real(self, ctx, data, generator)
+
+    monkeypatch.setattr(method_cls, "loss", killed)
+    return lambda: monkeypatch.setattr(method_cls, "loss", real)

@@ -14,7 +14,7 @@ from bench.method import RoundStore, TrainContext
 from bench.methods.diffusion_nft import DiffusionNFT, FinalSamples, SlowCopy, branch_loss, implicit_policies, optimality
 from bench.methods.flow_grpo import group_advantages
 from bench.metrics.weightfree import Brightness
-from conftest import nudge, with_lora
+from conftest import interrupt_at, nudge, trained_weights, uninterrupted_weights, with_lora
 
 PROMPTS = ["a photo of a red circle", "two blue squares", "a photo of three green triangles", "a yellow circle above a square"]
 
@@ -151,8 +151,9 @@ def test_the_old_policy_is_a_slow_copy_updated_once_a_round(flux, tmp_path, monk
             p.add_(1.0)
     method.follow(ctx, 1)  # eta = min(0.2 x 4, 0.5) = 0.5
     assert all(torch.allclose(w, 0.5 * s + 0.5 * p) for w, s, p in zip(method.old.weights.values(), start, params))
+    old = [w.clone() for w in method.old.weights.values()]
     with method.old.swapped_in():
-        assert all(torch.equal(p, w) for p, w in zip(params, method.old.weights.values()))
+        assert all(torch.equal(p, w) for p, w in zip(params, old))
     assert all(torch.allclose(p, s + 1) for p, s in zip(params, start))  # swapped back
     sampled_by = []
     real = FinalSamples.sample_chunk
@@ -192,33 +193,17 @@ def test_diffusion_nft_runs_on_micro_and_refuses_an_epsilon_model(cli):
 def test_a_killed_run_resumes_with_its_old_policy_to_the_same_weights(cli, cache_dir, tmp_path, monkeypatch):
     """Killed after its checkpoint at step 2, a run resumes with the old policy it had (checkpointed with
     the method) and ends with the weights of an uninterrupted run."""
-    import shutil
     from pathlib import Path
-
-    from safetensors.torch import load_file
 
     args = ["suite=micro", "model=tiny-flux", "method=diffusion-nft", "train.steps=4", "train.batch_size=6", "train.grad_accum=1", "train.save_every=2",
             "method.prompts_per_round=1", "method.samples_per_prompt=2", "method.old_decay_rate=0.2"]
-    other = tmp_path / "other-cache"
-    other.mkdir()
-    (other / "models").symlink_to(Path(cache_dir) / "models")
-    code, out, err = cli("train", *args, cache=other)
-    assert code == 0, err
-    want = load_file(Path(out.split("checkpoint: ")[1].strip()) / "weights.safetensors")
-    shutil.rmtree(Path(cache_dir) / "checkpoints", ignore_errors=True)
-    real = DiffusionNFT.loss
-
-    def killed(self, ctx, data, generator):
-        if ctx.step == 3:
-            raise KeyboardInterrupt
-        return real(self, ctx, data, generator)
-
-    monkeypatch.setattr(DiffusionNFT, "loss", killed)
+    want = uninterrupted_weights(cli, cache_dir, tmp_path, args)
+    undo = interrupt_at(monkeypatch, DiffusionNFT, 3)
     code, _, err = cli("train", *args)
     assert code == 130, err
     assert len(list((Path(cache_dir) / "checkpoints").glob("diffusion-nft-*/step-0000002/method.safetensors"))) == 1
-    monkeypatch.setattr(DiffusionNFT, "loss", real)
+    undo()
     code, out, err = cli("train", *args)
     assert code == 0, err
-    got = load_file(Path(out.split("checkpoint: ")[1].strip()) / "weights.safetensors")
+    got = trained_weights(out)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)

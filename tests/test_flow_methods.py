@@ -196,6 +196,20 @@ def test_plan_refuses_a_flow_model_in_one_line(cli):
     assert "no memory model of the flow transformers" in err
 
 
+def pairs_with_fixed_noise(model, n: int, rows: int, monkeypatch) -> tuple[dict, torch.Tensor]:
+    """``n`` random (preferred, dispreferred) latent pairs in the form of self-generated pair data, and
+    ``rows`` noise draws that the pair recipes' ``draw_noise`` then returns, so a test can use the same."""
+    from bench.methods import preference_data
+
+    g = torch.Generator().manual_seed(0)
+    shape = model.latent_shape()
+    data = {"latents_w": torch.randn(n, *shape, generator=g, dtype=torch.float64), "latents_l": torch.randn(n, *shape, generator=g, dtype=torch.float64),
+            "prompt_index": torch.arange(n), "ties_dropped": torch.tensor(0)}
+    noise = torch.randn(rows, *shape, generator=g, dtype=torch.float64)
+    monkeypatch.setattr(preference_data, "draw_noise", lambda shape, generator, ctx: noise[: shape[0]])
+    return data, noise
+
+
 def test_offline_pso_on_a_flow_model_is_eq6_with_velocity_errors(flux, monkeypatch):
     """Offline PSO's Eq. 6 written out with a flow model's velocity errors at the few-step sampler's sigmas but
     the last (1, 0.75, 0.5 on tiny-flux), one noise a pair and step: values and LoRA gradients."""
@@ -206,12 +220,8 @@ def test_offline_pso_on_a_flow_model_is_eq6_with_velocity_errors(flux, monkeypat
 
     model, params = with_lora(flux, torch.float64, noise=0.1)
     assert pso_timesteps(model) == model.timesteps()[:-1] and [model.sigma(t) for t in pso_timesteps(model)] == [1.0, 0.75, 0.5]
-    g = torch.Generator().manual_seed(0)
-    n, shape = 2, model.latent_shape()
-    data = {"latents_w": torch.randn(n, *shape, generator=g, dtype=torch.float64), "latents_l": torch.randn(n, *shape, generator=g, dtype=torch.float64),
-            "prompt_index": torch.arange(n), "ties_dropped": torch.tensor(0)}
-    noise = torch.randn(n * 3, *shape, generator=g, dtype=torch.float64)
-    monkeypatch.setattr(preference_data, "draw_noise", lambda shape, generator, ctx: noise[: shape[0]])
+    n = 2
+    data, noise = pairs_with_fixed_noise(model, n, n * 3, monkeypatch)
     method = OfflinePSO({"beta": 50.0, "reduction": "mean", "share_noise": True, "samples_per_prompt": 2, "reward": None, "seed": 0, "drop_ties": True, "prompt_dropout": 0.0})
     ctx = TrainContext(model, PROMPTS[:n], None, 0, torch.device("cpu"), n, progress=False)
     pairs = preference_data.MemoryPairs(data, PROMPTS[:n]).sample(ctx, torch.Generator().manual_seed(1))
@@ -271,12 +281,8 @@ def test_velocity_dpo_is_train_sd3_dpos_loss(flux, monkeypatch):
     assert spec["timesteps"] == "logit_normal" and spec["beta"] == 100
     method = DiffusionDPO({k: spec[k] for k in ("beta", "beta_convention", "timesteps", "samples_per_prompt", "reward", "seed", "drop_ties", "prompt_dropout")})
     model, params = with_lora(flux, torch.float64, noise=0.1)
-    g = torch.Generator().manual_seed(0)
-    n, shape = 3, model.latent_shape()
-    data = {"latents_w": torch.randn(n, *shape, generator=g, dtype=torch.float64), "latents_l": torch.randn(n, *shape, generator=g, dtype=torch.float64),
-            "prompt_index": torch.arange(n), "ties_dropped": torch.tensor(0)}
-    noise = torch.randn(n, *shape, generator=g, dtype=torch.float64)
-    monkeypatch.setattr(preference_data, "draw_noise", lambda shape, generator, ctx: noise[: shape[0]])
+    n = 3
+    data, noise = pairs_with_fixed_noise(model, n, n, monkeypatch)
     ctx = TrainContext(model, PROMPTS[:n], None, 0, torch.device("cpu"), n, progress=False)
     ours, _ = method.loss(ctx, data, torch.Generator().manual_seed(1))
     ours_grads = torch.autograd.grad(ours, params)

@@ -24,6 +24,7 @@ from bench.method import RoundStore, TrainContext
 from bench.methods.spo import SPO, best_and_worst, spo_loss, stepwise_resample
 from bench.metrics.weightfree import Brightness
 from bench.models.diffusion import Sampler
+from conftest import interrupt_at, trained_weights, uninterrupted_weights
 
 PROMPTS = ["a red apple", "a dark forest", "a white boat", "a small bird"]
 CFG = {"beta": 10.0, "eps": 0.1, "num_candidates": 2, "divert_start_step": 0, "num_inner_step": 0, "threshold": 0.0,
@@ -455,36 +456,18 @@ def test_spo_scores_chains_with_the_step_aware_model(fewstep_lora):
 def test_killed_run_resumes_to_the_same_weights(cli, cache_dir, tmp_path, monkeypatch):
     """A run killed after its checkpoint at step 2 (round 1 already sampled) resumes from the kept
     round and its index, and ends with the weights of an uninterrupted run."""
-    import shutil
-
-    from safetensors.torch import load_file
-
     args = ["suite=smoke", "model=tiny-fewstep", "method=spo", "train.steps=4", "train.batch_size=4", "method.prompts_per_round=2",
             "method.num_candidates=2", "train.save_every=2"]
-    other = tmp_path / "other-cache"
-    other.mkdir()
-    (other / "models").symlink_to(Path(cache_dir) / "models")
-    code, out, err = cli("train", *args, cache=other)
-    assert code == 0, err
-    want = load_file(Path(out.split("checkpoint: ")[1].strip()) / "weights.safetensors")
-    shutil.rmtree(Path(cache_dir) / "checkpoints", ignore_errors=True)
-
-    real = SPO.loss
-
-    def killed(self, ctx, data, generator):
-        if ctx.step == 3:
-            raise KeyboardInterrupt
-        return real(self, ctx, data, generator)
-
-    monkeypatch.setattr(SPO, "loss", killed)
+    want = uninterrupted_weights(cli, cache_dir, tmp_path, args)
+    undo = interrupt_at(monkeypatch, SPO, 3)
     code, _, err = cli("train", *args)
     assert code == 130, err  # "interrupted; finished work is kept"
     rounds = Path(cache_dir) / "checkpoints"
     assert [p.name for p in rounds.glob("spo-*/step-*")] == ["step-0000002"] and len(list(rounds.glob("spo-*/rounds/round-000001.safetensors"))) == 1
-    monkeypatch.setattr(SPO, "loss", real)
+    undo()
     code, out, err = cli("train", *args)
     assert code == 0, err
-    got = load_file(Path(out.split("checkpoint: ")[1].strip()) / "weights.safetensors")
+    got = trained_weights(out)
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 

@@ -47,14 +47,9 @@ class DanceRounds(OnlineRounds):
         group_noise = lambda group: torch.randn(shape, generator=torch.Generator().manual_seed(image_seed(f"{self.name}-init", r, group, self.seed)), dtype=torch.float64)  # noqa: E731
         return torch.stack([group_noise(i // self.samples_per_prompt) for i in samples])
 
-    def rewarded_latents(self, ctx: TrainContext, x0: torch.Tensor, trajectory: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
-        """The code decodes ``pred_original`` of the last step (one more transformer pass here, without the noise that step draws)."""
-        if not self.reward_on_estimate:
-            return x0
-        model, guidance = ctx.model, ctx.model.sampler.guidance
-        t, x = model.timesteps()[-1], trajectory[-2]
-        uncond = model.unconditional(len(prompts)) if model.uses_cfg(guidance) else None
-        return model.x0_from_prediction(x, model.predict(x, t, model.encode_prompts(prompts, guidance), uncond, guidance), t)
+    def rewarded_latents(self, x0: torch.Tensor, transitions: list) -> torch.Tensor:
+        """The code decodes ``pred_original`` of the last step: its clean estimate, without the noise that step draws."""
+        return transitions[-1].x0_hat if self.reward_on_estimate else x0
 
 
 class DanceGRPO(DDPO):

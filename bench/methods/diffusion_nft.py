@@ -60,24 +60,26 @@ def branch_loss(v: torch.Tensor, x_t: torch.Tensor, x0: torch.Tensor, noise: tor
 
 
 class SlowCopy:
-    """The old policy's weights: the trainable parameters' slow copy, swapped in to sample and to give v_old."""
+    """The old policy's weights: a slow copy of the trainable parameters, swapped in (their storages
+    exchanged, nothing copied) to sample the rounds and to give v_old; while swapped in, ``weights``
+    holds the trained ones."""
 
     def __init__(self, unet: torch.nn.Module):
         self.params = {n: p for n, p in unet.named_parameters() if p.requires_grad}
         self.weights = {n: p.detach().clone() for n, p in self.params.items()}
         self.round = 0  # the round these weights sample
 
-    @contextmanager
-    @torch.no_grad()
-    def swapped_in(self):
-        kept = {n: p.detach().clone() for n, p in self.params.items()}
+    def _exchange(self) -> None:
         for n, p in self.params.items():
-            p.copy_(self.weights[n])
+            p.data, self.weights[n] = self.weights[n], p.data
+
+    @contextmanager
+    def swapped_in(self):
+        self._exchange()
         try:
             yield
         finally:
-            for n, p in self.params.items():
-                p.copy_(kept[n])
+            self._exchange()
 
     @torch.no_grad()
     def update(self, eta: float) -> None:

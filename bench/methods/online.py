@@ -175,13 +175,13 @@ class OnlineRounds:
         k = len(ctx.model.stochastic_timesteps())
         x0, traj, steps = ctx.model.sample(prompts, gens, trajectory=True, initial=initial)
         return {
-            "rewards": ctx.rewards(self.rewarded_latents(ctx, x0, traj, prompts), prompts),
+            "rewards": ctx.rewards(self.rewarded_latents(x0, steps), prompts),
             # log p of each stochastic transition (summed over elements), read off the Gaussians the sampler just drew from
             "log_probs": torch.stack([gaussian_log_prob(traj[i + 1].double(), steps[i].mean.double(), steps[i].std.double()) for i in range(k)], dim=1).cpu(),
             "states": torch.stack(traj, dim=1).float().cpu(),  # (chunk, N + 1, C, h, w)
         }
 
-    def rewarded_latents(self, ctx: TrainContext, x0: torch.Tensor, trajectory: list[torch.Tensor], prompts: list[str]) -> torch.Tensor:
+    def rewarded_latents(self, x0: torch.Tensor, transitions: list) -> torch.Tensor:
         """The latents the reward scores: the sampler's final ones."""
         return x0
 

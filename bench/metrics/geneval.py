@@ -293,11 +293,13 @@ class Mask2FormerDetector(LearnedMetric):
             model = Mask2FormerForUniversalSegmentation(config)
         return model, Mask2FormerImageProcessor(size={"shortest_edge": 64, "longest_edge": 96}, size_divisor=32)
 
-    @torch.no_grad()
     def detect(self, images: torch.Tensor) -> list[list[Instance]]:
         """Each image's instances, masks and boxes at the image's own size."""
+        return self.detect_pil(to_pil(images))
+
+    @torch.no_grad()
+    def detect_pil(self, pils: list) -> list[list[Instance]]:
         model, processor = self.loaded()
-        pils = to_pil(images)
         inputs = processor(images=pils, return_tensors="pt")
         out = model(pixel_values=inputs["pixel_values"].to(self.device, self.dtype), pixel_mask=inputs["pixel_mask"].to(self.device))
         padded = inputs["pixel_values"].shape[-2:]
@@ -372,7 +374,7 @@ class GenEvalMask2Former(ComposedMetric):
         if not on:
             return out
         pils = to_pil(images[on])
-        for i, pil, found in zip(on, pils, self.parts["detector"].detect(images[on])):
+        for i, pil, found in zip(on, pils, self.parts["detector"].detect_pil(pils)):
             objects = kept_objects(found, specs[i]["tag"], self.options)
             out[i] = judge(specs[i], objects, self.colors_of(pil), self.options["position_threshold"])
         return out

@@ -148,6 +148,7 @@ class Transition:
 
     mean: torch.Tensor
     std: torch.Tensor  # shape broadcastable to mean; a scalar tensor per step
+    x0_hat: torch.Tensor | None = None  # the clean estimate the step was built from (``sample`` records it)
 
 
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
@@ -503,6 +504,7 @@ class DiffusionModel:
                 if i == stop_at:
                     return self.denoised(x, x0, t, sampler)
                 step = self.transition(x, x0, eps, t, t_prev, sampler)
+                step.x0_hat = x0
                 x = step.mean + step.std * draw() if float(step.std) > 0 else step.mean
             states.append(x)
             transitions.append(step)

@@ -31,6 +31,7 @@ transitions through ``predict``, ``x0_from_prediction`` and ``transition``, as o
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Sequence
@@ -106,12 +107,16 @@ class FlowModel(DiffusionModel):
         """A flow model's training noise is the interpolation at sigma = t / T: no alphas."""
         self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
 
-    def training_timesteps(self) -> torch.Tensor:
-        """The scheduler's T timesteps (sigma x T) before ``set_timesteps``: its shift applied (SD3.5's 3), as
-        ``FlowMatchEulerDiscreteScheduler.from_pretrained`` holds them."""
+    @functools.cached_property
+    def _training_timesteps(self) -> torch.Tensor:
         import diffusers
 
         return diffusers.FlowMatchEulerDiscreteScheduler.from_config(dict(self.scheduler_config)).timesteps.to(torch.float64)
+
+    def training_timesteps(self) -> torch.Tensor:
+        """The scheduler's T timesteps (sigma x T) before ``set_timesteps``: its shift applied (SD3.5's 3), as
+        ``FlowMatchEulerDiscreteScheduler.from_pretrained`` holds them."""
+        return self._training_timesteps
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for m in (self.unet, self.vae, self.text_encoder, self.text_encoder_2, self.text_encoder_3) if m is not None]

@@ -124,7 +124,9 @@ def _component(role: str, name: str) -> Component:
 
 def is_flow_model(model_cfg: dict) -> bool:
     """A rectified-flow transformer (its sampler a flow kind): no memory model here yet."""
-    return str(model_cfg["sampler"]["kind"]).startswith("flow_")
+    from bench.models.flow import FLOW_KINDS
+
+    return str(model_cfg["sampler"]["kind"]) in FLOW_KINDS
 
 
 def model_architecture(model_cfg: dict) -> Architecture:
